@@ -1,0 +1,1103 @@
+"""Shared pieces of the MLA reference implementation.
+
+Sections (search for the banner lines):
+  1. Utilities ........ seeding, errors, atomic writes, code version
+  2. Data: signals .... WAV reading, resampling, fbank, frame selection, transforms, splits
+  3. Data: A-V sets ... CREMA-D (three layouts), Kinetics-Sounds, the toy set, loaders
+  4. Encoders ......... torchvision ResNet-18 for audio and video, the init
+  5. Methods .......... sum, concat, late_fusion, film, bigated, ogm, ogm_ge, qmf, mla
+  6. Evaluation, training loop and the run record
+
+Every method is an ``nn.Module`` that owns its encoders and heads and exposes
+``train_step(xs, y, idx, optimizer, progress) -> loss`` and ``predict(xs) -> (fused, [unimodal])``,
+where ``xs`` is a list with one input tensor per modality, in the order of ``modalities``.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import random
+import re
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+HERE = Path(__file__).resolve().parent
+
+
+# ==================================================================================================
+# 1. Utilities
+# ==================================================================================================
+
+class DataError(Exception):
+    """Bad or missing input data. The message names the file (and line) and what was expected."""
+
+
+def where(path, line=None):
+    return f"{path}:{line}" if line is not None else f"{path}"
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def seed_worker(_worker_id):
+    # DataLoader gives every worker its own torch seed; derive numpy's and random's from it.
+    s = torch.initial_seed() % 2**32
+    np.random.seed(s)
+    random.seed(s)
+
+
+def atomic_write_bytes(path, data: bytes):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_torch_save(obj, path):
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def atomic_json_dump(obj, path):
+    atomic_write_bytes(path, (json.dumps(obj, indent=1) + "\n").encode())
+
+
+def code_version():
+    """Git commit of this code ('+dirty' when tracked files differ from it), or 'unknown'."""
+    try:
+        rev = subprocess.run(["git", "-C", str(HERE), "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=10)
+        if rev.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(["git", "-C", str(HERE), "diff", "--quiet", "HEAD"],
+                               capture_output=True, timeout=10).returncode != 0
+        return rev.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def read_text_lines(path):
+    """Lines of a text file as (line_number, stripped_text), blank lines dropped, BOM accepted."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise DataError(f"{where(path, line)}: not valid UTF-8 text (byte {e.start}); expected a UTF-8 "
+                        "text file") from None
+    return [(i, s.strip()) for i, s in enumerate(text.splitlines(), 1) if s.strip()]
+
+
+# ==================================================================================================
+# 2. Data: signals (audio, frames, transforms, splits)
+# ==================================================================================================
+
+def read_wav(path):
+    """Read a RIFF/WAVE file (PCM 8/16/24/32-bit, IEEE float 32/64, WAVE_FORMAT_EXTENSIBLE).
+
+    Returns (mono float32 numpy array in [-1, 1], sample_rate). Multi-channel audio is averaged.
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found; expected a WAV file") from None
+    if len(data) < 12 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+        raise DataError(f"{path}: not a RIFF/WAVE file (starts with {data[:4]!r}); expected a WAV file")
+    pos, fmt, pcm = 12, None, None
+    while pos + 8 <= len(data):
+        cid = data[pos:pos + 4]
+        size = struct.unpack("<I", data[pos + 4:pos + 8])[0]
+        body = data[pos + 8:pos + 8 + size]      # a streamed file may claim more than it holds
+        if cid == b"fmt ":
+            if len(body) < 16:
+                raise DataError(f"{path}: 'fmt ' chunk of {len(body)} bytes; expected at least 16")
+            tag, channels, rate, _, _, bits = struct.unpack("<HHIIHH", body[:16])
+            if tag == 0xFFFE and len(body) >= 26:
+                tag = struct.unpack("<H", body[24:26])[0]
+            fmt = (tag, channels, rate, bits)
+        elif cid == b"data":
+            pcm = body
+            break
+        pos += 8 + size + (size & 1)
+    if fmt is None or pcm is None:
+        raise DataError(f"{path}: WAV file without {'fmt' if fmt is None else 'data'} chunk")
+    tag, channels, rate, bits = fmt
+    width = bits // 8
+    if channels < 1 or width < 1:
+        raise DataError(f"{path}: WAV header says {channels} channels of {bits} bits")
+    n = len(pcm) // (width * channels)
+    if n == 0:
+        raise DataError(f"{path}: WAV file holds no samples; expected a non-empty recording")
+    pcm = pcm[:n * width * channels]
+    if tag == 1 and bits == 8:
+        x = (np.frombuffer(pcm, np.uint8).astype(np.float32) - 128.0) / 128.0
+    elif tag == 1 and bits == 16:
+        x = np.frombuffer(pcm, "<i2").astype(np.float32) / 32768.0
+    elif tag == 1 and bits == 24:
+        b = np.frombuffer(pcm, np.uint8).reshape(-1, 3).astype(np.int32)
+        v = b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)
+        x = (np.where(v >= 1 << 23, v - (1 << 24), v)).astype(np.float32) / float(1 << 23)
+    elif tag == 1 and bits == 32:
+        x = np.frombuffer(pcm, "<i4").astype(np.float32) / float(1 << 31)
+    elif tag == 3 and bits in (32, 64):
+        x = np.frombuffer(pcm, "<f4" if bits == 32 else "<f8").astype(np.float32)
+    else:
+        raise DataError(f"{path}: WAV format tag {tag} with {bits} bits is not supported; expected "
+                        "PCM (8/16/24/32-bit) or IEEE float (32/64-bit)")
+    return x.reshape(n, channels).mean(axis=1), rate
+
+
+def write_wav(path, wave, rate):
+    """Write mono float audio in [-1, 1] as 16-bit PCM (used for fixtures and the toy set)."""
+    import wave as wavemod
+    x = np.clip(np.asarray(wave, np.float32), -1, 1)
+    with wavemod.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(int(rate))
+        w.writeframes((x * 32767).astype("<i2").tobytes())
+
+
+def pad_or_cut(x, length):
+    """Zero-pad or cut a (T, F) tensor along T to `length` rows."""
+    t = x.shape[0]
+    if t < length:
+        return F.pad(x, (0, 0, 0, length - t))
+    return x[:length]
+
+
+def wav_to_fbank(wave, rate, num_mel_bins=128, target_len=1024):
+    """Kaldi-compatible log-mel fbank (SPEC 4): 16 kHz, 25 ms Hanning window, 10 ms shift, dither 0,
+    waveform mean removed; zero-padded or cut to `target_len` frames. Returns (target_len, bins)."""
+    import torchaudio
+    w = torch.as_tensor(np.asarray(wave), dtype=torch.float32).reshape(1, -1)
+    if rate != 16000:
+        w = torchaudio.functional.resample(w, int(rate), 16000)
+    w = w - w.mean()
+    if w.shape[1] < 400:                      # shorter than one window: pad so one frame exists
+        w = F.pad(w, (0, 400 - w.shape[1]))
+    fb = torchaudio.compliance.kaldi.fbank(w, htk_compat=True, sample_frequency=16000, use_energy=False,
+                                           window_type="hanning", num_mel_bins=num_mel_bins,
+                                           dither=0.0, frame_shift=10)
+    return pad_or_cut(fb, target_len)
+
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp")
+
+
+def natural_key(name):
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", name)]
+
+
+def list_frames(folder):
+    """Image files of a frame folder in natural sorted order (frame_2 before frame_10)."""
+    folder = Path(folder)
+    names = [n for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXTS)]
+    return [folder / n for n in sorted(names, key=natural_key)]
+
+
+def pick_even(n, k):
+    """k indices spread evenly over n sorted items (centred in k equal segments; repeats if n < k)."""
+    return [min(n - 1, int((i + 0.5) * n / k)) for i in range(k)]
+
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def frame_transform(image_size, train):
+    """SPEC 4: train = RandomResizedCrop + horizontal flip, test = resize; ImageNet normalisation."""
+    from torchvision.transforms import v2 as T
+    head = ([T.RandomResizedCrop(image_size, antialias=True), T.RandomHorizontalFlip()] if train
+            else [T.Resize((image_size, image_size), antialias=True)])
+    return T.Compose([T.ToImage(), *head, T.ToDtype(torch.float32, scale=True),
+                      T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def load_image(path, src=None):
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (OSError, ValueError, SyntaxError) as e:
+        ref = f" (listed at {src})" if src else ""
+        raise DataError(f"{path}: unreadable image{ref}: {e}; expected a readable JPEG/PNG") from None
+
+
+def stratified_split(labels, ratio, seed):
+    """Seeded stratified split of indices: ~`ratio` of every class goes to the second part."""
+    labels = np.asarray(labels)
+    rng = np.random.RandomState(seed)
+    keep, held = [], []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        rng.shuffle(idx)
+        k = int(round(ratio * len(idx)))
+        if ratio > 0 and len(idx) >= 2:
+            k = min(max(k, 1), len(idx) - 1)
+        held.extend(idx[:k].tolist())
+        keep.extend(idx[k:].tolist())
+    return sorted(keep), sorted(held)
+
+
+# ==================================================================================================
+# 3. Data: A-V data sets
+# ==================================================================================================
+
+@dataclass
+class Clip:
+    id: str
+    label: int
+    audio: str           # .wav or precomputed fbank .npy
+    frames: str          # folder of frames
+    src: str             # "list_file:line" that named the clip, for error messages
+
+
+class AVDataset(torch.utils.data.Dataset):
+    """Returns (audio [1, audio_len, mel_bins], video [frames, 3, S, S], label, index)."""
+
+    def __init__(self, clips, train, image_size=224, frames=3, audio_len=1024, num_mel_bins=128):
+        self.clips, self.train = list(clips), train
+        self.frames, self.audio_len, self.num_mel_bins = frames, audio_len, num_mel_bins
+        self.transform = frame_transform(image_size, train)
+
+    def __len__(self):
+        return len(self.clips)
+
+    def load_audio(self, clip):
+        if clip.audio.endswith(".npy"):
+            try:
+                fb = np.load(clip.audio, allow_pickle=False)
+            except (OSError, ValueError) as e:
+                raise DataError(f"{clip.audio}: unreadable .npy (clip at {clip.src}): {e}") from None
+            fb = np.squeeze(fb)
+            if fb.ndim != 2 or fb.shape[1] != self.num_mel_bins:
+                raise DataError(f"{clip.audio}: fbank of shape {tuple(fb.shape)} (clip at {clip.src}); "
+                                f"expected (frames, {self.num_mel_bins}) — set --num_mel_bins to its width")
+            fb = pad_or_cut(torch.from_numpy(fb.astype(np.float32)), self.audio_len)
+        else:
+            try:
+                wave, rate = read_wav(clip.audio)
+            except DataError as e:
+                raise DataError(f"{e} (clip at {clip.src})") from None
+            fb = wav_to_fbank(wave, rate, self.num_mel_bins, self.audio_len)
+        return fb.unsqueeze(0)
+
+    def load_video(self, clip):
+        paths = list_frames(clip.frames)
+        if not paths:
+            raise DataError(f"{clip.frames}: no frames (clip at {clip.src}); expected .jpg files")
+        return torch.stack([self.transform(load_image(paths[i], clip.src))
+                            for i in pick_even(len(paths), self.frames)])
+
+    def __getitem__(self, i):
+        clip = self.clips[i]
+        return self.load_audio(clip), self.load_video(clip), clip.label, i
+
+
+# Where the peer repositories keep audio and frames, relative to the data root ({split} = train/test).
+AUDIO_DIRS = ["audio/{split}_fbank", "{split}_fbank", "audio/{split}_spec", "{split}_spec", "AudioWAV",
+              "audio/{split}", "{split}_wav/{split}", "{split}_wav", "audio", "wav", "."]
+FRAME_DIRS = ["visual/{split}_imgs/Image-01-FPS", "{split}_imgs/Image-01-FPS", "Image-01-FPS",
+              "visual/Image-01-FPS", "visual/{split}_imgs", "{split}_imgs", "visual/{split}",
+              "frames/{split}", "{split}_frames", "frames", "visual"]
+
+LAYOUT_HELP = """accepted layouts:
+  CREMA-D, MLA layout:     my_train_cre.txt, my_test_cre.txt ('1085_IWL_SAD_XX.flv Sad'), stat_cre.txt,
+                           audio/{train,test}_fbank/<clip>.npy, visual/{train,test}_imgs/Image-01-FPS/<clip>/*.jpg
+  CREMA-D, OGM-GE layout:  train.csv, test.csv ('1088_IOM_NEU_XX,NEU'), optional stat.csv,
+                           AudioWAV/<clip>.wav, Image-01-FPS/<clip>/*.jpg
+  CREMA-D, raw download:   AudioWAV/*.wav and VideoFlash/*.flv (frames extracted with ffmpeg) or
+                           Image-01-FPS/<clip>/*.jpg; a seeded split is made (--actor_split for actor-disjoint)
+  Kinetics-Sounds (OGM-GE): my_train.txt, my_test.txt ('<ytid>_<start>_<end>,<any>,<label index>'),
+                           audio as <clip>.wav or <clip>.npy (fbank) in e.g. audio/{split}/ or {split}_fbank/,
+                           frames in e.g. Image-01-FPS/<clip>/ or visual/{split}_imgs/Image-01-FPS/<clip>/
+  --audio_dir / --frames_dir override where audio and frames are looked for."""
+
+CREMAD_DEFAULT_ORDER = ["NEU", "HAP", "SAD", "FEA", "DIS", "ANG"]
+
+
+def _find_dir(root, override, templates, split, entries, is_match, what):
+    """The folder (from `templates`) holding the most of the first clips of a list."""
+    if override:
+        cands = [Path(override.format(split=split))]
+    else:
+        cands = [root / t.format(split=split) for t in templates]
+    probe = entries[:25]
+    best, best_hits = None, 0
+    for d in cands:
+        if d.is_dir():
+            hits = sum(1 for e in probe if is_match(d, e[0]))
+            if hits > best_hits:
+                best, best_hits = d, hits
+    if best is None:
+        clip, src = entries[0][0], entries[0][2]
+        tried = ", ".join(str(d) for d in cands)
+        raise DataError(f"{src}: {what} of clip '{clip}' not found; looked in {tried}\n{LAYOUT_HELP}")
+    return best
+
+
+def resolve_clips(root, split, entries, audio_format="auto", audio_dir=None, frames_dir=None,
+                  skip_bad=False, stats=None):
+    """entries: [(clip_id, label_index, 'file:line')] -> [Clip] with audio and frame paths checked."""
+    root = Path(root)
+    exts = {"auto": (".npy", ".wav"), "npy": (".npy",), "wav": (".wav",)}[audio_format]
+    has_audio = lambda d, c: any((d / (c + e)).is_file() for e in exts)
+    has_frames = lambda d, c: (d / c).is_dir()
+    adir = _find_dir(root, audio_dir, AUDIO_DIRS, split, entries, has_audio, "audio (" + "/".join(exts) + ")")
+    fdir = _find_dir(root, frames_dir, FRAME_DIRS, split, entries, has_frames, "frame folder")
+    clips, seen = [], {}
+    for clip_id, label, src in entries:
+        try:
+            if clip_id in seen:
+                raise DataError(f"{src}: clip '{clip_id}' listed twice (first at {seen[clip_id]}); "
+                                "expected each clip once")
+            seen[clip_id] = src
+            audio = next((adir / (clip_id + e) for e in exts if (adir / (clip_id + e)).is_file()), None)
+            if audio is None:
+                raise DataError(f"{src}: audio of clip '{clip_id}' missing: expected "
+                                f"{adir / (clip_id + exts[-1])}" + (f" or {exts[0]}" if len(exts) > 1 else ""))
+            fr = fdir / clip_id
+            if not fr.is_dir():
+                raise DataError(f"{src}: frame folder of clip '{clip_id}' missing: expected {fr}/")
+            if not any(n.lower().endswith(IMAGE_EXTS) for n in os.listdir(fr)):
+                raise DataError(f"{src}: frame folder {fr}/ of clip '{clip_id}' is empty; expected .jpg frames")
+            clips.append(Clip(clip_id, label, str(audio), str(fr), src))
+        except DataError as e:
+            if not skip_bad:
+                raise
+            if stats is not None:
+                stats["skipped"] = stats.get("skipped", 0) + 1
+                stats.setdefault("examples", []).append(str(e))
+    if not clips:
+        raise DataError(f"{entries[0][2].rsplit(':', 1)[0]}: no usable clips in the {split} split")
+    return clips, adir, fdir
+
+
+def _class_file(path):
+    """Class names, one a line (first CSV column; BOM accepted)."""
+    return [next(csv.reader([s]))[0].strip() for _, s in read_text_lines(path)]
+
+
+def _label_index(label, classes, src, class_src):
+    if label not in classes:
+        raise DataError(f"{src}: label '{label}' is not a known class; expected one of {classes} "
+                        f"(from {class_src})")
+    return classes.index(label)
+
+
+def _nonempty(lines, path, example):
+    if not lines:
+        raise DataError(f"{path}: the list is empty; expected lines like '{example}'")
+    return lines
+
+
+def cremad_mla_lists(root):
+    """MLA layout: 'my_{train,test}_cre.txt' with '<clip>.flv <Label>', classes from stat_cre.txt."""
+    out, raw = {}, {}
+    for split in ("train", "test"):
+        path = root / f"my_{split}_cre.txt"
+        rows = []
+        for ln, s in _nonempty(read_text_lines(path), path, "1085_IWL_SAD_XX.flv Sad"):
+            parts = s.split(None, 1)
+            if len(parts) != 2:
+                raise DataError(f"{where(path, ln)}: '{s}'; expected '<clip>.flv <Label>'")
+            rows.append((os.path.splitext(parts[0])[0], parts[1].strip(), where(path, ln)))
+        raw[split] = rows
+    stat = root / "stat_cre.txt"
+    if stat.is_file():
+        classes, class_src = sorted(_class_file(stat)), str(stat)      # official order: sorted names
+    else:
+        classes, class_src = sorted({r[1] for r in raw["train"]}), f"the labels of {root / 'my_train_cre.txt'}"
+    for split, rows in raw.items():
+        out[split] = [(c, _label_index(l, classes, src, class_src), src) for c, l, src in rows]
+    return out, classes
+
+
+def cremad_ogm_lists(root):
+    """OGM-GE layout: 'train.csv'/'test.csv' with '<clip>,<LABEL>' (BOM allowed), optional stat.csv."""
+    raw = {}
+    for split in ("train", "test"):
+        path = root / f"{split}.csv"
+        rows = []
+        for ln, s in _nonempty(read_text_lines(path), path, "1088_IOM_NEU_XX,NEU"):
+            parts = [p.strip() for p in next(csv.reader([s]))]
+            if len(parts) < 2 or not parts[0] or not parts[1]:
+                raise DataError(f"{where(path, ln)}: '{s}'; expected '<clip>,<LABEL>'")
+            rows.append((parts[0], parts[1], where(path, ln)))
+        raw[split] = rows
+    stat = root / "stat.csv"
+    if stat.is_file():
+        classes, class_src = _class_file(stat), str(stat)
+    else:
+        found = {r[1] for r in raw["train"]}
+        known = [c for c in CREMAD_DEFAULT_ORDER if c in found]
+        classes = known + sorted(found - set(known))
+        class_src = f"the labels of {root / 'train.csv'}"
+    return {split: [(c, _label_index(l, classes, src, class_src), src) for c, l, src in rows]
+            for split, rows in raw.items()}, classes
+
+
+def extract_frames_ffmpeg(video, out_dir, fps=1):
+    if shutil.which("ffmpeg") is None:
+        raise DataError(f"{video}: frames are not extracted and ffmpeg is not installed; install ffmpeg "
+                        f"(e.g. 'apt install ffmpeg' or 'conda install ffmpeg') or extract 1-fps frames to "
+                        f"{out_dir}/frame_00001.jpg ... yourself")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-i", str(video), "-vf", f"fps={fps}",
+                        str(out_dir / "frame_%05d.jpg")], capture_output=True, text=True)
+    if r.returncode != 0 or not list_frames(out_dir):
+        raise DataError(f"{video}: ffmpeg could not extract frames: {r.stderr.strip()[-300:]}")
+
+
+def cremad_raw_lists(root, split_seed=0, test_ratio=0.1, actor_split=False):
+    """Raw download: AudioWAV/*.wav (+ VideoFlash/*.flv). Labels from the names '1001_DFA_ANG_XX';
+    a seeded stratified split, or an actor-disjoint one (actors drawn with the seed)."""
+    wavs = sorted((root / "AudioWAV").glob("*.wav"))
+    if not wavs:
+        raise DataError(f"{root / 'AudioWAV'}: no .wav files\n{LAYOUT_HELP}")
+    frames_root = root / "Image-01-FPS"
+    rows = []
+    for w in wavs:
+        parts = w.stem.split("_")
+        if len(parts) < 3:
+            raise DataError(f"{w}: name '{w.stem}'; expected '<actor>_<sentence>_<EMOTION>_<level>'")
+        rows.append((w.stem, parts[2], parts[0], str(w)))
+    todo = [r for r in rows if not (frames_root / r[0]).is_dir() or not list_frames(frames_root / r[0])]
+    if todo:
+        if not os.access(root, os.W_OK):
+            raise DataError(f"{root}: frames of {len(todo)} clips are missing and the folder is read-only; "
+                            f"extract them to {frames_root}/<clip>/ first")
+        from tqdm import tqdm
+        for clip, *_ in tqdm(todo, desc="extracting 1-fps frames", unit="clip"):
+            video = root / "VideoFlash" / f"{clip}.flv"
+            if not video.is_file():
+                raise DataError(f"{video}: video of clip '{clip}' missing (needed for its frames)")
+            extract_frames_ffmpeg(video, frames_root / clip)
+    found = {r[1] for r in rows}
+    classes = [c for c in CREMAD_DEFAULT_ORDER if c in found] + sorted(found - set(CREMAD_DEFAULT_ORDER))
+    labels = [classes.index(r[1]) for r in rows]
+    if actor_split:
+        actors = sorted({r[2] for r in rows})
+        rng = np.random.RandomState(split_seed)
+        n_test = max(1, int(round(test_ratio * len(actors))))
+        test_actors = set(rng.choice(actors, n_test, replace=False).tolist())
+        test_idx = [i for i, r in enumerate(rows) if r[2] in test_actors]
+        train_idx = [i for i, r in enumerate(rows) if r[2] not in test_actors]
+    else:
+        train_idx, test_idx = stratified_split(labels, test_ratio, split_seed)
+    return {"train": [(rows[i][0], labels[i], rows[i][3]) for i in train_idx],
+            "test": [(rows[i][0], labels[i], rows[i][3]) for i in test_idx]}, classes
+
+
+def ks_lists(root):
+    """Kinetics-Sounds, OGM-GE layout: 'my_{train,test}.txt' with '<clip>,<anything>,<label index>'.
+    Class names from classes.txt / stat.txt / class.txt when present, else the indices."""
+    raw = {}
+    for split in ("train", "test"):
+        path = root / f"my_{split}.txt"
+        rows = []
+        for ln, s in _nonempty(read_text_lines(path), path, "--4-0ihtnBU_000058_000068,10,4"):
+            parts = [p.strip() for p in s.split(",")]
+            if len(parts) < 2 or not re.fullmatch(r"\d+", parts[-1]):
+                raise DataError(f"{where(path, ln)}: '{s}'; expected '<clip>,<anything>,<label index>'")
+            rows.append((parts[0], int(parts[-1]), where(path, ln)))
+        raw[split] = rows
+    n = 1 + max(r[1] for rows in raw.values() for r in rows)
+    classes = [str(i) for i in range(n)]
+    for name in ("classes.txt", "stat.txt", "class.txt"):
+        if (root / name).is_file():
+            names = _class_file(root / name)
+            if len(names) == 1 and "," in names[0]:
+                names = [c.strip() for c in read_text_lines(root / name)[0][1].split(",")]
+            if len(names) < n:
+                raise DataError(f"{root / name}: {len(names)} class names but labels go up to {n - 1}; "
+                                "expected one name per label index")
+            classes = names
+            break
+    return raw, classes
+
+
+def detect_av_layout(dataset, root):
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: data root not found (pass --data_root)\n{LAYOUT_HELP}")
+    if dataset == "ks":
+        if (root / "my_train.txt").is_file():
+            return "ks_ogm"
+    else:
+        if (root / "my_train_cre.txt").is_file():
+            return "cremad_mla"
+        if (root / "train.csv").is_file():
+            return "cremad_ogm"
+        if (root / "AudioWAV").is_dir():
+            return "cremad_raw"
+    raise DataError(f"{root}: no known {dataset} layout found\n{LAYOUT_HELP}")
+
+
+def load_av_splits(dataset, root, split_seed=0, actor_split=False, audio_format="auto",
+                   audio_dir=None, frames_dir=None, skip_bad=False):
+    """Detect the layout and return dict(layout, classes, train=[Clip], test=[Clip], skipped=int)."""
+    root = Path(root)
+    layout = detect_av_layout(dataset, root)
+    if layout == "cremad_mla":
+        lists, classes = cremad_mla_lists(root)
+    elif layout == "cremad_ogm":
+        lists, classes = cremad_ogm_lists(root)
+    elif layout == "cremad_raw":
+        lists, classes = cremad_raw_lists(root, split_seed, 0.1, actor_split)
+    else:
+        lists, classes = ks_lists(root)
+    stats, out = {}, {"layout": layout, "classes": classes}
+    for split in ("train", "test"):
+        out[split], out[split + "_audio_dir"], out[split + "_frames_dir"] = resolve_clips(
+            root, split, lists[split], audio_format, audio_dir, frames_dir, skip_bad, stats)
+    out["skipped"] = stats.get("skipped", 0)
+    return out
+
+
+def make_toy_av(root, seed=0, n_train=600, n_test=240, rate=8000, seconds=0.7, frames=3, px=40,
+                class_blobs=4, clutter_blobs=4, cue=0.85):
+    """Write a small CREMA-D-like A-V data set in the OGM-GE layout (train.csv, test.csv, stat.csv,
+    AudioWAV/*.wav, Image-01-FPS/<clip>/*.jpg), generated deterministically from `seed`.
+
+    Six classes in three pairs. Audio carries a loud tone that names the pair (learned in a few
+    steps) and, for the class inside the pair, only a cue that agrees with the label with
+    probability `cue`; video names the class by the colour of `class_blobs` small blobs among
+    `clutter_blobs` random ones: slower to learn, but it holds what audio lacks. Joint training
+    leans on audio and leaves video under-trained, as on CREMA-D.
+    """
+    from PIL import Image, ImageDraw
+    root = Path(root)
+    rng = np.random.RandomState(seed)
+    (root / "AudioWAV").mkdir(parents=True, exist_ok=True)
+    (root / "Image-01-FPS").mkdir(parents=True, exist_ok=True)
+    classes = ["c0", "c1", "c2", "c3", "c4", "c5"]
+    pair_hz = [250.0, 700.0, 1800.0]
+    palette = [(220, 40, 40), (40, 200, 40), (40, 80, 230), (230, 210, 40), (200, 40, 220), (40, 210, 210)]
+    t = np.arange(int(rate * seconds)) / rate
+    rows = {"train": [], "test": []}
+    for split, n in (("train", n_train), ("test", n_test)):
+        for i in range(n):
+            y = i % 6
+            clip = f"{split}{i:04d}_c{y}"
+            # audio: pair tone (clear) + an in-pair cue that agrees with the label with probability `cue`
+            f0 = pair_hz[y // 2] * rng.uniform(0.93, 1.07)
+            wav = 0.3 * np.sin(2 * np.pi * f0 * t + rng.uniform(0, 6.3))
+            if rng.rand() < (cue if y % 2 else 1 - cue):
+                wav += 0.08 * np.sin(2 * np.pi * 3100.0 * t)
+            wav += 0.1 * rng.randn(len(t)) * np.exp(-((t - rng.uniform(0, seconds)) / 0.15) ** 2)
+            wav += 0.02 * rng.randn(len(t))
+            write_wav(root / "AudioWAV" / f"{clip}.wav", wav, rate)
+            # video: clutter of random blobs plus three blobs in the class colour, per frame
+            d = root / "Image-01-FPS" / clip
+            d.mkdir(exist_ok=True)
+            for k in range(frames):
+                im = Image.new("RGB", (px, px), tuple(int(v) for v in rng.randint(60, 190, 3)))
+                dr = ImageDraw.Draw(im)
+                blobs = [tuple(int(v) for v in rng.randint(0, 256, 3)) for _ in range(clutter_blobs)]
+                blobs += [tuple(int(np.clip(c + rng.randint(-25, 26), 0, 255)) for c in palette[y])] * class_blobs
+                for colour in [blobs[j] for j in rng.permutation(len(blobs))]:
+                    x0, y0, r = rng.randint(0, px), rng.randint(0, px), rng.randint(2, 5)
+                    dr.ellipse([x0 - r, y0 - r, x0 + r, y0 + r], fill=colour)
+                im.save(d / f"frame_{k + 1:05d}.jpg", quality=90)
+            rows[split].append(f"{clip},{classes[y]}")
+    for split in rows:
+        (root / f"{split}.csv").write_text("\n".join(rows[split]) + "\n")
+    (root / "stat.csv").write_text("\n".join(classes) + "\n")
+    return root
+
+
+def make_loader(dataset, batch_size, train, seed=0, num_workers=0, device="cpu"):
+    g = torch.Generator()
+    g.manual_seed(seed)
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=train, generator=g, num_workers=num_workers,
+        worker_init_fn=seed_worker, pin_memory=str(device).startswith("cuda"),
+        drop_last=train and len(dataset) % batch_size == 1,   # BatchNorm cannot train on 1 sample
+        persistent_workers=num_workers > 0)
+
+
+# ==================================================================================================
+# 4. Encoders
+# ==================================================================================================
+
+def init_weights(module):
+    """SPEC init: Kaiming-normal (fan_out) convs, Xavier-normal linear layers, zero biases."""
+    if isinstance(module, nn.Conv2d):
+        nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Linear):
+        nn.init.xavier_normal_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, (nn.BatchNorm2d, nn.GroupNorm)):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+def resnet18_trunk(in_channels):
+    """torchvision ResNet-18 without its classifier: (N, C, H, W) -> (N, 512), pooled over space."""
+    import torchvision
+    net = torchvision.models.resnet18(weights=None)
+    if in_channels != 3:
+        net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    net.fc = nn.Identity()
+    return net
+
+
+class AudioResNet(nn.Module):
+    """Fbank (B, 1, T, F) -> (B, 512)."""
+    dim = 512
+
+    def __init__(self):
+        super().__init__()
+        self.net = resnet18_trunk(1)
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class VideoResNet(nn.Module):
+    """Frames (B, T, 3, H, W) folded into the batch -> (B, 512), averaged over time and space."""
+    dim = 512
+
+    def __init__(self):
+        super().__init__()
+        self.net = resnet18_trunk(3)
+
+    def forward(self, x):
+        b, t = x.shape[:2]
+        return self.net(x.flatten(0, 1)).view(b, t, -1).mean(1)
+
+
+# ==================================================================================================
+# 5. Methods
+# ==================================================================================================
+# Unimodal accuracy (SPEC 3): methods with a head per modality (sum, late_fusion, qmf, mla) report that
+# head's prediction; methods that fuse features before one head (concat, film, bigated, ogm, ogm_ge)
+# report the fused head's prediction with every other modality's features set to zero.
+
+class Method(nn.Module):
+    per_modality_heads = False
+
+    def __init__(self, encoders, num_classes, modalities):
+        super().__init__()
+        self.encoders = nn.ModuleList(encoders)
+        self.modalities = list(modalities)
+        self.num_classes = num_classes
+        self.dim = encoders[0].dim
+
+    def encode(self, xs):
+        return [f(x) for f, x in zip(self.encoders, xs)]
+
+    # fused-feature methods define fuse(zs); per-head methods override logits()
+    def fuse(self, zs):
+        raise NotImplementedError
+
+    def logits(self, zs):
+        """(fused logits, [unimodal logits per modality])."""
+        fused = self.fuse(zs)
+        unis = [self.fuse([z if j == m else torch.zeros_like(z) for j, z in enumerate(zs)])
+                for m in range(len(zs))]
+        return fused, unis
+
+    def loss(self, fused, unis, y, idx):
+        return F.cross_entropy(fused, y)
+
+    def train_step(self, xs, y, idx, optimizer, progress):
+        fused, unis = self.logits(self.encode(xs))
+        loss = self.loss(fused, unis, y, idx)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+
+    @torch.no_grad()
+    def predict(self, xs):
+        return self.logits(self.encode(xs))
+
+
+class Sum(Method):
+    """One linear head per modality; fused logits are their sum, trained by CE on the sum."""
+    per_modality_heads = True
+
+    def __init__(self, encoders, num_classes, modalities):
+        super().__init__(encoders, num_classes, modalities)
+        self.heads = nn.ModuleList(nn.Linear(self.dim, num_classes) for _ in encoders)
+
+    def logits(self, zs):
+        unis = [h(z) for h, z in zip(self.heads, zs)]
+        return torch.stack(unis).sum(0), unis
+
+
+class Concat(Method):
+    """One linear head on the concatenated features."""
+
+    def __init__(self, encoders, num_classes, modalities):
+        super().__init__(encoders, num_classes, modalities)
+        self.head = nn.Linear(self.dim * len(encoders), num_classes)
+
+    def fuse(self, zs):
+        return self.head(torch.cat(zs, 1))
+
+
+class LateFusion(Method):
+    """Independent unimodal models, each trained on its own CE; prediction = mean of their logits."""
+    per_modality_heads = True
+
+    def __init__(self, encoders, num_classes, modalities):
+        super().__init__(encoders, num_classes, modalities)
+        self.heads = nn.ModuleList(nn.Linear(self.dim, num_classes) for _ in encoders)
+
+    def logits(self, zs):
+        unis = [h(z) for h, z in zip(self.heads, zs)]
+        return torch.stack(unis).mean(0), unis
+
+    def loss(self, fused, unis, y, idx):
+        return sum(F.cross_entropy(u, y) for u in unis)
+
+
+class FiLM(Method):
+    """The condition modality gives (gamma, beta) = Linear(z_c); every other modality becomes
+    gamma * z_m + beta; the modulated features (concatenated) go through a linear head."""
+
+    def __init__(self, encoders, num_classes, modalities, condition=0):
+        super().__init__(encoders, num_classes, modalities)
+        self.condition = condition
+        self.film = nn.Linear(self.dim, 2 * self.dim)
+        self.head = nn.Linear(self.dim * (len(encoders) - 1), num_classes)
+
+    def fuse(self, zs):
+        gamma, beta = self.film(zs[self.condition]).chunk(2, dim=1)
+        return self.head(torch.cat([gamma * z + beta for m, z in enumerate(zs) if m != self.condition], 1))
+
+
+class BiGated(Method):
+    """u_m = Linear_m(z_m); the gate modality gives g = sigmoid(u_gate); the other hidden states are
+    multiplied by g, concatenated and classified by a linear head."""
+
+    def __init__(self, encoders, num_classes, modalities, condition=0):
+        super().__init__(encoders, num_classes, modalities)
+        self.condition = condition
+        self.hidden = nn.ModuleList(nn.Linear(self.dim, self.dim) for _ in encoders)
+        self.head = nn.Linear(self.dim * (len(encoders) - 1), num_classes)
+
+    def fuse(self, zs):
+        u = [h(z) for h, z in zip(self.hidden, zs)]
+        g = torch.sigmoid(u[self.condition])
+        return self.head(torch.cat([g * v for m, v in enumerate(u) if m != self.condition], 1))
+
+
+def ogm_coefficients(scores, alpha):
+    """OGM-GE modulation coefficients. rho_m = s_m / (sum of the other modalities' scores); the
+    modality with rho_m > 1 (the dominant one) gets 1 - tanh(alpha * rho_m), the others 1.
+    With two modalities this is rho_a = s_a / s_v as in the OGM-GE paper."""
+    s = torch.as_tensor(scores, dtype=torch.float64)
+    rho = s / (s.sum() - s).clamp_min(1e-12)
+    coeff = torch.ones_like(s)
+    dom = rho > 1
+    coeff[dom] = 1 - torch.tanh(alpha * rho[dom])
+    return coeff.tolist()
+
+
+class OGM(Concat):
+    """Concat fusion with on-the-fly gradient modulation (OGM); with ge=True, OGM-GE adds Gaussian
+    noise N(0, std(grad)) to every encoder gradient. Active for epochs starts..ends inclusive."""
+
+    def __init__(self, encoders, num_classes, modalities, alpha=0.3, starts=0, ends=50, ge=False):
+        super().__init__(encoders, num_classes, modalities)
+        self.alpha, self.starts, self.ends, self.ge = alpha, starts, ends, ge
+        self.last_coeffs = None
+
+    def train_step(self, xs, y, idx, optimizer, progress):
+        zs = self.encode(xs)
+        fused = self.fuse(zs)
+        loss = F.cross_entropy(fused, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.starts <= progress["epoch"] <= self.ends:
+            with torch.no_grad():
+                _, unis = self.logits([z.detach() for z in zs])
+                scores = [u.softmax(1).gather(1, y[:, None]).sum().item() for u in unis]
+            self.modulate(ogm_coefficients(scores, self.alpha))
+        optimizer.step()
+        return loss.item()
+
+    @torch.no_grad()
+    def modulate(self, coeffs):
+        self.last_coeffs = coeffs
+        for enc, c in zip(self.encoders, coeffs):
+            for p in enc.parameters():
+                if p.grad is None:
+                    continue
+                std = p.grad.std().item() if p.grad.numel() > 1 else 0.0    # of the original gradient
+                p.grad.mul_(c)
+                if self.ge and std > 0:
+                    p.grad.add_(torch.randn_like(p.grad) * std)
+
+
+class QMF(Method):
+    """Quality-aware multimodal fusion on late-fusion heads. Confidence c_m = logsumexp(logits_m)/T,
+    detached in the fusion; loss = CE(fused) + sum CE(logits_m) + lambda * sum rank_m, where rank_m
+    asks a sample whose cumulative training loss (its history) is higher to have lower confidence."""
+    per_modality_heads = True
+
+    def __init__(self, encoders, num_classes, modalities, num_train, temperature=10.0, lam=0.1):
+        super().__init__(encoders, num_classes, modalities)
+        self.heads = nn.ModuleList(nn.Linear(self.dim, num_classes) for _ in encoders)
+        self.temperature, self.lam = temperature, lam
+        self.register_buffer("history", torch.zeros(len(encoders), num_train, dtype=torch.float64))
+
+    def confidence(self, logits):
+        return torch.logsumexp(logits, dim=1) / self.temperature
+
+    def logits(self, zs):
+        unis = [h(z) for h, z in zip(self.heads, zs)]
+        fused = sum(self.confidence(u).detach()[:, None] * u for u in unis)
+        return fused, unis
+
+    def rank_loss(self, conf, idx, m):
+        """Pairs (i, i+1 mod B); target = sign(h_i - h_j), margin = |normalised h_i - h_j|:
+        max(0, target * (c_i - c_j) + margin) = 0 once the harder sample is less confident by margin."""
+        h = self.history[m]
+        lo, hi = h.min(), h.max()
+        hn = ((h[idx] - lo) / (hi - lo) if hi > lo else torch.zeros_like(h[idx])).to(conf.dtype)
+        target = torch.sign(hn - hn.roll(-1))
+        margin = (hn - hn.roll(-1)).abs()
+        return F.relu(target * (conf - conf.roll(-1)) + margin).mean()
+
+    def loss(self, fused, unis, y, idx):
+        loss = F.cross_entropy(fused, y)
+        for m, u in enumerate(unis):
+            per_sample = F.cross_entropy(u, y, reduction="none")
+            loss = loss + per_sample.mean() + self.lam * self.rank_loss(self.confidence(u), idx, m)
+            if self.training:
+                self.history[m].index_add_(0, idx, per_sample.detach().to(self.history.dtype))
+        return loss
+
+
+def fusion_weights(unis, mode="dynamic", fixed=None):
+    """MLA test-time fusion weights. dynamic: per sample, lambda_m = softmax_m(-entropy_m) (B, M);
+    dynamic_batch: the official code's variant, entropy of a softmax over the batch axis, one weight
+    per modality per batch (M,); fixed: the given weights (M,)."""
+    if mode == "dynamic":
+        ent = torch.stack([-(u.softmax(1) * u.log_softmax(1)).sum(1) for u in unis], 1)
+        return torch.softmax(-ent, dim=1)
+    if mode == "dynamic_batch":
+        ent = torch.stack([-(u.softmax(0) * u.log_softmax(0)).sum() for u in unis])
+        return torch.softmax(-ent, dim=0)
+    if mode == "fixed":
+        w = torch.as_tensor(fixed, dtype=unis[0].dtype, device=unis[0].device)
+        if w.numel() != len(unis):
+            raise ValueError(f"--fusion_weights has {w.numel()} values; expected {len(unis)}")
+        return w
+    raise ValueError(f"unknown fusion mode {mode!r}; expected dynamic, dynamic_batch or fixed")
+
+
+class MLA(Method):
+    """Multimodal Learning with Alternating unimodal adaptation (SPEC 2).
+
+    One shared linear head. Each batch, for every modality m in turn: encoder m alone runs forward,
+    CE on head(z_m), backward (other encoders get no gradient at all), the head's weight gradient is
+    projected with P (HGM), one optimizer step. P (d x d, starts at the identity) remembers the
+    head-input directions of all earlier steps. At test time the unimodal logits are fused with
+    entropy-based weights (fusion='dynamic'), the official batch-axis variant, or fixed weights.
+    """
+    per_modality_heads = True
+
+    def __init__(self, encoders, num_classes, modalities, hgm=True, hgm_alpha=None, fusion="dynamic",
+                 fusion_weights=None):
+        super().__init__(encoders, num_classes, modalities)
+        self.head = nn.Linear(self.dim, num_classes)
+        self.hgm, self.hgm_alpha = hgm, hgm_alpha
+        if fusion_weights is None:      # SPEC defaults: 0.5/0.5; audio/image/text 0.35/0.25/0.4
+            fusion_weights = {2: [0.5, 0.5], 3: [0.35, 0.25, 0.4]}.get(len(encoders), [1 / len(encoders)] * len(encoders))
+        self.fusion, self.fixed_weights = fusion, list(fusion_weights)
+        self.register_buffer("P", torch.eye(self.dim))
+
+    @torch.no_grad()
+    def project_head_grad(self, hbar, alpha):
+        """grad_W <- grad_W P (protect earlier steps' directions), then absorb hbar into P:
+        k = P hbar, P <- P - k k^T / (alpha + hbar^T k)."""
+        g = self.head.weight.grad
+        g.copy_(g @ self.P)
+        k = self.P @ hbar
+        self.P.sub_(torch.outer(k, k) / (alpha + hbar @ k))
+
+    def train_step(self, xs, y, idx, optimizer, progress):
+        alpha = self.hgm_alpha
+        if alpha is None:       # the official schedule: 0.1 ** (1 + i / n) for batch i of n
+            alpha = 0.1 ** (1 + progress["step"] / max(1, progress["steps"]))
+        total = 0.0
+        for f, x in zip(self.encoders, xs):
+            z = f(x)
+            loss = F.cross_entropy(self.head(z), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.hgm:
+                self.project_head_grad(z.detach().mean(0).to(self.P.dtype), alpha)
+            optimizer.step()
+            total += loss.item()
+        return total / len(xs)
+
+    def logits(self, zs):
+        unis = [self.head(z) for z in zs]
+        w = fusion_weights(unis, self.fusion, self.fixed_weights)
+        w = w if w.dim() == 2 else w.expand(unis[0].shape[0], -1)
+        fused = sum(w[:, m:m + 1] * u for m, u in enumerate(unis))
+        return fused, unis
+
+
+METHODS = ["sum", "concat", "late_fusion", "film", "bigated", "ogm", "ogm_ge", "qmf", "mla"]
+
+
+def build_method(name, encoders, num_classes, modalities, args, num_train):
+    """The method object for `name`, configured from the script's args (see train_av.py)."""
+    cond = modalities.index(args.condition) if getattr(args, "condition", None) else 0
+    if name == "sum":
+        return Sum(encoders, num_classes, modalities)
+    if name == "concat":
+        return Concat(encoders, num_classes, modalities)
+    if name == "late_fusion":
+        return LateFusion(encoders, num_classes, modalities)
+    if name == "film":
+        return FiLM(encoders, num_classes, modalities, condition=cond)
+    if name == "bigated":
+        return BiGated(encoders, num_classes, modalities, condition=cond)
+    if name in ("ogm", "ogm_ge"):
+        return OGM(encoders, num_classes, modalities, alpha=args.alpha, starts=args.modulation_starts,
+                   ends=args.modulation_ends, ge=name == "ogm_ge")
+    if name == "qmf":
+        return QMF(encoders, num_classes, modalities, num_train=num_train)
+    if name == "mla":
+        return MLA(encoders, num_classes, modalities, hgm=not args.no_hgm, hgm_alpha=args.hgm_alpha,
+                   fusion=args.fusion, fusion_weights=args.fusion_weights)
+    raise ValueError(f"unknown method {name!r}; expected one of {METHODS}")
+
+
+# ==================================================================================================
+# 6. Evaluation, training loop and the run record
+# ==================================================================================================
+
+def to_device(batch, device):
+    *xs, y, idx = batch
+    nb = str(device).startswith("cuda")
+    return [x.to(device, non_blocking=nb) for x in xs], y.to(device, non_blocking=nb), idx.to(device)
+
+
+@torch.no_grad()
+def evaluate(method, loader, device):
+    """Accuracy in percent of every modality alone and of the fused prediction."""
+    method.eval()
+    correct = torch.zeros(len(method.modalities) + 1, dtype=torch.long)
+    n = 0
+    for batch in loader:
+        xs, y, _ = to_device(batch, device)
+        fused, unis = method.predict(xs)
+        for m, u in enumerate(unis):
+            correct[m] += (u.argmax(1) == y).sum().item()
+        correct[-1] += (fused.argmax(1) == y).sum().item()
+        n += len(y)
+    acc = (100.0 * correct.double() / max(n, 1)).tolist()
+    return {name: round(a, 4) for name, a in zip(method.modalities + ["multi"], acc)}
+
+
+def train_one_epoch(method, loader, optimizer, epoch, device, desc=""):
+    from tqdm import tqdm
+    method.train()
+    total, steps = 0.0, len(loader)
+    bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=not sys.stderr.isatty())
+    for step, batch in enumerate(bar):
+        xs, y, idx = to_device(batch, device)
+        loss = method.train_step(xs, y, idx, optimizer, {"epoch": epoch, "step": step, "steps": steps})
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss {loss} at epoch {epoch}, step {step}")
+        total += loss
+        bar.set_postfix(loss=f"{loss:.3f}")
+    return total / max(steps, 1)
+
+
+RECORD_KEYS = ("script", "dataset", "method", "seed", "args", "modalities", "epochs", "select_on",
+               "best_epoch", "test", "wall_time_s", "version")
+
+
+def fmt_acc(acc):
+    return "  ".join(f"{k} {v:5.1f}" for k, v in acc.items())
+
+
+def fit(method, optimizer, scheduler, loaders, args, run_dir, script, device):
+    """Train for args.epochs, select an epoch (args.select_on: val | test | last), checkpoint it to
+    run_dir/best.pt, evaluate it on the test split and write run_dir/record.json. Returns the record."""
+    start = time.time()
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if args.select_on == "val" and loaders.get("val") is None:
+        raise ValueError("--select_on val needs a validation split (--val_ratio > 0)")
+    if args.select_on == "test":
+        print("NOTE: selecting the epoch on the TEST set (--select_on test, the official protocol); "
+              "the reported test accuracy is optimistic.")
+    log, best_epoch, best_score = [], None, -1.0
+    for epoch in range(args.epochs):
+        t0 = time.time()
+        loss = train_one_epoch(method, loaders["train"], optimizer, epoch, device,
+                               desc=f"epoch {epoch + 1}/{args.epochs}")
+        scheduler.step()
+        entry = {"epoch": epoch, "train_loss": round(loss, 6),
+                 "val": evaluate(method, loaders["val"], device) if loaders.get("val") else None}
+        if args.select_on == "test":
+            entry["test"] = evaluate(method, loaders["test"], device)
+        log.append(entry)
+        shown = entry.get("test") if args.select_on == "test" else entry["val"]
+        print(f"epoch {epoch + 1:3d}/{args.epochs}  loss {loss:.4f}  "
+              f"{'test' if args.select_on == 'test' else 'val'}: {fmt_acc(shown) if shown else '-'}"
+              f"  ({time.time() - t0:.1f}s)", flush=True)
+        score = {"val": (entry["val"] or {}).get("multi", -1), "test": (entry.get("test") or {}).get("multi", -1),
+                 "last": epoch}[args.select_on]
+        if score > best_score:
+            best_score, best_epoch = score, epoch
+            atomic_torch_save({"method": args.method, "epoch": epoch, "args": vars(args),
+                               "modalities": method.modalities, "state_dict": method.state_dict()},
+                              run_dir / "best.pt")
+    state = torch.load(run_dir / "best.pt", map_location=device, weights_only=False)
+    method.load_state_dict(state["state_dict"])
+    test = evaluate(method, loaders["test"], device)
+    record = {"script": script, "dataset": args.dataset, "method": args.method, "seed": args.seed,
+              "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+              "modalities": method.modalities, "epochs": log, "select_on": args.select_on,
+              "best_epoch": best_epoch, "test": test, "wall_time_s": round(time.time() - start, 2),
+              "version": code_version()}
+    assert tuple(record) == RECORD_KEYS
+    atomic_json_dump(record, run_dir / "record.json")
+    return record

@@ -1,0 +1,320 @@
+"""Behaviour of the methods' updates (MLA, OGM/OGM-GE, QMF, late fusion) on small encoders."""
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import common as C
+
+MODS = ["audio", "video"]
+
+
+def batch(n=12, d_a=5, d_v=7, classes=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return ([torch.randn(n, d_a, generator=g), torch.randn(n, d_v, generator=g)],
+            torch.randint(0, classes, (n,), generator=g), torch.arange(n))
+
+
+def params(module):
+    return [p.detach().clone() for p in module.parameters()]
+
+
+def same(a, b):
+    return all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+# ---------------------------------------------------------------------------------------------- MLA
+
+class SpyOptimizer(torch.optim.SGD):
+    """SGD that records, at every step, which parameters had a gradient and which moved."""
+
+    def __init__(self, method, **kw):
+        super().__init__(method.parameters(), **kw)
+        self.method, self.log = method, []
+
+    def step(self, closure=None):
+        before = [params(e) for e in self.method.encoders]
+        had_grad = [any(p.grad is not None for p in e.parameters()) for e in self.method.encoders]
+        super().step(closure)
+        moved = [not same(b, params(e)) for b, e in zip(before, self.method.encoders)]
+        self.log.append((had_grad, moved))
+
+
+def test_mla_step_moves_only_its_own_encoder(tiny_encoders):
+    torch.manual_seed(0)
+    m = C.MLA(tiny_encoders(5, 7), 4, MODS)
+    opt = SpyOptimizer(m, lr=0.1, momentum=0.9, weight_decay=1e-2)   # momentum and decay would leak
+    for s in range(3):
+        xs, y, idx = batch(seed=s)
+        m.train_step(xs, y, idx, opt, {"epoch": 0, "step": s, "steps": 3})
+    assert len(opt.log) == 6                                           # two steps per batch
+    for i, (had_grad, moved) in enumerate(opt.log):
+        mod = i % 2
+        assert had_grad == [j == mod for j in range(2)]
+        assert moved == [j == mod for j in range(2)], f"step {i}: only encoder {mod} may move"
+
+
+def test_mla_projection_protects_earlier_direction(tiny_encoders):
+    torch.manual_seed(0)
+    m = C.MLA(tiny_encoders(5, 7), 4, MODS, hgm_alpha=1e-3)
+    opt = torch.optim.SGD(m.parameters(), lr=0.5)                      # plain SGD: dW = -lr * grad
+    xs, y, idx = batch()
+    hbars, grads, Ws = [], [], []
+    orig = m.project_head_grad
+
+    def spy(hbar, alpha):            # called inside each modality's step, before its optimizer step
+        hbars.append(hbar.clone())
+        grads.append(m.head.weight.grad.clone())
+        Ws.append(m.head.weight.detach().clone())
+        orig(hbar, alpha)
+
+    m.project_head_grad = spy
+    m.train_step(xs, y, idx, opt, {"epoch": 0, "step": 0, "steps": 1})
+    dW1, dW2 = Ws[1] - Ws[0], m.head.weight.detach() - Ws[1]
+    # first step of the run: P is the identity, the gradient is unchanged
+    assert torch.allclose(dW1, -0.5 * grads[0], atol=1e-6)
+    h1 = hbars[0]
+    rel = (dW2 @ h1).norm() / (dW2.norm() * h1.norm())
+    assert dW2.norm() > 0
+    assert rel < 1e-2, f"second step's head update not orthogonal to the first step's features ({rel:.3g})"
+    # without projection the same update would not be orthogonal
+    raw_rel = (grads[1] @ h1).norm() / (grads[1].norm() * h1.norm())
+    assert raw_rel > 10 * rel
+
+
+def test_mla_P_symmetric_finite_and_never_renormalised(tiny_encoders):
+    torch.manual_seed(0)
+    m = C.MLA(tiny_encoders(5, 7), 4, MODS)
+    opt = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
+    for s in range(20):
+        xs, y, idx = batch(seed=s)
+        m.train_step(xs, y, idx, opt, {"epoch": 0, "step": s, "steps": 20})
+    P = m.P
+    assert torch.isfinite(P).all()
+    assert torch.equal(P, P.T)
+    assert not torch.allclose(P, torch.eye(P.shape[0]))
+    assert torch.linalg.eigvalsh(P.double()).min() > -1e-4            # stays positive semi-definite
+    assert "P" in m.state_dict()                                        # checkpointed with the model
+
+
+def test_mla_absorb_formula():
+    enc = [torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)]
+    for e in enc:
+        e.dim = 4
+    m = C.MLA(enc, 3, MODS)
+    m.head.weight.grad = torch.randn(3, 4)
+    g0 = m.head.weight.grad.clone()
+    P0 = torch.eye(4) - 0.1 * torch.ones(4, 4)
+    m.P.copy_(P0)
+    h, alpha = torch.tensor([1.0, 2.0, 0.5, -1.0]), 0.3
+    m.project_head_grad(h, alpha)
+    assert torch.allclose(m.head.weight.grad, g0 @ P0)                  # projected with the old P
+    k = P0 @ h
+    assert torch.allclose(m.P, P0 - torch.outer(k, k) / (alpha + h @ k))
+
+
+def test_mla_no_hgm_leaves_gradient(tiny_encoders):
+    torch.manual_seed(0)
+    m = C.MLA(tiny_encoders(5, 7), 4, MODS, hgm=False)
+    ref = copy.deepcopy(m)
+    opt = torch.optim.SGD(m.parameters(), lr=0.5)
+    xs, y, idx = batch()
+    m.train_step(xs, y, idx, opt, {"epoch": 0, "step": 0, "steps": 1})
+    # reference: the same two plain CE steps by hand
+    W = ref.head.weight.detach().clone()
+    for f, x in zip(ref.encoders, xs):
+        ref.zero_grad()
+        F.cross_entropy(ref.head(f(x)), y).backward()
+        with torch.no_grad():
+            for p in ref.parameters():
+                if p.grad is not None:
+                    p -= 0.5 * p.grad
+    assert torch.allclose(m.head.weight, ref.head.weight, atol=1e-6)
+    assert not torch.allclose(m.head.weight, W)
+    assert torch.equal(m.P, torch.eye(8))
+
+
+def test_dynamic_fusion_weights_per_sample():
+    torch.manual_seed(0)
+    sharp = torch.tensor([[8.0, 0, 0, 0]] * 3 + [[0.1, 0, 0, 0]] * 3)   # audio: confident on 0..2
+    flat = torch.tensor([[0.1, 0, 0, 0]] * 3 + [[0, 9.0, 0, 0]] * 3)    # video: confident on 3..5
+    w = C.fusion_weights([sharp, flat], "dynamic")
+    assert w.shape == (6, 2)
+    assert torch.allclose(w.sum(1), torch.ones(6))
+    assert (w[:3, 0] > 0.5).all() and (w[3:, 1] > 0.5).all()             # lower entropy wins
+    # the same sample in another batch gets the same weight; the batch-axis variant does not
+    a, v = torch.randn(10, 4), torch.randn(10, 4)
+    other_a, other_v = torch.cat([a[:1], 5 * torch.randn(9, 4)]), torch.cat([v[:1], torch.randn(9, 4)])
+    assert torch.allclose(C.fusion_weights([a, v], "dynamic")[0], C.fusion_weights([other_a, other_v], "dynamic")[0])
+    wb1, wb2 = C.fusion_weights([a, v], "dynamic_batch"), C.fusion_weights([other_a, other_v], "dynamic_batch")
+    assert wb1.shape == (2,) and not torch.allclose(wb1, wb2)
+    # formula: lambda_m = exp(max e - e_m) / sum_j exp(max e - e_j)
+    e = torch.stack([-(u.softmax(1) * u.log_softmax(1)).sum(1) for u in (a, v)], 1)
+    lam = torch.exp(e.max(1, keepdim=True).values - e)
+    assert torch.allclose(C.fusion_weights([a, v], "dynamic"), lam / lam.sum(1, keepdim=True))
+
+
+def test_mla_fixed_fusion_and_predict(tiny_encoders):
+    m = C.MLA(tiny_encoders(5, 7), 4, MODS, fusion="fixed")
+    xs, _, _ = batch()
+    fused, (ua, uv) = m.predict(xs)
+    assert torch.allclose(fused, 0.5 * ua + 0.5 * uv)
+    m3 = C.MLA(tiny_encoders(5, 7, 3), 4, ["audio", "image", "text"], fusion="fixed")
+    assert m3.fixed_weights == [0.35, 0.25, 0.4]
+
+
+# ---------------------------------------------------------------------------------------------- OGM
+
+def ogm_reference(method, xs, y):
+    """The OGM-GE coefficients computed by hand from the concat head."""
+    zs = [z.detach() for z in method.encode(xs)]
+    W, b, d = method.head.weight.detach(), method.head.bias.detach(), zs[0].shape[1]
+    out_a = zs[0] @ W[:, :d].T + b
+    out_v = zs[1] @ W[:, d:].T + b
+    s_a = out_a.softmax(1)[torch.arange(len(y)), y].sum().item()
+    s_v = out_v.softmax(1)[torch.arange(len(y)), y].sum().item()
+    alpha = method.alpha
+    if s_a / s_v > 1:
+        return [1 - math.tanh(alpha * s_a / s_v), 1.0]
+    return [1.0, 1 - math.tanh(alpha * s_v / s_a)]
+
+
+def grads_after_plain_backward(method, xs, y):
+    ref = copy.deepcopy(method)
+    F.cross_entropy(ref.fuse(ref.encode(xs)), y).backward()
+    return [[p.grad.clone() for p in e.parameters()] for e in ref.encoders]
+
+
+def test_ogm_scales_damped_encoder_only(tiny_encoders):
+    torch.manual_seed(1)
+    m = C.OGM(tiny_encoders(5, 7), 4, MODS, alpha=0.8)
+    xs, y, idx = batch(n=32)
+    with torch.no_grad():      # make audio dominant so that it is the damped one
+        m.head.weight[:, :8] *= 6
+    coeff = ogm_reference(m, xs, y)
+    assert coeff[0] < 1 and coeff[1] == 1.0
+    orig = grads_after_plain_backward(m, xs, y)
+    opt = torch.optim.SGD(m.parameters(), lr=0.0)
+    m.train_step(xs, y, idx, opt, {"epoch": 0, "step": 0, "steps": 1})
+    for e, (enc, g0) in enumerate(zip(m.encoders, orig)):
+        for p, g in zip(enc.parameters(), g0):
+            assert torch.allclose(p.grad, coeff[e] * g, atol=1e-7), f"encoder {e}"
+    assert m.last_coeffs == pytest.approx(coeff)
+
+
+def test_ogm_inactive_outside_modulation_epochs(tiny_encoders):
+    m = C.OGM(tiny_encoders(5, 7), 4, MODS, alpha=0.8, starts=2, ends=3)
+    xs, y, idx = batch()
+    orig = grads_after_plain_backward(m, xs, y)
+    m.train_step(xs, y, idx, torch.optim.SGD(m.parameters(), lr=0.0), {"epoch": 4, "step": 0, "steps": 1})
+    assert all(torch.equal(p.grad, g) for e, g0 in zip(m.encoders, orig) for p, g in zip(e.parameters(), g0))
+
+
+def test_ogm_ge_noise_has_gradient_std(tiny_encoders):
+    torch.manual_seed(2)
+    encs = tiny_encoders(5, 7, dim=64)
+    m = C.OGM(encs, 4, MODS, alpha=0.5, ge=True)
+    xs, y, idx = batch(n=64)
+    coeff = ogm_reference(m, xs, y)
+    orig = grads_after_plain_backward(m, xs, y)
+    m.train_step(xs, y, idx, torch.optim.SGD(m.parameters(), lr=0.0), {"epoch": 0, "step": 0, "steps": 1})
+    for e, (enc, g0) in enumerate(zip(m.encoders, orig)):
+        w, g = enc.net[2].weight, g0[2]                       # a 64 x 16 weight: 1024 noise draws
+        noise = w.grad - coeff[e] * g
+        assert noise.std().item() == pytest.approx(g.std().item(), rel=0.15)
+        assert abs(noise.mean().item()) < 0.2 * g.std().item()
+
+
+def test_ogm_three_modality_coefficients():
+    # rho_m = s_m / (sum of the others): only modality 2 exceeds 1
+    s = [3.0, 2.0, 10.0]
+    c = C.ogm_coefficients(s, 0.3)
+    assert c[:2] == [1.0, 1.0]
+    assert c[2] == pytest.approx(1 - math.tanh(0.3 * 10 / 5))
+    # two modalities reduce to rho = s_a / s_v
+    assert C.ogm_coefficients([6.0, 2.0], 0.5) == pytest.approx([1 - math.tanh(1.5), 1.0])
+    assert C.ogm_coefficients([2.0, 6.0], 0.5) == pytest.approx([1.0, 1 - math.tanh(1.5)])
+
+
+# ---------------------------------------------------------------------------------------------- QMF
+
+def test_qmf_confidence_is_detached_energy(tiny_encoders):
+    m = C.QMF(tiny_encoders(5, 7), 4, MODS, num_train=12)
+    ua, uv = torch.randn(6, 4, requires_grad=True), torch.randn(6, 4, requires_grad=True)
+    m.heads = torch.nn.ModuleList([torch.nn.Identity(), torch.nn.Identity()])
+    fused, _ = m.logits([ua, uv])
+    ca, cv = torch.logsumexp(ua, 1) / 10, torch.logsumexp(uv, 1) / 10
+    assert torch.allclose(fused, ca[:, None] * ua + cv[:, None] * uv)
+    fused.sum().backward()
+    # d fused / d logits is the confidence alone: no gradient flows through it
+    assert torch.allclose(ua.grad, ca.detach()[:, None].expand(6, 4))
+    assert torch.allclose(uv.grad, cv.detach()[:, None].expand(6, 4))
+
+
+def test_qmf_rank_loss_zero_for_equal_histories(tiny_encoders):
+    m = C.QMF(tiny_encoders(5, 7), 4, MODS, num_train=12)
+    conf = torch.randn(12) * 5
+    idx = torch.arange(12)
+    m.history.fill_(3.0)
+    assert m.rank_loss(conf, idx, 0).item() == 0.0
+    # unequal histories: the harder sample (higher loss history) must be less confident
+    m.history[0] = torch.arange(12, dtype=torch.float64)
+    conf_bad = torch.arange(12, dtype=torch.float32)            # confidence rises with difficulty
+    assert m.rank_loss(conf_bad, idx, 0).item() > 0
+    conf_good = -torch.arange(12, dtype=torch.float32) * 2       # falls with it, by more than the margin
+    pairs = torch.arange(11)                                     # the wrap-around pair is (11, 0)
+    assert m.rank_loss(conf_good[pairs], pairs, 0).item() == 0.0
+
+
+def test_qmf_history_accumulates_across_epochs(tiny_encoders):
+    torch.manual_seed(0)
+    m = C.QMF(tiny_encoders(5, 7), 4, MODS, num_train=20)
+    opt = torch.optim.SGD(m.parameters(), lr=0.0)
+    xs, y, _ = batch(n=6)
+    idx = torch.tensor([3, 5, 7, 11, 13, 19])
+    with torch.no_grad():
+        per = [F.cross_entropy(u, y, reduction="none").double() for u in m.logits(m.encode(xs))[1]]
+    for epoch in range(3):
+        m.train_step(xs, y, idx, opt, {"epoch": epoch, "step": 0, "steps": 1})
+        for k in range(2):
+            assert torch.allclose(m.history[k, idx], (epoch + 1) * per[k], atol=1e-6)
+    others = torch.ones(20, dtype=torch.bool)
+    others[idx] = False
+    assert (m.history[:, others] == 0).all()
+    assert "history" in m.state_dict()
+
+
+# ---------------------------------------------------------------------------------------------- others
+
+def test_late_fusion_branches_independent(tiny_encoders):
+    torch.manual_seed(0)
+    m = C.LateFusion(tiny_encoders(5, 7), 4, MODS)
+    xs, y, idx = batch()
+    grads = []
+    for v in (xs[1], 100 * torch.randn_like(xs[1])):
+        mm = copy.deepcopy(m)
+        mm.train_step([xs[0], v], y, idx, torch.optim.SGD(mm.parameters(), lr=0.0), {"epoch": 0})
+        grads.append([p.grad.clone() for p in list(mm.encoders[0].parameters()) + list(mm.heads[0].parameters())])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+@pytest.mark.parametrize("name", ["concat", "film", "bigated", "ogm"])
+def test_fused_feature_methods_unimodal_zeroes_others(name, tiny_encoders):
+    args = type("A", (), dict(alpha=0.3, modulation_starts=0, modulation_ends=50, condition=None))()
+    m = C.build_method(name, tiny_encoders(5, 7), 4, MODS, args, 12)
+    xs, _, _ = batch()
+    zs = m.encode(xs)
+    fused, (ua, uv) = m.predict(xs)
+    assert torch.allclose(fused, m.fuse(zs))
+    assert torch.allclose(ua, m.fuse([zs[0], torch.zeros_like(zs[1])]))
+    assert torch.allclose(uv, m.fuse([torch.zeros_like(zs[0]), zs[1]]))
+
+
+def test_sum_method_fused_is_sum_of_heads(tiny_encoders):
+    m = C.Sum(tiny_encoders(5, 7), 4, MODS)
+    xs, _, _ = batch()
+    fused, (ua, uv) = m.predict(xs)
+    zs = m.encode(xs)
+    assert torch.allclose(ua, m.heads[0](zs[0])) and torch.allclose(fused, ua + uv)

@@ -122,44 +122,62 @@ def read_text_lines(path):
 # 2. Data: signals (audio, frames, transforms, splits)
 # ==================================================================================================
 
+WAV_FORMATS = {(1, 8), (1, 16), (1, 24), (1, 32), (3, 32), (3, 64)}     # (format tag, bits)
+
+
+def wav_info(path):
+    """Parse a RIFF/WAVE header without reading the samples.
+
+    Returns (format_tag, channels, sample_rate, bits, data_offset, n_frames); raises DataError for a
+    missing, non-WAV, empty or unsupported file (checked once per clip before training starts).
+    """
+    path = Path(path)
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found; expected a WAV file") from None
+    with f:
+        total = os.fstat(f.fileno()).st_size
+        head = f.read(12)
+        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+            raise DataError(f"{path}: not a RIFF/WAVE file (starts with {head[:4]!r}); expected a WAV file")
+        pos, fmt = 12, None
+        while pos + 8 <= total:
+            f.seek(pos)
+            cid, size = f.read(4), struct.unpack("<I", f.read(4))[0]
+            if cid == b"fmt ":
+                body = f.read(min(size, 64))
+                if len(body) < 16:
+                    raise DataError(f"{path}: 'fmt ' chunk of {len(body)} bytes; expected at least 16")
+                tag, channels, rate, _, _, bits = struct.unpack("<HHIIHH", body[:16])
+                if tag == 0xFFFE and len(body) >= 26:          # WAVE_FORMAT_EXTENSIBLE: real tag inside
+                    tag = struct.unpack("<H", body[24:26])[0]
+                fmt = (tag, channels, rate, bits)
+            elif cid == b"data":
+                if fmt is None:
+                    break
+                tag, channels, rate, bits = fmt
+                if (tag, bits) not in WAV_FORMATS or channels < 1 or rate < 1:
+                    raise DataError(f"{path}: WAV format tag {tag}, {bits} bits, {channels} channels, {rate} Hz "
+                                    "is not supported; expected PCM (8/16/24/32-bit) or IEEE float (32/64-bit)")
+                avail = min(size, total - pos - 8)        # a streamed file may claim more than it holds
+                n = avail // (bits // 8 * channels)
+                if n == 0:
+                    raise DataError(f"{path}: WAV file holds no samples; expected a non-empty recording")
+                return tag, channels, rate, bits, pos + 8, n
+            pos += 8 + size + (size & 1)
+    raise DataError(f"{path}: WAV file without {'fmt' if fmt is None else 'data'} chunk")
+
+
 def read_wav(path):
     """Read a RIFF/WAVE file (PCM 8/16/24/32-bit, IEEE float 32/64, WAVE_FORMAT_EXTENSIBLE).
 
     Returns (mono float32 numpy array in [-1, 1], sample_rate). Multi-channel audio is averaged.
     """
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found; expected a WAV file") from None
-    if len(data) < 12 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
-        raise DataError(f"{path}: not a RIFF/WAVE file (starts with {data[:4]!r}); expected a WAV file")
-    pos, fmt, pcm = 12, None, None
-    while pos + 8 <= len(data):
-        cid = data[pos:pos + 4]
-        size = struct.unpack("<I", data[pos + 4:pos + 8])[0]
-        body = data[pos + 8:pos + 8 + size]      # a streamed file may claim more than it holds
-        if cid == b"fmt ":
-            if len(body) < 16:
-                raise DataError(f"{path}: 'fmt ' chunk of {len(body)} bytes; expected at least 16")
-            tag, channels, rate, _, _, bits = struct.unpack("<HHIIHH", body[:16])
-            if tag == 0xFFFE and len(body) >= 26:
-                tag = struct.unpack("<H", body[24:26])[0]
-            fmt = (tag, channels, rate, bits)
-        elif cid == b"data":
-            pcm = body
-            break
-        pos += 8 + size + (size & 1)
-    if fmt is None or pcm is None:
-        raise DataError(f"{path}: WAV file without {'fmt' if fmt is None else 'data'} chunk")
-    tag, channels, rate, bits = fmt
-    width = bits // 8
-    if channels < 1 or width < 1:
-        raise DataError(f"{path}: WAV header says {channels} channels of {bits} bits")
-    n = len(pcm) // (width * channels)
-    if n == 0:
-        raise DataError(f"{path}: WAV file holds no samples; expected a non-empty recording")
-    pcm = pcm[:n * width * channels]
+    tag, channels, rate, bits, offset, n = wav_info(path)
+    with open(path, "rb") as f:
+        f.seek(offset)
+        pcm = f.read(n * bits // 8 * channels)
     if tag == 1 and bits == 8:
         x = (np.frombuffer(pcm, np.uint8).astype(np.float32) - 128.0) / 128.0
     elif tag == 1 and bits == 16:
@@ -170,11 +188,8 @@ def read_wav(path):
         x = (np.where(v >= 1 << 23, v - (1 << 24), v)).astype(np.float32) / float(1 << 23)
     elif tag == 1 and bits == 32:
         x = np.frombuffer(pcm, "<i4").astype(np.float32) / float(1 << 31)
-    elif tag == 3 and bits in (32, 64):
+    else:                                                # IEEE float
         x = np.frombuffer(pcm, "<f4" if bits == 32 else "<f8").astype(np.float32)
-    else:
-        raise DataError(f"{path}: WAV format tag {tag} with {bits} bits is not supported; expected "
-                        "PCM (8/16/24/32-bit) or IEEE float (32/64-bit)")
     return x.reshape(n, channels).mean(axis=1), rate
 
 
@@ -360,6 +375,18 @@ def _find_dir(root, override, templates, split, entries, is_match, what):
             hits = sum(1 for e in probe if is_match(d, e[0]))
             if hits > best_hits:
                 best, best_hits = d, hits
+    if best is None and not override:          # not in a usual place: search the tree (4 levels)
+        for dirpath, dirnames, _ in os.walk(root):
+            d = Path(dirpath)
+            if len(d.relative_to(root).parts) > 4:
+                dirnames[:] = []
+                continue
+            dirnames.sort()
+            hits = sum(1 for e in probe if is_match(d, e[0]))
+            if hits > best_hits:
+                best, best_hits = d, hits
+                if hits == len(probe):
+                    break
     if best is None:
         clip, src = entries[0][0], entries[0][2]
         tried = ", ".join(str(d) for d in cands)
@@ -367,9 +394,25 @@ def _find_dir(root, override, templates, split, entries, is_match, what):
     return best
 
 
+def check_audio(path, num_mel_bins=None):
+    """Cheap check of one audio file before training: a WAV header, or a .npy fbank's shape."""
+    if str(path).endswith(".npy"):
+        try:
+            shape = np.load(path, mmap_mode="r", allow_pickle=False).shape
+        except (OSError, ValueError) as e:
+            raise DataError(f"{path}: unreadable .npy: {e}; expected a (frames, mel bins) fbank array") from None
+        shape = tuple(n for n in shape if n != 1) or shape
+        if len(shape) != 2 or (num_mel_bins and shape[1] != num_mel_bins):
+            raise DataError(f"{path}: fbank of shape {shape}; expected (frames, {num_mel_bins or 'mel bins'})"
+                            " — set --num_mel_bins to its width")
+    else:
+        wav_info(path)
+
+
 def resolve_clips(root, split, entries, audio_format="auto", audio_dir=None, frames_dir=None,
-                  skip_bad=False, stats=None):
-    """entries: [(clip_id, label_index, 'file:line')] -> [Clip] with audio and frame paths checked."""
+                  skip_bad=False, stats=None, num_mel_bins=None):
+    """entries: [(clip_id, label_index, 'file:line')] -> [Clip] with audio and frame paths checked
+    (every audio file's header is read, so an empty or broken file stops the run before training)."""
     root = Path(root)
     exts = {"auto": (".npy", ".wav"), "npy": (".npy",), "wav": (".wav",)}[audio_format]
     has_audio = lambda d, c: any((d / (c + e)).is_file() for e in exts)
@@ -387,6 +430,10 @@ def resolve_clips(root, split, entries, audio_format="auto", audio_dir=None, fra
             if audio is None:
                 raise DataError(f"{src}: audio of clip '{clip_id}' missing: expected "
                                 f"{adir / (clip_id + exts[-1])}" + (f" or {exts[0]}" if len(exts) > 1 else ""))
+            try:
+                check_audio(audio, num_mel_bins)
+            except DataError as e:
+                raise DataError(f"{e} (clip at {src})") from None
             fr = fdir / clip_id
             if not fr.is_dir():
                 raise DataError(f"{src}: frame folder of clip '{clip_id}' missing: expected {fr}/")
@@ -566,7 +613,7 @@ def detect_av_layout(dataset, root):
 
 
 def load_av_splits(dataset, root, split_seed=0, actor_split=False, audio_format="auto",
-                   audio_dir=None, frames_dir=None, skip_bad=False):
+                   audio_dir=None, frames_dir=None, skip_bad=False, num_mel_bins=None):
     """Detect the layout and return dict(layout, classes, train=[Clip], test=[Clip], skipped=int)."""
     root = Path(root)
     layout = detect_av_layout(dataset, root)
@@ -581,7 +628,7 @@ def load_av_splits(dataset, root, split_seed=0, actor_split=False, audio_format=
     stats, out = {}, {"layout": layout, "classes": classes}
     for split in ("train", "test"):
         out[split], out[split + "_audio_dir"], out[split + "_frames_dir"] = resolve_clips(
-            root, split, lists[split], audio_format, audio_dir, frames_dir, skip_bad, stats)
+            root, split, lists[split], audio_format, audio_dir, frames_dir, skip_bad, stats, num_mel_bins)
     out["skipped"] = stats.get("skipped", 0)
     return out
 
@@ -710,8 +757,6 @@ class VideoResNet(nn.Module):
 # report the fused head's prediction with every other modality's features set to zero.
 
 class Method(nn.Module):
-    per_modality_heads = False
-
     def __init__(self, encoders, num_classes, modalities):
         super().__init__()
         self.encoders = nn.ModuleList(encoders)
@@ -751,14 +796,16 @@ class Method(nn.Module):
 
 class Sum(Method):
     """One linear head per modality; fused logits are their sum, trained by CE on the sum."""
-    per_modality_heads = True
 
     def __init__(self, encoders, num_classes, modalities):
         super().__init__(encoders, num_classes, modalities)
         self.heads = nn.ModuleList(nn.Linear(self.dim, num_classes) for _ in encoders)
 
+    def unimodal(self, zs):
+        return [h(z) for h, z in zip(self.heads, zs)]
+
     def logits(self, zs):
-        unis = [h(z) for h, z in zip(self.heads, zs)]
+        unis = self.unimodal(zs)
         return torch.stack(unis).sum(0), unis
 
 
@@ -773,16 +820,11 @@ class Concat(Method):
         return self.head(torch.cat(zs, 1))
 
 
-class LateFusion(Method):
+class LateFusion(Sum):
     """Independent unimodal models, each trained on its own CE; prediction = mean of their logits."""
-    per_modality_heads = True
-
-    def __init__(self, encoders, num_classes, modalities):
-        super().__init__(encoders, num_classes, modalities)
-        self.heads = nn.ModuleList(nn.Linear(self.dim, num_classes) for _ in encoders)
 
     def logits(self, zs):
-        unis = [h(z) for h, z in zip(self.heads, zs)]
+        unis = self.unimodal(zs)
         return torch.stack(unis).mean(0), unis
 
     def loss(self, fused, unis, y, idx):
@@ -868,15 +910,13 @@ class OGM(Concat):
                     p.grad.add_(torch.randn_like(p.grad) * std)
 
 
-class QMF(Method):
+class QMF(Sum):
     """Quality-aware multimodal fusion on late-fusion heads. Confidence c_m = logsumexp(logits_m)/T,
     detached in the fusion; loss = CE(fused) + sum CE(logits_m) + lambda * sum rank_m, where rank_m
     asks a sample whose cumulative training loss (its history) is higher to have lower confidence."""
-    per_modality_heads = True
 
     def __init__(self, encoders, num_classes, modalities, num_train, temperature=10.0, lam=0.1):
         super().__init__(encoders, num_classes, modalities)
-        self.heads = nn.ModuleList(nn.Linear(self.dim, num_classes) for _ in encoders)
         self.temperature, self.lam = temperature, lam
         self.register_buffer("history", torch.zeros(len(encoders), num_train, dtype=torch.float64))
 
@@ -884,7 +924,7 @@ class QMF(Method):
         return torch.logsumexp(logits, dim=1) / self.temperature
 
     def logits(self, zs):
-        unis = [h(z) for h, z in zip(self.heads, zs)]
+        unis = self.unimodal(zs)
         fused = sum(self.confidence(u).detach()[:, None] * u for u in unis)
         return fused, unis
 
@@ -935,7 +975,6 @@ class MLA(Method):
     head-input directions of all earlier steps. At test time the unimodal logits are fused with
     entropy-based weights (fusion='dynamic'), the official batch-axis variant, or fixed weights.
     """
-    per_modality_heads = True
 
     def __init__(self, encoders, num_classes, modalities, hgm=True, hgm_alpha=None, fusion="dynamic",
                  fusion_weights=None):

@@ -76,6 +76,10 @@ def get_args(argv=None):
     a("--toy_test", type=int, default=240, help="toy: test clips")
     a("--toy_seed", type=int, default=0, help="toy: seed of the generated data (fixed across --seed)")
     args = p.parse_args(argv)
+    if args.epochs is not None and args.epochs < 1:
+        p.error("--epochs must be at least 1")
+    if not 0 <= args.val_ratio < 1:
+        p.error("--val_ratio must be in [0, 1)")
     for k, v in DEFAULTS["toy" if args.dataset == "toy" else "paper"].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -100,12 +104,12 @@ def main(argv=None):
         if not (root / "train.csv").is_file():
             C.make_toy_av(root, seed=args.toy_seed, n_train=args.toy_train, n_test=args.toy_test,
                           frames=max(3, args.frames))
-        data = C.load_av_splits("cremad", root)
+        data = C.load_av_splits("cremad", root, num_mel_bins=args.num_mel_bins)
     else:
         root = Path(args.data_root or f"data/{args.dataset}")
         data = C.load_av_splits(args.dataset, root, split_seed=args.split_seed, actor_split=args.actor_split,
                                 audio_format=args.audio_format, audio_dir=args.audio_dir,
-                                frames_dir=args.frames_dir, skip_bad=args.skip_bad)
+                                frames_dir=args.frames_dir, skip_bad=args.skip_bad, num_mel_bins=args.num_mel_bins)
     if data["skipped"]:
         print(f"skipped {data['skipped']} clips with missing files (--skip_bad)")
     classes, train_clips = data["classes"], data["train"]

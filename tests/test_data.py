@@ -233,9 +233,8 @@ def test_bad_empty_frame_folder(good):
 
 def test_bad_malformed_line_and_not_a_wav(good):
     (good / "AudioWAV" / "1000_DFA_NEU_XX.wav").write_bytes(b"ID3 this is an mp3")
-    ds = C.AVDataset(C.load_av_splits("cremad", good)["train"], False, 8, 3, 20, 16)
     with pytest.raises(C.DataError, match=r"1000_DFA_NEU_XX\.wav: not a RIFF/WAVE file.*train\.csv:1"):
-        ds[0]
+        C.load_av_splits("cremad", good)
     (good / "train.csv").write_text("1000_DFA_NEU_XX;NEU\n")
     with pytest.raises(C.DataError, match=r"train\.csv:1: '1000_DFA_NEU_XX;NEU'; expected '<clip>,<LABEL>'"):
         C.load_av_splits("cremad", good)
@@ -246,3 +245,27 @@ def test_bad_data_root_lists_layouts(tmp_path):
         C.load_av_splits("cremad", tmp_path / "nowhere")
     with pytest.raises(C.DataError, match=r"(?s)no known ks layout.*Kinetics-Sounds"):
         C.load_av_splits("ks", tmp_path)
+
+
+def test_bad_audio_found_before_training(good):
+    """An empty WAV or an fbank of the wrong width stops the run at load time, not mid-epoch."""
+    wav = good / "AudioWAV" / "1003_DFA_FEA_XX.wav"
+    C.write_wav(wav, np.zeros(0), 16000)
+    with pytest.raises(C.DataError, match=r"1003_DFA_FEA_XX\.wav: WAV file holds no samples.*train\.csv:4"):
+        C.load_av_splits("cremad", good)
+    assert C.load_av_splits("cremad", good, skip_bad=True)["skipped"] == 1
+    wav.unlink()
+    np.save(good / "AudioWAV" / "1003_DFA_FEA_XX.npy", np.zeros((50, 40), np.float32))
+    with pytest.raises(C.DataError, match=r"1003_DFA_FEA_XX\.npy: fbank of shape \(50, 40\); expected \(frames, 128\)"):
+        C.load_av_splits("cremad", good, num_mel_bins=128)
+
+
+def test_unusual_folders_are_found_by_search(tmp_path):
+    ogm_layout(tmp_path, crema_rows(4), crema_rows(2, 10))
+    (tmp_path / "media" / "sound").mkdir(parents=True)
+    (tmp_path / "AudioWAV").rename(tmp_path / "media" / "sound" / "wavs")
+    (tmp_path / "Image-01-FPS").rename(tmp_path / "media" / "pics")
+    data = C.load_av_splits("cremad", tmp_path)
+    assert data["train_audio_dir"] == tmp_path / "media" / "sound" / "wavs"
+    assert data["train_frames_dir"] == tmp_path / "media" / "pics"
+    assert len(data["train"]) == 4

@@ -6,7 +6,8 @@ Sections (search for the banner lines):
   3. Data: A-V sets ... CREMA-D (three layouts), Kinetics-Sounds, the toy set, loaders
   4. Encoders ......... torchvision ResNet-18 for audio and video, the init
   5. Methods .......... sum, concat, late_fusion, film, bigated, ogm, ogm_ge, qmf, mla
-  6. Evaluation, training loop and the run record
+  6. Evaluation, training loop, sweeps and the run record
+  7. Report and curves ... `python common.py report RUNS_DIR [--paper]`, `python common.py plot RUNS_DIR`
 
 Every method is an ``nn.Module`` that owns its encoders and heads and exposes
 ``train_step(xs, y, idx, optimizer, progress) -> loss`` and ``predict(xs) -> (fused, [unimodal])``,
@@ -1047,7 +1048,7 @@ def build_method(name, encoders, num_classes, modalities, args, num_train):
 
 
 # ==================================================================================================
-# 6. Evaluation, training loop and the run record
+# 6. Evaluation, training loop, sweeps and the run record
 # ==================================================================================================
 
 def to_device(batch, device):
@@ -1092,16 +1093,59 @@ RECORD_KEYS = ("script", "dataset", "method", "seed", "args", "modalities", "epo
                "best_epoch", "test", "wall_time_s", "version")
 
 
+def run_dir(args, *extra):
+    """<out_dir>/<dataset>/<method>/seed<k>[/extra...]: where a run writes record.json and best.pt."""
+    return Path(args.out_dir, args.dataset, args.method, f"seed{args.seed}", *extra)
+
+
+def parse_methods(spec, known):
+    """'mla', 'concat,mla' or 'all' -> a list of method names (ValueError naming an unknown one)."""
+    names = list(known) if spec == "all" else [m.strip() for m in spec.split(",") if m.strip()]
+    bad = [m for m in names if m not in known]
+    if bad or not names:
+        raise ValueError(f"unknown method {bad[0] if bad else spec!r}; expected one of {', '.join(known)}, "
+                         "a comma list of them, or 'all'")
+    return names
+
+
+def sweep(args, run_one, known_methods, record_path=None):
+    """Run every (seed, method) of args.method (name, comma list or 'all') x args.seeds (comma list;
+    default args.seed), seed by seed, one after another in this process. In a sweep a run whose
+    record.json exists is skipped, so a killed sweep continues where it stopped; a single run always
+    runs. Returns the records, in sweep order."""
+    import copy
+    methods = parse_methods(args.method, known_methods)
+    seeds = [int(s) for s in str(args.seeds).split(",")] if getattr(args, "seeds", None) else [args.seed]
+    runs = [(s, m) for s in seeds for m in methods]
+    record_path = record_path or (lambda a: run_dir(a) / "record.json")
+    records = []
+    for k, (seed, method) in enumerate(runs, 1):
+        a = copy.copy(args)
+        a.method, a.seed = method, seed
+        path = record_path(a)
+        if len(runs) > 1 and path.is_file():
+            print(f"[{k}/{len(runs)}] {method} seed {seed}: skipped, {path} exists", flush=True)
+            records.append(json.loads(path.read_text()))
+            continue
+        rec = run_one(a)
+        if len(runs) > 1:
+            print(f"[{k}/{len(runs)}] {method} seed {seed}: test {fmt_acc(rec['test'])} "
+                  f"(epoch {rec['best_epoch'] + 1} by {rec['select_on']}, {rec['wall_time_s']:.0f}s)", flush=True)
+        records.append(rec)
+    return records
+
+
 def fmt_acc(acc):
     return "  ".join(f"{k} {v:5.1f}" for k, v in acc.items())
 
 
-def fit(method, optimizer, scheduler, loaders, args, run_dir, script, device):
+def fit(method, optimizer, scheduler, loaders, args, out, script, device):
     """Train for args.epochs, select an epoch (args.select_on: val | test | last), checkpoint it to
-    run_dir/best.pt, evaluate it on the test split and write run_dir/record.json. Returns the record."""
+    out/best.pt, evaluate it on the test split and write out/record.json. Returns the record.
+    wall_time_s counts from the call (training and evaluation, not data discovery)."""
     start = time.time()
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     if args.select_on == "val" and loaders.get("val") is None:
         raise ValueError("--select_on val needs a validation split (--val_ratio > 0)")
     if args.select_on == "test":
@@ -1128,8 +1172,8 @@ def fit(method, optimizer, scheduler, loaders, args, run_dir, script, device):
             best_score, best_epoch = score, epoch
             atomic_torch_save({"method": args.method, "epoch": epoch, "args": vars(args),
                                "modalities": method.modalities, "state_dict": method.state_dict()},
-                              run_dir / "best.pt")
-    state = torch.load(run_dir / "best.pt", map_location=device, weights_only=False)
+                              out / "best.pt")
+    state = torch.load(out / "best.pt", map_location=device, weights_only=False)
     method.load_state_dict(state["state_dict"])
     test = evaluate(method, loaders["test"], device)
     record = {"script": script, "dataset": args.dataset, "method": args.method, "seed": args.seed,
@@ -1138,5 +1182,272 @@ def fit(method, optimizer, scheduler, loaders, args, run_dir, script, device):
               "best_epoch": best_epoch, "test": test, "wall_time_s": round(time.time() - start, 2),
               "version": code_version()}
     assert tuple(record) == RECORD_KEYS
-    atomic_json_dump(record, run_dir / "record.json")
+    atomic_json_dump(record, out / "record.json")
     return record
+
+
+# ==================================================================================================
+# 7. Report and curves:  python common.py report RUNS_DIR [--paper] [--format md|csv]
+#                        python common.py plot RUNS_DIR --out curves.png
+# ==================================================================================================
+
+# The paper's Tables 5, 6 and 7 (mean±std of test accuracy over three seeds; std missing where the
+# source is garbled). Line: table, data set, method, then column=mean±std (Table 6: missing rate %).
+PAPER_RESULTS = """
+5 cremad concat audio=55.65±0.82 video=18.68±0.76 multi=61.56±0.91
+5 cremad late_fusion audio=52.17±1.12 video=55.48±0.71 multi=66.32±1.08
+5 cremad film audio=53.89±0.75 video=18.67±1.21 multi=60.07±1.25
+5 cremad bigated audio=51.49±1.28 video=17.34±1.11 multi=59.21±1.14
+5 cremad ogm_ge audio=53.76±0.98 video=28.09±1.17 multi=68.14±0.79
+5 cremad qmf audio=59.41±0.71 video=39.11±1.03 multi=63.71±1.12
+5 cremad mla audio=59.27±1.23 video=64.91±1.1 multi=79.7±0.87
+5 ks sum audio=48.77±0.95 video=24.53±1.12 multi=64.72±0.97
+5 ks concat audio=49.18±0.76 video=24.67±1.07 multi=64.84±1.05
+5 ks late_fusion audio=47.87±1.1 video=46.76±0.85 multi=65.53±0.89
+5 ks film audio=48.67±0.83 video=23.15±0.98 multi=63.33±0.76
+5 ks bigated audio=49.96±1.21 video=23.77±1.14 multi=63.72±1.13
+5 ks ogm_ge audio=48.87±1.05 video=29.73±1.06 multi=65.74±1.08
+5 ks qmf audio=51.57±1.03 video=32.19±0.92 multi=65.78±0.97
+5 ks mla audio=54.67±0.92 video=51.03±1.09 multi=71.35±1.22
+5 food101 sum image=4.57±0.88 text=85.63±1.14 multi=86.19±0.86
+5 food101 concat image=3.51±1.22 text=86.02±1.05 multi=86.32±1.18
+5 food101 late_fusion image=58.46±1.03 text=85.19±1.21 multi=90.21±1.02
+5 food101 film image=4.68±0.97 text=85.84±0.92 multi=87.21±1.05
+5 food101 bigated image=14.2±1.18 text=85.79±1.1 multi=88.87±0.88
+5 food101 ogm_ge image=22.35±1.27 text=85.17±1.09 multi=87.54±1.03
+5 food101 qmf image=45.74±1.09 text=84.13±1.27 multi=92.87±1.01
+5 food101 mla image=69.6±0.89 text=86.47±0.86 multi=93.33±0.92
+5 mvsa sum text=73.33±1.03 image=28.46±1.12 multi=76.19±1.01
+5 mvsa concat text=75.22±0.92 image=27.32±1.09 multi=76.25±0.95
+5 mvsa late_fusion text=72.15±1.07 image=45.24±0.97 multi=76.88±0.82
+5 mvsa film text=74.85±0.98 image=27.12±1.18 multi=75.34±1.07
+5 mvsa bigated text=73.13±1.08 image=28.15±0.88 multi=75.94±0.88
+5 mvsa ogm_ge text=74.76±0.87 image=31.98±1.03 multi=76.37±0.98
+5 mvsa qmf text=74.87±1.15 image=32.99±1.09 multi=77.96±1.06
+5 mvsa mla text=75.72±0.79 image=54.99±1.12 multi=79.94±0.97
+5 iemocap sum audio=39.79±1.08 image=29.44±0.97 text=65.16±0.88 multi=74.18±1.03
+5 iemocap concat audio=41.93±0.89 image=30.0±0.88 text=67.84±0.97 multi=75.91±0.92
+5 iemocap late_fusion audio=43.12 image=32.38±0.97 text=68.79±1.07 multi=74.96±0.97
+5 iemocap film audio=41.64±1.06 image=29.85±1.06 text=66.37±0.95 multi=74.32±1.12
+5 iemocap bigated audio=42.23±0.88 image=27.45±1.08 text=65.16±1.08 multi=73.34±1.05
+5 iemocap ogm_ge audio=41.38±1.13 image=30.24±1.02 text=70.79±1.03 multi=76.17±1.01
+5 iemocap qmf audio=42.98±0.95 image=31.22±1.07 text=75.03±0.79 multi=76.17±0.95
+5 iemocap mla audio=46.29±1.02 image=37.63±0.78 text=73.22±1.09 multi=78.92±1.07
+6 iemocap late_fusion 10=72.95±1.12 20=69.06±0.88 30=64.89±1.25 40=61.09±0.99 50=56.48±1.18 60=52.41±1.01 70=45.07±1.21
+6 iemocap qmf 10=73.49±1.1 20=71.33±1.27 30=65.89±0.78 40=62.27±0.95 50=57.94±1.07 60=55.6±0.84 70=50.25±1.09
+6 iemocap cca 10=65.19±0.95 20=62.6±1.19 30=59.35±0.88 40=55.25±1.23 50=51.38±1.05 60=45.73±1.27 70=30.61±1.1
+6 iemocap dcca 10=57.25±1.28 20=51.74±1.01 30=42.53±1.29 40=36.54±1.18 50=34.82±0.79 60=33.65±1.07 70=41.09±1.24
+6 iemocap dccae 10=61.66±1.13 20=57.67±1.22 30=54.95±1.06 40=51.08±1.01 50=45.71±0.87 60=39.07±0.98 70=41.42±1.28
+6 iemocap ae 10=71.36±0.94 20=67.4±0.79 30=62.02±1.18 40=57.24±0.94 50=50.56±0.77 60=43.04±0.96 70=39.86±0.82
+6 iemocap cra 10=71.28±1.19 20=67.34±1.04 30=62.24±1.03 40=57.04±0.92 50=49.86±1.15 60=43.22±0.99 70=38.56±1.22
+6 iemocap mmin 10=71.84±0.97 20=69.36±1.05 30=66.34±1.11 40=63.3±1.1 50=60.54±1.17 60=57.52±1.13 70=55.44±1.06
+6 iemocap if_mmin 10=71.32±0.78 20=68.29±0.98 30=64.17±1.01 40=60.13±1.19 50=57.45±1.12 60=53.26±1.22 70=52.04±0.91
+6 iemocap cpm_net 10=55.29±0.83 20=53.65±0.96 30=52.52±1.29 40=51.01±0.94 50=49.09±1.04 60=47.38±1.25 70=44.76±0.88
+6 iemocap tate 10=67.84±1.02 20=63.22±1.08 30=62.19±0.98 40=60.36±1.06 50=58.74±1.21 60=57.99±1.03 70=54.35±1.07
+6 iemocap mla 10=75.07±1.04 20=72.33±1.16 30=68.47±1.22 40=67.0±0.98 50=63.48±0.87 60=59.17±0.92 70=55.89±1.03
+7 food101 clip image=63.07±0.12 text=83.98±0.08 multi=93.07±0.08
+7 food101 clip_mla image=72.22±0.1 text=85.34±0.06 multi=93.47±0.04
+"""
+
+# Rows in the paper's order; the data set the toy sets stand in for; Table 7's name for CLIP + MLA.
+TABLE_METHODS = {5: METHODS,
+                 6: ["late_fusion", "qmf", "cca", "dcca", "dccae", "ae", "cra", "mmin", "if_mmin", "cpm_net",
+                     "tate", "mla"],
+                 7: ["clip", "mla"]}
+SCRIPT_TABLE = {"train_av.py": 5, "train_it.py": 5, "train_ait.py": 5, "train_missing.py": 6, "train_clip.py": 7}
+TOY_STANDS_FOR = {"train_av.py": "cremad", "train_it.py": "food101", "train_ait.py": "iemocap",
+                  "train_missing.py": "iemocap", "train_clip.py": "food101"}
+PAPER_DATASET = {"features": "iemocap", "mmin": "iemocap"}
+PAPER_METHOD = {7: {"mla": "clip_mla"}}
+
+
+def paper_results():
+    """{(table, dataset, method): {column: (mean, std or None)}} from PAPER_RESULTS."""
+    out = {}
+    for line in PAPER_RESULTS.strip().splitlines():
+        table, dataset, method, *cells = line.split()
+        out[int(table), dataset, method] = {
+            k: (float(v.split("±")[0]), float(v.split("±")[1]) if "±" in v else None)
+            for k, v in (c.split("=") for c in cells)}
+    return out
+
+
+def load_records(runs_dir):
+    records = []
+    for path in sorted(Path(runs_dir).rglob("record.json")):
+        try:
+            rec = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            print(f"warning: {path}: unreadable record ({e}); left out", file=sys.stderr)
+            continue
+        if not all(k in rec for k in RECORD_KEYS):
+            print(f"warning: {path}: not a run record (keys missing); left out", file=sys.stderr)
+            continue
+        rec["_path"] = str(path)
+        records.append(rec)
+    return records
+
+
+def _mean_std(values):
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else None
+    return mean, std
+
+
+def report_rows(records):
+    """One row per (script, dataset, method, column): mean, std, seeds, paper value and difference."""
+    groups = {}
+    for r in records:
+        groups.setdefault((r["script"], r["dataset"]), []).append(r)
+    papers, rows = paper_results(), []
+    for (script, dataset), recs in sorted(groups.items()):
+        table = SCRIPT_TABLE.get(script, 5)
+        if table == 6:
+            col_of = lambda r: [(f"{round(100 * r['args']['missing_rate'])}", r["test"]["multi"])]
+            columns = sorted({c for r in recs for c, _ in col_of(r)}, key=float)
+        else:
+            col_of = lambda r: list(r["test"].items())
+            columns = list(recs[0]["modalities"]) + ["multi"]
+        all_seeds = sorted({r["seed"] for r in recs})
+        toy = dataset == "toy"
+        paper_ds = TOY_STANDS_FOR.get(script, "cremad") if toy else PAPER_DATASET.get(dataset, dataset)
+        order = TABLE_METHODS[table]
+        methods = sorted({r["method"] for r in recs}, key=lambda m: (order.index(m) if m in order else 99, m))
+        for method in methods:
+            cells = {}
+            for r in recs:
+                if r["method"] == method:
+                    for col, v in col_of(r):
+                        cells.setdefault(col, []).append((r["seed"], v, r["select_on"]))
+            paper = papers.get((table, paper_ds, PAPER_METHOD.get(table, {}).get(method, method)), {})
+            for col in columns:
+                got = cells.get(col, [])
+                row = {"script": script, "dataset": dataset, "table": table, "method": method, "column": col,
+                       "mean": None, "std": None, "n": len({s for s, _, _ in got}), "n_expected": len(all_seeds),
+                       "on_test": any(sel == "test" for _, _, sel in got), "paper_dataset": paper_ds,
+                       "paper_is_other_data": toy, "paper_mean": None, "paper_std": None, "diff": None}
+                if got:
+                    mean, std = _mean_std([v for _, v, _ in got])
+                    row["mean"], row["std"] = round(mean, 4), None if std is None else round(std, 4)
+                if col in paper:
+                    row["paper_mean"], row["paper_std"] = paper[col]
+                    if row["mean"] is not None:
+                        row["diff"] = round(row["mean"] - row["paper_mean"], 4)
+                rows.append(row)
+    return rows
+
+
+def _cell(mean, std, n=None, n_expected=None, on_test=False):
+    if mean is None:
+        return "—" if n is None else "missing"
+    s = f"{mean:.2f}" + (f" ± {std:.2f}" if std is not None else "")
+    if n is not None:
+        s += f" (n={n}" + (f" of {n_expected}" if n < n_expected else "") + ")"
+    return s + (" †" if on_test else "")
+
+
+def report(runs_dir, paper=False, fmt="md"):
+    """The tables of every record under runs_dir, in the paper's shape (see the section banner)."""
+    rows = report_rows(load_records(runs_dir))
+    if not rows:
+        return f"no records under {runs_dir}"
+    if fmt == "csv":
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+        return buf.getvalue()
+    out, groups = [], {}
+    for r in rows:
+        groups.setdefault((r["script"], r["dataset"]), []).append(r)
+    for (script, dataset), rr in groups.items():
+        table, cols = rr[0]["table"], list(dict.fromkeys(r["column"] for r in rr))
+        what = "fused test accuracy by missing rate (%)" if table == 6 else "test accuracy (%)"
+        out.append(f"### {script} · {dataset} · Table {table} shape · {what}, mean ± std over seeds (n = seeds)")
+        if paper:
+            pds = rr[0]["paper_dataset"]
+            out.append(f"paper: {pds}, Table {table}" + (
+                f" — DIFFERENT DATA: the toy set only stands in for {pds}; this is not a reproduction"
+                if rr[0]["paper_is_other_data"] else ""))
+        head = ["method"] + [c for col in cols for c in ([col, "paper", "Δ"] if paper else [col])]
+        out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for method in dict.fromkeys(r["method"] for r in rr):
+            cells = [f"`{method}`"]
+            for r in (x for x in rr if x["method"] == method):
+                cells.append(_cell(r["mean"], r["std"], r["n"], r["n_expected"], r["on_test"]))
+                if paper:
+                    cells += [_cell(r["paper_mean"], r["paper_std"]),
+                              "—" if r["diff"] is None else f"{r['diff']:+.2f}"]
+            out.append("| " + " | ".join(cells) + " |")
+        if any(r["on_test"] for r in rr):
+            out.append("† epoch selected on the test set (--select_on test, the official protocol): optimistic")
+        out.append("")
+    return "\n".join(out)
+
+
+def plot_curves(runs_dir, out):
+    """Per method, validation accuracy of each modality and of the fused prediction over epochs
+    (mean over seeds; the test curve for runs without a validation split). Needs matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("plot needs matplotlib, an optional dependency: pip install matplotlib") from None
+    records = [r for r in load_records(runs_dir) if r["epochs"]]
+    if not records:
+        raise SystemExit(f"no records with epochs under {runs_dir}")
+    panels = {}
+    for r in records:
+        panels.setdefault((r["script"], r["dataset"], r["method"]), []).append(r)
+    ncols = min(3, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.2 * nrows), squeeze=False)
+    def paper_order(item):
+        (script, dataset, method), _ = item
+        order = TABLE_METHODS[SCRIPT_TABLE.get(script, 5)]
+        return script, dataset, order.index(method) if method in order else 99, method
+
+    for ax, ((script, dataset, method), recs) in zip(axes.flat, sorted(panels.items(), key=paper_order)):
+        split = "val" if recs[0]["epochs"][0].get("val") else "test"
+        for name in list(recs[0]["modalities"]) + ["multi"]:
+            curves = [[e[split][name] for e in r["epochs"] if e.get(split)] for r in recs]
+            n = min(len(c) for c in curves)
+            mean = [sum(c[i] for c in curves) / len(curves) for i in range(n)]
+            ax.plot(range(1, n + 1), mean, label=name, lw=2.2 if name == "multi" else 1.4)
+        ax.set_title(f"{method} · {dataset} ({len(recs)} seed{'s' * (len(recs) > 1)})", fontsize=10)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(f"{split} accuracy (%)")
+        ax.set_ylim(0, 100)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.tight_layout()
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def _cli(argv=None):
+    import argparse
+    p = argparse.ArgumentParser(prog="python common.py", description="Tables and curves from run records.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("report", help="the tables of all records under RUNS_DIR, in the paper's shape")
+    r.add_argument("runs_dir")
+    r.add_argument("--paper", action="store_true", help="add the paper's value and our difference per cell")
+    r.add_argument("--format", default="md", choices=["md", "csv"])
+    q = sub.add_parser("plot", help="per-modality and fused accuracy over epochs, one panel per method")
+    q.add_argument("runs_dir")
+    q.add_argument("--out", default="curves.png")
+    args = p.parse_args(argv)
+    if args.cmd == "report":
+        print(report(args.runs_dir, args.paper, args.format))
+    else:
+        print(f"wrote {plot_curves(args.runs_dir, args.out)}")
+
+
+if __name__ == "__main__":
+    _cli()

@@ -3,6 +3,7 @@
     python train_av.py                                   # MLA on the built-in toy set, CPU, ~1 minute
     python train_av.py --dataset cremad --data_root data/cremad --method mla --seed 0
     python train_av.py --dataset ks --method ogm_ge --seed 1
+    python train_av.py --method all --seeds 0,1,2         # a sweep; finished runs are skipped on rerun
 
 Writes <out_dir>/<dataset>/<method>/seed<k>/record.json and best.pt (the selected epoch).
 """
@@ -29,8 +30,9 @@ def get_args(argv=None):
     a = p.add_argument
     a("--dataset", default="toy", choices=["toy", "cremad", "ks"])
     a("--data_root", default=None, help="data folder (default data/<dataset>; toy: generated in a temp dir)")
-    a("--method", default="mla", choices=C.METHODS)
+    a("--method", default="mla", help=f"one of {', '.join(C.METHODS)}; or a comma list, or 'all' (a sweep)")
     a("--seed", type=int, default=0, help="seeds Python, NumPy, torch and the data order")
+    a("--seeds", default=None, help="comma list of seeds to sweep, e.g. 0,1,2 (overrides --seed)")
     # optimisation (None = paper default for real data, small default for toy)
     a("--epochs", type=int, default=None, help="paper 100; toy 10")
     a("--batch_size", type=int, default=None, help="paper 64; toy 32")
@@ -80,6 +82,11 @@ def get_args(argv=None):
         p.error("--epochs must be at least 1")
     if not 0 <= args.val_ratio < 1:
         p.error("--val_ratio must be in [0, 1)")
+    try:
+        C.parse_methods(args.method, C.METHODS)
+        [int(s) for s in args.seeds.split(",")] if args.seeds else None
+    except ValueError as e:
+        p.error(str(e))
     for k, v in DEFAULTS["toy" if args.dataset == "toy" else "paper"].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -87,7 +94,13 @@ def get_args(argv=None):
 
 
 def main(argv=None):
+    """Parse the command line and run every requested (seed, method); returns their records."""
     args = get_args(argv)
+    return C.sweep(args, run, C.METHODS)
+
+
+def run(args):
+    """One training run of args.method with args.seed; returns its record."""
     C.seed_everything(args.seed)
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -141,7 +154,7 @@ def main(argv=None):
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_decay_step, args.lr_decay_ratio)
 
     # ---- train, select, test, record
-    run_dir = Path(args.out_dir) / args.dataset / args.method / f"seed{args.seed}"
+    run_dir = C.run_dir(args)
     record = C.fit(method, optimizer, scheduler, loaders, args, run_dir, "train_av.py", device)
     print(f"test ({'selected on TEST' if args.select_on == 'test' else 'epoch ' + str(record['best_epoch'] + 1)}"
           f" by {args.select_on}): {C.fmt_acc(record['test'])}")

@@ -11,8 +11,13 @@ import train_av
 from conftest import ROOT, TINY
 
 
+def toy_argv(toy_root, out, *extra):
+    return ["--dataset", "toy", "--data_root", str(toy_root), "--out_dir", str(out), *TINY, *extra]
+
+
 def run(toy_root, out, *extra):
-    return train_av.main(["--dataset", "toy", "--data_root", str(toy_root), "--out_dir", str(out), *TINY, *extra])
+    [record] = train_av.main(toy_argv(toy_root, out, *extra))
+    return record
 
 
 @pytest.mark.parametrize("method", C.METHODS)
@@ -64,3 +69,37 @@ def test_missing_data_root_is_a_clear_error(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode != 0
     assert r.stderr.startswith("error: data/ks: data root not found") and "Traceback" not in r.stderr
+
+
+def test_sweep_methods_and_seeds_in_one_call(toy_root, tmp_path, capsys):
+    recs = train_av.main(toy_argv(toy_root, tmp_path, "--method", "sum,mla", "--seeds", "3,4"))
+    assert [(r["method"], r["seed"]) for r in recs] == [("sum", 3), ("mla", 3), ("sum", 4), ("mla", 4)]
+    for r in recs:
+        assert json.loads((tmp_path / "toy" / r["method"] / f"seed{r['seed']}" / "record.json").read_text()) == r
+    out = capsys.readouterr().out
+    assert "[4/4] mla seed 4: test audio" in out
+    with pytest.raises(SystemExit):
+        train_av.get_args(["--method", "sum,nope"])
+
+
+def test_killed_sweep_reruns_only_missing_runs(toy_root, tmp_path):
+    import os
+    import signal
+    import time
+    argv = toy_argv(toy_root, tmp_path, "--method", "sum,concat,late_fusion")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train_av.py"), *argv], cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = tmp_path / "toy" / "sum" / "seed0" / "record.json"
+    deadline = time.time() + 120
+    while not first.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert first.exists(), "the first run of the sweep should have finished"
+    done = {p: p.read_bytes() for p in tmp_path.rglob("record.json")}
+    assert len(done) < 3, "killed before the sweep ended"
+    recs = train_av.main(argv)
+    assert [r["method"] for r in recs] == ["sum", "concat", "late_fusion"]
+    after = {p: p.read_bytes() for p in tmp_path.rglob("record.json")}
+    assert len(after) == 3
+    assert all(after[p] == b for p, b in done.items())       # finished runs were not run again

@@ -1,0 +1,88 @@
+"""`python common.py report` and `plot` on hand-made records."""
+import csv
+import io
+import json
+import sys
+
+import pytest
+
+import common as C
+
+
+def record(root, script, dataset, method, seed, test, select_on="val", missing_rate=None, epochs=2):
+    mods = [k for k in test if k != "multi"]
+    args = {"missing_rate": missing_rate} if missing_rate is not None else {}
+    rec = {"script": script, "dataset": dataset, "method": method, "seed": seed, "args": args,
+           "modalities": mods,
+           "epochs": [{"epoch": e, "train_loss": 1.0 / (e + 1), "val": {k: 10.0 * (e + 1) for k in test}}
+                      for e in range(epochs)],
+           "select_on": select_on, "best_epoch": epochs - 1, "test": test, "wall_time_s": 1.0, "version": "x"}
+    extra = [f"missing{missing_rate}"] if missing_rate is not None else []
+    path = root.joinpath(dataset, method, f"seed{seed}", *extra, "record.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rec))
+
+
+@pytest.fixture
+def runs(tmp_path):
+    for seed, a in enumerate([50.0, 52.0, 54.0]):
+        record(tmp_path, "train_av.py", "cremad", "concat", seed, {"audio": a, "video": 20.0, "multi": 60.0 + seed})
+    for seed in (0, 1):                                               # seed 2 missing
+        record(tmp_path, "train_av.py", "cremad", "mla", seed, {"audio": 60.0, "video": 64.0, "multi": 80.0},
+               select_on="test" if seed == 1 else "val")
+    record(tmp_path, "train_av.py", "toy", "mla", 0, {"audio": 90.0, "video": 91.0, "multi": 97.0})
+    for rate in (0.1, 0.3):
+        for seed in (0, 1, 2):
+            record(tmp_path, "train_missing.py", "features", "mla", seed,
+                   {"audio": 1.0, "visual": 1.0, "text": 1.0, "multi": 70.0 - 10 * rate + seed},
+                   missing_rate=rate)
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "record.json").write_text("{not json")
+    return tmp_path
+
+
+def test_report_cells_mean_std_counts_and_marks(runs):
+    text = C.report(runs)
+    lines = text.splitlines()
+    concat = next(l for l in lines if l.startswith("| `concat`"))
+    assert concat.split(" | ")[1] == "52.00 ± 2.00 (n=3)"             # mean ± sample std over seeds
+    assert concat.split(" | ")[3].startswith("61.00 ± 1.00 (n=3)")
+    mla = next(l for l in lines if l.startswith("| `mla`") and "64.00" in l)
+    assert "60.00 ± 0.00 (n=2 of 3) †" in mla                          # a missing seed; selected on test
+    assert "† epoch selected on the test set" in text
+    # rows in the paper's order, Table 6 columns are the missing rates
+    assert text.index("| `concat`") < text.index("| `mla` | 60.00")
+    t6 = text[text.index("train_missing.py"):]
+    assert "| method | 10 | 30 |" in t6 and "| `mla` | 70.00 ± 1.00 (n=3) | 68.00 ± 1.00 (n=3) |" in t6
+
+
+def test_report_paper_columns_and_toy_is_labelled_other_data(runs):
+    text = C.report(runs, paper=True)
+    concat = next(l for l in text.splitlines() if l.startswith("| `concat`"))
+    cells = concat.strip("| ").split(" | ")
+    assert cells[1:4] == ["52.00 ± 2.00 (n=3)", "55.65 ± 0.82", "-3.65"]
+    toy = text[text.index("train_av.py · toy"):]
+    assert "DIFFERENT DATA" in toy.splitlines()[1] and "not a reproduction" in toy.splitlines()[1]
+    assert "paper: cremad, Table 5\n" in text                          # real data: no such label
+    t6 = text[text.index("train_missing.py"):]
+    assert "| `mla` | 70.00 ± 1.00 (n=3) | 75.07 ± 1.04 | -5.07 |" in t6
+
+
+def test_report_csv(runs):
+    rows = list(csv.DictReader(io.StringIO(C.report(runs, paper=True, fmt="csv"))))
+    r = next(r for r in rows if r["dataset"] == "cremad" and r["method"] == "concat" and r["column"] == "audio")
+    assert float(r["mean"]) == 52.0 and float(r["std"]) == 2.0 and r["n"] == "3"
+    assert float(r["paper_mean"]) == 55.65 and float(r["diff"]) == pytest.approx(-3.65)
+    assert {r["table"] for r in rows} == {"5", "6"}
+
+
+def test_plot_writes_png(runs, tmp_path):
+    pytest.importorskip("matplotlib")
+    out = C.plot_curves(runs, tmp_path / "fig" / "curves.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 5000
+
+
+def test_plot_without_matplotlib_fails_clearly(runs, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(SystemExit, match="plot needs matplotlib.*pip install matplotlib"):
+        C.plot_curves(runs, tmp_path / "c.png")

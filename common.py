@@ -341,6 +341,177 @@ class AVDataset(torch.utils.data.Dataset):
         return self.load_audio(clip), self.load_video(clip), clip.label, i
 
 
+def default_cache_dir(root):
+    """<data root>/.mla_cache when the data root is writable, else ~/.cache/mla (or $XDG_CACHE_HOME/mla)."""
+    root = Path(root)
+    if os.access(root, os.W_OK):
+        return root / ".mla_cache"
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mla"
+
+
+def frame_cache_size(clips, image_size, train):
+    """Stored frame size: test-time frames exactly as the test transform makes them (S x S);
+    training frames with their short side = S and the aspect ratio of the data's first frame."""
+    if not train:
+        return image_size, image_size
+    from PIL import Image
+    with Image.open(list_frames(clips[0].frames)[0]) as im:
+        w, h = im.size
+    if w >= h:
+        return image_size, max(image_size, round(image_size * w / h))
+    return max(image_size, round(image_size * h / w)), image_size
+
+
+class _CacheBuild(torch.utils.data.Dataset):
+    """One clip decoded once: (fbank float16 (T, F), picked frames uint8 (K, 3, H, W))."""
+
+    def __init__(self, clips, size, frames, audio_len, num_mel_bins):
+        from torchvision.transforms import v2 as T
+        self.av = AVDataset(clips, False, size[0], frames, audio_len, num_mel_bins)
+        self.resize = T.Compose([T.ToImage(), T.Resize(size, antialias=True)])
+
+    def __len__(self):
+        return len(self.av)
+
+    def __getitem__(self, i):
+        clip = self.av.clips[i]
+        fb = self.av.load_audio(clip)[0].numpy().astype(np.float16)
+        paths = list_frames(clip.frames)
+        if not paths:
+            raise DataError(f"{clip.frames}: no frames (clip at {clip.src}); expected .jpg files")
+        fr = torch.stack([self.resize(load_image(paths[k], clip.src)) for k in pick_even(len(paths), self.av.frames)])
+        return fb, fr.numpy()
+
+
+class CachedAVDataset(torch.utils.data.Dataset):
+    """The clips of one split preprocessed once into memory-mapped arrays under `cache_dir`:
+    fbank.npy (N, audio_len, mel_bins) float16 and frames.npy (N, frames, 3, H, W) uint8.
+
+    The folder name is a hash of every preprocessing parameter and of each clip's files (path, size,
+    modification time), so a change rebuilds it instead of reading stale data. A build writes to a
+    temporary folder and renames it, so two runs building at once cannot corrupt it. Items are
+    (audio float16 (1, T, F), frames uint8 (K, 3, H, W), label, index); `device_transform` turns a
+    batch into float32 audio and normalised float frames on the training device. Training crops and flips are drawn per
+    frame in the loader workers with torchvision (augment_on='workers', best on a CPU), or for the
+    whole batch at once on the device (augment_on='device', for a GPU; bilinear without antialias).
+    """
+    VERSION = 1     # bump when the preprocessing code changes
+
+    def __init__(self, clips, train, image_size=224, frames=3, audio_len=1024, num_mel_bins=128,
+                 cache_dir=None, num_workers=0, augment_on="workers"):
+        from torchvision.transforms import v2 as T
+        self.clips, self.train, self.image_size = list(clips), train, image_size
+        self.augment_on = augment_on
+        self.crop = T.Compose([T.RandomResizedCrop(image_size, antialias=True), T.RandomHorizontalFlip()])
+        size = frame_cache_size(self.clips, image_size, train)
+        params = {"version": self.VERSION, "train": train, "size": size, "frames": frames,
+                  "audio_len": audio_len, "num_mel_bins": num_mel_bins}
+        self.folder = Path(cache_dir) / f"{'train' if train else 'eval'}-{self.key(params)}"
+        if not (self.folder / "meta.json").is_file():
+            self.build(params, size, num_workers)
+        self.fbank = np.load(self.folder / "fbank.npy", mmap_mode="r")
+        self.frames = np.load(self.folder / "frames.npy", mmap_mode="r")
+        if len(self.fbank) != len(self.clips):
+            raise DataError(f"{self.folder}: cache holds {len(self.fbank)} clips; expected {len(self.clips)} "
+                            "(delete the folder to rebuild it)")
+
+    def key(self, params):
+        import hashlib
+        h = hashlib.sha1(json.dumps(params, sort_keys=True).encode())
+        for c in self.clips:
+            a, f = os.stat(c.audio), os.stat(c.frames)
+            h.update(f"{c.id}|{c.label}|{c.audio}|{a.st_size}|{a.st_mtime_ns}|{c.frames}|{f.st_mtime_ns}\n".encode())
+        return h.hexdigest()[:16]
+
+    def build(self, params, size, num_workers):
+        from tqdm import tqdm
+        self.folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=self.folder.parent, prefix=f".{self.folder.name}.building."))
+        try:
+            n = len(self.clips)
+            fb = np.lib.format.open_memmap(tmp / "fbank.npy", "w+", np.float16,
+                                           (n, params["audio_len"], params["num_mel_bins"]))
+            fr = np.lib.format.open_memmap(tmp / "frames.npy", "w+", np.uint8, (n, params["frames"], 3, *size))
+            src = _CacheBuild(self.clips, size, params["frames"], params["audio_len"], params["num_mel_bins"])
+            loader = torch.utils.data.DataLoader(src, batch_size=None, num_workers=num_workers)
+            for i, (a, v) in enumerate(tqdm(loader, total=n, desc=f"caching {self.folder.name}", unit="clip",
+                                            disable=not sys.stderr.isatty())):
+                fb[i], fr[i] = a, v
+            fb.flush()
+            fr.flush()
+            del fb, fr
+            atomic_json_dump({**params, "clips": [c.id for c in self.clips]}, tmp / "meta.json")
+            try:
+                os.rename(tmp, self.folder)
+            except OSError:             # another run finished the same cache first: use theirs
+                if not (self.folder / "meta.json").is_file():
+                    raise
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    def __len__(self):
+        return len(self.clips)
+
+    def __getitem__(self, i):
+        audio = torch.from_numpy(np.array(self.fbank[i])).unsqueeze(0)         # float16 until the device
+        video = torch.from_numpy(np.array(self.frames[i]))
+        if self.train and self.augment_on == "workers":
+            video = torch.stack([self.crop(f) for f in video])
+        return audio, video, self.clips[i].label, i
+
+    def device_transform(self, xs, train):
+        """On the batch, on its device: uint8 frames -> (training, augment_on='device') random resized
+        crop + flip -> float, ImageNet-normalised (B, K, 3, S, S)."""
+        audio, video = xs
+        audio = audio.float()
+        b, k = video.shape[:2]
+        v = video.flatten(0, 1)
+        if train and self.augment_on == "device":
+            v = random_resized_crop_flip(v, self.image_size)
+        else:
+            v = v.float()
+        mean = torch.tensor(IMAGENET_MEAN, device=v.device).view(1, 3, 1, 1) * 255
+        std = torch.tensor(IMAGENET_STD, device=v.device).view(1, 3, 1, 1) * 255
+        v = ((v - mean) / std).view(b, k, 3, *v.shape[-2:])
+        return [audio, v]
+
+
+def random_resized_crop_flip(images, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    """RandomResizedCrop + RandomHorizontalFlip for a whole batch of uint8 images (N, 3, H, W) in one
+    grid_sample (bilinear). Crop boxes are drawn as torchvision draws them (area share in `scale`,
+    log-uniform aspect in `ratio`, ten tries, then a centre crop); returns float (N, 3, size, size)."""
+    n, _, h, w = images.shape
+    dev = images.device
+    area = h * w * torch.empty(n, 10).uniform_(*scale)
+    logr = torch.empty(n, 10).uniform_(math.log(ratio[0]), math.log(ratio[1]))
+    cw = torch.sqrt(area * torch.exp(logr)).round()
+    ch = torch.sqrt(area / torch.exp(logr)).round()
+    ok = (cw > 0) & (cw <= w) & (ch > 0) & (ch <= h)
+    first = torch.where(ok.any(1), ok.float().argmax(1), torch.full((n,), -1))
+    pick = first.clamp_min(0)
+    cw, ch = cw[torch.arange(n), pick], ch[torch.arange(n), pick]
+    # no try fitted: the whole image, cut to the nearest allowed aspect ratio, centred
+    fw, fh = float(w), float(h)
+    if w / h < ratio[0]:
+        fh = float(round(w / ratio[0]))
+    elif w / h > ratio[1]:
+        fw = float(round(h * ratio[1]))
+    bad = first < 0
+    cw[bad], ch[bad] = fw, fh
+    x0 = torch.floor(torch.rand(n) * (w - cw + 1))
+    y0 = torch.floor(torch.rand(n) * (h - ch + 1))
+    x0[bad], y0[bad] = torch.floor(torch.tensor((w - fw) / 2)), torch.floor(torch.tensor((h - fh) / 2))
+    flip = torch.where(torch.rand(n) < 0.5, -1.0, 1.0)
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0] = cw / w * flip
+    theta[:, 0, 2] = (2 * x0 + cw) / w - 1
+    theta[:, 1, 1] = ch / h
+    theta[:, 1, 2] = (2 * y0 + ch) / h - 1
+    grid = F.affine_grid(theta.to(dev), (n, 3, size, size), align_corners=False)
+    return F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
 # Where the peer repositories keep audio and frames, relative to the data root ({split} = train/test).
 AUDIO_DIRS = ["audio/{split}_fbank", "{split}_fbank", "audio/{split}_spec", "{split}_spec", "AudioWAV",
               "audio/{split}", "{split}_wav/{split}", "{split}_wav", "audio", "wav", "."]
@@ -991,10 +1162,11 @@ class MLA(Method):
     def project_head_grad(self, hbar, alpha):
         """grad_W <- grad_W P (protect earlier steps' directions), then absorb hbar into P:
         k = P hbar, P <- P - k k^T / (alpha + hbar^T k)."""
-        g = self.head.weight.grad
-        g.copy_(g @ self.P)
-        k = self.P @ hbar
-        self.P.sub_(torch.outer(k, k) / (alpha + hbar @ k))
+        with torch.autocast(self.P.device.type, enabled=False):    # P stays in full precision under AMP
+            g = self.head.weight.grad
+            g.copy_(g.to(self.P.dtype) @ self.P)
+            k = self.P @ hbar
+            self.P.sub_(torch.outer(k, k) / (alpha + hbar @ k))
 
     def train_step(self, xs, y, idx, optimizer, progress):
         alpha = self.hgm_alpha
@@ -1058,14 +1230,19 @@ def to_device(batch, device):
 
 
 @torch.no_grad()
-def evaluate(method, loader, device):
+def evaluate(method, loader, device, amp=False):
     """Accuracy in percent of every modality alone and of the fused prediction."""
     method.eval()
     correct = torch.zeros(len(method.modalities) + 1, dtype=torch.long)
     n = 0
+    tf = getattr(loader.dataset, "device_transform", None)
     for batch in loader:
         xs, y, _ = to_device(batch, device)
-        fused, unis = method.predict(xs)
+        if tf is not None:
+            xs = tf(xs, train=False)
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=amp):
+            fused, unis = method.predict(xs)
+        fused, unis = fused.float(), [u.float() for u in unis]
         for m, u in enumerate(unis):
             correct[m] += (u.argmax(1) == y).sum().item()
         correct[-1] += (fused.argmax(1) == y).sum().item()
@@ -1074,14 +1251,20 @@ def evaluate(method, loader, device):
     return {name: round(a, 4) for name, a in zip(method.modalities + ["multi"], acc)}
 
 
-def train_one_epoch(method, loader, optimizer, epoch, device, desc=""):
+def train_one_epoch(method, loader, optimizer, epoch, device, desc="", amp=False):
+    """One pass over the loader; with amp, forward passes run under bf16 autocast (no loss scaling
+    is needed for bf16)."""
     from tqdm import tqdm
     method.train()
     total, steps = 0.0, len(loader)
     bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=not sys.stderr.isatty())
+    tf = getattr(loader.dataset, "device_transform", None)     # batch augmentation on the device
     for step, batch in enumerate(bar):
         xs, y, idx = to_device(batch, device)
-        loss = method.train_step(xs, y, idx, optimizer, {"epoch": epoch, "step": step, "steps": steps})
+        if tf is not None:
+            xs = tf(xs, train=True)
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=amp):
+            loss = method.train_step(xs, y, idx, optimizer, {"epoch": epoch, "step": step, "steps": steps})
         if not math.isfinite(loss):
             raise FloatingPointError(f"non-finite loss {loss} at epoch {epoch}, step {step}")
         total += loss
@@ -1152,15 +1335,16 @@ def fit(method, optimizer, scheduler, loaders, args, out, script, device):
         print("NOTE: selecting the epoch on the TEST set (--select_on test, the official protocol); "
               "the reported test accuracy is optimistic.")
     log, best_epoch, best_score = [], None, -1.0
+    amp = bool(getattr(args, "amp", False))
     for epoch in range(args.epochs):
         t0 = time.time()
         loss = train_one_epoch(method, loaders["train"], optimizer, epoch, device,
-                               desc=f"epoch {epoch + 1}/{args.epochs}")
+                               desc=f"epoch {epoch + 1}/{args.epochs}", amp=amp)
         scheduler.step()
         entry = {"epoch": epoch, "train_loss": round(loss, 6),
-                 "val": evaluate(method, loaders["val"], device) if loaders.get("val") else None}
+                 "val": evaluate(method, loaders["val"], device, amp) if loaders.get("val") else None}
         if args.select_on == "test":
-            entry["test"] = evaluate(method, loaders["test"], device)
+            entry["test"] = evaluate(method, loaders["test"], device, amp)
         log.append(entry)
         shown = entry.get("test") if args.select_on == "test" else entry["val"]
         print(f"epoch {epoch + 1:3d}/{args.epochs}  loss {loss:.4f}  "
@@ -1175,7 +1359,7 @@ def fit(method, optimizer, scheduler, loaders, args, out, script, device):
                               out / "best.pt")
     state = torch.load(out / "best.pt", map_location=device, weights_only=False)
     method.load_state_dict(state["state_dict"])
-    test = evaluate(method, loaders["test"], device)
+    test = evaluate(method, loaders["test"], device, amp)
     record = {"script": script, "dataset": args.dataset, "method": args.method, "seed": args.seed,
               "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
               "modalities": method.modalities, "epochs": log, "select_on": args.select_on,

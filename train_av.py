@@ -66,6 +66,10 @@ def get_args(argv=None):
     a("--split_seed", type=int, default=0, help="seed of the train/test split of the raw CREMA-D download")
     a("--actor_split", action="store_true", help="raw CREMA-D: actor-disjoint train/test split")
     a("--skip_bad", action="store_true", help="skip clips with missing files (and print how many)")
+    a("--cache_dir", default=None, help="where the preprocessed splits are cached (default <data_root>/.mla_cache, "
+                                        "or ~/.cache/mla when the data root is read-only)")
+    a("--no_cache", action="store_true", help="decode every JPEG and compute every fbank each epoch instead "
+                                             "(the toy set, generated afresh each run, is never cached)")
     # protocol
     a("--select_on", default="val", choices=["val", "test", "last"],
       help="epoch selection: validation split (default), test set (official protocol) or last epoch")
@@ -73,6 +77,8 @@ def get_args(argv=None):
     a("--out_dir", default="runs")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a("--num_workers", type=int, default=None, help="data loader workers; paper 8; toy 0")
+    a("--amp", action=argparse.BooleanOptionalAction, default=None,
+      help="bf16 autocast and channels_last ResNets on CUDA (default: on with CUDA; CPU runs never use it)")
     # toy data set
     a("--toy_train", type=int, default=600, help="toy: training clips (before the validation split)")
     a("--toy_test", type=int, default=240, help="toy: test clips")
@@ -90,6 +96,10 @@ def get_args(argv=None):
     for k, v in DEFAULTS["toy" if args.dataset == "toy" else "paper"].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    if args.amp is None:
+        args.amp = args.device.startswith("cuda")
+    if args.amp and not args.device.startswith("cuda"):
+        p.error("--amp needs a CUDA device (bf16 autocast of the ResNets is unreliable on the CPU)")
     return args
 
 
@@ -134,12 +144,18 @@ def run(args):
           f"val {len(val_clips or [])}, test {len(data['test'])}")
     sizes = dict(image_size=args.image_size, frames=args.frames, audio_len=args.audio_len,
                  num_mel_bins=args.num_mel_bins)
+    if args.no_cache or tmp is not None:
+        dataset = lambda clips, train: C.AVDataset(clips, train, **sizes)
+    else:
+        cache_dir = Path(args.cache_dir) if args.cache_dir else C.default_cache_dir(root)
+        dataset = lambda clips, train: C.CachedAVDataset(
+            clips, train, **sizes, cache_dir=cache_dir, num_workers=args.num_workers,
+            augment_on="device" if device.type == "cuda" else "workers")
     loaders = {
-        "train": C.make_loader(C.AVDataset(train_clips, True, **sizes), args.batch_size, True, args.seed,
-                               args.num_workers, device),
-        "val": val_clips and C.make_loader(C.AVDataset(val_clips, False, **sizes), args.batch_size, False,
-                                           args.seed, args.num_workers, device),
-        "test": C.make_loader(C.AVDataset(data["test"], False, **sizes), args.batch_size, False, args.seed,
+        "train": C.make_loader(dataset(train_clips, True), args.batch_size, True, args.seed, args.num_workers, device),
+        "val": val_clips and C.make_loader(dataset(val_clips, False), args.batch_size, False, args.seed,
+                                           args.num_workers, device),
+        "test": C.make_loader(dataset(data["test"], False), args.batch_size, False, args.seed,
                               args.num_workers, device),
     }
 
@@ -148,7 +164,7 @@ def run(args):
     encoders = [C.AudioResNet(), C.VideoResNet()]
     method = C.build_method(args.method, encoders, len(classes), modalities, args, len(train_clips))
     method.apply(C.init_weights)
-    method.to(device)
+    method.to(device, memory_format=torch.channels_last if args.amp else torch.contiguous_format)
     optimizer = torch.optim.SGD(method.parameters(), lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_decay_step, args.lr_decay_ratio)

@@ -1,5 +1,6 @@
 """train_av.py through its own entry point: every method, the record, determinism, selection, errors."""
 import json
+import math
 import subprocess
 import sys
 
@@ -103,3 +104,25 @@ def test_killed_sweep_reruns_only_missing_runs(toy_root, tmp_path):
     after = {p: p.read_bytes() for p in tmp_path.rglob("record.json")}
     assert len(after) == 3
     assert all(after[p] == b for p, b in done.items())       # finished runs were not run again
+
+
+def test_amp_is_the_cuda_default_and_refused_on_cpu():
+    assert train_av.get_args(["--device", "cpu"]).amp is False
+    assert train_av.get_args(["--device", "cuda"]).amp is True
+    assert train_av.get_args(["--device", "cuda", "--no-amp"]).amp is False
+    with pytest.raises(SystemExit):
+        train_av.get_args(["--device", "cpu", "--amp"])
+
+
+def test_autocast_keeps_P_in_full_precision(tiny_encoders):
+    """The AMP plumbing of train_one_epoch/evaluate (bf16 autocast), on the CPU's autocast."""
+    torch.manual_seed(0)
+    m = C.MLA(tiny_encoders(5, 7, dim=16), 4, ["audio", "video"])
+    data = torch.utils.data.TensorDataset(torch.randn(32, 5), torch.randn(32, 7), torch.randint(0, 4, (32,)),
+                                          torch.arange(32))
+    loader = torch.utils.data.DataLoader(data, batch_size=8)
+    opt = torch.optim.SGD(m.parameters(), lr=0.05)
+    loss = C.train_one_epoch(m, loader, opt, 0, "cpu", amp=True)
+    assert math.isfinite(loss)
+    assert m.P.dtype == torch.float32 and torch.equal(m.P, m.P.T) and torch.isfinite(m.P).all()
+    assert set(C.evaluate(m, loader, "cpu", amp=True)) == {"audio", "video", "multi"}

@@ -1,0 +1,91 @@
+"""The preprocessed, memory-mapped A-V cache and the batched augmentation."""
+import os
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+import common as C
+import train_av
+from conftest import TINY
+from test_data import crema_rows, ogm_layout
+
+SIZES = dict(image_size=8, frames=3, audio_len=40, num_mel_bins=16)
+
+
+@pytest.fixture
+def clips(tmp_path):
+    (tmp_path / "data").mkdir()
+    root = ogm_layout(tmp_path / "data", crema_rows(6), crema_rows(2, 10))
+    return C.load_av_splits("cremad", root)
+
+
+def test_cache_built_once_reused_and_rebuilt_on_change(clips, tmp_path, monkeypatch):
+    builds = []
+    real = C.CachedAVDataset.build
+    monkeypatch.setattr(C.CachedAVDataset, "build", lambda self, *a: (builds.append(self.folder), real(self, *a)))
+    cache = tmp_path / "cache"
+    a = C.CachedAVDataset(clips["train"], True, **SIZES, cache_dir=cache)
+    b = C.CachedAVDataset(clips["train"], True, **SIZES, cache_dir=cache)
+    assert len(builds) == 1 and a.folder == b.folder
+    assert a.fbank.dtype == np.float16 and a.fbank.shape == (6, 40, 16)
+    assert a.frames.dtype == np.uint8 and a.frames.shape == (6, 3, 3, 8, 8)      # 12x12 frames: short side 8
+    C.CachedAVDataset(clips["train"], True, **{**SIZES, "audio_len": 50}, cache_dir=cache)     # a flag changed
+    assert len(builds) == 2 and builds[1] != builds[0]
+    wav = clips["train"][2].audio                                                   # a file changed
+    os.utime(wav, ns=(os.stat(wav).st_atime_ns, os.stat(wav).st_mtime_ns + 10**9))
+    C.CachedAVDataset(clips["train"], True, **SIZES, cache_dir=cache)
+    assert len(builds) == 3 and builds[2] not in builds[:2]
+    assert not [p for p in cache.iterdir() if ".building." in p.name]
+
+
+def test_cached_and_uncached_give_the_same_test_tensors(clips, tmp_path):
+    plain = C.AVDataset(clips["test"], False, **SIZES)
+    cached = C.CachedAVDataset(clips["test"], False, **SIZES, cache_dir=tmp_path / "cache")
+    for i in range(len(plain)):
+        a0, v0, y0, _ = plain[i]
+        a1, v1, y1, _ = cached[i]
+        a1, v1 = cached.device_transform([a1[None], v1[None]], train=False)
+        assert y0 == y1
+        assert torch.allclose(v1[0], v0, atol=1e-5)                  # same pixels, same normalisation
+        assert torch.allclose(a1[0], a0, rtol=1e-3, atol=1e-2)      # fbank stored as float16
+
+
+def test_two_runs_building_at_once(clips, tmp_path):
+    cache, out, errors = tmp_path / "cache", [], []
+
+    def build():
+        try:
+            out.append(C.CachedAVDataset(clips["train"], True, **SIZES, cache_dir=cache))
+        except Exception as e:          # noqa: BLE001 - the test reports it
+            errors.append(e)
+
+    threads = [threading.Thread(target=build) for _ in range(2)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert not errors and len(out) == 2
+    assert [p.name for p in cache.iterdir()] == [out[0].folder.name]
+    assert np.array_equal(out[0].frames[:], out[1].frames[:])
+
+
+def test_random_resized_crop_flip_batch():
+    torch.manual_seed(0)
+    img = torch.randint(0, 256, (64, 3, 12, 16), dtype=torch.uint8)
+    out = C.random_resized_crop_flip(img, 10)
+    assert out.shape == (64, 3, 10, 10) and out.dtype == torch.float32
+    assert out.min() >= 0 and out.max() <= 255
+    # a crop of the whole image at its own size is the image itself, or its mirror
+    whole = C.random_resized_crop_flip(img[:, :, :, :12], 12, scale=(1.0, 1.0), ratio=(1.0, 1.0))
+    for o, i in zip(whole, img[:, :, :, :12].float()):
+        assert torch.allclose(o, i, atol=1e-3) or torch.allclose(o, i.flip(-1), atol=1e-3)
+    flips = sum(not torch.allclose(o, i, atol=1e-3) for o, i in zip(whole, img[:, :, :, :12].float()))
+    assert 15 < flips < 49                                            # about half are mirrored
+
+
+def test_train_av_uses_the_cache(toy_root, tmp_path):
+    [rec] = train_av.main(["--dataset", "toy", "--data_root", str(toy_root), "--out_dir", str(tmp_path / "runs"),
+                           "--cache_dir", str(tmp_path / "cache"), "--method", "concat", *TINY])
+    names = sorted(p.name.split("-")[0] for p in (tmp_path / "cache").iterdir())
+    assert names == ["eval", "eval", "train"]                         # val and test, train
+    assert rec["args"]["cache_dir"] == str(tmp_path / "cache") and 0 <= rec["test"]["multi"] <= 100

@@ -1167,7 +1167,7 @@ def load_features_npz(path):
     """features.npz -> dict(classes, modalities, layout, train=(xs, y), val=(xs, y) or None, test=(xs, y));
     xs is a list of float32 (n, d) arrays in the order of FEATURE_MODALITIES, y int64 labels."""
     path = Path(path)
-    if path.is_dir():
+    if path.suffix != ".npz":                    # a folder holding features.npz
         path = path / "features.npz"
     if not path.is_file():
         raise DataError(f"{path}: file not found\n{FEATURE_LAYOUT_HELP}")
@@ -1314,17 +1314,17 @@ class FeatureDataset(torch.utils.data.Dataset):
 
 
 def make_toy_features(path, seed=0, n_train=1000, n_val=200, n_test=400, dims=(32, 48, 64), num_classes=4,
-                      latent=8, gains=(0.8, 0.45, 1.0), noise=1.0):
+                      latent=8, gains=(0.8, 0.3, 1.0), separation=0.8, noise=0.5):
     """Write a small three-view features.npz from `seed` (the Table 6 toy set).
 
     A sample's latent u = class centre + N(0, I) in `latent` dimensions is shared by the views (so a
     missing view can be imagined from the others); each view sees part of u (audio the first 5/8 of
-    the dimensions, visual the last 5/8, text all of them), scaled by its gain (audio 0.8, visual 0.45,
+    the dimensions, visual the last 5/8, text all of them), scaled by its gain (audio 0.8, visual 0.3,
     text 1.0: text is the best view, visual the worst), through a random tanh layer, plus its own
     noise and a private nuisance factor. No view alone is as good as the fusion of all three."""
     rng = np.random.RandomState(seed)
     n = n_train + n_val + n_test
-    centres = rng.randn(num_classes, latent) * 1.2
+    centres = rng.randn(num_classes, latent) * separation
     y = rng.permutation(np.arange(n) % num_classes)
     u = centres[y] + rng.randn(n, latent)
     k = max(1, round(latent * 5 / 8))
@@ -1334,7 +1334,7 @@ def make_toy_features(path, seed=0, n_train=1000, n_val=200, n_test=400, dims=(3
         seen = gain * u[:, part]
         nuisance = rng.randn(n, 2)
         proj = rng.randn(seen.shape[1] + 2, d) / np.sqrt(seen.shape[1] + 2)
-        x = np.tanh(np.concatenate([seen, nuisance], 1) @ proj) + noise * 0.5 * rng.randn(n, d)
+        x = np.tanh(np.concatenate([seen, nuisance], 1) @ proj) + noise * rng.randn(n, d)
         arrays[name] = x.astype(np.float32)
     arrays["label"] = y.astype(np.int64)
     arrays["split"] = np.array(["train"] * n_train + ["val"] * n_val + ["test"] * n_test)
@@ -1789,13 +1789,14 @@ class CPMNet(MissingMethod):
     loss = max_c (1[c != y] + s_c(h) - s_y(h)). Each step first refines the batch's codes with the
     networks fixed (code_steps Adam steps on reconstruction + classification), stores them, then takes
     one optimizer step of the networks. A test sample's code is inferred the same way from its present
-    views by reconstruction alone, with the networks fixed; its class is argmax_c s_c(h)."""
+    views by reconstruction alone (from the mean training code), with the networks fixed; its class is
+    argmax_c s_c(h)."""
 
     def __init__(self, encoders, num_classes, modalities, num_train, dim=128, layers=3, lam=1.0, code_lr=0.05,
                  code_steps=20):
         super().__init__(encoders, num_classes, modalities)
         self.decoders = nn.ModuleList(mlp_decoder(dim, d, layers) for d in self.dims)
-        self.register_buffer("codes", torch.zeros(num_train, dim))
+        self.register_buffer("codes", 0.1 * torch.randn(num_train, dim))      # h = 0 is a dead point of ReLU
         self.register_buffer("labels", torch.full((num_train,), -1, dtype=torch.long))
         self.lam, self.code_lr, self.code_steps = lam, code_lr, code_steps
 
@@ -1835,7 +1836,8 @@ class CPMNet(MissingMethod):
         return loss.item()
 
     def infer_codes(self, xs, mask):
-        return self.refine_codes(xs[0].new_zeros(len(xs[0]), self.codes.shape[1]), xs, mask)
+        """Codes of new samples, from the mean training code."""
+        return self.refine_codes(self.codes.mean(0).expand(len(xs[0]), -1), xs, mask)
 
     def classify(self, xs, mask):
         return self.scores(self.infer_codes(xs, mask))

@@ -1424,7 +1424,7 @@ def multiset_cca(xs, mask, k, reg=1e-3):
         for j in range(len(xs)):
             n_ij = (mask[:, i] & mask[:, j]).sum().item()
             c = xc[i].T @ xc[j] / max(n_ij - 1, 1)
-            row.append(c + reg * torch.eye(len(c), dtype=c.dtype) if i == j else c)
+            row.append(c + reg * torch.eye(len(c), dtype=c.dtype, device=c.device) if i == j else c)
         blocks.append(row)
     A = torch.cat([torch.cat(row, 1) for row in blocks], 0)
     L = torch.linalg.cholesky(torch.block_diag(*[blocks[i][i] for i in range(len(xs))]))
@@ -1432,8 +1432,7 @@ def multiset_cca(xs, mask, k, reg=1e-3):
     evals, evecs = torch.linalg.eigh((S + S.T) / 2)
     top = torch.argsort(evals, descending=True)[:k]
     W = torch.linalg.solve_triangular(L.T, evecs[:, top], upper=True)
-    Ws = split_views(W.T, [x.shape[1] for x in xs])
-    Ws = [w.T for w in Ws]
+    Ws = torch.split(W, [x.shape[1] for x in xs], dim=0)
     Ws = [w / torch.sqrt(torch.diag(w.T @ blocks[m][m] @ w)).clamp_min(1e-12) for m, w in enumerate(Ws)]
     return [w.float() for w in Ws], [mu.float() for mu in mus], evals[top]
 
@@ -1753,7 +1752,7 @@ class IFMMIN(MMIN):
     No backward (cycle) AE, as in the paper."""
 
     def __init__(self, encoders, num_classes, modalities, widths=(128, 64, 32), blocks=3, recon_weight=1.0,
-                 hide_prob=0.5, cmd_weight=1.0, cmd_order=5):
+                 hide_prob=0.5, cmd_weight=0.1, cmd_order=5):
         hidden = encoders[0].dim
         super().__init__(encoders, num_classes, modalities, widths, blocks, recon_weight, hide_prob,
                          cycle=False, cond_dim=hidden)
@@ -1919,7 +1918,6 @@ def build_missing_method(name, encoders, num_classes, modalities, args, num_trai
         return TATE(encoders, num_classes, modalities, heads=args.tate_heads, layers=args.tate_layers,
                     recon_weight=rw, hide_prob=hp)
     raise ValueError(f"unknown method {name!r}; expected one of {MISSING_METHODS}")
-
 
 
 # ==================================================================================================

@@ -73,7 +73,7 @@ def get_args(argv=None):
     a("--ae_widths", type=lambda s: [int(v) for v in s.split(",")], default=[128, 64, 32],
       help="cra/mmin/if_mmin: widths of each residual AE's encoder (comma list)")
     a("--ae_blocks", type=int, default=3, help="cra/mmin/if_mmin: residual AEs in the cascade")
-    a("--cmd_weight", type=float, default=1.0, help="if_mmin: weight of the central moment discrepancy")
+    a("--cmd_weight", type=float, default=0.1, help="if_mmin: weight of the central moment discrepancy")
     a("--cmd_order", type=int, default=5, help="if_mmin: highest central moment in the CMD")
     a("--cpm_lambda", type=float, default=1.0, help="cpm_net: weight of the classification loss on the codes")
     a("--code_lr", type=float, default=0.05, help="cpm_net: Adam step size of the latent codes")

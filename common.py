@@ -1581,42 +1581,48 @@ class CCA(MissingMethod):
 
 
 class DCCA(MissingMethod):
-    """Deep CCA (Andrew et al. 2013): per-view MLP encoders trained to maximise the total canonical
-    correlation of their outputs (summed over the pairs of views, each pair on the rows where both are
-    present). After every epoch a linear CCA of the outputs on the training set gives aligned
-    projections, and a linear classifier is fitted on the mean of each sample's present projections."""
+    """Deep CCA (Andrew et al. 2013): per view an MLP encoder and a linear output layer of `dim` units,
+    trained to maximise the total canonical correlation of the outputs (summed over the pairs of views,
+    each pair on the rows of the batch where both are present, and only when those rows outnumber the
+    outputs, so that the covariances are not singular). After every epoch a linear CCA of the outputs
+    on the training set gives aligned projections, and a linear classifier is fitted on the mean of each
+    sample's present projections."""
 
-    def __init__(self, encoders, num_classes, modalities, dim=32, reg=1e-3):
+    def __init__(self, encoders, num_classes, modalities, dim=10, reg=1e-3):
         super().__init__(encoders, num_classes, modalities)
         self.encoders = nn.ModuleList(encoders)
-        self.k, self.reg = min(dim, encoders[0].dim), reg
+        self.outputs = nn.ModuleList(nn.Linear(e.dim, dim) for e in encoders)
+        self.k, self.reg = dim, reg
         for m in range(len(encoders)):
-            self.register_buffer(f"W{m}", torch.eye(encoders[0].dim, self.k))
-            self.register_buffer(f"mu{m}", torch.zeros(encoders[0].dim))
-        self.classifier = nn.Linear(self.k, num_classes)
+            self.register_buffer(f"W{m}", torch.eye(dim))
+            self.register_buffer(f"mu{m}", torch.zeros(dim))
+        self.classifier = nn.Linear(dim, num_classes)
+
+    def features(self, xs):
+        return [g(f(x)) for f, g, x in zip(self.encoders, self.outputs, xs)]
 
     def correlation_loss(self, hs, mask):
-        loss = 0.0
+        loss = sum(h.sum() * 0 for h in hs)      # stays a graph when no pair of views has enough rows
         for i in range(len(hs)):
             for j in range(i + 1, len(hs)):
                 both = mask[:, i] & mask[:, j]
-                if both.sum() > 2:
-                    loss = loss - cca_correlation(hs[i][both], hs[j][both], self.k, self.reg)
+                if both.sum() > hs[i].shape[1]:
+                    corr = cca_correlation(hs[i][both].double(), hs[j][both].double(), self.k, self.reg)
+                    loss = loss - corr.to(hs[i].dtype)
         return loss
 
     def loss(self, xs, y, idx, mask):
-        hs = [f(x) for f, x in zip(self.encoders, xs)]
-        return self.correlation_loss(hs, mask)
+        return self.correlation_loss(self.features(xs), mask)
 
     def classify(self, xs, mask):
-        return self.classifier(mean_projection(self, [f(x) for f, x in zip(self.encoders, xs)], mask))
+        return self.classifier(mean_projection(self, self.features(xs), mask))
 
     @torch.no_grad()
     def epoch_end(self, loader, device):
         was_training = self.training
         self.eval()
         xs, mask, y = collect(loader, device)
-        hs = [f(x) for f, x in zip(self.encoders, xs)]
+        hs = self.features(xs)
         Ws, mus, _ = multiset_cca(hs, mask, self.k, self.reg)
         store_projection(self, Ws, mus)
         fit_softmax_classifier(self.classifier, mean_projection(self, hs, mask), y)
@@ -1624,16 +1630,17 @@ class DCCA(MissingMethod):
 
 
 class DCCAE(DCCA):
-    """DCCA plus per-view decoders and a reconstruction loss of the present views (Wang et al. 2015):
-    loss = -total correlation + recon_weight * reconstruction error."""
+    """DCCA plus per-view decoders from the outputs back to the present views and their reconstruction
+    loss (Wang et al. 2015): loss = -total correlation + recon_weight * reconstruction error."""
 
-    def __init__(self, encoders, num_classes, modalities, dim=32, reg=1e-3, recon_weight=1.0, layers=3):
+    def __init__(self, encoders, num_classes, modalities, dim=10, reg=1e-3, recon_weight=1.0, layers=3):
         super().__init__(encoders, num_classes, modalities, dim, reg)
-        self.decoders = nn.ModuleList(mlp_decoder(e.dim, e.d_in, layers) for e in encoders)
+        self.decoders = nn.ModuleList(nn.Sequential(mlp([dim, e.dim]), mlp_decoder(e.dim, e.d_in, layers))
+                                      for e in encoders)
         self.recon_weight = recon_weight
 
     def loss(self, xs, y, idx, mask):
-        hs = [f(x) for f, x in zip(self.encoders, xs)]
+        hs = self.features(xs)
         recon = view_mse([g(h) for g, h in zip(self.decoders, hs)], xs, mask)
         return self.correlation_loss(hs, mask) + self.recon_weight * recon
 
@@ -1898,9 +1905,9 @@ def build_missing_method(name, encoders, num_classes, modalities, args, num_trai
     if name == "cca":
         return CCA(encoders, num_classes, modalities, dim=args.cca_dim, reg=args.cca_reg)
     if name == "dcca":
-        return DCCA(encoders, num_classes, modalities, dim=args.cca_dim, reg=args.cca_reg)
+        return DCCA(encoders, num_classes, modalities, dim=args.dcca_dim, reg=args.cca_reg)
     if name == "dccae":
-        return DCCAE(encoders, num_classes, modalities, dim=args.cca_dim, reg=args.cca_reg, recon_weight=rw,
+        return DCCAE(encoders, num_classes, modalities, dim=args.dcca_dim, reg=args.cca_reg, recon_weight=rw,
                      layers=layers)
     if name == "ae":
         return AE(encoders, num_classes, modalities, dim=dim, layers=layers, recon_weight=rw, hide_prob=hp)

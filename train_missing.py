@@ -64,7 +64,8 @@ def get_args(argv=None):
                                            "code effectively runs)")
     a("--hgm_alpha", type=float, default=None, help="HGM alpha; default: 0.1 ** (1 + i/n) for batch i of n")
     # Table-6-only methods
-    a("--cca_dim", type=int, default=32, help="cca/dcca/dccae: canonical components kept")
+    a("--cca_dim", type=int, default=32, help="cca: canonical components kept")
+    a("--dcca_dim", type=int, default=10, help="dcca/dccae: output units per view (= canonical correlations)")
     a("--cca_reg", type=float, default=1e-3, help="cca/dcca/dccae: ridge added to the covariances")
     a("--recon_weight", type=float, default=1.0, help="dccae/ae/cra/mmin/if_mmin/tate: weight of the "
                                                       "reconstruction (imagination) loss")

@@ -16,7 +16,7 @@ from conftest import ROOT
 
 MODS = ["audio", "visual", "text"]
 TINY = ["--toy_train", "64", "--toy_val", "32", "--toy_test", "32", "--toy_dims", "6,7,8", "--hidden", "16",
-        "--epochs", "1", "--batch_size", "32", "--code_steps", "2", "--cca_dim", "4", "--ae_widths", "16,8",
+        "--epochs", "1", "--batch_size", "32", "--code_steps", "2", "--cca_dim", "4", "--dcca_dim", "3", "--ae_widths", "16,8",
         "--ae_blocks", "2", "--tate_heads", "2", "--tate_layers", "1"]
 
 
@@ -201,7 +201,7 @@ def toy_features(tmp_path_factory):
 
 def build(name, encoders, num_train=800):
     args = types.SimpleNamespace(layers=2, recon_weight=1.0, hide_prob=0.5, ae_widths=[32, 16], ae_blocks=2,
-                                 cca_dim=4, cca_reg=1e-3, cmd_weight=1.0, cmd_order=3, cpm_lambda=1.0,
+                                 cca_dim=4, dcca_dim=3, cca_reg=1e-3, cmd_weight=1.0, cmd_order=3, cpm_lambda=1.0,
                                  code_lr=0.05, code_steps=5, tate_heads=2, tate_layers=1)
     return C.build_method(name, encoders, 4, MODS, args, num_train)
 

@@ -1521,6 +1521,8 @@ class MissingMethod(nn.Module):
     predict() also gives each view's unimodal logits: the prediction from that view alone, on the
     samples where it is present (zeros elsewhere; evaluate() counts only those samples)."""
 
+    grad_clip = None                           # a maximum gradient norm, for the methods that need one
+
     def __init__(self, encoders, num_classes, modalities):
         super().__init__()
         self.modalities, self.num_classes = list(modalities), num_classes
@@ -1536,6 +1538,8 @@ class MissingMethod(nn.Module):
         loss = self.loss(xs, y, idx, full_mask(xs) if mask is None else mask)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if self.grad_clip:
+            nn.utils.clip_grad_norm_(self.parameters(), self.grad_clip)
         optimizer.step()
         return loss.item()
 
@@ -1583,10 +1587,12 @@ class CCA(MissingMethod):
 class DCCA(MissingMethod):
     """Deep CCA (Andrew et al. 2013): per view an MLP encoder and a linear output layer of `dim` units,
     trained to maximise the total canonical correlation of the outputs (summed over the pairs of views,
-    each pair on the rows of the batch where both are present, and only when those rows outnumber the
-    outputs, so that the covariances are not singular). After every epoch a linear CCA of the outputs
-    on the training set gives aligned projections, and a linear classifier is fitted on the mean of each
-    sample's present projections."""
+    each pair on the rows of the batch where both are present, and only when there are at least twice
+    as many rows as outputs: fewer make the covariances near-singular). The correlation's gradients
+    through near-singular covariances can be large, so the gradient norm is clipped at 5. After every
+    epoch a linear CCA of the outputs on the training set gives aligned projections, and a linear
+    classifier is fitted on the mean of each sample's present projections."""
+    grad_clip = 5.0
 
     def __init__(self, encoders, num_classes, modalities, dim=10, reg=1e-3):
         super().__init__(encoders, num_classes, modalities)
@@ -1606,7 +1612,7 @@ class DCCA(MissingMethod):
         for i in range(len(hs)):
             for j in range(i + 1, len(hs)):
                 both = mask[:, i] & mask[:, j]
-                if both.sum() > hs[i].shape[1]:
+                if both.sum() >= 2 * hs[i].shape[1]:
                     corr = cca_correlation(hs[i][both].double(), hs[j][both].double(), self.k, self.reg)
                     loss = loss - corr.to(hs[i].dtype)
         return loss

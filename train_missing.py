@@ -1,0 +1,201 @@
+"""Table 6: twelve methods on pre-extracted IEMOCAP features with a share of the views missing.
+
+    python train_missing.py                                    # MLA, 50 % missing, built-in toy features (CPU)
+    python train_missing.py --dataset features --data_root data/iemocap_features --method mla --seed 0
+    python train_missing.py --dataset mmin --data_root data/IEMOCAP_features_2021 --fold 1 --method mmin
+    python train_missing.py --method all --seeds 0,1,2 --missing_rates 0.1,0.3,0.5,0.7   # a sweep
+
+Missing views (SPEC 5): a fraction --missing_rate of the (sample, view) entries is removed, drawn from
+the seed alone (the same for every method), every sample keeping at least one view, on train, val and
+test alike. Writes <out_dir>/<dataset>/<method>/seed<k>/missing<rate>/record.json, best.pt and
+missing_mask.npz (the masks of the run).
+"""
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import common as C
+
+# Paper settings (SPEC 6) for real data; the toy set has its own small defaults.
+DEFAULTS = {
+    "paper": dict(epochs=100, batch_size=64, lr=1e-3, lr_decay_step=70, lr_decay_ratio=0.1),
+    "toy": dict(epochs=15, batch_size=64, lr=1e-2, lr_decay_step=70, lr_decay_ratio=0.1),
+}
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--dataset", default="toy", choices=["toy", "features", "mmin"],
+      help="toy: generated three-view features; features: a features.npz; mmin: the MMIN layout (needs h5py)")
+    a("--data_root", default=None, help="features.npz or its folder, or the MMIN feature root "
+                                        "(default data/<dataset>; toy: generated in a temp dir)")
+    a("--fold", type=int, default=1, help="mmin: the cross-validation fold, target/<fold>/")
+    a("--mmin_files", default=None, help="mmin: the .h5 names in A/, V/, L/ as a comma list (e.g. "
+                                         "comparE,denseface,bert_large); default: the only .h5 in each")
+    a("--missing_rate", type=float, default=0.5, help="fraction of (sample, view) entries removed")
+    a("--missing_rates", default=None, help="comma list of rates to sweep, e.g. 0.1,0.3,0.5,0.7 "
+                                            "(overrides --missing_rate)")
+    a("--method", default="mla", help=f"one of {', '.join(C.MISSING_METHODS)}; or a comma list, or 'all'")
+    a("--seed", type=int, default=0, help="seeds Python, NumPy, torch, the data order and the missing mask")
+    a("--seeds", default=None, help="comma list of seeds to sweep, e.g. 0,1,2 (overrides --seed)")
+    # optimisation (None = paper default for real data, small default for toy)
+    a("--epochs", type=int, default=None, help="paper 100; toy 15")
+    a("--batch_size", type=int, default=None, help="paper 64; toy 64")
+    a("--lr", type=float, default=None, help="SGD learning rate; paper 1e-3; toy 1e-2")
+    a("--momentum", type=float, default=0.9)
+    a("--weight_decay", type=float, default=1e-4)
+    a("--lr_decay_step", type=int, default=None, help="StepLR step in epochs; paper 70")
+    a("--lr_decay_ratio", type=float, default=None, help="StepLR factor; paper 0.1")
+    # model sizes (SPEC 4: 3 layers of 128 per modality, classifier 128 -> C)
+    a("--hidden", type=int, default=128, help="width of the per-modality MLP encoders (and codes, tokens)")
+    a("--layers", type=int, default=3, help="linear layers per MLP encoder (and decoder)")
+    # MLA
+    a("--fusion", default="dynamic", choices=["dynamic", "fixed", "dynamic_batch"],
+      help="MLA test-time fusion over the present views: per-sample entropy weights; fixed weights; or the "
+           "official code's batch-axis entropy")
+    a("--fusion_weights", type=float, nargs="+", default=None,
+      help="weights for --fusion fixed (audio 0.35, visual 0.25, text 0.4), renormalised over present views")
+    a("--no_hgm", action="store_true", help="MLA without the head-gradient projection (what the official "
+                                           "code effectively runs)")
+    a("--hgm_alpha", type=float, default=None, help="HGM alpha; default: 0.1 ** (1 + i/n) for batch i of n")
+    # Table-6-only methods
+    a("--cca_dim", type=int, default=32, help="cca: canonical components kept")
+    a("--dcca_dim", type=int, default=10, help="dcca/dccae: output units per view (= canonical correlations)")
+    a("--cca_reg", type=float, default=1e-3, help="cca/dcca/dccae: ridge added to the covariances")
+    a("--recon_weight", type=float, default=1.0, help="dccae/ae/cra/mmin/if_mmin/tate: weight of the "
+                                                      "reconstruction (imagination) loss")
+    a("--hide_prob", type=float, default=0.5, help="ae/cra/mmin/if_mmin/tate: chance that a training sample "
+                                                   "with 2+ views has one hidden, to be imputed")
+    a("--ae_widths", type=lambda s: [int(v) for v in s.split(",")], default=[128, 64, 32],
+      help="cra/mmin/if_mmin: widths of each residual AE's encoder (comma list)")
+    a("--ae_blocks", type=int, default=3, help="cra/mmin/if_mmin: residual AEs in the cascade")
+    a("--cmd_weight", type=float, default=0.1, help="if_mmin: weight of the central moment discrepancy")
+    a("--cmd_order", type=int, default=5, help="if_mmin: highest central moment in the CMD")
+    a("--cpm_lambda", type=float, default=1.0, help="cpm_net: weight of the classification loss on the codes")
+    a("--code_lr", type=float, default=0.05, help="cpm_net: Adam step size of the latent codes")
+    a("--code_steps", type=int, default=20, help="cpm_net: code refinement steps per batch and at test time")
+    a("--tate_layers", type=int, default=2, help="tate: transformer encoder layers")
+    a("--tate_heads", type=int, default=4, help="tate: attention heads")
+    # protocol
+    a("--select_on", default="val", choices=["val", "test", "last"],
+      help="epoch selection: validation split (default), test set (official protocol) or last epoch")
+    a("--val_ratio", type=float, default=0.1, help="seeded stratified share of train held out for validation "
+                                                   "when the data has no val split")
+    a("--out_dir", default="runs")
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    # toy data set
+    a("--toy_train", type=int, default=1000, help="toy: training samples")
+    a("--toy_val", type=int, default=200, help="toy: validation samples")
+    a("--toy_test", type=int, default=400, help="toy: test samples")
+    a("--toy_dims", type=lambda s: [int(v) for v in s.split(",")], default=[32, 48, 64],
+      help="toy: widths of audio, visual, text (comma list)")
+    a("--toy_seed", type=int, default=0, help="toy: seed of the generated data (fixed across --seed)")
+    args = p.parse_args(argv)
+    if args.epochs is not None and args.epochs < 1:
+        p.error("--epochs must be at least 1")
+    if not 0 <= args.val_ratio < 1:
+        p.error("--val_ratio must be in [0, 1)")
+    try:
+        C.parse_methods(args.method, C.MISSING_METHODS)
+        [int(s) for s in args.seeds.split(",")] if args.seeds else None
+        rates = parse_rates(args.missing_rates) if args.missing_rates else [args.missing_rate]
+    except ValueError as e:
+        p.error(str(e))
+    if any(not 0 <= r < 1 for r in rates):
+        p.error("missing rates must be in [0, 1)")
+    if args.mmin_files and len(args.mmin_files.split(",")) != 3:
+        p.error("--mmin_files takes three names: audio, visual, text")
+    if len(args.toy_dims) != 3:
+        p.error("--toy_dims takes three widths: audio, visual, text")
+    for k, v in DEFAULTS["toy" if args.dataset == "toy" else "paper"].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    return args
+
+
+def parse_rates(spec):
+    try:
+        return [float(r) for r in spec.split(",")]
+    except ValueError:
+        raise ValueError(f"--missing_rates {spec!r}: expected a comma list of fractions, e.g. 0.1,0.3") from None
+
+
+def run_path(args):
+    """<out_dir>/<dataset>/<method>/seed<k>/missing<rate>: where a run writes its files."""
+    return C.run_dir(args, f"missing{args.missing_rate}")
+
+
+def main(argv=None):
+    """Parse the command line and run every requested (rate, seed, method); returns their records."""
+    args = get_args(argv)
+    rates = parse_rates(args.missing_rates) if args.missing_rates else [args.missing_rate]
+    return C.sweep(args, run, C.MISSING_METHODS, record_path=lambda a: run_path(a) / "record.json",
+                   grid={"missing_rate": rates})
+
+
+def load_data(args):
+    if args.dataset == "toy":
+        with tempfile.TemporaryDirectory(prefix="mla_toy_missing_") as tmp:
+            path = Path(args.data_root or tmp) / "features.npz"
+            if not path.is_file():
+                C.make_toy_features(path, seed=args.toy_seed, n_train=args.toy_train, n_val=args.toy_val,
+                                    n_test=args.toy_test, dims=args.toy_dims)
+            return C.load_features_npz(path)
+    root = Path(args.data_root or f"data/{args.dataset}")
+    if args.dataset == "features":
+        return C.load_features_npz(root)
+    return C.load_mmin(root, args.fold, args.mmin_files.split(",") if args.mmin_files else None)
+
+
+def run(args):
+    """One training run of args.method with args.seed at args.missing_rate; returns its record."""
+    C.seed_everything(args.seed)
+    device = torch.device(args.device)
+
+    # ---- data and the missing views (drawn once per run from the seed; the same for every method)
+    data = load_data(args)
+    classes, modalities = data["classes"], data["modalities"]
+    if data["val"] is None and args.val_ratio > 0:
+        (xs, y) = data["train"]
+        keep, held = C.stratified_split(y, args.val_ratio, args.seed)
+        data["train"], data["val"] = ([x[keep] for x in xs], y[keep]), ([x[held] for x in xs], y[held])
+    masks = {s: C.missing_mask(len(data[s][1]), len(modalities), args.missing_rate, args.seed, split=k)
+             for k, s in enumerate(("train", "val", "test")) if data[s] is not None}
+    removed = {s: round(100 * (1 - m.mean()), 1) for s, m in masks.items()}
+    print(f"{args.dataset} ({data['layout']}): {len(classes)} classes, widths "
+          f"{', '.join(f'{m} {x.shape[1]}' for m, x in zip(modalities, data['train'][0]))}; "
+          + ", ".join(f"{s} {len(data[s][1])} ({removed[s]}% of views missing)" for s in masks))
+    loaders = {s: C.make_loader(C.FeatureDataset(data[s][0], masks[s], data[s][1]), args.batch_size, s == "train",
+                                args.seed, 0, device) if s in masks else None
+               for s in ("train", "val", "test")}
+    run_dir = run_path(args)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    np.savez(run_dir / "missing_mask.npz", **masks)
+
+    # ---- model, method, optimiser
+    encoders = [C.MLPEncoder(x.shape[1], args.hidden, args.layers) for x in data["train"][0]]
+    method = C.build_method(args.method, encoders, len(classes), modalities, args, len(data["train"][1]))
+    method.apply(C.init_weights)
+    method.to(device)
+    optimizer = torch.optim.SGD(method.parameters(), lr=args.lr, momentum=args.momentum,
+                                weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_decay_step, args.lr_decay_ratio)
+
+    # ---- train, select, test, record
+    record = C.fit(method, optimizer, scheduler, loaders, args, run_dir, "train_missing.py", device)
+    print(f"test ({'selected on TEST' if args.select_on == 'test' else 'epoch ' + str(record['best_epoch'] + 1)}"
+          f" by {args.select_on}, {100 * args.missing_rate:g}% missing): {C.fmt_acc(record['test'])}")
+    print(f"record: {run_dir / 'record.json'}")
+    return record
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except C.DataError as e:
+        sys.exit(f"error: {e}")

@@ -22,7 +22,7 @@ DEFAULTS = {
     "paper": dict(epochs=100, batch_size=64, lr=1e-3, lr_decay_step=70, lr_decay_ratio=0.1, image_size=256,
                   max_len=256, m3ae_dim=768, m3ae_depth=12, m3ae_heads=12, patch_size=16, vocab_size=30522,
                   num_workers=8),
-    "toy": dict(epochs=10, batch_size=32, lr=1e-2, lr_decay_step=70, lr_decay_ratio=0.1, image_size=32,
+    "toy": dict(epochs=30, batch_size=32, lr=1e-2, lr_decay_step=70, lr_decay_ratio=0.1, image_size=32,
                 max_len=12, m3ae_dim=32, m3ae_depth=2, m3ae_heads=2, patch_size=8, vocab_size=None,
                 num_workers=0),
 }
@@ -39,7 +39,7 @@ def get_args(argv=None):
     a("--seed", type=int, default=0, help="seeds Python, NumPy, torch and the data order")
     a("--seeds", default=None, help="comma list of seeds to sweep, e.g. 0,1,2 (overrides --seed)")
     # optimisation (None = paper default for real data, small default for toy)
-    a("--epochs", type=int, default=None, help="paper 100; toy 10")
+    a("--epochs", type=int, default=None, help="paper 100; toy 30")
     a("--batch_size", type=int, default=None, help="paper 64; toy 32")
     a("--lr", type=float, default=None, help="SGD learning rate; paper 1e-3; toy 1e-2")
     a("--momentum", type=float, default=0.9)
@@ -95,7 +95,7 @@ def get_args(argv=None):
     a("--num_workers", type=int, default=None, help="data loader workers; paper 8; toy 0")
     # toy data set
     a("--toy_train", type=int, default=600, help="toy: training pairs")
-    a("--toy_dev", type=int, default=60, help="toy: validation (dev) pairs")
+    a("--toy_dev", type=int, default=120, help="toy: validation (dev) pairs")
     a("--toy_test", type=int, default=240, help="toy: test pairs")
     a("--toy_seed", type=int, default=0, help="toy: seed of the generated data (fixed across --seed)")
     args = p.parse_args(argv)

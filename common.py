@@ -963,7 +963,7 @@ class ITDataset(torch.utils.data.Dataset):
 TOY_IT_CLASSES = ["apple_pie", "baklava", "caesar_salad", "greek_salad", "miso_soup", "ramen"]
 
 
-def make_toy_it(root, seed=0, n_train=600, n_dev=120, n_test=240, px=32, cue=0.85, class_blobs=4,
+def make_toy_it(root, seed=0, n_train=600, n_dev=120, n_test=240, px=32, cue=0.8, class_blobs=4,
                 clutter_blobs=4, fillers=3):
     """Write a small Food-101-like image-text set in the MMBT jsonl layout (train/dev/test.jsonl,
     images/<split>/<id>.jpg) and its tokenizer (tokenizer/vocab.txt, a BERT vocabulary of the

@@ -1228,7 +1228,8 @@ def load_m3ae_checkpoint(encoder, path):
         raise DataError(f"{path}: M3AE checkpoint not found; expected a converted PyTorch state dict") from None
     except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as e:
         raise DataError(f"{path}: not a loadable PyTorch state dict ({str(e)[:200]})") from None
-    while isinstance(sd, dict) and len(sd) <= 4 and any(isinstance(sd.get(k), dict) for k in ("state_dict", "model")):
+    while isinstance(sd, dict) and not all(torch.is_tensor(v) for v in sd.values()) and any(
+            isinstance(sd.get(k), dict) for k in ("state_dict", "model")):      # a training checkpoint
         sd = next(sd[k] for k in ("state_dict", "model") if isinstance(sd.get(k), dict))
     if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
         raise DataError(f"{path}: expected a state dict (parameter name -> tensor)")

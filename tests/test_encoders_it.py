@@ -96,7 +96,7 @@ def test_m3ae_checkpoint_round_trip_reports_missing_and_unexpected(tmp_path, cap
     broken = dict(sd)
     del broken["encoder.layer_norm.bias"]
     broken["decoder_image_output.weight"] = torch.zeros(3)
-    torch.save({"state_dict": {"module." + k: v for k, v in broken.items()}}, tmp_path / "broken.pth")
+    torch.save({"state_dict": {"module." + k: v for k, v in broken.items()}, "epoch": 3}, tmp_path / "broken.pth")
     torch.manual_seed(2)
     img = C.M3AEEncoder("image", **TINY)
     bias_before = img.encoder.layer_norm.bias.clone()

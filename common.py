@@ -4,7 +4,9 @@ Sections (search for the banner lines):
   1. Utilities ........ seeding, errors, atomic writes, code version
   2. Data: signals .... WAV reading, resampling, fbank, frame selection, transforms, splits
   3. Data: A-V sets ... CREMA-D (three layouts), Kinetics-Sounds, the toy set, loaders
+  3b. Data: I-T sets .. Food-101 and MVSA-Single (jsonl and MLA layouts), text tokens, the toy I-T set
   4. Encoders ......... torchvision ResNet-18 for audio and video, the init
+  4b. Transformers .... M3AE-shaped image/text encoders and their checkpoint loader, transformers models
   5. Methods .......... sum, concat, late_fusion, film, bigated, ogm, ogm_ge, qmf, mla
                         (late_fusion, qmf and mla also take a mask of missing views)
   5b. Missing modalities (Table 6) ... features.npz and MMIN loaders, the missing mask, the MLP
@@ -873,6 +875,323 @@ def make_loader(dataset, batch_size, train, seed=0, num_workers=0, device="cpu")
 
 
 # ==================================================================================================
+# 3b. Data: image-text sets
+# ==================================================================================================
+
+@dataclass
+class Pair:
+    id: str
+    label: int
+    image: str           # image file
+    text: str            # raw text ('' when the text comes pre-tokenised)
+    tokens: str          # '<stem>_token.npy' of pre-tokenised text, '<stem>_pm.npy' beside it ('' for raw text)
+    src: str             # "list_file:line" that named the pair, for error messages
+
+
+IT_TAGS = {"food101": "food", "mvsa": "mvsa", "toy": "toy"}      # the MLA layout's file-name tag
+
+IT_LAYOUT_HELP = """accepted layouts (<tag>: food for Food-101, mvsa for MVSA-Single):
+  MMBT/QMF jsonl: train.jsonl, dev.jsonl (the validation split), test.jsonl; one JSON object a line,
+                  {"id": ..., "label": ..., "text": ..., "img": <image path relative to the data root>}
+  MLA lists:      my_train_<tag>.txt, my_test_<tag>.txt (optional my_dev_<tag>.txt) with '<file>.jpg <label>',
+                  optional stat_<tag>.txt (class names), images in visual/{split}_imgs/<file>.jpg, text
+                  pre-tokenised as text_token/{split}_token/<stem>_token.npy + <stem>_pm.npy, or raw as
+                  text/{split}/<stem>.txt
+  Class names come from stat_<tag>.txt or classes.txt when present (sorted, as the official code does),
+  else from the sorted labels of the training split."""
+
+JSONL_EXAMPLE = '{"id": "apple_pie_0", "label": "apple_pie", "text": "...", "img": "images/train/apple_pie_0.jpg"}'
+IT_IMAGE_DIRS = ["visual/{split}_imgs", "{split}_imgs", "visual/{split}", "images/{split}", "images", "visual", "."]
+IT_TOKEN_DIRS = ["text_token/{split}_token", "{split}_token", "text_token/{split}", "text_token"]
+IT_TEXT_DIRS = ["text/{split}", "text/{split}_text", "{split}_text", "text"]
+
+
+def jsonl_rows(path):
+    """[(id, label, text, img, 'file:line')] of an MMBT/QMF jsonl file."""
+    rows = []
+    for ln, s in _nonempty(read_text_lines(path), path, JSONL_EXAMPLE):
+        src = where(path, ln)
+        try:
+            obj = json.loads(s)
+        except ValueError as e:
+            raise DataError(f"{src}: not valid JSON ({getattr(e, 'msg', e)} at column {getattr(e, 'colno', '?')}); "
+                            f"expected one object a line like {JSONL_EXAMPLE}") from None
+        if not isinstance(obj, dict) or not {"img", "label", "text"} <= set(obj):
+            got = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+            raise DataError(f"{src}: got {got}; expected an object with keys id, label, text, img")
+        label, text, img = obj["label"], obj["text"], obj["img"]
+        if isinstance(label, bool) or not isinstance(label, (str, int)):
+            raise DataError(f"{src}: label {label!r}; expected one class name")
+        if not isinstance(text, str) or not isinstance(img, str) or not img:
+            raise DataError(f"{src}: 'text' and 'img' must be strings (img a path relative to the data root)")
+        rows.append((str(obj.get("id", Path(img).stem)), str(label).strip(), text, img, src))
+    return rows
+
+
+def mla_it_rows(path):
+    """[(file, label, 'file:line')] of an MLA image-text list ('<file>.jpg <label>')."""
+    rows = []
+    for ln, s in _nonempty(read_text_lines(path), path, "apple_pie_0.jpg apple_pie"):
+        parts = s.split(None, 1)
+        if len(parts) != 2 or not parts[0].lower().endswith(IMAGE_EXTS):
+            raise DataError(f"{where(path, ln)}: '{s}'; expected '<file>.jpg <label>'")
+        rows.append((parts[0], parts[1].strip(), where(path, ln)))
+    return rows
+
+
+def it_classes(root, tag, train_labels, train_path):
+    """Class names and where they came from: stat_<tag>.txt / classes.txt (sorted), else the train labels."""
+    for name in (f"stat_{tag}.txt", "classes.txt"):
+        if (root / name).is_file():
+            return sorted(_class_file(root / name)), str(root / name)
+    return sorted(set(train_labels)), f"the labels of {train_path}"
+
+
+def _best_dir(root, templates, split, names, has):
+    """The candidate folder that holds the most of the first listed names (None if none holds any)."""
+    best, best_hits = None, 0
+    for t in templates:
+        d = root / t.format(split=split)
+        if d.is_dir():
+            hits = sum(1 for n in names[:25] if has(d, n))
+            if hits > best_hits:
+                best, best_hits = d, hits
+    return best
+
+
+def read_text_file(path, src):
+    try:
+        return " ".join(s for _, s in read_text_lines(path))
+    except DataError as e:
+        raise DataError(f"{e} (listed at {src})") from None
+
+
+def detect_it_layout(dataset, root, layout="auto"):
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: data root not found (pass --data_root)\n{IT_LAYOUT_HELP}")
+    marks = {"jsonl": "train.jsonl", "mla": f"my_train_{IT_TAGS.get(dataset, dataset)}.txt"}
+    found = [name for name, f in marks.items() if (root / f).is_file()]
+    if layout != "auto":
+        if layout not in found:
+            raise DataError(f"{root / marks[layout]}: file not found (--layout {layout})\n{IT_LAYOUT_HELP}")
+        return layout
+    if not found:
+        raise DataError(f"{root}: no known {dataset} layout found (neither {' nor '.join(marks.values())})\n"
+                        f"{IT_LAYOUT_HELP}")
+    return found[0]                 # jsonl first: it holds the raw text
+
+
+def _pair_jsonl(root, row, y):
+    pid, _, text, img, src = row
+    path = root / img
+    if not path.is_file():
+        raise DataError(f"{src}: image '{img}' not found: expected {path}")
+    return Pair(pid, y, str(path), text, "", src)
+
+
+def _mla_dirs(root, split, rows):
+    """(image folder, token folder or None, raw-text folder or None) of one MLA split."""
+    files = [r[0] for r in rows]
+    stems = [os.path.splitext(f)[0] for f in files]
+    idir = _best_dir(root, IT_IMAGE_DIRS, split, files, lambda d, f: (d / f).is_file())
+    if idir is None:
+        tried = ", ".join(str(root / t.format(split=split)) for t in IT_IMAGE_DIRS)
+        raise DataError(f"{rows[0][2]}: image '{files[0]}' not found; looked in {tried}\n{IT_LAYOUT_HELP}")
+    tdir = _best_dir(root, IT_TOKEN_DIRS, split, stems, lambda d, s: (d / f"{s}_token.npy").is_file())
+    xdir = None if tdir else _best_dir(root, IT_TEXT_DIRS, split, stems, lambda d, s: (d / f"{s}.txt").is_file())
+    if tdir is None and xdir is None:
+        raise DataError(f"{rows[0][2]}: text of '{files[0]}' not found: expected "
+                        f"{root / f'text_token/{split}_token/{stems[0]}_token.npy'} (and _pm.npy) or "
+                        f"{root / f'text/{split}/{stems[0]}.txt'}\n{IT_LAYOUT_HELP}")
+    return idir, tdir, xdir
+
+
+def _pair_mla(dirs, row, y):
+    (f, _, src), (idir, tdir, xdir) = row, dirs
+    stem = os.path.splitext(f)[0]
+    if not (idir / f).is_file():
+        raise DataError(f"{src}: image '{f}' not found: expected {idir / f}")
+    if tdir is None:
+        txt = xdir / f"{stem}.txt"
+        if not txt.is_file():
+            raise DataError(f"{src}: text of '{f}' not found: expected {txt}")
+        return Pair(stem, y, str(idir / f), read_text_file(txt, src), "", src)
+    for part in ("token", "pm"):
+        if not (tdir / f"{stem}_{part}.npy").is_file():
+            raise DataError(f"{src}: text of '{f}' not found: expected {tdir / f'{stem}_{part}.npy'}")
+    return Pair(stem, y, str(idir / f), "", str(tdir / f"{stem}_token.npy"), src)
+
+
+def load_it_splits(dataset, root, layout="auto", skip_bad=False):
+    """Detect the layout and return dict(layout, classes, train, dev (None without a dev split), test:
+    lists of Pair, skipped: count). skip_bad drops (and counts) pairs whose image or text file is missing."""
+    root = Path(root)
+    tag = IT_TAGS.get(dataset, dataset)
+    layout = detect_it_layout(dataset, root, layout)
+    lists = {}
+    for split in ("train", "dev", "test"):
+        path = root / (f"{split}.jsonl" if layout == "jsonl" else f"my_{split}_{tag}.txt")
+        if split == "dev" and not path.is_file():
+            continue
+        lists[split] = (path, jsonl_rows(path) if layout == "jsonl" else mla_it_rows(path))
+    classes, class_src = it_classes(root, tag, [r[1] for r in lists["train"][1]], lists["train"][0])
+    out = {"layout": layout, "classes": classes, "dev": None, "skipped": 0}
+    for split, (path, rows) in lists.items():
+        dirs = _mla_dirs(root, split, rows) if layout == "mla" else None
+        pairs = []
+        for row in rows:
+            y = _label_index(row[1], classes, row[-1], class_src)
+            try:
+                pairs.append(_pair_jsonl(root, row, y) if layout == "jsonl" else _pair_mla(dirs, row, y))
+            except DataError:
+                if not skip_bad:
+                    raise
+                out["skipped"] += 1
+        if not pairs:
+            raise DataError(f"{path}: no usable pairs in the {split} split")
+        out[split] = pairs
+    return out
+
+
+def load_tokenizer(name_or_path):
+    """A transformers tokenizer: a folder holding only a BERT vocab.txt (read as BERT uncased), a saved
+    tokenizer folder, or a hub name (needs internet or the local HF cache)."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")      # data-loader workers fork after use
+    from transformers import AutoTokenizer, BertTokenizer
+    p = Path(name_or_path)
+    try:
+        if p.is_dir() and (p / "vocab.txt").is_file() and not any(
+                (p / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+            return BertTokenizer.from_pretrained(str(p), do_lower_case=True)
+        return AutoTokenizer.from_pretrained(str(name_or_path))
+    except (OSError, ValueError) as e:
+        raise DataError(f"{name_or_path}: cannot load a tokenizer ({type(e).__name__}: {str(e)[:200]}); pass "
+                        "--tokenizer with a local folder holding a BERT uncased vocab.txt or a saved transformers "
+                        "tokenizer (a hub name needs internet or the Hugging Face cache)") from None
+
+
+def fit_length(ids, pad, length, pad_id=0):
+    """Cut or pad token ids and padding mask (1 = padding) to `length`."""
+    ids, pad = ids[:length], pad[:length]
+    n = length - len(ids)
+    if n > 0:
+        ids = np.concatenate([ids, np.full(n, pad_id, ids.dtype)])
+        pad = np.concatenate([pad, np.ones(n, pad.dtype)])
+    return ids, pad
+
+
+class ITDataset(torch.utils.data.Dataset):
+    """Returns (image [3, S, S], text [2, max_len], label, index); text row 0 holds the token ids, row 1
+    the padding mask (1 on padding = 1 - attention mask, as in the MLA token files). Raw text is
+    tokenised with `tokenizer` (special tokens only if `special_tokens`: M3AE adds its own CLS);
+    pre-tokenised files are used as they are, cut or padded to max_len."""
+
+    def __init__(self, pairs, train, image_size=256, max_len=256, tokenizer=None, special_tokens=False,
+                 vocab_size=None):
+        self.pairs, self.train, self.max_len = list(pairs), train, max_len
+        self.tokenizer, self.special_tokens, self.vocab_size = tokenizer, special_tokens, vocab_size
+        self.transform = frame_transform(image_size, train)
+        if tokenizer is None and any(not p.tokens for p in self.pairs):
+            raise ValueError("raw text needs a tokenizer")
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def load_tokens(self, pair):
+        arrays = []
+        for path in (pair.tokens, pair.tokens[:-len("_token.npy")] + "_pm.npy"):
+            try:
+                a = np.squeeze(np.load(path, allow_pickle=False))
+            except (OSError, ValueError) as e:
+                raise DataError(f"{path}: unreadable .npy (pair at {pair.src}): {e}") from None
+            if a.ndim != 1:
+                raise DataError(f"{path}: array of shape {a.shape} (pair at {pair.src}); expected (1, length) "
+                                "or (length,)")
+            arrays.append(a)
+        ids, pad = arrays
+        if len(ids) != len(pad):
+            raise DataError(f"{pair.tokens}: {len(ids)} tokens but {len(pad)} padding-mask entries "
+                            f"(pair at {pair.src}); expected the same length")
+        return ids.astype(np.int64), (pad > 0.5).astype(np.int64)
+
+    def text(self, pair):
+        if pair.tokens:
+            ids, pad = self.load_tokens(pair)
+            pad_id = 0
+        else:
+            enc = self.tokenizer(pair.text, add_special_tokens=self.special_tokens, truncation=True,
+                                 max_length=self.max_len)
+            ids = np.asarray(enc["input_ids"], np.int64)
+            pad = np.zeros(len(ids), np.int64)
+            pad_id = self.tokenizer.pad_token_id or 0
+        ids, pad = fit_length(ids, pad, self.max_len, pad_id)
+        if self.vocab_size and len(ids) and (ids.max() >= self.vocab_size or ids.min() < 0):
+            raise DataError(f"{pair.tokens or pair.src}: token id {ids.max()} outside the vocabulary of "
+                            f"{self.vocab_size} (pair at {pair.src}); expected BERT uncased ids (--vocab_size)")
+        return torch.from_numpy(np.stack([ids, pad]))
+
+    def __getitem__(self, i):
+        pair = self.pairs[i]
+        return self.transform(load_image(pair.image, pair.src)), self.text(pair), pair.label, i
+
+
+TOY_IT_CLASSES = ["apple_pie", "baklava", "caesar_salad", "greek_salad", "miso_soup", "ramen"]
+
+
+def make_toy_it(root, seed=0, n_train=600, n_dev=120, n_test=240, px=32, cue=0.8, class_blobs=4,
+                clutter_blobs=4, fillers=3):
+    """Write a small Food-101-like image-text set in the MMBT jsonl layout (train/dev/test.jsonl,
+    images/<split>/<id>.jpg) and its tokenizer (tokenizer/vocab.txt, a BERT vocabulary of the
+    caption words), generated deterministically from `seed`.
+
+    Six classes in three pairs. The caption names the pair with one word (learned in a few steps)
+    and, for the class inside the pair, has only a cue word that agrees with the label with
+    probability `cue`, among random filler words; the image names the class by the colour of
+    `class_blobs` small blobs among `clutter_blobs` random ones: slower to learn, but it holds what
+    the text lacks. Joint training leans on the text and leaves the image under-trained, as on Food-101.
+    """
+    from PIL import Image, ImageDraw
+    root = Path(root)
+    rng = np.random.RandomState(seed)
+    pair_words = ["dessert", "salad", "soup"]
+    cue_words = [["sweet", "warm"], ["fresh", "cold"], ["spicy", "hot"]]      # [cue of class 2k, of 2k+1]
+    openers = ["a photo of", "my", "look at this", "homemade", "tonight", "the best"]
+    filler = ["with", "and", "plate", "bowl", "table", "good", "nice", "lunch", "dinner", "friends", "today",
+              "recipe", "yummy", "kitchen", "fork", "served", "lovely", "classic", "simple", "tasty"]
+    palette = [(220, 40, 40), (40, 200, 40), (40, 80, 230), (230, 210, 40), (200, 40, 220), (40, 210, 210)]
+    words = sorted({w for p in openers for w in p.split()} | set(pair_words) | set(filler)
+                   | {w for c in cue_words for w in c})
+    (root / "tokenizer").mkdir(parents=True, exist_ok=True)
+    (root / "tokenizer" / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words)
+                                                  + "\n")
+    for split, n in (("train", n_train), ("dev", n_dev), ("test", n_test)):
+        (root / "images" / split).mkdir(parents=True, exist_ok=True)
+        lines = []
+        for i in range(n):
+            y = i % 6
+            pid = f"{split}{i:04d}"
+            keep = rng.rand() < cue
+            cue_word = cue_words[y // 2][y % 2 if keep else 1 - y % 2]
+            caption = [openers[rng.randint(len(openers))], pair_words[y // 2], cue_word]
+            caption += [filler[j] for j in rng.randint(0, len(filler), fillers)]
+            order = [0] + (1 + rng.permutation(len(caption) - 1)).tolist()        # opener first, rest shuffled
+            text = " ".join(caption[j] for j in order)
+            im = Image.new("RGB", (px, px), tuple(int(v) for v in rng.randint(60, 190, 3)))
+            dr = ImageDraw.Draw(im)
+            blobs = [tuple(int(v) for v in rng.randint(0, 256, 3)) for _ in range(clutter_blobs)]
+            blobs += [tuple(int(np.clip(c + rng.randint(-25, 26), 0, 255)) for c in palette[y])] * class_blobs
+            for colour in [blobs[j] for j in rng.permutation(len(blobs))]:
+                x0, y0, r = rng.randint(0, px), rng.randint(0, px), rng.randint(2, 5)
+                dr.ellipse([x0 - r, y0 - r, x0 + r, y0 + r], fill=colour)
+            im.save(root / "images" / split / f"{pid}.jpg", quality=90)
+            lines.append(json.dumps({"id": pid, "label": TOY_IT_CLASSES[y], "text": text,
+                                     "img": f"images/{split}/{pid}.jpg"}))
+        (root / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+# ==================================================================================================
 # 4. Encoders
 # ==================================================================================================
 
@@ -924,6 +1243,260 @@ class VideoResNet(nn.Module):
     def forward(self, x):
         b, t = x.shape[:2]
         return self.net(x.flatten(0, 1)).view(b, t, -1).mean(1)
+
+
+# ==================================================================================================
+# 4b. Encoders: transformers (image, text)
+# ==================================================================================================
+# M3AE-shaped encoder in plain PyTorch. Parameter names follow the official conversion of the M3AE JAX
+# weights to PyTorch (cls_token, image_embedding, text_embedding, encoder_{image,text}_type_embedding,
+# encoder.blocks.<i>.{layer_norm1, attention.qkv_linear, attention.fc, layer_norm2, transformer_mlp.fc1,
+# transformer_mlp.fc2}, encoder.layer_norm), so such a state dict loads as it is. As in the JAX model:
+# LayerNorm eps 1e-6, tanh-approximated GELU, patches flattened as (row, column, channel).
+
+def sincos_1d(dim, positions):
+    """Fixed position embedding (len, dim): [sin(p * w_i), cos(p * w_i)], w_i = 10000^(-i / (dim/2))."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2))
+    angles = positions.double()[:, None] * omega[None, :]
+    return torch.cat([angles.sin(), angles.cos()], 1).float()
+
+
+def sincos_2d(dim, grid):
+    """(grid * grid, dim) for patches in row-major order; the first half of the width encodes the
+    patch's column, the second half its row (the MAE/M3AE convention)."""
+    idx = torch.arange(grid)
+    return torch.cat([sincos_1d(dim // 2, idx.repeat(grid)), sincos_1d(dim // 2, idx.repeat_interleave(grid))], 1)
+
+
+def patchify(images, patch):
+    """(B, 3, H, W) -> (B, H/p * W/p, p * p * 3), patches in row-major order, each flattened (row, col, channel)."""
+    b, c, h, w = images.shape
+    if h % patch or w % patch:
+        raise ValueError(f"image of {h} x {w} pixels is not a whole number of {patch} x {patch} patches")
+    x = images.reshape(b, c, h // patch, patch, w // patch, patch)
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(b, (h // patch) * (w // patch), patch * patch * c)
+
+
+class M3AEAttention(nn.Module):
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv_linear = nn.Linear(dim, 3 * dim)
+        self.fc = nn.Linear(dim, dim)
+
+    def forward(self, x, keep=None):
+        b, n, d = x.shape
+        q, k, v = self.qkv_linear(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        mask = None if keep is None else keep[:, None, None, :]        # padding keys are never attended to
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.fc(x.transpose(1, 2).reshape(b, n, d))
+
+
+class M3AEMLP(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class M3AEBlock(nn.Module):
+    def __init__(self, dim, heads, mlp_ratio):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attention = M3AEAttention(dim, heads)
+        self.layer_norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.transformer_mlp = M3AEMLP(dim, mlp_ratio * dim)
+
+    def forward(self, x, keep=None):
+        x = x + self.attention(self.layer_norm1(x), keep)
+        return x + self.transformer_mlp(self.layer_norm2(x))
+
+
+class M3AETransformer(nn.Module):
+    def __init__(self, dim, depth, heads, mlp_ratio):
+        super().__init__()
+        self.blocks = nn.ModuleList(M3AEBlock(dim, heads, mlp_ratio) for _ in range(depth))
+        self.layer_norm = nn.LayerNorm(dim, eps=1e-6)
+
+    def forward(self, x, keep=None):
+        for block in self.blocks:
+            x = block(x, keep)
+        return self.layer_norm(x)
+
+
+class M3AEEncoder(nn.Module):
+    """One modality of an M3AE-base-shaped encoder (SPEC 4): CLS token + the modality's tokens (linear
+    embedding of 16 x 16 patches, or BERT-vocabulary word embeddings) + fixed sin-cos positions (2-D or
+    1-D) + the modality's type embedding, a pre-norm transformer, then the mean over the tokens (padding
+    left out) -> (B, dim). Image input: (B, 3, H, W); text input: (B, 2, L) = token ids and padding mask."""
+
+    def __init__(self, modality, dim=768, depth=12, heads=12, mlp_ratio=4, patch_size=16, vocab_size=30522):
+        super().__init__()
+        if modality not in ("image", "text"):
+            raise ValueError(f"M3AE modality {modality!r}; expected image or text")
+        if dim % heads or dim % 4:
+            raise ValueError(f"M3AE width {dim} must be a multiple of 4 and of the head count {heads}")
+        self.modality, self.dim, self.patch_size = modality, dim, patch_size
+        if modality == "image":
+            self.image_embedding = nn.Linear(patch_size * patch_size * 3, dim)
+            self.encoder_image_type_embedding = nn.Parameter(torch.zeros(1, 1, dim))
+        else:
+            self.text_embedding = nn.Embedding(vocab_size, dim)
+            self.encoder_text_type_embedding = nn.Parameter(torch.zeros(1, 1, dim))
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.encoder = M3AETransformer(dim, depth, heads, mlp_ratio)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        """M3AE's initialisation: Xavier-uniform linear layers, N(0, 1) word embeddings, N(0, 0.02) CLS
+        and type embeddings."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, 0.0, 1.0)
+        for name, p in self.named_parameters(recurse=False):
+            nn.init.normal_(p, 0.0, 0.02)
+
+    def forward(self, x):
+        if self.modality == "image":
+            patches = patchify(x, self.patch_size)
+            grid = int(round(patches.shape[1] ** 0.5))
+            if grid * grid != patches.shape[1]:
+                raise ValueError(f"M3AE needs square images; got {tuple(x.shape[-2:])}")
+            pos = sincos_2d(self.dim, grid).to(x.device, x.dtype)
+            tokens = self.image_embedding(patches) + pos + self.encoder_image_type_embedding
+            keep = None
+        else:
+            ids, pad = x[:, 0], x[:, 1]
+            pos = sincos_1d(self.dim, torch.arange(ids.shape[1])).to(x.device)
+            tokens = self.text_embedding(ids) + pos + self.encoder_text_type_embedding
+            keep = F.pad(pad == 0, (1, 0), value=True)                  # the CLS token is always kept
+        h = torch.cat([self.cls_token.expand(len(x), -1, -1), tokens], 1)
+        h = self.encoder(h, keep)
+        if keep is None:
+            return h.mean(1)
+        w = keep.unsqueeze(-1).to(h.dtype)
+        return (h * w).sum(1) / w.sum(1)
+
+
+def _short(keys, n=20):
+    keys = list(keys)
+    return (", ".join(keys[:n]) + (f" ... ({len(keys) - n} more)" if len(keys) > n else "")) or "none"
+
+
+def load_m3ae_checkpoint(encoder, path):
+    """Load a converted M3AE PyTorch state dict (optionally under 'state_dict' or 'model', keys possibly
+    prefixed 'module.') into one M3AEEncoder. The other modality's input layers are not used by this
+    encoder and are left out. Prints and returns (missing, unexpected) keys; a tensor whose shape does
+    not fit (width, depth, patch, vocabulary) is an error."""
+    import pickle
+    path = Path(path)
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise DataError(f"{path}: M3AE checkpoint not found; expected a converted PyTorch state dict") from None
+    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as e:
+        raise DataError(f"{path}: not a loadable PyTorch state dict ({str(e)[:200]})") from None
+    while isinstance(sd, dict) and not all(torch.is_tensor(v) for v in sd.values()) and any(
+            isinstance(sd.get(k), dict) for k in ("state_dict", "model")):      # a training checkpoint
+        sd = next(sd[k] for k in ("state_dict", "model") if isinstance(sd.get(k), dict))
+    if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
+        raise DataError(f"{path}: expected a state dict (parameter name -> tensor)")
+    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+    other = ("text_embedding.", "encoder_text_type_embedding") if encoder.modality == "image" else \
+        ("image_embedding.", "encoder_image_type_embedding")
+    sd = {k: v for k, v in sd.items() if not k.startswith(other)}
+    own = encoder.state_dict()
+    bad = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in sd.items() if k in own and v.shape != own[k].shape]
+    if bad:
+        raise DataError(f"{path}: {len(bad)} tensors do not fit the {encoder.modality} encoder (checkpoint vs "
+                        f"model: {_short(bad, 4)}); set --m3ae_dim/--m3ae_depth/--m3ae_heads/--patch_size/"
+                        "--vocab_size to the checkpoint's")
+    missing, unexpected = encoder.load_state_dict(sd, strict=False)
+    print(f"M3AE {encoder.modality} encoder <- {path}: {len(sd) - len(unexpected)} tensors loaded; "
+          f"missing keys: {_short(missing)}; unexpected keys: {_short(unexpected)}")
+    return list(missing), list(unexpected)
+
+
+class HFEncoder(nn.Module):
+    """A transformers image or text model (AutoModel from a local folder or hub name) pooled to one
+    vector: the mean of the last hidden states over the tokens (padding left out) or over space for
+    convolutional models, or the model's pooler output (pool='pooler'); then a linear projection to
+    `dim` when that differs from the model's width. Image input: (B, 3, H, W) normalised pixels; text
+    input: (B, 2, L) = token ids and padding mask."""
+
+    def __init__(self, name_or_path, modality, pool="mean", image_size=None):
+        super().__init__()
+        from transformers import AutoModel
+        try:
+            self.model = AutoModel.from_pretrained(str(name_or_path))
+        except (OSError, ValueError) as e:
+            raise DataError(f"{name_or_path}: cannot load a transformers model ({type(e).__name__}: "
+                            f"{str(e)[:200]}); pass a local folder saved with save_pretrained (a hub name "
+                            "needs internet or the Hugging Face cache)") from None
+        cfg = self.model.config
+        width = getattr(cfg, "hidden_size", None) or (getattr(cfg, "hidden_sizes", None) or [None])[-1]
+        if not width:
+            raise DataError(f"{name_or_path}: cannot tell the model's output width from its config")
+        expected = getattr(cfg, "image_size", None)
+        if modality == "image" and image_size and isinstance(expected, int) and expected != image_size:
+            raise DataError(f"{name_or_path}: the model takes {expected} x {expected} images; pass --image_size "
+                            f"{expected}")
+        self.modality, self.pool, self.width, self.dim = modality, pool, width, width
+        self.proj = nn.Identity()
+
+    def project_to(self, dim):
+        """Add a linear projection width -> dim (nothing when they are equal)."""
+        self.dim = dim
+        self.proj = nn.Identity() if dim == self.width else nn.Linear(self.width, dim)
+
+    def forward(self, x):
+        if self.modality == "image":
+            out, keep = self.model(pixel_values=x), None
+        else:
+            keep = x[:, 1] == 0
+            out = self.model(input_ids=x[:, 0], attention_mask=keep.long())
+        if self.pool == "pooler":
+            if getattr(out, "pooler_output", None) is None:
+                raise ValueError("this model has no pooler output; use --hf_pool mean")
+            return self.proj(out.pooler_output.flatten(1))
+        h = out.last_hidden_state
+        if h.dim() == 4:                            # convolutional: (B, C, H, W)
+            return self.proj(h.mean((2, 3)))
+        if keep is None:
+            return self.proj(h.mean(1))
+        w = keep.unsqueeze(-1).to(h.dtype)
+        return self.proj((h * w).sum(1) / w.sum(1).clamp_min(1))
+
+
+def build_it_encoders(args, modalities=("image", "text"), vocab_size=30522):
+    """The image and/or text encoders of args.encoder (m3ae | hf), one per modality, all of one width."""
+    if args.encoder == "m3ae":
+        encoders = [M3AEEncoder(m, args.m3ae_dim, args.m3ae_depth, args.m3ae_heads, args.m3ae_mlp_ratio,
+                                args.patch_size, vocab_size) for m in modalities]
+        if args.m3ae_ckpt:
+            for e in encoders:
+                load_m3ae_checkpoint(e, args.m3ae_ckpt)
+        else:
+            print("WARNING: no --m3ae_ckpt: the M3AE encoders start from RANDOM weights (the paper fine-tunes "
+                  "pretrained M3AE-base; see README for the weights)", file=sys.stderr)
+        return encoders
+    names = {"image": args.image_model, "text": args.text_model}
+    absent = [f"--{m}_model" for m in modalities if not names[m]]
+    if absent:
+        raise DataError(f"--encoder hf needs {' and '.join(absent)} (a local folder or a hub name)")
+    encoders = [HFEncoder(names[m], m, args.hf_pool, args.image_size) for m in modalities]
+    dim = args.proj_dim or max(e.width for e in encoders)
+    for e in encoders:
+        e.project_to(dim)
+    return encoders
 
 
 # ==================================================================================================

@@ -1,0 +1,115 @@
+"""train_it.py through its own entry point: every method, the record, the encoders' flags, errors."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import common as C
+import train_it
+from conftest import ROOT
+from test_encoders_it import hf_models  # noqa: F401  (a fixture)
+
+TINY_IT = ["--image_size", "16", "--patch_size", "8", "--max_len", "10", "--m3ae_dim", "16", "--m3ae_depth", "1",
+           "--m3ae_heads", "2", "--batch_size", "16", "--epochs", "1"]
+
+
+@pytest.fixture(scope="module")
+def it_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("toy_it")
+    C.make_toy_it(root, seed=0, n_train=36, n_dev=12, n_test=12, px=16)
+    return root
+
+
+def run(root, out, *extra):
+    [record] = train_it.main(["--data_root", str(root), "--out_dir", str(out), *TINY_IT, *extra])
+    return record
+
+
+@pytest.mark.parametrize("method", C.METHODS)
+def test_every_method_trains_one_toy_epoch_and_writes_record(method, it_root, tmp_path):
+    rec = run(it_root, tmp_path, "--method", method)
+    run_dir = tmp_path / "toy" / method / "seed0"
+    on_disk = json.loads((run_dir / "record.json").read_text())
+    assert tuple(on_disk) == C.RECORD_KEYS
+    assert on_disk == json.loads(json.dumps(rec))
+    assert on_disk["script"] == "train_it.py" and on_disk["dataset"] == "toy" and on_disk["method"] == method
+    assert on_disk["modalities"] == ["image", "text"] and on_disk["select_on"] == "val"
+    assert set(on_disk["args"]) == set(vars(train_it.get_args([])))
+    assert on_disk["args"]["condition"] == "text" and on_disk["args"]["encoder"] == "m3ae"
+    assert [set(e) for e in on_disk["epochs"]] == [{"epoch", "train_loss", "val"}]
+    assert set(on_disk["epochs"][0]["val"]) == {"image", "text", "multi"}
+    assert set(on_disk["test"]) == {"image", "text", "multi"}
+    assert all(0 <= v <= 100 for v in on_disk["test"].values())
+    assert on_disk["best_epoch"] == 0 and on_disk["wall_time_s"] > 0 and on_disk["version"]
+    ckpt = torch.load(run_dir / "best.pt", weights_only=False)
+    sd = ckpt["state_dict"]
+    assert ckpt["epoch"] == 0 and ckpt["method"] == method
+    assert sd["encoders.0.image_embedding.weight"].shape == (16, 8 * 8 * 3)
+    assert sd["encoders.1.text_embedding.weight"].shape[1] == 16
+    if method == "mla":
+        assert not torch.equal(sd["P"], torch.eye(16))
+    if method == "qmf":
+        assert sd["history"].abs().sum() > 0
+
+
+def test_condition_and_toy_dev_split(it_root, tmp_path, capsys):
+    args = train_it.get_args(["--method", "film"])
+    film = C.build_method("film", [C.M3AEEncoder("image", 16, 1, 2, 2, 8, 10), C.M3AEEncoder("text", 16, 1, 2, 2, 8, 10)],
+                          6, ["image", "text"], args, 10)
+    assert film.condition == 1                                     # the text
+    threads = torch.get_num_threads()
+    rec = run(it_root, tmp_path, "--method", "sum", "--cpu_threads", "1")
+    assert torch.get_num_threads() == threads                      # the toy's single thread is given back
+    out = capsys.readouterr()
+    assert "toy (jsonl): 6 classes, train 36, val 12 (dev split), test 12" in out.out
+    assert "no --m3ae_ckpt: the M3AE encoders start from RANDOM weights" in out.err
+    rec = run(it_root, tmp_path / "n", "--method", "sum", "--val_ratio", "0", "--select_on", "last")
+    assert rec["epochs"][0]["val"] is None and "train 36, val 0, test 12" in capsys.readouterr().out
+
+
+def test_m3ae_checkpoint_through_the_script(it_root, tmp_path, capsys):
+    vocab = len((it_root / "tokenizer" / "vocab.txt").read_text().split())
+    torch.manual_seed(5)
+    image = C.M3AEEncoder("image", 16, 1, 2, 4, 8, vocab)
+    text = C.M3AEEncoder("text", 16, 1, 2, 4, 8, vocab)
+    text.encoder.load_state_dict(image.encoder.state_dict())
+    text.cls_token.data.copy_(image.cls_token.data)
+    torch.save({**image.state_dict(), **text.state_dict()}, tmp_path / "m3ae.pth")
+    run(it_root, tmp_path, "--method", "concat", "--m3ae_ckpt", str(tmp_path / "m3ae.pth"), "--lr", "0",
+        "--weight_decay", "0")
+    out = capsys.readouterr()
+    assert out.out.count("tensors loaded; missing keys: none; unexpected keys: none") == 2
+    assert "RANDOM" not in out.err
+    sd = torch.load(tmp_path / "toy" / "concat" / "seed0" / "best.pt", weights_only=False)["state_dict"]
+    assert torch.equal(sd["encoders.0.encoder.blocks.0.attention.qkv_linear.weight"],
+                       image.encoder.blocks[0].attention.qkv_linear.weight)     # lr 0: still the loaded weights
+    assert torch.equal(sd["encoders.1.text_embedding.weight"], text.text_embedding.weight)
+
+
+def test_hf_encoders_by_local_path(it_root, tmp_path, hf_models):
+    rec = run(it_root, tmp_path, "--method", "mla", "--encoder", "hf", "--image_model", str(hf_models / "vit"),
+              "--text_model", str(hf_models / "bert"), "--tokenizer", str(it_root / "tokenizer"))
+    assert rec["args"]["encoder"] == "hf" and set(rec["test"]) == {"image", "text", "multi"}
+    sd = torch.load(tmp_path / "toy" / "mla" / "seed0" / "best.pt", weights_only=False)["state_dict"]
+    assert sd["encoders.1.proj.weight"].shape == (32, 24)           # BERT 24 -> ViT's 32
+    assert sd["head.weight"].shape == (6, 32) and not torch.equal(sd["P"], torch.eye(32))
+
+
+def test_same_seed_gives_identical_records(it_root, tmp_path):
+    strip = lambda r: {k: v for k, v in r.items() if k not in ("wall_time_s", "args")}
+    a = run(it_root, tmp_path / "a", "--method", "ogm_ge", "--epochs", "2")
+    b = run(it_root, tmp_path / "b", "--method", "ogm_ge", "--epochs", "2")
+    assert strip(a) == strip(b)
+
+
+def test_missing_data_root_is_a_clear_error(tmp_path):
+    with pytest.raises(C.DataError, match="(?s)data root not found.*accepted layouts"):
+        train_it.main(["--dataset", "food101", "--data_root", str(tmp_path / "absent")])
+    r = subprocess.run([sys.executable, str(ROOT / "train_it.py"), "--dataset", "mvsa"], cwd=tmp_path,
+                       capture_output=True, text=True)
+    assert r.returncode != 0
+    assert r.stderr.startswith("error: data/mvsa: data root not found") and "Traceback" not in r.stderr
+    with pytest.raises(SystemExit):
+        train_it.get_args(["--image_size", "20", "--patch_size", "8"])

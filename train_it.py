@@ -1,0 +1,212 @@
+"""Image-text experiments of Table 5 (UPMC Food-101, MVSA-Single) for every method.
+
+    python train_it.py                                   # MLA on the built-in toy set, CPU, under a minute
+    python train_it.py --dataset food101 --data_root data/food101 --m3ae_ckpt m3ae_base.pth --method mla
+    python train_it.py --dataset mvsa --encoder hf --image_model google/vit-base-patch16-224 \\
+        --text_model bert-base-uncased --image_size 224 --method qmf
+    python train_it.py --method all --seeds 0,1,2         # a sweep; finished runs are skipped on rerun
+
+Writes <out_dir>/<dataset>/<method>/seed<k>/record.json and best.pt (the selected epoch).
+"""
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+import common as C
+
+# Paper settings (SPEC 4, 6) for real data; the toy set has its own small defaults.
+DEFAULTS = {
+    "paper": dict(epochs=100, batch_size=64, lr=1e-3, lr_decay_step=70, lr_decay_ratio=0.1, image_size=256,
+                  max_len=256, m3ae_dim=768, m3ae_depth=12, m3ae_heads=12, patch_size=16, vocab_size=30522,
+                  num_workers=8, cpu_threads=0),
+    "toy": dict(epochs=30, batch_size=32, lr=1e-2, lr_decay_step=70, lr_decay_ratio=0.1, image_size=32,
+                max_len=12, m3ae_dim=32, m3ae_depth=2, m3ae_heads=2, patch_size=8, vocab_size=None,
+                num_workers=0, cpu_threads=1),
+}
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--dataset", default="toy", choices=["toy", "food101", "mvsa"])
+    a("--data_root", default=None, help="data folder (default data/<dataset>; toy: generated in a temp dir)")
+    a("--layout", default="auto", choices=["auto", "jsonl", "mla"],
+      help="on-disk layout: MMBT/QMF jsonl or MLA lists; auto detects it (jsonl first)")
+    a("--method", default="mla", help=f"one of {', '.join(C.METHODS)}; or a comma list, or 'all' (a sweep)")
+    a("--seed", type=int, default=0, help="seeds Python, NumPy, torch and the data order")
+    a("--seeds", default=None, help="comma list of seeds to sweep, e.g. 0,1,2 (overrides --seed)")
+    # optimisation (None = paper default for real data, small default for toy)
+    a("--epochs", type=int, default=None, help="paper 100; toy 30")
+    a("--batch_size", type=int, default=None, help="paper 64; toy 32")
+    a("--lr", type=float, default=None, help="SGD learning rate; paper 1e-3; toy 1e-2")
+    a("--momentum", type=float, default=0.9)
+    a("--weight_decay", type=float, default=1e-4)
+    a("--lr_decay_step", type=int, default=None, help="StepLR step in epochs; paper 70")
+    a("--lr_decay_ratio", type=float, default=None, help="StepLR factor; paper 0.1")
+    # MLA
+    a("--fusion", default="dynamic", choices=["dynamic", "fixed", "dynamic_batch"],
+      help="MLA test-time fusion: per-sample entropy weights; fixed weights; or the official code's "
+           "batch-axis entropy (one weight per batch)")
+    a("--fusion_weights", type=float, nargs="+", default=None, help="weights for --fusion fixed (0.5 0.5)")
+    a("--no_hgm", action="store_true", help="MLA without the head-gradient projection (what the official "
+                                           "code effectively runs)")
+    a("--hgm_alpha", type=float, default=None, help="HGM alpha; default: 0.1 ** (1 + i/n) for batch i of n")
+    # OGM / OGM-GE, FiLM / BiGated
+    a("--alpha", type=float, default=0.3, help="OGM modulation strength")
+    a("--modulation_starts", type=int, default=0, help="first epoch with OGM modulation")
+    a("--modulation_ends", type=int, default=50, help="last epoch with OGM modulation")
+    a("--condition", default="text", choices=["image", "text"], help="FiLM/BiGated conditioning modality")
+    # encoders
+    a("--encoder", default="m3ae", choices=["m3ae", "hf"],
+      help="m3ae: M3AE-shaped transformer per modality; hf: transformers models (--image_model, --text_model)")
+    a("--m3ae_ckpt", default=None, help="converted M3AE PyTorch state dict for both encoders (default: random "
+                                        "init, with a warning)")
+    a("--m3ae_dim", type=int, default=None, help="M3AE width; paper 768 (base); toy 32")
+    a("--m3ae_depth", type=int, default=None, help="M3AE transformer blocks; paper 12; toy 2")
+    a("--m3ae_heads", type=int, default=None, help="M3AE attention heads; paper 12; toy 2")
+    a("--m3ae_mlp_ratio", type=int, default=4, help="M3AE MLP hidden width / width")
+    a("--patch_size", type=int, default=None, help="M3AE image patch side in pixels; paper 16; toy 8")
+    a("--vocab_size", type=int, default=None, help="M3AE word embeddings; paper 30522 (BERT uncased); "
+                                                   "toy: the toy tokenizer's")
+    a("--image_model", default=None, help="--encoder hf: transformers image model, local folder or hub name")
+    a("--text_model", default=None, help="--encoder hf: transformers text model, local folder or hub name")
+    a("--proj_dim", type=int, default=None, help="--encoder hf: common width (default: the wider model's); "
+                                                 "a narrower model gets a linear projection")
+    a("--hf_pool", default="mean", choices=["mean", "pooler"],
+      help="--encoder hf: mean of the last hidden states (padding left out) or the model's pooler output")
+    # inputs
+    a("--tokenizer", default=None, help="BERT uncased tokenizer for raw text: local folder (a vocab.txt is "
+                                        "enough) or hub name; default bert-base-uncased (m3ae), the text "
+                                        "model's (hf), the generated one (toy)")
+    a("--max_len", type=int, default=None, help="text tokens (cut or padded); paper 256; toy 12")
+    a("--image_size", type=int, default=None, help="image side after the transforms; paper 256; toy 32")
+    a("--skip_bad", action="store_true", help="skip pairs with missing files (and print how many)")
+    # protocol
+    a("--select_on", default="val", choices=["val", "test", "last"],
+      help="epoch selection: validation split (default), test set (official protocol) or last epoch")
+    a("--val_ratio", type=float, default=0.1,
+      help="without a dev split: seeded stratified share of train used for validation; 0: no validation "
+           "split at all (the dev split is then not used either)")
+    a("--out_dir", default="runs")
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a("--num_workers", type=int, default=None, help="data loader workers; paper 8; toy 0")
+    a("--cpu_threads", type=int, default=None, help="torch CPU threads, 0 = torch's default (paper); toy 1: its "
+                                                    "tiny layers gain nothing from threads, which stall on a busy CPU")
+    # toy data set
+    a("--toy_train", type=int, default=600, help="toy: training pairs")
+    a("--toy_dev", type=int, default=120, help="toy: validation (dev) pairs")
+    a("--toy_test", type=int, default=240, help="toy: test pairs")
+    a("--toy_seed", type=int, default=0, help="toy: seed of the generated data (fixed across --seed)")
+    args = p.parse_args(argv)
+    if args.epochs is not None and args.epochs < 1:
+        p.error("--epochs must be at least 1")
+    if not 0 <= args.val_ratio < 1:
+        p.error("--val_ratio must be in [0, 1)")
+    try:
+        C.parse_methods(args.method, C.METHODS)
+        [int(s) for s in args.seeds.split(",")] if args.seeds else None
+    except ValueError as e:
+        p.error(str(e))
+    for k, v in DEFAULTS["toy" if args.dataset == "toy" else "paper"].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.encoder == "m3ae" and args.image_size % args.patch_size:
+        p.error(f"--image_size {args.image_size} is not a multiple of --patch_size {args.patch_size}")
+    return args
+
+
+def main(argv=None):
+    """Parse the command line and run every requested (seed, method); returns their records."""
+    args = get_args(argv)
+    return C.sweep(args, run, C.METHODS)
+
+
+def run(args):
+    """One training run of args.method with args.seed; returns its record."""
+    threads = torch.get_num_threads()
+    if args.cpu_threads:
+        torch.set_num_threads(args.cpu_threads)
+    try:
+        return train(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def train(args):
+    C.seed_everything(args.seed)
+    device = torch.device(args.device)
+
+    # ---- data
+    tmp = None
+    if args.dataset == "toy":
+        if args.data_root is None:
+            tmp = tempfile.TemporaryDirectory(prefix="mla_toy_it_")
+            root = Path(tmp.name)
+        else:
+            root = Path(args.data_root)
+        if not (root / "train.jsonl").is_file():
+            C.make_toy_it(root, seed=args.toy_seed, n_train=args.toy_train, n_dev=args.toy_dev,
+                          n_test=args.toy_test)
+    else:
+        root = Path(args.data_root or f"data/{args.dataset}")
+    data = C.load_it_splits(args.dataset, root, layout=args.layout, skip_bad=args.skip_bad)
+    if data["skipped"]:
+        print(f"skipped {data['skipped']} pairs with missing files (--skip_bad)")
+    classes, train_pairs, val_pairs = data["classes"], data["train"], None
+    if args.val_ratio > 0 and data["dev"]:
+        val_pairs = data["dev"]
+    elif args.val_ratio > 0:
+        keep, held = C.stratified_split([p.label for p in train_pairs], args.val_ratio, args.seed)
+        train_pairs, val_pairs = [train_pairs[i] for i in keep], [train_pairs[i] for i in held]
+    print(f"{args.dataset} ({data['layout']}): {len(classes)} classes, train {len(train_pairs)}, "
+          f"val {len(val_pairs or [])}{' (dev split)' if val_pairs is data['dev'] and val_pairs else ''}, "
+          f"test {len(data['test'])}")
+    tokenizer = None
+    if any(not p.tokens for split in ("train", "dev", "test") for p in data[split] or []):
+        default = {"m3ae": "bert-base-uncased", "hf": args.text_model}[args.encoder]
+        tokenizer = C.load_tokenizer(args.tokenizer or (root / "tokenizer" if args.dataset == "toy" else default))
+
+    # ---- model, method, optimiser
+    modalities = ["image", "text"]
+    vocab_size = args.vocab_size or (len(tokenizer) if tokenizer is not None else 30522)
+    encoders = C.build_it_encoders(args, modalities, vocab_size)
+    if args.encoder == "hf":
+        vocab_size = getattr(encoders[1].model.config, "vocab_size", None)
+    text = dict(image_size=args.image_size, max_len=args.max_len, tokenizer=tokenizer,
+                special_tokens=args.encoder == "hf", vocab_size=vocab_size)
+    loaders = {
+        "train": C.make_loader(C.ITDataset(train_pairs, True, **text), args.batch_size, True, args.seed,
+                               args.num_workers, device),
+        "val": val_pairs and C.make_loader(C.ITDataset(val_pairs, False, **text), args.batch_size, False,
+                                           args.seed, args.num_workers, device),
+        "test": C.make_loader(C.ITDataset(data["test"], False, **text), args.batch_size, False, args.seed,
+                              args.num_workers, device),
+    }
+    method = C.build_method(args.method, encoders, len(classes), modalities, args, len(train_pairs))
+    for name, child in method.named_children():     # heads get the SPEC init; encoders keep theirs
+        if name != "encoders":
+            child.apply(C.init_weights)
+    method.to(device)
+    optimizer = torch.optim.SGD(method.parameters(), lr=args.lr, momentum=args.momentum,
+                                weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_decay_step, args.lr_decay_ratio)
+
+    # ---- train, select, test, record
+    run_dir = C.run_dir(args)
+    record = C.fit(method, optimizer, scheduler, loaders, args, run_dir, "train_it.py", device)
+    print(f"test ({'selected on TEST' if args.select_on == 'test' else 'epoch ' + str(record['best_epoch'] + 1)}"
+          f" by {args.select_on}): {C.fmt_acc(record['test'])}")
+    print(f"record: {run_dir / 'record.json'}")
+    if tmp is not None:
+        tmp.cleanup()
+    return record
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except C.DataError as e:
+        sys.exit(f"error: {e}")

@@ -2756,8 +2756,13 @@ RECORD_KEYS = ("script", "dataset", "method", "seed", "args", "modalities", "epo
 
 
 def run_dir(args, *extra):
-    """<out_dir>/<dataset>/<method>/seed<k>[/extra...]: where a run writes record.json and best.pt."""
-    return Path(args.out_dir, args.dataset, args.method, f"seed{args.seed}", *extra)
+    """<out_dir>/<dataset>/<method>/seed<k>[/extra...]: where a run writes record.json and best.pt.
+    A toy set's folder is named after its script (toy_av, toy_it, toy_missing, ...), so the toy runs
+    of different scripts never share a folder."""
+    dataset = args.dataset
+    if dataset == "toy" and getattr(args, "script", None):
+        dataset = "toy_" + Path(args.script).stem.removeprefix("train_")
+    return Path(args.out_dir, dataset, args.method, f"seed{args.seed}", *extra)
 
 
 def parse_methods(spec, known):

@@ -83,6 +83,7 @@ def get_args(argv=None):
     a("--toy_train", type=int, default=600, help="toy: training clips (before the validation split)")
     a("--toy_test", type=int, default=240, help="toy: test clips")
     a("--toy_seed", type=int, default=0, help="toy: seed of the generated data (fixed across --seed)")
+    p.set_defaults(script="train_av.py")      # names the toy runs' folder (common.run_dir)
     args = p.parse_args(argv)
     if args.epochs is not None and args.epochs < 1:
         p.error("--epochs must be at least 1")

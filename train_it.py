@@ -100,6 +100,7 @@ def get_args(argv=None):
     a("--toy_dev", type=int, default=120, help="toy: validation (dev) pairs")
     a("--toy_test", type=int, default=240, help="toy: test pairs")
     a("--toy_seed", type=int, default=0, help="toy: seed of the generated data (fixed across --seed)")
+    p.set_defaults(script="train_it.py")      # names the toy runs' folder (common.run_dir)
     args = p.parse_args(argv)
     if args.epochs is not None and args.epochs < 1:
         p.error("--epochs must be at least 1")

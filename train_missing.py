@@ -95,6 +95,7 @@ def get_args(argv=None):
     a("--toy_dims", type=lambda s: [int(v) for v in s.split(",")], default=[32, 48, 64],
       help="toy: widths of audio, visual, text (comma list)")
     a("--toy_seed", type=int, default=0, help="toy: seed of the generated data (fixed across --seed)")
+    p.set_defaults(script="train_missing.py")      # names the toy runs' folder (common.run_dir)
     args = p.parse_args(argv)
     if args.epochs is not None and args.epochs < 1:
         p.error("--epochs must be at least 1")

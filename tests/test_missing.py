@@ -50,7 +50,7 @@ def test_mask_deterministic_by_seed_and_split():
 
 def test_mask_identical_across_methods(tmp_path):
     train_missing.main(argv(tmp_path, "--method", "late_fusion,cca", "--seed", "3"))
-    files = [np.load(tmp_path / "toy" / m / "seed3" / "missing0.5" / "missing_mask.npz") for m in ("late_fusion", "cca")]
+    files = [np.load(tmp_path / "toy_missing" / m / "seed3" / "missing0.5" / "missing_mask.npz") for m in ("late_fusion", "cca")]
     assert set(files[0].files) == {"train", "val", "test"}
     for s in ("train", "val", "test"):
         assert np.array_equal(files[0][s], files[1][s])
@@ -342,7 +342,7 @@ def test_mla_fixed_weights_renormalised_over_present_views():
 @pytest.mark.parametrize("method", C.MISSING_METHODS)
 def test_every_method_trains_one_toy_epoch_and_writes_record(method, tmp_path):
     [rec] = train_missing.main(argv(tmp_path, "--method", method, "--missing_rate", "0.3"))
-    run_dir = tmp_path / "toy" / method / "seed0" / "missing0.3"
+    run_dir = tmp_path / "toy_missing" / method / "seed0" / "missing0.3"
     on_disk = json.loads((run_dir / "record.json").read_text())
     assert tuple(on_disk) == C.RECORD_KEYS and on_disk == json.loads(json.dumps(rec))
     assert on_disk["script"] == "train_missing.py" and on_disk["method"] == method
@@ -358,7 +358,7 @@ def test_every_method_trains_one_toy_epoch_and_writes_record(method, tmp_path):
 def test_rate_sweep_writes_one_record_per_rate_and_report_reads_them(tmp_path, capsys):
     recs = train_missing.main(argv(tmp_path, "--method", "late_fusion", "--missing_rates", "0.1,0.7"))
     assert [r["args"]["missing_rate"] for r in recs] == [0.1, 0.7]
-    mask = np.load(tmp_path / "toy" / "late_fusion" / "seed0" / "missing0.7" / "missing_mask.npz")["train"]
+    mask = np.load(tmp_path / "toy_missing" / "late_fusion" / "seed0" / "missing0.7" / "missing_mask.npz")["train"]
     assert (mask.sum(1) == 1).all()
     assert "[2/2] late_fusion seed 0 missing_rate 0.7: test" in capsys.readouterr().out
     again = train_missing.main(argv(tmp_path, "--method", "late_fusion", "--missing_rates", "0.1,0.7"))

@@ -24,7 +24,7 @@ def run(toy_root, out, *extra):
 @pytest.mark.parametrize("method", C.METHODS)
 def test_every_method_trains_one_toy_epoch_and_writes_record(method, toy_root, tmp_path):
     rec = run(toy_root, tmp_path, "--method", method)
-    run_dir = tmp_path / "toy" / method / "seed0"
+    run_dir = tmp_path / "toy_av" / method / "seed0"
     on_disk = json.loads((run_dir / "record.json").read_text())
     assert tuple(on_disk) == C.RECORD_KEYS                   # exactly the SPEC keys, in order
     assert on_disk == json.loads(json.dumps(rec))
@@ -76,7 +76,7 @@ def test_sweep_methods_and_seeds_in_one_call(toy_root, tmp_path, capsys):
     recs = train_av.main(toy_argv(toy_root, tmp_path, "--method", "sum,mla", "--seeds", "3,4"))
     assert [(r["method"], r["seed"]) for r in recs] == [("sum", 3), ("mla", 3), ("sum", 4), ("mla", 4)]
     for r in recs:
-        assert json.loads((tmp_path / "toy" / r["method"] / f"seed{r['seed']}" / "record.json").read_text()) == r
+        assert json.loads((tmp_path / "toy_av" / r["method"] / f"seed{r['seed']}" / "record.json").read_text()) == r
     out = capsys.readouterr().out
     assert "[4/4] mla seed 4: test audio" in out
     with pytest.raises(SystemExit):
@@ -90,7 +90,7 @@ def test_killed_sweep_reruns_only_missing_runs(toy_root, tmp_path):
     argv = toy_argv(toy_root, tmp_path, "--method", "sum,concat,late_fusion")
     proc = subprocess.Popen([sys.executable, str(ROOT / "train_av.py"), *argv], cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    first = tmp_path / "toy" / "sum" / "seed0" / "record.json"
+    first = tmp_path / "toy_av" / "sum" / "seed0" / "record.json"
     deadline = time.time() + 120
     while not first.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)

@@ -30,7 +30,7 @@ def run(root, out, *extra):
 @pytest.mark.parametrize("method", C.METHODS)
 def test_every_method_trains_one_toy_epoch_and_writes_record(method, it_root, tmp_path):
     rec = run(it_root, tmp_path, "--method", method)
-    run_dir = tmp_path / "toy" / method / "seed0"
+    run_dir = tmp_path / "toy_it" / method / "seed0"
     on_disk = json.loads((run_dir / "record.json").read_text())
     assert tuple(on_disk) == C.RECORD_KEYS
     assert on_disk == json.loads(json.dumps(rec))
@@ -82,7 +82,7 @@ def test_m3ae_checkpoint_through_the_script(it_root, tmp_path, capsys):
     out = capsys.readouterr()
     assert out.out.count("tensors loaded; missing keys: none; unexpected keys: none") == 2
     assert "RANDOM" not in out.err
-    sd = torch.load(tmp_path / "toy" / "concat" / "seed0" / "best.pt", weights_only=False)["state_dict"]
+    sd = torch.load(tmp_path / "toy_it" / "concat" / "seed0" / "best.pt", weights_only=False)["state_dict"]
     assert torch.equal(sd["encoders.0.encoder.blocks.0.attention.qkv_linear.weight"],
                        image.encoder.blocks[0].attention.qkv_linear.weight)     # lr 0: still the loaded weights
     assert torch.equal(sd["encoders.1.text_embedding.weight"], text.text_embedding.weight)
@@ -92,7 +92,7 @@ def test_hf_encoders_by_local_path(it_root, tmp_path, hf_models):
     rec = run(it_root, tmp_path, "--method", "mla", "--encoder", "hf", "--image_model", str(hf_models / "vit"),
               "--text_model", str(hf_models / "bert"), "--tokenizer", str(it_root / "tokenizer"))
     assert rec["args"]["encoder"] == "hf" and set(rec["test"]) == {"image", "text", "multi"}
-    sd = torch.load(tmp_path / "toy" / "mla" / "seed0" / "best.pt", weights_only=False)["state_dict"]
+    sd = torch.load(tmp_path / "toy_it" / "mla" / "seed0" / "best.pt", weights_only=False)["state_dict"]
     assert sd["encoders.1.proj.weight"].shape == (32, 24)           # BERT 24 -> ViT's 32
     assert sd["head.weight"].shape == (6, 32) and not torch.equal(sd["P"], torch.eye(32))
 

@@ -2755,6 +2755,71 @@ RECORD_KEYS = ("script", "dataset", "method", "seed", "args", "modalities", "epo
                "best_epoch", "test", "wall_time_s", "version")
 
 
+def _default_help(defaults, key, text=""):
+    paper, toy = defaults["paper"].get(key), defaults["toy"].get(key)
+    return (text + "; " if text else "") + f"paper {paper}; toy {toy}"
+
+
+def add_common_args(p, methods, defaults, modalities=None, condition=None):
+    """The flags every train_*.py shares, declared once: the run (--method, --seed, --seeds), SGD and
+    StepLR (defaults None: the script's DEFAULTS['paper'] or ['toy'], filled by finish_args), MLA's,
+    OGM's and FiLM/BiGated's (when `condition` names the default conditioning modality) and the
+    protocol (--select_on, --val_ratio, --out_dir, --device)."""
+    g = p.add_argument_group("run")
+    g.add_argument("--method", default="mla", help=f"one of {', '.join(methods)}; a comma list; or 'all' (a sweep)")
+    g.add_argument("--seed", type=int, default=0, help="seeds Python, NumPy, torch and the data order")
+    g.add_argument("--seeds", default=None, help="comma list of seeds to sweep, e.g. 0,1,2 (overrides --seed)")
+    g = p.add_argument_group("optimisation (SGD, StepLR)")
+    g.add_argument("--epochs", type=int, default=None, help=_default_help(defaults, "epochs"))
+    g.add_argument("--batch_size", type=int, default=None, help=_default_help(defaults, "batch_size"))
+    g.add_argument("--lr", type=float, default=None, help=_default_help(defaults, "lr", "learning rate"))
+    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--weight_decay", type=float, default=1e-4)
+    g.add_argument("--lr_decay_step", type=int, default=None, help=_default_help(defaults, "lr_decay_step", "epochs"))
+    g.add_argument("--lr_decay_ratio", type=float, default=None, help=_default_help(defaults, "lr_decay_ratio"))
+    g = p.add_argument_group("MLA")
+    g.add_argument("--fusion", default="dynamic", choices=["dynamic", "fixed", "dynamic_batch"],
+                   help="test-time fusion: per-sample entropy weights; fixed weights; or the official code's "
+                        "batch-axis entropy (one weight per batch)")
+    g.add_argument("--fusion_weights", type=float, nargs="+", default=None,
+                   help="weights for --fusion fixed (default 0.5 0.5; audio, image, text 0.35 0.25 0.4)")
+    g.add_argument("--no_hgm", action="store_true",
+                   help="no head-gradient projection (what the official code effectively runs)")
+    g.add_argument("--hgm_alpha", type=float, default=None,
+                   help="HGM alpha; default: 0.1 ** (1 + i/n) for batch i of n")
+    if condition:
+        g = p.add_argument_group("OGM / OGM-GE, FiLM / BiGated")
+        g.add_argument("--alpha", type=float, default=0.3, help="OGM modulation strength")
+        g.add_argument("--modulation_starts", type=int, default=0, help="first epoch with OGM modulation")
+        g.add_argument("--modulation_ends", type=int, default=50, help="last epoch with OGM modulation")
+        g.add_argument("--condition", default=condition, choices=modalities, help="FiLM/BiGated conditioning modality")
+    g = p.add_argument_group("protocol and output")
+    g.add_argument("--select_on", default="val", choices=["val", "test", "last"],
+                   help="epoch selection: validation split (default), test set (the official protocol) or last epoch")
+    g.add_argument("--val_ratio", type=float, default=0.1,
+                   help="seeded stratified share of train used for validation when the data has no dev split; "
+                        "0: no validation split (then --select_on test or last)")
+    g.add_argument("--out_dir", default="runs")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def finish_args(p, args, methods, defaults):
+    """Check the shared flags and fill the unset ones from DEFAULTS['toy' or 'paper']."""
+    if args.epochs is not None and args.epochs < 1:
+        p.error("--epochs must be at least 1")
+    if not 0 <= args.val_ratio < 1:
+        p.error("--val_ratio must be in [0, 1)")
+    try:
+        parse_methods(args.method, methods)
+        [int(s) for s in args.seeds.split(",")] if args.seeds else None
+    except ValueError as e:
+        p.error(str(e))
+    for k, v in defaults["toy" if args.dataset == "toy" else "paper"].items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+    return args
+
+
 def run_dir(args, *extra):
     """<out_dir>/<dataset>/<method>/seed<k>[/extra...]: where a run writes record.json and best.pt.
     A toy set's folder is named after its script (toy_av, toy_it, toy_missing, ...), so the toy runs
@@ -2863,6 +2928,8 @@ def fit(method, optimizer, scheduler, loaders, args, out, script, device):
               "version": code_version()}
     assert tuple(record) == RECORD_KEYS
     atomic_json_dump(record, out / "record.json")
+    chosen = "selected on TEST" if args.select_on == "test" else f"epoch {best_epoch + 1} by {args.select_on}"
+    print(f"test ({chosen}): {fmt_acc(test)}\nrecord: {out / 'record.json'}", flush=True)
     return record
 
 

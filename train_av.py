@@ -28,33 +28,10 @@ DEFAULTS = {
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a("--dataset", default="toy", choices=["toy", "cremad", "ks"])
+    a("--dataset", default="toy", choices=["toy", "cremad", "ks"], help="toy: a generated CREMA-D-like set")
     a("--data_root", default=None, help="data folder (default data/<dataset>; toy: generated in a temp dir)")
-    a("--method", default="mla", help=f"one of {', '.join(C.METHODS)}; or a comma list, or 'all' (a sweep)")
-    a("--seed", type=int, default=0, help="seeds Python, NumPy, torch and the data order")
-    a("--seeds", default=None, help="comma list of seeds to sweep, e.g. 0,1,2 (overrides --seed)")
-    # optimisation (None = paper default for real data, small default for toy)
-    a("--epochs", type=int, default=None, help="paper 100; toy 10")
-    a("--batch_size", type=int, default=None, help="paper 64; toy 32")
-    a("--lr", type=float, default=None, help="SGD learning rate; paper 1e-3; toy 1e-2")
-    a("--momentum", type=float, default=0.9)
-    a("--weight_decay", type=float, default=1e-4)
-    a("--lr_decay_step", type=int, default=None, help="StepLR step in epochs; paper 70")
-    a("--lr_decay_ratio", type=float, default=None, help="StepLR factor; paper 0.1")
-    # MLA
-    a("--fusion", default="dynamic", choices=["dynamic", "fixed", "dynamic_batch"],
-      help="MLA test-time fusion: per-sample entropy weights; fixed weights; or the official code's "
-           "batch-axis entropy (one weight per batch)")
-    a("--fusion_weights", type=float, nargs="+", default=None, help="weights for --fusion fixed (0.5 0.5)")
-    a("--no_hgm", action="store_true", help="MLA without the head-gradient projection (what the official "
-                                           "code effectively runs)")
-    a("--hgm_alpha", type=float, default=None, help="HGM alpha; default: 0.1 ** (1 + i/n) for batch i of n")
-    # OGM / OGM-GE, FiLM / BiGated
-    a("--alpha", type=float, default=0.3, help="OGM modulation strength")
-    a("--modulation_starts", type=int, default=0, help="first epoch with OGM modulation")
-    a("--modulation_ends", type=int, default=50, help="last epoch with OGM modulation")
-    a("--condition", default="audio", choices=["audio", "video"], help="FiLM/BiGated conditioning modality")
-    # inputs
+    C.add_common_args(p, C.METHODS, DEFAULTS, ["audio", "video"], condition="audio")
+    a = p.add_argument_group("inputs").add_argument
     a("--image_size", type=int, default=None, help="frame crop size; paper 224; toy 32")
     a("--frames", type=int, default=None, help="frames per clip, taken evenly in sorted order; paper 3")
     a("--audio_len", type=int, default=None, help="fbank frames (10 ms each); paper 1024")
@@ -70,33 +47,16 @@ def get_args(argv=None):
                                         "or ~/.cache/mla when the data root is read-only)")
     a("--no_cache", action="store_true", help="decode every JPEG and compute every fbank each epoch instead "
                                              "(the toy set, generated afresh each run, is never cached)")
-    # protocol
-    a("--select_on", default="val", choices=["val", "test", "last"],
-      help="epoch selection: validation split (default), test set (official protocol) or last epoch")
-    a("--val_ratio", type=float, default=0.1, help="seeded stratified share of train used for validation")
-    a("--out_dir", default="runs")
-    a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a = p.add_argument_group("speed").add_argument
     a("--num_workers", type=int, default=None, help="data loader workers; paper 8; toy 0")
     a("--amp", action=argparse.BooleanOptionalAction, default=None,
       help="bf16 autocast and channels_last ResNets on CUDA (default: on with CUDA; CPU runs never use it)")
-    # toy data set
+    a = p.add_argument_group("toy data set").add_argument
     a("--toy_train", type=int, default=600, help="toy: training clips (before the validation split)")
     a("--toy_test", type=int, default=240, help="toy: test clips")
     a("--toy_seed", type=int, default=0, help="toy: seed of the generated data (fixed across --seed)")
     p.set_defaults(script="train_av.py")      # names the toy runs' folder (common.run_dir)
-    args = p.parse_args(argv)
-    if args.epochs is not None and args.epochs < 1:
-        p.error("--epochs must be at least 1")
-    if not 0 <= args.val_ratio < 1:
-        p.error("--val_ratio must be in [0, 1)")
-    try:
-        C.parse_methods(args.method, C.METHODS)
-        [int(s) for s in args.seeds.split(",")] if args.seeds else None
-    except ValueError as e:
-        p.error(str(e))
-    for k, v in DEFAULTS["toy" if args.dataset == "toy" else "paper"].items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
+    args = C.finish_args(p, p.parse_args(argv), C.METHODS, DEFAULTS)
     if args.amp is None:
         args.amp = args.device.startswith("cuda")
     if args.amp and not args.device.startswith("cuda"):
@@ -171,11 +131,7 @@ def run(args):
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_decay_step, args.lr_decay_ratio)
 
     # ---- train, select, test, record
-    run_dir = C.run_dir(args)
-    record = C.fit(method, optimizer, scheduler, loaders, args, run_dir, "train_av.py", device)
-    print(f"test ({'selected on TEST' if args.select_on == 'test' else 'epoch ' + str(record['best_epoch'] + 1)}"
-          f" by {args.select_on}): {C.fmt_acc(record['test'])}")
-    print(f"record: {run_dir / 'record.json'}")
+    record = C.fit(method, optimizer, scheduler, loaders, args, C.run_dir(args), "train_av.py", device)
     if tmp is not None:
         tmp.cleanup()
     return record

@@ -35,31 +35,8 @@ def get_args(argv=None):
     a("--data_root", default=None, help="data folder (default data/<dataset>; toy: generated in a temp dir)")
     a("--layout", default="auto", choices=["auto", "jsonl", "mla"],
       help="on-disk layout: MMBT/QMF jsonl or MLA lists; auto detects it (jsonl first)")
-    a("--method", default="mla", help=f"one of {', '.join(C.METHODS)}; or a comma list, or 'all' (a sweep)")
-    a("--seed", type=int, default=0, help="seeds Python, NumPy, torch and the data order")
-    a("--seeds", default=None, help="comma list of seeds to sweep, e.g. 0,1,2 (overrides --seed)")
-    # optimisation (None = paper default for real data, small default for toy)
-    a("--epochs", type=int, default=None, help="paper 100; toy 30")
-    a("--batch_size", type=int, default=None, help="paper 64; toy 32")
-    a("--lr", type=float, default=None, help="SGD learning rate; paper 1e-3; toy 1e-2")
-    a("--momentum", type=float, default=0.9)
-    a("--weight_decay", type=float, default=1e-4)
-    a("--lr_decay_step", type=int, default=None, help="StepLR step in epochs; paper 70")
-    a("--lr_decay_ratio", type=float, default=None, help="StepLR factor; paper 0.1")
-    # MLA
-    a("--fusion", default="dynamic", choices=["dynamic", "fixed", "dynamic_batch"],
-      help="MLA test-time fusion: per-sample entropy weights; fixed weights; or the official code's "
-           "batch-axis entropy (one weight per batch)")
-    a("--fusion_weights", type=float, nargs="+", default=None, help="weights for --fusion fixed (0.5 0.5)")
-    a("--no_hgm", action="store_true", help="MLA without the head-gradient projection (what the official "
-                                           "code effectively runs)")
-    a("--hgm_alpha", type=float, default=None, help="HGM alpha; default: 0.1 ** (1 + i/n) for batch i of n")
-    # OGM / OGM-GE, FiLM / BiGated
-    a("--alpha", type=float, default=0.3, help="OGM modulation strength")
-    a("--modulation_starts", type=int, default=0, help="first epoch with OGM modulation")
-    a("--modulation_ends", type=int, default=50, help="last epoch with OGM modulation")
-    a("--condition", default="text", choices=["image", "text"], help="FiLM/BiGated conditioning modality")
-    # encoders
+    C.add_common_args(p, C.METHODS, DEFAULTS, ["image", "text"], condition="text")
+    a = p.add_argument_group("encoders").add_argument
     a("--encoder", default="m3ae", choices=["m3ae", "hf"],
       help="m3ae: M3AE-shaped transformer per modality; hf: transformers models (--image_model, --text_model)")
     a("--m3ae_ckpt", default=None, help="converted M3AE PyTorch state dict for both encoders (default: random "
@@ -77,43 +54,24 @@ def get_args(argv=None):
                                                  "a narrower model gets a linear projection")
     a("--hf_pool", default="mean", choices=["mean", "pooler"],
       help="--encoder hf: mean of the last hidden states (padding left out) or the model's pooler output")
-    # inputs
+    a = p.add_argument_group("inputs").add_argument
     a("--tokenizer", default=None, help="BERT uncased tokenizer for raw text: local folder (a vocab.txt is "
                                         "enough) or hub name; default bert-base-uncased (m3ae), the text "
                                         "model's (hf), the generated one (toy)")
     a("--max_len", type=int, default=None, help="text tokens (cut or padded); paper 256; toy 12")
     a("--image_size", type=int, default=None, help="image side after the transforms; paper 256; toy 32")
     a("--skip_bad", action="store_true", help="skip pairs with missing files (and print how many)")
-    # protocol
-    a("--select_on", default="val", choices=["val", "test", "last"],
-      help="epoch selection: validation split (default), test set (official protocol) or last epoch")
-    a("--val_ratio", type=float, default=0.1,
-      help="without a dev split: seeded stratified share of train used for validation; 0: no validation "
-           "split at all (the dev split is then not used either)")
-    a("--out_dir", default="runs")
-    a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a = p.add_argument_group("speed").add_argument
     a("--num_workers", type=int, default=None, help="data loader workers; paper 8; toy 0")
     a("--cpu_threads", type=int, default=None, help="torch CPU threads, 0 = torch's default (paper); toy 1: its "
                                                     "tiny layers gain nothing from threads, which stall on a busy CPU")
-    # toy data set
+    a = p.add_argument_group("toy data set").add_argument
     a("--toy_train", type=int, default=600, help="toy: training pairs")
     a("--toy_dev", type=int, default=120, help="toy: validation (dev) pairs")
     a("--toy_test", type=int, default=240, help="toy: test pairs")
     a("--toy_seed", type=int, default=0, help="toy: seed of the generated data (fixed across --seed)")
     p.set_defaults(script="train_it.py")      # names the toy runs' folder (common.run_dir)
-    args = p.parse_args(argv)
-    if args.epochs is not None and args.epochs < 1:
-        p.error("--epochs must be at least 1")
-    if not 0 <= args.val_ratio < 1:
-        p.error("--val_ratio must be in [0, 1)")
-    try:
-        C.parse_methods(args.method, C.METHODS)
-        [int(s) for s in args.seeds.split(",")] if args.seeds else None
-    except ValueError as e:
-        p.error(str(e))
-    for k, v in DEFAULTS["toy" if args.dataset == "toy" else "paper"].items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
+    args = C.finish_args(p, p.parse_args(argv), C.METHODS, DEFAULTS)
     if args.encoder == "m3ae" and args.image_size % args.patch_size:
         p.error(f"--image_size {args.image_size} is not a multiple of --patch_size {args.patch_size}")
     return args
@@ -196,11 +154,7 @@ def train(args):
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_decay_step, args.lr_decay_ratio)
 
     # ---- train, select, test, record
-    run_dir = C.run_dir(args)
-    record = C.fit(method, optimizer, scheduler, loaders, args, run_dir, "train_it.py", device)
-    print(f"test ({'selected on TEST' if args.select_on == 'test' else 'epoch ' + str(record['best_epoch'] + 1)}"
-          f" by {args.select_on}): {C.fmt_acc(record['test'])}")
-    print(f"record: {run_dir / 'record.json'}")
+    record = C.fit(method, optimizer, scheduler, loaders, args, C.run_dir(args), "train_it.py", device)
     if tmp is not None:
         tmp.cleanup()
     return record

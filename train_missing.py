@@ -40,30 +40,11 @@ def get_args(argv=None):
     a("--missing_rate", type=float, default=0.5, help="fraction of (sample, view) entries removed")
     a("--missing_rates", default=None, help="comma list of rates to sweep, e.g. 0.1,0.3,0.5,0.7 "
                                             "(overrides --missing_rate)")
-    a("--method", default="mla", help=f"one of {', '.join(C.MISSING_METHODS)}; or a comma list, or 'all'")
-    a("--seed", type=int, default=0, help="seeds Python, NumPy, torch, the data order and the missing mask")
-    a("--seeds", default=None, help="comma list of seeds to sweep, e.g. 0,1,2 (overrides --seed)")
-    # optimisation (None = paper default for real data, small default for toy)
-    a("--epochs", type=int, default=None, help="paper 100; toy 15")
-    a("--batch_size", type=int, default=None, help="paper 64; toy 64")
-    a("--lr", type=float, default=None, help="SGD learning rate; paper 1e-3; toy 1e-2")
-    a("--momentum", type=float, default=0.9)
-    a("--weight_decay", type=float, default=1e-4)
-    a("--lr_decay_step", type=int, default=None, help="StepLR step in epochs; paper 70")
-    a("--lr_decay_ratio", type=float, default=None, help="StepLR factor; paper 0.1")
-    # model sizes (SPEC 4: 3 layers of 128 per modality, classifier 128 -> C)
+    C.add_common_args(p, C.MISSING_METHODS, DEFAULTS)
+    a = p.add_argument_group("model sizes (SPEC 4: 3 layers of 128 per modality, classifier 128 -> C)").add_argument
     a("--hidden", type=int, default=128, help="width of the per-modality MLP encoders (and codes, tokens)")
     a("--layers", type=int, default=3, help="linear layers per MLP encoder (and decoder)")
-    # MLA
-    a("--fusion", default="dynamic", choices=["dynamic", "fixed", "dynamic_batch"],
-      help="MLA test-time fusion over the present views: per-sample entropy weights; fixed weights; or the "
-           "official code's batch-axis entropy")
-    a("--fusion_weights", type=float, nargs="+", default=None,
-      help="weights for --fusion fixed (audio 0.35, visual 0.25, text 0.4), renormalised over present views")
-    a("--no_hgm", action="store_true", help="MLA without the head-gradient projection (what the official "
-                                           "code effectively runs)")
-    a("--hgm_alpha", type=float, default=None, help="HGM alpha; default: 0.1 ** (1 + i/n) for batch i of n")
-    # Table-6-only methods
+    a = p.add_argument_group("Table-6-only methods").add_argument
     a("--cca_dim", type=int, default=32, help="cca: canonical components kept")
     a("--dcca_dim", type=int, default=10, help="dcca/dccae: output units per view (= canonical correlations)")
     a("--cca_reg", type=float, default=1e-3, help="cca/dcca/dccae: ridge added to the covariances")
@@ -81,14 +62,7 @@ def get_args(argv=None):
     a("--code_steps", type=int, default=20, help="cpm_net: code refinement steps per batch and at test time")
     a("--tate_layers", type=int, default=2, help="tate: transformer encoder layers")
     a("--tate_heads", type=int, default=4, help="tate: attention heads")
-    # protocol
-    a("--select_on", default="val", choices=["val", "test", "last"],
-      help="epoch selection: validation split (default), test set (official protocol) or last epoch")
-    a("--val_ratio", type=float, default=0.1, help="seeded stratified share of train held out for validation "
-                                                   "when the data has no val split")
-    a("--out_dir", default="runs")
-    a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    # toy data set
+    a = p.add_argument_group("toy data set").add_argument
     a("--toy_train", type=int, default=1000, help="toy: training samples")
     a("--toy_val", type=int, default=200, help="toy: validation samples")
     a("--toy_test", type=int, default=400, help="toy: test samples")
@@ -96,14 +70,8 @@ def get_args(argv=None):
       help="toy: widths of audio, visual, text (comma list)")
     a("--toy_seed", type=int, default=0, help="toy: seed of the generated data (fixed across --seed)")
     p.set_defaults(script="train_missing.py")      # names the toy runs' folder (common.run_dir)
-    args = p.parse_args(argv)
-    if args.epochs is not None and args.epochs < 1:
-        p.error("--epochs must be at least 1")
-    if not 0 <= args.val_ratio < 1:
-        p.error("--val_ratio must be in [0, 1)")
+    args = C.finish_args(p, p.parse_args(argv), C.MISSING_METHODS, DEFAULTS)
     try:
-        C.parse_methods(args.method, C.MISSING_METHODS)
-        [int(s) for s in args.seeds.split(",")] if args.seeds else None
         rates = parse_rates(args.missing_rates) if args.missing_rates else [args.missing_rate]
     except ValueError as e:
         p.error(str(e))
@@ -113,9 +81,6 @@ def get_args(argv=None):
         p.error("--mmin_files takes three names: audio, visual, text")
     if len(args.toy_dims) != 3:
         p.error("--toy_dims takes three widths: audio, visual, text")
-    for k, v in DEFAULTS["toy" if args.dataset == "toy" else "paper"].items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
     return args
 
 
@@ -188,11 +153,7 @@ def run(args):
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_decay_step, args.lr_decay_ratio)
 
     # ---- train, select, test, record
-    record = C.fit(method, optimizer, scheduler, loaders, args, run_dir, "train_missing.py", device)
-    print(f"test ({'selected on TEST' if args.select_on == 'test' else 'epoch ' + str(record['best_epoch'] + 1)}"
-          f" by {args.select_on}, {100 * args.missing_rate:g}% missing): {C.fmt_acc(record['test'])}")
-    print(f"record: {run_dir / 'record.json'}")
-    return record
+    return C.fit(method, optimizer, scheduler, loaders, args, run_dir, "train_missing.py", device)
 
 
 if __name__ == "__main__":

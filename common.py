@@ -71,13 +71,15 @@ def seed_worker(_worker_id):
     random.seed(s)
 
 
-def atomic_write_bytes(path, data: bytes):
+def atomic_write(path, write):
+    """Write a file so that a crash at any moment leaves either the old file or the new one:
+    write(f) into a temporary file beside it, flush and fsync, then rename over the old one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -88,13 +90,11 @@ def atomic_write_bytes(path, data: bytes):
 
 
 def atomic_torch_save(obj, path):
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def atomic_json_dump(obj, path):
-    atomic_write_bytes(path, (json.dumps(obj, indent=1) + "\n").encode())
+    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=1) + "\n").encode()))
 
 
 def code_version():
@@ -416,8 +416,7 @@ class CachedAVDataset(torch.utils.data.Dataset):
         self.folder = Path(cache_dir) / f"{'train' if train else 'eval'}-{self.key(params)}"
         if not (self.folder / "meta.json").is_file():
             self.build(params, size, num_workers)
-        self.fbank = np.load(self.folder / "fbank.npy", mmap_mode="r")
-        self.frames = np.load(self.folder / "frames.npy", mmap_mode="r")
+        self._arrays = None
         if len(self.fbank) != len(self.clips):
             raise DataError(f"{self.folder}: cache holds {len(self.fbank)} clips; expected {len(self.clips)} "
                             "(delete the folder to rebuild it)")
@@ -440,7 +439,10 @@ class CachedAVDataset(torch.utils.data.Dataset):
                                            (n, params["audio_len"], params["num_mel_bins"]))
             fr = np.lib.format.open_memmap(tmp / "frames.npy", "w+", np.uint8, (n, params["frames"], 3, *size))
             src = _CacheBuild(self.clips, size, params["frames"], params["audio_len"], params["num_mel_bins"])
-            loader = torch.utils.data.DataLoader(src, batch_size=None, num_workers=num_workers)
+            # its own generator: building must not draw from the global RNG, or a run that builds the
+            # cache would train differently from one that finds it built
+            loader = torch.utils.data.DataLoader(src, batch_size=None, num_workers=num_workers,
+                                                 generator=torch.Generator().manual_seed(0))
             for i, (a, v) in enumerate(tqdm(loader, total=n, desc=f"caching {self.folder.name}", unit="clip",
                                             disable=not sys.stderr.isatty())):
                 fb[i], fr[i] = a, v
@@ -456,6 +458,25 @@ class CachedAVDataset(torch.utils.data.Dataset):
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
+
+    # the memory maps are opened in each process that reads them, and never pickled (a pickled memmap
+    # would copy the whole array into every loader worker started with 'spawn', as on macOS)
+    def _open(self):
+        if self._arrays is None:
+            self._arrays = (np.load(self.folder / "fbank.npy", mmap_mode="r"),
+                            np.load(self.folder / "frames.npy", mmap_mode="r"))
+        return self._arrays
+
+    @property
+    def fbank(self):
+        return self._open()[0]
+
+    @property
+    def frames(self):
+        return self._open()[1]
+
+    def __getstate__(self):
+        return {**self.__dict__, "_arrays": None}
 
     def __len__(self):
         return len(self.clips)
@@ -871,7 +892,9 @@ def make_loader(dataset, batch_size, train, seed=0, num_workers=0, device="cpu")
         dataset, batch_size=batch_size, shuffle=train, generator=g, num_workers=num_workers,
         worker_init_fn=seed_worker, pin_memory=str(device).startswith("cuda"),
         drop_last=train and len(dataset) % batch_size == 1,   # BatchNorm cannot train on 1 sample
-        persistent_workers=num_workers > 0)
+        # training workers start afresh each epoch, seeded from the generator, so a resumed run draws
+        # the same augmentations as an uninterrupted one
+        persistent_workers=num_workers > 0 and not train)
 
 
 # ==================================================================================================
@@ -2745,7 +2768,7 @@ def train_one_epoch(method, loader, optimizer, epoch, device, desc="", amp=False
             else:
                 loss = method.train_step(xs, y, idx, optimizer, progress)
         if not math.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss {loss} at epoch {epoch}, step {step}")
+            raise FloatingPointError(f"non-finite loss ({loss}) at epoch {epoch + 1}, step {step + 1} of {steps}")
         total += loss
         bar.set_postfix(loss=f"{loss:.3f}")
     return total / max(steps, 1)
@@ -2800,6 +2823,8 @@ def add_common_args(p, methods, defaults, modalities=None, condition=None):
                    help="seeded stratified share of train used for validation when the data has no dev split; "
                         "0: no validation split (then --select_on test or last)")
     g.add_argument("--out_dir", default="runs")
+    g.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from <run folder>/last.pt (saved after every epoch)")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -2818,6 +2843,19 @@ def finish_args(p, args, methods, defaults):
         if getattr(args, k, None) is None:
             setattr(args, k, v)
     return args
+
+
+def script_main(main):
+    """Run a script's main() and turn the failures a user can act on into one clear line and a
+    non-zero exit: bad data, a non-finite loss, Ctrl-C (the run can continue with --resume)."""
+    try:
+        main()
+    except DataError as e:
+        sys.exit(f"error: {e}")
+    except FloatingPointError as e:
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit("interrupted: rerun the same command with --resume to continue from the last finished epoch")
 
 
 def run_dir(args, *extra):
@@ -2878,28 +2916,74 @@ def fmt_acc(acc):
     return "  ".join(f"{k} {v:5.1f}" for k, v in acc.items())
 
 
+def rng_states(train_loader):
+    """Every random state a run draws from: Python, NumPy, torch (CPU and CUDA) and the training
+    loader's generator (its shuffle order and its workers' seeds)."""
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "loader": train_loader.generator.get_state() if train_loader.generator is not None else None}
+
+
+def set_rng_states(state, train_loader):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if state["loader"] is not None:
+        train_loader.generator.set_state(state["loader"])
+
+
 def fit(method, optimizer, scheduler, loaders, args, out, script, device):
     """Train for args.epochs, select an epoch (args.select_on: val | test | last), checkpoint it to
     out/best.pt, evaluate it on the test split and write out/record.json. Returns the record.
-    wall_time_s counts from the call (training and evaluation, not data discovery)."""
+
+    After every epoch the whole state (model incl. MLA's P and QMF's histories, optimizer, scheduler,
+    every RNG state and the training loader's generator, the epoch log, the selection so far) is
+    written atomically to out/last.pt; with args.resume a run continues from it and ends with the
+    record an uninterrupted run would have written. last.pt is removed once the record is written.
+    A non-finite loss stops the run (FloatingPointError naming the epoch and step) and leaves the
+    last good last.pt in place. wall_time_s counts from the call (not data discovery), resumed parts
+    included."""
     start = time.time()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    last = out / "last.pt"
     if args.select_on == "val" and loaders.get("val") is None:
         raise ValueError("--select_on val needs a validation split (--val_ratio > 0)")
     if args.select_on == "test":
         print("NOTE: selecting the epoch on the TEST set (--select_on test, the official protocol); "
               "the reported test accuracy is optimistic.")
-    log, best_epoch, best_score = [], None, -1.0
+    log, best_epoch, best_score, first, elapsed = [], None, -1.0, 0, 0.0
     amp = bool(getattr(args, "amp", False))
     # optional hooks of methods with a step outside the mini-batch updates (the Table 6 CCA family):
     # fit_start(train_loader, device) before the first epoch, epoch_end(train_loader, device) after each
     hook = lambda name: getattr(method, name, None) or (lambda loader, device: None)
-    hook("fit_start")(loaders["train"], device)
-    for epoch in range(args.epochs):
+    if getattr(args, "resume", False) and last.is_file():
+        state = torch.load(last, map_location=device, weights_only=False)
+        if (state["method"], state["seed"]) != (args.method, args.seed):
+            raise ValueError(f"{last}: a checkpoint of {state['method']} seed {state['seed']}; expected "
+                             f"{args.method} seed {args.seed}")
+        method.load_state_dict(state["state_dict"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        log, best_epoch, best_score = state["log"], state["best_epoch"], state["best_score"]
+        first, elapsed = state["epoch"] + 1, state["elapsed"]
+        set_rng_states(state["rng"], loaders["train"])
+        print(f"resuming from {last}: {first} of {args.epochs} epochs done", flush=True)
+    else:
+        if getattr(args, "resume", False):
+            print(f"--resume: no {last}, starting from the first epoch", flush=True)
+        hook("fit_start")(loaders["train"], device)
+    for epoch in range(first, args.epochs):
         t0 = time.time()
-        loss = train_one_epoch(method, loaders["train"], optimizer, epoch, device,
-                               desc=f"epoch {epoch + 1}/{args.epochs}", amp=amp)
+        try:
+            loss = train_one_epoch(method, loaders["train"], optimizer, epoch, device,
+                                   desc=f"epoch {epoch + 1}/{args.epochs}", amp=amp)
+        except FloatingPointError as e:
+            kept = (f"the last good checkpoint, {last} (after epoch {epoch}), is kept: fix the cause (e.g. a "
+                    "lower --lr) and rerun with --resume") if last.is_file() else "no epoch had finished"
+            raise FloatingPointError(f"{e}; {kept}") from None
         hook("epoch_end")(loaders["train"], device)
         scheduler.step()
         entry = {"epoch": epoch, "train_loss": round(loss, 6),
@@ -2918,16 +3002,22 @@ def fit(method, optimizer, scheduler, loaders, args, out, script, device):
             atomic_torch_save({"method": args.method, "epoch": epoch, "args": vars(args),
                                "modalities": method.modalities, "state_dict": method.state_dict()},
                               out / "best.pt")
+        atomic_torch_save({"method": args.method, "seed": args.seed, "epoch": epoch, "args": vars(args),
+                           "state_dict": method.state_dict(), "optimizer": optimizer.state_dict(),
+                           "scheduler": scheduler.state_dict(), "rng": rng_states(loaders["train"]),
+                           "log": log, "best_epoch": best_epoch, "best_score": best_score,
+                           "elapsed": elapsed + time.time() - start}, last)
     state = torch.load(out / "best.pt", map_location=device, weights_only=False)
     method.load_state_dict(state["state_dict"])
     test = evaluate(method, loaders["test"], device, amp)
     record = {"script": script, "dataset": args.dataset, "method": args.method, "seed": args.seed,
               "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
               "modalities": method.modalities, "epochs": log, "select_on": args.select_on,
-              "best_epoch": best_epoch, "test": test, "wall_time_s": round(time.time() - start, 2),
+              "best_epoch": best_epoch, "test": test, "wall_time_s": round(elapsed + time.time() - start, 2),
               "version": code_version()}
     assert tuple(record) == RECORD_KEYS
     atomic_json_dump(record, out / "record.json")
+    last.unlink(missing_ok=True)
     chosen = "selected on TEST" if args.select_on == "test" else f"epoch {best_epoch + 1} by {args.select_on}"
     print(f"test ({chosen}): {fmt_acc(test)}\nrecord: {out / 'record.json'}", flush=True)
     return record

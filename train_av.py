@@ -8,7 +8,6 @@
 Writes <out_dir>/<dataset>/<method>/seed<k>/record.json and best.pt (the selected epoch).
 """
 import argparse
-import sys
 import tempfile
 from pathlib import Path
 
@@ -138,7 +137,4 @@ def run(args):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except C.DataError as e:
-        sys.exit(f"error: {e}")
+    C.script_main(main)

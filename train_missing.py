@@ -11,7 +11,6 @@ test alike. Writes <out_dir>/<dataset>/<method>/seed<k>/missing<rate>/record.jso
 missing_mask.npz (the masks of the run).
 """
 import argparse
-import sys
 import tempfile
 from pathlib import Path
 
@@ -157,7 +156,4 @@ def run(args):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except C.DataError as e:
-        sys.exit(f"error: {e}")
+    C.script_main(main)

@@ -89,3 +89,20 @@ def test_train_av_uses_the_cache(toy_root, tmp_path):
     names = sorted(p.name.split("-")[0] for p in (tmp_path / "cache").iterdir())
     assert names == ["eval", "eval", "train"]                         # val and test, train
     assert rec["args"]["cache_dir"] == str(tmp_path / "cache") and 0 <= rec["test"]["multi"] <= 100
+
+
+def test_building_the_cache_does_not_touch_the_global_rng(clips, tmp_path):
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    C.CachedAVDataset(clips["train"], True, **SIZES, cache_dir=tmp_path / "cache")
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_cached_dataset_pickles_without_its_arrays(clips, tmp_path):
+    import pickle
+    ds = C.CachedAVDataset(clips["train"], True, **SIZES, cache_dir=tmp_path / "cache")
+    a0 = ds[0][0]
+    blob = pickle.dumps(ds)
+    assert len(blob) < 20000                       # paths and clip list, not the arrays
+    again = pickle.loads(blob)
+    assert torch.equal(again[0][0], a0)

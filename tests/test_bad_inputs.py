@@ -1,0 +1,168 @@
+"""The catalogue of bad inputs, one case each: accepted as documented, or an error that names the file
+(and line) and what was expected; --skip_bad skips the skippable ones and says how many."""
+import json
+import sys
+
+import numpy as np
+import pytest
+
+import common as C
+import train_av
+from test_data import crema_rows, ogm_layout, write_frames
+
+
+@pytest.fixture
+def av(tmp_path):
+    root = tmp_path / "cremad"
+    root.mkdir()
+    return ogm_layout(root, crema_rows(6), crema_rows(2, 10))
+
+
+def set_line(path, n, text):
+    lines = path.read_text(encoding="utf-8-sig").splitlines()
+    lines[n - 1] = text
+    path.write_text("\n".join(lines) + "\n")
+
+
+def load(root, **kw):
+    return C.load_av_splits("cremad", root, **kw)
+
+
+# each case: (break the fixture, the error expected, or None when the input is accepted; skippable?)
+def missing_data_root(root):
+    return C.load_av_splits("cremad", root / "nowhere")
+
+
+def missing_list_file(root):
+    (root / "test.csv").unlink()
+    return load(root)
+
+
+def empty_split(root):
+    (root / "test.csv").write_text("\n\n")
+    return load(root)
+
+
+def blank_lines_and_bom(root):
+    rows = crema_rows(6)
+    (root / "train.csv").write_text("\ufeff" + "\n".join(f"{c},{l}\n" for c, l in rows), encoding="utf-8")
+    data = load(root)
+    assert [c.id for c in data["train"]] == [c for c, _ in rows] and data["train"][5].src.endswith("train.csv:11")
+    return data
+
+
+def unknown_label(root):
+    set_line(root / "train.csv", 4, "1003_DFA_FEA_XX,HAPPY")
+    return load(root)
+
+
+def duplicate_clip_id(root):
+    set_line(root / "train.csv", 5, "1001_DFA_HAP_XX,HAP")
+    return load(root)
+
+
+def missing_wav(root):
+    (root / "AudioWAV" / "1002_DFA_SAD_XX.wav").unlink()
+    return load(root)
+
+
+def zero_length_wav(root):
+    C.write_wav(root / "AudioWAV" / "1003_DFA_FEA_XX.wav", np.zeros(0), 16000)
+    return load(root)
+
+
+def non_wav_named_wav(root):
+    (root / "AudioWAV" / "1000_DFA_NEU_XX.wav").write_bytes(b"ID3\x03\x00 an mp3 under a .wav name")
+    return load(root)
+
+
+def truncated_jpg(root):
+    frame = root / "Image-01-FPS" / "1001_DFA_HAP_XX" / "frame_2.jpg"
+    frame.write_bytes(frame.read_bytes()[:60])
+    return C.AVDataset(load(root)["train"], False, 8, 3, 20, 16)[1]
+
+
+def empty_frame_folder(root):
+    for f in (root / "Image-01-FPS" / "1004_DFA_DIS_XX").iterdir():
+        f.unlink()
+    return load(root)
+
+
+def fbank_npy_wrong_width(root):
+    (root / "AudioWAV" / "1005_DFA_ANG_XX.wav").unlink()
+    np.save(root / "AudioWAV" / "1005_DFA_ANG_XX.npy", np.zeros((50, 40), np.float32))
+    return load(root, num_mel_bins=128)
+
+
+def text_not_utf8(root):
+    (root / "images").mkdir()
+    write_frames(root / "images", ["a.jpg", "b.jpg"], [10, 200])
+    rows = [{"id": "a", "label": "pie", "text": "apple pie", "img": "images/a.jpg"},
+            {"id": "b", "label": "soup", "text": "caf\u00e9 soup", "img": "images/b.jpg"}]
+    body = "\n".join(json.dumps(r, ensure_ascii=False) for r in rows).encode("latin-1")
+    for split in ("train", "test"):
+        (root / f"{split}.jsonl").write_bytes(body + b"\n")
+    return C.load_it_splits("food101", root)
+
+
+def features_npz_mismatched_lengths(root):
+    rng = np.random.RandomState(0)
+    np.savez(root / "features.npz", audio=rng.randn(10, 3), visual=rng.randn(9, 4), text=rng.randn(10, 5),
+             label=np.arange(10) % 2, split=np.array(["train"] * 6 + ["test"] * 4))
+    return C.load_features_npz(root / "features.npz")
+
+
+def h5py_absent(root):
+    for folder in ("A", "V", "L"):
+        (root / folder).mkdir()
+        (root / folder / "feat.h5").write_bytes(b"\x89HDF\r\n\x1a\n")
+    sys.modules["h5py"] = None                     # undone by the test's monkeypatch
+    return C.load_mmin(root)
+
+
+CASES = [
+    (missing_data_root, r"(?s)nowhere: data root not found.*accepted layouts", False),
+    (missing_list_file, r"test\.csv: file not found", False),
+    (empty_split, r"test\.csv: the list is empty; expected lines like '1088_IOM_NEU_XX,NEU'", False),
+    (blank_lines_and_bom, None, False),
+    (unknown_label, r"train\.csv:4: label 'HAPPY' is not a known class; expected one of", False),
+    (duplicate_clip_id, r"train\.csv:5: clip '1001_DFA_HAP_XX' listed twice \(first at .*train\.csv:2\)", True),
+    (missing_wav, r"train\.csv:3: audio of clip '1002_DFA_SAD_XX' missing: expected .*1002_DFA_SAD_XX\.wav", True),
+    (zero_length_wav, r"1003_DFA_FEA_XX\.wav: WAV file holds no samples.*train\.csv:4", True),
+    (non_wav_named_wav, r"1000_DFA_NEU_XX\.wav: not a RIFF/WAVE file .*expected a WAV file.*train\.csv:1", True),
+    (truncated_jpg, r"frame_2\.jpg: unreadable image \(listed at .*train\.csv:2\).*expected a readable", False),
+    (empty_frame_folder, r"train\.csv:5: frame folder .*1004_DFA_DIS_XX/ of clip .* is empty; expected \.jpg", True),
+    (fbank_npy_wrong_width, r"1005_DFA_ANG_XX\.npy: fbank of shape \(50, 40\); expected \(frames, 128\).*train\.csv:6",
+     True),
+    (text_not_utf8, r"train\.jsonl:2: not valid UTF-8 text", False),
+    (features_npz_mismatched_lengths, r"features\.npz: array visual has shape \(9, 4\); expected \(10, width\)", False),
+    (h5py_absent, r"feat\.h5: reading the MMIN layout's \.h5 files needs h5py.*pip install h5py", False),
+]
+
+
+@pytest.mark.parametrize("case, error, skippable", CASES, ids=[c[0].__name__ for c in CASES])
+def test_bad_input(case, error, skippable, av, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "h5py", sys.modules.get("h5py"))
+    root = av if case.__name__ not in ("text_not_utf8", "features_npz_mismatched_lengths", "h5py_absent") \
+        else tmp_path
+    if error is None:
+        assert case(root)
+        return
+    with pytest.raises(C.DataError, match=error):
+        case(root)
+    if skippable:
+        data = load(root, skip_bad=True, num_mel_bins=128 if case is fbank_npy_wrong_width else None)
+        assert data["skipped"] == 1 and len(data["train"]) == 5
+
+
+def test_skip_bad_run_says_how_many(av, tmp_path, capsys):
+    (av / "AudioWAV" / "1002_DFA_SAD_XX.wav").unlink()
+    argv = ["--dataset", "cremad", "--data_root", str(av), "--out_dir", str(tmp_path / "runs"), "--no_cache",
+            "--method", "concat", "--epochs", "1", "--batch_size", "4", "--image_size", "8", "--frames", "2",
+            "--audio_len", "20", "--num_mel_bins", "16", "--val_ratio", "0", "--select_on", "last",
+            "--num_workers", "0", "--device", "cpu"]
+    with pytest.raises(C.DataError, match="train.csv:3: audio of clip '1002_DFA_SAD_XX' missing"):
+        train_av.main(argv)
+    [rec] = train_av.main(argv + ["--skip_bad"])
+    assert "skipped 1 clips with missing files (--skip_bad)" in capsys.readouterr().out
+    assert rec["test"]["multi"] >= 0

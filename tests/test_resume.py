@@ -1,0 +1,117 @@
+"""Nothing trained is lost: exact resume after SIGKILL, atomic checkpoints, the non-finite-loss guard."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import common as C
+import train_av
+import train_missing
+from conftest import ROOT, TINY
+
+SAME = ("script", "dataset", "method", "seed", "modalities", "epochs", "select_on", "best_epoch", "test")
+
+
+def kill_after_first_epoch(script, argv, run_dir, cwd):
+    """Start `script argv` as a process, SIGKILL it once it has saved an epoch, before it finishes."""
+    proc = subprocess.Popen([sys.executable, str(ROOT / script), *argv], cwd=cwd,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last, deadline = run_dir / "last.pt", time.time() + 120
+    while not last.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert last.exists() and not (run_dir / "record.json").exists(), "killed between two epochs"
+    return torch.load(last, weights_only=False)
+
+
+@pytest.mark.parametrize("method", ["mla", "qmf"])
+def test_train_av_killed_and_resumed_equals_uninterrupted(method, toy_root, tmp_path):
+    argv = ["--dataset", "toy", "--data_root", str(toy_root), "--method", method, *TINY, "--epochs", "3"]
+    [whole] = train_av.main(argv + ["--out_dir", str(tmp_path / "whole")])
+    out = tmp_path / "killed"
+    run_dir = out / "toy_av" / method / "seed0"
+    saved = kill_after_first_epoch("train_av.py", argv + ["--out_dir", str(out)], run_dir, tmp_path)
+    assert saved["epoch"] < 2 and len(saved["log"]) == saved["epoch"] + 1
+    if method == "mla":
+        assert not torch.equal(saved["state_dict"]["P"], torch.eye(512))          # P travels in the checkpoint
+    if method == "qmf":
+        assert saved["state_dict"]["history"].abs().sum() > 0                     # so do QMF's histories
+    [resumed] = train_av.main(argv + ["--out_dir", str(out), "--resume"])
+    assert {k: resumed[k] for k in SAME} == {k: whole[k] for k in SAME}
+    assert not (run_dir / "last.pt").exists() and (run_dir / "best.pt").exists()
+
+
+def test_train_missing_killed_and_resumed_equals_uninterrupted(tmp_path):
+    argv = ["--method", "mla", "--epochs", "6", "--toy_train", "300", "--toy_val", "60", "--toy_test", "120",
+            "--missing_rate", "0.3"]
+    [whole] = train_missing.main(argv + ["--out_dir", str(tmp_path / "whole")])
+    out = tmp_path / "killed"
+    run_dir = out / "toy_missing" / "mla" / "seed0" / "missing0.3"
+    kill_after_first_epoch("train_missing.py", argv + ["--out_dir", str(out)], run_dir, tmp_path)
+    [resumed] = train_missing.main(argv + ["--out_dir", str(out), "--resume"])
+    assert {k: resumed[k] for k in SAME} == {k: whole[k] for k in SAME}
+
+
+def test_crash_between_write_and_rename_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    C.atomic_torch_save({"epoch": 1, "w": torch.arange(5)}, path)
+
+    def crash(src, dst):
+        raise OSError("simulated crash between write and rename")
+
+    monkeypatch.setattr(C.os, "replace", crash)
+    with pytest.raises(OSError, match="simulated crash"):
+        C.atomic_torch_save({"epoch": 2, "w": torch.zeros(5)}, path)
+    monkeypatch.undo()
+    state = torch.load(path, weights_only=False)
+    assert state["epoch"] == 1 and torch.equal(state["w"], torch.arange(5))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]               # no temporary file left
+
+
+def test_crash_in_a_checkpoint_write_then_resume(toy_root, tmp_path, monkeypatch):
+    """The write of epoch 2's checkpoint dies; epoch 1's loads, and --resume ends as an uninterrupted run."""
+    argv = ["--dataset", "toy", "--data_root", str(toy_root), "--method", "sum", *TINY, "--epochs", "2"]
+    [whole] = train_av.main(argv + ["--out_dir", str(tmp_path / "whole")])
+    real, calls = os.replace, []
+
+    def replace(src, dst):
+        calls.append(dst)
+        if str(dst).endswith("last.pt") and sum(str(c).endswith("last.pt") for c in calls) == 2:
+            raise OSError("simulated crash between write and rename")
+        return real(src, dst)
+
+    monkeypatch.setattr(C.os, "replace", replace)
+    out = tmp_path / "crashed"
+    with pytest.raises(OSError, match="simulated crash"):
+        train_av.main(argv + ["--out_dir", str(out)])
+    monkeypatch.undo()
+    run_dir = out / "toy_av" / "sum" / "seed0"
+    assert torch.load(run_dir / "last.pt", weights_only=False)["epoch"] == 0
+    assert not [p for p in run_dir.iterdir() if p.suffix == ".tmp"]
+    [resumed] = train_av.main(argv + ["--out_dir", str(out), "--resume"])
+    assert {k: resumed[k] for k in SAME} == {k: whole[k] for k in SAME}
+
+
+def test_non_finite_loss_stops_with_epoch_step_and_keeps_checkpoint(toy_root, tmp_path, monkeypatch):
+    real = C.Concat.train_step
+
+    def poisoned(self, xs, y, idx, optimizer, progress):
+        loss = real(self, xs, y, idx, optimizer, progress)
+        return float("nan") if progress["epoch"] == 1 and progress["step"] == 1 else loss
+
+    monkeypatch.setattr(C.Concat, "train_step", poisoned)
+    argv = ["--dataset", "toy", "--data_root", str(toy_root), "--method", "concat", *TINY, "--epochs", "3",
+            "--out_dir", str(tmp_path)]
+    with pytest.raises(FloatingPointError, match=r"non-finite loss \(nan\) at epoch 2, step 2 of 3; the last good "
+                                                 r"checkpoint, .*last\.pt \(after epoch 1\), is kept"):
+        train_av.main(argv)
+    run_dir = tmp_path / "toy_av" / "concat" / "seed0"
+    assert torch.load(run_dir / "last.pt", weights_only=False)["epoch"] == 0
+    assert not (run_dir / "record.json").exists()
+    with pytest.raises(SystemExit, match="error: non-finite loss"):
+        C.script_main(lambda: train_av.main(argv))

@@ -22,6 +22,7 @@ With missing views (Table 6) both also take ``mask``, a (B, M) bool tensor, True
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -62,6 +63,18 @@ def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def torch_threads(n):
+    """torch uses `n` CPU threads inside the block (0 or None: unchanged); the previous count is restored."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def seed_worker(_worker_id):
@@ -541,7 +554,7 @@ LAYOUT_HELP = """accepted layouts:
 CREMAD_DEFAULT_ORDER = ["NEU", "HAP", "SAD", "FEA", "DIS", "ANG"]
 
 
-def _find_dir(root, override, templates, split, entries, is_match, what):
+def _find_dir(root, override, templates, split, entries, is_match, what, layout_help=LAYOUT_HELP):
     """The folder (from `templates`) holding the most of the first clips of a list."""
     if override:
         cands = [Path(override.format(split=split))]
@@ -569,7 +582,7 @@ def _find_dir(root, override, templates, split, entries, is_match, what):
     if best is None:
         clip, src = entries[0][0], entries[0][2]
         tried = ", ".join(str(d) for d in cands)
-        raise DataError(f"{src}: {what} of clip '{clip}' not found; looked in {tried}\n{LAYOUT_HELP}")
+        raise DataError(f"{src}: {what} of clip '{clip}' not found; looked in {tried}\n{layout_help}")
     return best
 
 
@@ -1261,11 +1274,13 @@ def sincos_1d(dim, positions):
     return torch.cat([angles.sin(), angles.cos()], 1).float()
 
 
-def sincos_2d(dim, grid):
-    """(grid * grid, dim) for patches in row-major order; the first half of the width encodes the
-    patch's column, the second half its row (the MAE/M3AE convention)."""
-    idx = torch.arange(grid)
-    return torch.cat([sincos_1d(dim // 2, idx.repeat(grid)), sincos_1d(dim // 2, idx.repeat_interleave(grid))], 1)
+def sincos_2d(dim, grid, cols=None):
+    """(grid * cols, dim) for a grid of `grid` rows and `cols` columns (default: square) in row-major
+    order; the first half of the width encodes the patch's column, the second half its row (the
+    MAE/M3AE/CAV-MAE convention)."""
+    cols = cols or grid
+    return torch.cat([sincos_1d(dim // 2, torch.arange(cols).repeat(grid)),
+                      sincos_1d(dim // 2, torch.arange(grid).repeat_interleave(cols))], 1)
 
 
 def patchify(images, patch):
@@ -1293,21 +1308,22 @@ class M3AEAttention(nn.Module):
 
 
 class M3AEMLP(nn.Module):
-    def __init__(self, dim, hidden):
+    def __init__(self, dim, hidden, gelu="tanh"):
         super().__init__()
         self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+        self.gelu = gelu                # GELU approximation: 'tanh' (M3AE) or 'none' (exact, CAV-MAE)
 
     def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+        return self.fc2(F.gelu(self.fc1(x), approximate=self.gelu))
 
 
 class M3AEBlock(nn.Module):
-    def __init__(self, dim, heads, mlp_ratio):
+    def __init__(self, dim, heads, mlp_ratio, eps=1e-6, gelu="tanh"):
         super().__init__()
-        self.layer_norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.layer_norm1 = nn.LayerNorm(dim, eps=eps)
         self.attention = M3AEAttention(dim, heads)
-        self.layer_norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.transformer_mlp = M3AEMLP(dim, mlp_ratio * dim)
+        self.layer_norm2 = nn.LayerNorm(dim, eps=eps)
+        self.transformer_mlp = M3AEMLP(dim, mlp_ratio * dim, gelu)
 
     def forward(self, x, keep=None):
         x = x + self.attention(self.layer_norm1(x), keep)
@@ -1315,10 +1331,12 @@ class M3AEBlock(nn.Module):
 
 
 class M3AETransformer(nn.Module):
-    def __init__(self, dim, depth, heads, mlp_ratio):
+    """Pre-norm transformer blocks and a final LayerNorm (M3AE's defaults: eps 1e-6, tanh GELU)."""
+
+    def __init__(self, dim, depth, heads, mlp_ratio, eps=1e-6, gelu="tanh"):
         super().__init__()
-        self.blocks = nn.ModuleList(M3AEBlock(dim, heads, mlp_ratio) for _ in range(depth))
-        self.layer_norm = nn.LayerNorm(dim, eps=1e-6)
+        self.blocks = nn.ModuleList(M3AEBlock(dim, heads, mlp_ratio, eps, gelu) for _ in range(depth))
+        self.layer_norm = nn.LayerNorm(dim, eps=eps)
 
     def forward(self, x, keep=None):
         for block in self.blocks:
@@ -1391,17 +1409,16 @@ def _short(keys, n=20):
     return (", ".join(keys[:n]) + (f" ... ({len(keys) - n} more)" if len(keys) > n else "")) or "none"
 
 
-def load_m3ae_checkpoint(encoder, path):
-    """Load a converted M3AE PyTorch state dict (optionally under 'state_dict' or 'model', keys possibly
-    prefixed 'module.') into one M3AEEncoder. The other modality's input layers are not used by this
-    encoder and are left out. Prints and returns (missing, unexpected) keys; a tensor whose shape does
-    not fit (width, depth, patch, vocabulary) is an error."""
+def read_state_dict(path, model):
+    """The state dict (parameter name -> tensor) in the PyTorch file `path`: a training checkpoint's
+    'state_dict'/'model' entry is unwrapped and a 'module.' prefix dropped. `model` names the weights
+    in the error messages."""
     import pickle
     path = Path(path)
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise DataError(f"{path}: M3AE checkpoint not found; expected a converted PyTorch state dict") from None
+        raise DataError(f"{path}: {model} checkpoint not found; expected a converted PyTorch state dict") from None
     except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as e:
         raise DataError(f"{path}: not a loadable PyTorch state dict ({str(e)[:200]})") from None
     while isinstance(sd, dict) and not all(torch.is_tensor(v) for v in sd.values()) and any(
@@ -1409,20 +1426,34 @@ def load_m3ae_checkpoint(encoder, path):
         sd = next(sd[k] for k in ("state_dict", "model") if isinstance(sd.get(k), dict))
     if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
         raise DataError(f"{path}: expected a state dict (parameter name -> tensor)")
-    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+
+
+def load_reported(module, sd, path, model, what, hint):
+    """Load `sd` into `module` (strict=False) once every tensor it shares with the module has the module's
+    shape (else a DataError ending with `hint`); print and return (missing, unexpected) keys."""
+    own = module.state_dict()
+    bad = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in sd.items() if k in own and v.shape != own[k].shape]
+    if bad:
+        raise DataError(f"{path}: {len(bad)} tensors do not fit the {what} (checkpoint vs model: {_short(bad, 4)}); "
+                        f"{hint}")
+    missing, unexpected = module.load_state_dict(sd, strict=False)
+    print(f"{model} {what} <- {path}: {len(sd) - len(unexpected)} tensors loaded; "
+          f"missing keys: {_short(missing)}; unexpected keys: {_short(unexpected)}")
+    return list(missing), list(unexpected)
+
+
+def load_m3ae_checkpoint(encoder, path):
+    """Load a converted M3AE PyTorch state dict (optionally under 'state_dict' or 'model', keys possibly
+    prefixed 'module.') into one M3AEEncoder. The other modality's input layers are not used by this
+    encoder and are left out. Prints and returns (missing, unexpected) keys; a tensor whose shape does
+    not fit (width, depth, patch, vocabulary) is an error."""
+    sd = read_state_dict(path, "M3AE")
     other = ("text_embedding.", "encoder_text_type_embedding") if encoder.modality == "image" else \
         ("image_embedding.", "encoder_image_type_embedding")
     sd = {k: v for k, v in sd.items() if not k.startswith(other)}
-    own = encoder.state_dict()
-    bad = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in sd.items() if k in own and v.shape != own[k].shape]
-    if bad:
-        raise DataError(f"{path}: {len(bad)} tensors do not fit the {encoder.modality} encoder (checkpoint vs "
-                        f"model: {_short(bad, 4)}); set --m3ae_dim/--m3ae_depth/--m3ae_heads/--patch_size/"
-                        "--vocab_size to the checkpoint's")
-    missing, unexpected = encoder.load_state_dict(sd, strict=False)
-    print(f"M3AE {encoder.modality} encoder <- {path}: {len(sd) - len(unexpected)} tensors loaded; "
-          f"missing keys: {_short(missing)}; unexpected keys: {_short(unexpected)}")
-    return list(missing), list(unexpected)
+    return load_reported(encoder, sd, path, "M3AE", f"{encoder.modality} encoder",
+                         "set --m3ae_dim/--m3ae_depth/--m3ae_heads/--patch_size/--vocab_size to the checkpoint's")
 
 
 class HFEncoder(nn.Module):
@@ -1497,6 +1528,52 @@ def build_it_encoders(args, modalities=("image", "text"), vocab_size=30522):
     for e in encoders:
         e.project_to(dim)
     return encoders
+
+
+def add_it_encoder_args(p, defaults):
+    """The image and text encoder flags (M3AE-shaped or transformers models) and their input sizes, shared
+    by train_it.py and train_ait.py; the unset sizes come from the script's DEFAULTS (finish_args)."""
+    a = p.add_argument_group("image and text encoders").add_argument
+    a("--encoder", default="m3ae", choices=["m3ae", "hf"],
+      help="m3ae: M3AE-shaped transformer per modality; hf: transformers models (--image_model, --text_model)")
+    a("--m3ae_ckpt", default=None, help="converted M3AE PyTorch state dict for both encoders (default: random "
+                                        "init, with a warning)")
+    a("--m3ae_dim", type=int, default=None, help=_default_help(defaults, "m3ae_dim", "M3AE width"))
+    a("--m3ae_depth", type=int, default=None, help=_default_help(defaults, "m3ae_depth", "M3AE transformer blocks"))
+    a("--m3ae_heads", type=int, default=None, help=_default_help(defaults, "m3ae_heads", "M3AE attention heads"))
+    a("--m3ae_mlp_ratio", type=int, default=4, help="M3AE MLP hidden width / width")
+    a("--patch_size", type=int, default=None,
+      help=_default_help(defaults, "patch_size", "M3AE image patch side in pixels"))
+    a("--vocab_size", type=int, default=None, help=_default_help(
+        defaults, "vocab_size", "M3AE word embeddings (30522: BERT uncased; None: the tokenizer's)"))
+    a("--image_model", default=None, help="--encoder hf: transformers image model, local folder or hub name")
+    a("--text_model", default=None, help="--encoder hf: transformers text model, local folder or hub name")
+    a("--proj_dim", type=int, default=None, help="--encoder hf: common width (default: the wider model's); "
+                                                 "a narrower model gets a linear projection")
+    a("--hf_pool", default="mean", choices=["mean", "pooler"],
+      help="--encoder hf: mean of the last hidden states (padding left out) or the model's pooler output")
+    a = p.add_argument_group("image and text inputs").add_argument
+    a("--tokenizer", default=None, help="BERT uncased tokenizer for raw text: local folder (a vocab.txt is "
+                                        "enough) or hub name; default bert-base-uncased (m3ae), the text "
+                                        "model's (hf), the generated one (toy)")
+    a("--max_len", type=int, default=None, help=_default_help(defaults, "max_len", "text tokens (cut or padded)"))
+    a("--image_size", type=int, default=None, help=_default_help(defaults, "image_size", "image side after the transforms"))
+
+
+def image_text_encoders(args, raw_text, toy_tokenizer=None):
+    """The image and text encoders of args (build_it_encoders) and ITDataset's text settings: the tokenizer
+    when some text is raw (--tokenizer, else `toy_tokenizer`, else bert-base-uncased for m3ae or the text
+    model's for hf), whether to add special tokens (hf only) and the vocabulary size."""
+    tokenizer = None
+    if raw_text:
+        default = toy_tokenizer or {"m3ae": "bert-base-uncased", "hf": args.text_model}[args.encoder]
+        tokenizer = load_tokenizer(args.tokenizer or default)
+    vocab_size = args.vocab_size or (len(tokenizer) if tokenizer is not None else 30522)
+    encoders = build_it_encoders(args, ("image", "text"), vocab_size)
+    if args.encoder == "hf":
+        vocab_size = getattr(encoders[1].model.config, "vocab_size", None)
+    return encoders, dict(image_size=args.image_size, max_len=args.max_len, tokenizer=tokenizer,
+                          special_tokens=args.encoder == "hf", vocab_size=vocab_size)
 
 
 # ==================================================================================================

@@ -1280,6 +1280,9 @@ def iemocap_lists(root, split_seed=0):
     labels = [r[1] for r in rows]
     train, rest = stratified_split(labels, 0.4, split_seed)
     dev, test = stratified_split([labels[i] for i in rest], 0.5, split_seed)
+    if not dev or not test:
+        raise DataError(f"{files[0]}: {len(rows)} utterances leave the dev or test part of a 60/20/20 split "
+                        "empty; expected more utterances")
     lists = {"train": [rows[i] for i in train], "dev": [rows[rest[i]] for i in dev],
              "test": [rows[rest[i]] for i in test]}
     return lists, f"one list, split 60/20/20 with seed {split_seed}", files[0] if len(files) == 1 else root
@@ -1388,70 +1391,73 @@ TOY_AIT_CLASSES = ["Neutral", "Angry", "Sad", "Happy"]
 CAVMAE_FBANK_MEAN, CAVMAE_FBANK_STD = -5.081, 4.4849      # the fbank statistics CAV-MAE normalises with
 
 
-def make_toy_ait(root, seed=0, n_train=600, n_dev=120, n_test=240, frames=64, mel_bins=32, px=32, faces=3,
-                 text_cue=0.85, audio_cue=0.7, image_cue=0.6, class_blobs=3, clutter_blobs=5):
+def make_toy_ait(root, seed=0, n_train=1000, n_dev=200, n_test=400, frames=64, mel_bins=32, px=32, faces=3,
+                 text_cue=0.55, audio_cue=0.55, image_cue=0.5, class_blobs=4, clutter_blobs=3):
     """Write a small IEMOCAP-like set in the MLA layout (my_{train,dev,test}_iemo.txt, stat_iemo.txt,
     audio/{split}_fbank/<utt>.npy, visual/{split}_imgs/<utt>/frame_0000k.jpg) and its tokenizer
     (tokenizer/vocab.txt, a BERT vocabulary of the transcript words), generated deterministically from
     `seed`; the transcripts stay in the list lines.
 
-    Four emotions. Each modality names the class through its own cue, which agrees with the label with
-    probability text_cue, audio_cue or image_cue (otherwise it names another class at random): the
-    transcript holds one emotion word among filler words and punctuation (learned in a few steps); the
-    fbank has a raised band of mel bins at the class's position over part of the clip (middling); the
-    face images show the class by the colour of `class_blobs` small blobs among `clutter_blobs` random ones
-    (slow to learn). Text dominates, audio is middling and the image is weakest, as on IEMOCAP.
+    Four emotions, two of low arousal (Neutral, Sad) and two of high (Angry, Happy). The transcript always
+    holds an arousal word (learned in a few steps) and, with probability `text_cue`, an emotion word, among
+    filler words and punctuation; the fbank has, with probability `audio_cue`, a raised band of mel bins at
+    the class's position over half the clip (middling); the face images show, with probability
+    `image_cue`, `class_blobs` blobs in the class's colour among `clutter_blobs` random ones (slow to learn).
+    Without its cue a modality says nothing about the class (the text still names the arousal), so each
+    alone tops out near text_cue + (1 - text_cue) / 2, audio_cue + (1 - audio_cue) / 4 and
+    image_cue + (1 - image_cue) / 4 (defaults: 77.5, 66, 62.5 %), and together they hold more than any one.
+    Text dominates, audio is middling and the image is weakest, as on IEMOCAP.
     """
     from PIL import Image, ImageDraw
     root = Path(root)
     rng = np.random.RandomState(seed)
+    arousal_words = [["calm", "quiet", "slowly"], ["wow", "loud", "hey"]]      # low (y even), high (y odd)
     emotion_words = [["okay", "fine", "sure"], ["furious", "hate", "stop"], ["miss", "lonely", "sorry"],
-                     ["great", "love", "yay"]]
+                     ["great", "love", "yay"]]                                 # in TOY_AIT_CLASSES order
     filler = ["i", "you", "we", "it", "the", "that", "this", "was", "is", "just", "so", "really", "well", "know",
               "think", "there", "home", "today", "again", "now", "café", "naïve"]
     marks = [".", ",", "!", "?", "...", "--", "'s"]
     palette = [(40, 200, 40), (220, 40, 40), (40, 80, 230), (230, 210, 40)]
-    words = sorted({w for ws in emotion_words for w in ws} | {"cafe", "naive"} | set(filler[:-2]))
+    words = sorted({w for ws in emotion_words + arousal_words for w in ws} | {"cafe", "naive"} | set(filler[:-2]))
     (root / "tokenizer").mkdir(parents=True, exist_ok=True)
     (root / "tokenizer" / "vocab.txt").write_text(
         "\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ",", "!", "?", "-", "'", "s"] + words) + "\n")
     (root / "stat_iemo.txt").write_text("\n".join(TOY_AIT_CLASSES) + "\n")
-    band = max(1, mel_bins // 8)
-
-    def cue(y, p):          # the class a modality shows: y with probability p, else another at random
-        return y if rng.rand() < p else (y + 1 + rng.randint(3)) % 4
-
+    band = max(1, mel_bins // 16)
     for split, n in (("train", n_train), ("dev", n_dev), ("test", n_test)):
         (root / "audio" / f"{split}_fbank").mkdir(parents=True, exist_ok=True)
         lines = []
         for i in range(n):
             y = i % 4
             utt = f"Ses0{1 + i % 5}F_{split}{i:04d}"
-            # text: filler words with one emotion word and some punctuation
-            words_i = [filler[j] for j in rng.randint(0, len(filler), 4)]
-            words_i.insert(rng.randint(len(words_i) + 1), emotion_words[cue(y, text_cue)][rng.randint(3)])
+            # text: filler words, the arousal word, maybe the emotion word, some punctuation
+            words_i = [filler[j] for j in rng.randint(0, len(filler), 3)] + [arousal_words[y % 2][rng.randint(3)]]
+            if rng.rand() < text_cue:
+                words_i.append(emotion_words[y][rng.randint(3)])
+            words_i = [words_i[j] for j in rng.permutation(len(words_i))]
             text = " ".join(w + (marks[rng.randint(len(marks))] if rng.rand() < 0.3 else "") for w in words_i)
             text = text[0].upper() + text[1:]
-            # audio: a noisy floor falling with frequency, a raised band at the cued class's position over part
-            # of the clip; stored in log-mel units (CAV-MAE's normalisation maps it back)
+            # audio: a noisy floor falling with frequency, maybe a raised band at the class's position over half
+            # the clip; stored in log-mel units (CAV-MAE's normalisation maps it back)
             fb = 0.8 * rng.randn(frames, mel_bins) + np.linspace(0.5, -0.5, mel_bins)[None]
-            c = cue(y, audio_cue)
-            lo = int((c + 0.5) * mel_bins / 4) - band // 2 + rng.randint(-1, 2)
-            t0 = rng.randint(0, frames // 2)
-            fb[t0:t0 + frames // 2, max(0, lo):lo + band] += rng.uniform(1.2, 2.0)
+            if rng.rand() < audio_cue:
+                lo = y * (mel_bins // 4 + band)          # a different place in its patch row for each class
+                t0 = rng.randint(0, frames // 2 + 1)
+                fb[t0:t0 + frames // 2, lo:lo + band] += rng.uniform(1.5, 2.5)
             fb = CAVMAE_FBANK_MEAN + CAVMAE_FBANK_STD * fb
             np.save(root / "audio" / f"{split}_fbank" / f"{utt}.npy", fb.astype(np.float32))
-            # face images: clutter blobs plus blobs in the cued class's colour
+            # face images: random blobs, maybe with blobs in the class's colour
             d = root / "visual" / f"{split}_imgs" / utt
             d.mkdir(parents=True, exist_ok=True)
-            c = cue(y, image_cue)
+            shows = rng.rand() < image_cue
             for k in range(faces):
                 im = Image.new("RGB", (px, px), tuple(int(v) for v in rng.randint(60, 190, 3)))
                 dr = ImageDraw.Draw(im)
                 blobs = [tuple(int(v) for v in rng.randint(0, 256, 3)) for _ in range(clutter_blobs)]
-                blobs += [tuple(int(np.clip(v + rng.randint(-25, 26), 0, 255)) for v in palette[c])] * class_blobs
+                if shows:
+                    blobs += [tuple(int(np.clip(v + rng.randint(-25, 26), 0, 255)) for v in palette[y])] * class_blobs
                 for colour in [blobs[j] for j in rng.permutation(len(blobs))]:
-                    x0, y0, r = rng.randint(0, px), rng.randint(0, px), rng.randint(2, 5)
+                    x0, y0, r = rng.randint(0, px), rng.randint(0, px), rng.randint(3, 6)
                     dr.ellipse([x0 - r, y0 - r, x0 + r, y0 + r], fill=colour)
                 im.save(d / f"frame_{k + 1:05d}.jpg", quality=90)
             lines.append(f"{utt}.mp4 {IEMO_SEP} {text} {IEMO_SEP} {TOY_AIT_CLASSES[y]}")

@@ -68,9 +68,9 @@ def get_args(argv=None):
         DEFAULTS, "cpu_threads", "torch CPU threads, 0 = torch's default; the toy's tiny layers gain nothing from "
                                  "threads, which stall on a busy CPU"))
     a = p.add_argument_group("toy data set").add_argument
-    a("--toy_train", type=int, default=600, help="toy: training utterances")
-    a("--toy_dev", type=int, default=120, help="toy: validation (dev) utterances")
-    a("--toy_test", type=int, default=240, help="toy: test utterances")
+    a("--toy_train", type=int, default=1000, help="toy: training utterances")
+    a("--toy_dev", type=int, default=200, help="toy: validation (dev) utterances")
+    a("--toy_test", type=int, default=400, help="toy: test utterances")
     a("--toy_seed", type=int, default=0, help="toy: seed of the generated data (fixed across --seed)")
     p.set_defaults(script="train_ait.py")      # names the toy runs' folder (common.run_dir)
     args = C.finish_args(p, p.parse_args(argv), C.METHODS, DEFAULTS)

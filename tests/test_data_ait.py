@@ -129,6 +129,10 @@ def test_single_list_is_split_60_20_20_seeded_and_stratified(tmp_path):
     again = C.load_iemocap_splits(tmp_path, split_seed=3, num_mel_bins=8)
     other = C.load_iemocap_splits(tmp_path, split_seed=4, num_mel_bins=8)
     assert [u.id for u in again["test"]] == ids["test"] and [u.id for u in other["test"]] != ids["test"]
+    (tmp_path / "few").mkdir()
+    (tmp_path / "few" / "my_iemo.txt").write_text("".join(f"u{i}.mp4{SEP}hi{SEP}Sad\n" for i in range(2)))
+    with pytest.raises(C.DataError, match=r"my_iemo\.txt: 2 utterances leave the dev or test part .* empty"):
+        C.load_iemocap_splits(tmp_path / "few")
 
 
 def test_loader_errors_name_file_line_and_expectation(tmp_path):

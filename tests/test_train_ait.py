@@ -10,6 +10,7 @@ import common as C
 import train_ait
 from conftest import ROOT
 from test_data_ait import cavmae_checkpoint
+from test_encoders_it import hf_models  # noqa: F401  (a fixture)
 
 TINY_AIT = ["--image_size", "16", "--patch_size", "8", "--max_len", "10", "--m3ae_dim", "16", "--m3ae_depth", "1",
             "--m3ae_heads", "2", "--cavmae_dim", "16", "--cavmae_depth", "1", "--cavmae_heads", "2",
@@ -80,6 +81,15 @@ def test_resnet_audio_is_projected_and_fixed_fusion_weights(ait_root, tmp_path):
         train_ait.get_args(["--audio_encoder", "resnet18", "--cavmae_ckpt", "x.pth"])
     with pytest.raises(SystemExit):
         train_ait.get_args(["--audio_len", "18", "--cavmae_patch", "4"])
+
+
+def test_hf_image_and_text_with_the_audio_projected_to_their_width(ait_root, tmp_path, hf_models):
+    rec = run(ait_root, tmp_path, "--method", "mla", "--encoder", "hf", "--image_model", str(hf_models / "vit"),
+              "--text_model", str(hf_models / "bert"), "--tokenizer", str(ait_root / "tokenizer"))
+    sd = torch.load(tmp_path / "toy_ait" / "mla" / "seed0" / "best.pt", weights_only=False)["state_dict"]
+    assert sd["encoders.0.proj.weight"].shape == (32, 16)                       # CAV-MAE 16 -> ViT's 32
+    assert sd["encoders.2.proj.weight"].shape == (32, 24)                       # BERT 24 -> 32
+    assert sd["head.weight"].shape == (4, 32) and set(rec["test"]) == {"audio", "image", "text", "multi"}
 
 
 def test_cavmae_checkpoint_through_the_script(ait_root, tmp_path, capsys):

@@ -5,8 +5,10 @@ Sections (search for the banner lines):
   2. Data: signals .... WAV reading, resampling, fbank, frame selection, transforms, splits
   3. Data: A-V sets ... CREMA-D (three layouts), Kinetics-Sounds, the toy set, loaders
   3b. Data: I-T sets .. Food-101 and MVSA-Single (jsonl and MLA layouts), text tokens, the toy I-T set
+  3c. Data: IEMOCAP ... the MLA list layout (audio fbank, face image, text), the A-I-T data set, the toy A-I-T set
   4. Encoders ......... torchvision ResNet-18 for audio and video, the init
   4b. Transformers .... M3AE-shaped image/text encoders and their checkpoint loader, transformers models
+  4c. CAV-MAE audio ... CAV-MAE's audio branch and its checkpoint loader, the A-I-T audio encoder
   5. Methods .......... sum, concat, late_fusion, film, bigated, ogm, ogm_ge, qmf, mla
                         (late_fusion, qmf and mla also take a mask of missing views)
   5b. Missing modalities (Table 6) ... features.npz and MMIN loaders, the missing mask, the MLP
@@ -22,6 +24,7 @@ With missing views (Table 6) both also take ``mask``, a (B, M) bool tensor, True
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -62,6 +65,18 @@ def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def torch_threads(n):
+    """torch uses `n` CPU threads inside the block (0 or None: unchanged); the previous count is restored."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def seed_worker(_worker_id):
@@ -562,7 +577,7 @@ LAYOUT_HELP = """accepted layouts:
 CREMAD_DEFAULT_ORDER = ["NEU", "HAP", "SAD", "FEA", "DIS", "ANG"]
 
 
-def _find_dir(root, override, templates, split, entries, is_match, what):
+def _find_dir(root, override, templates, split, entries, is_match, what, layout_help=LAYOUT_HELP):
     """The folder (from `templates`) holding the most of the first clips of a list."""
     if override:
         cands = [Path(override.format(split=split))]
@@ -590,7 +605,7 @@ def _find_dir(root, override, templates, split, entries, is_match, what):
     if best is None:
         clip, src = entries[0][0], entries[0][2]
         tried = ", ".join(str(d) for d in cands)
-        raise DataError(f"{src}: {what} of clip '{clip}' not found; looked in {tried}\n{LAYOUT_HELP}")
+        raise DataError(f"{src}: {what} of clip '{clip}' not found; looked in {tried}\n{layout_help}")
     return best
 
 
@@ -1215,6 +1230,265 @@ def make_toy_it(root, seed=0, n_train=600, n_dev=120, n_test=240, px=32, cue=0.8
 
 
 # ==================================================================================================
+# 3c. Data: IEMOCAP (audio, image, text)
+# ==================================================================================================
+# The MLA code's IEMOCAP layout: list lines '<utt>.mp4 [split|sign] <text> [split|sign] <Label>', a
+# fbank .npy per utterance, a folder of face images per utterance, text pre-tokenised or in the line.
+
+@dataclass
+class Utterance:
+    id: str
+    label: int
+    audio: str           # fbank .npy (or .wav)
+    image: str           # the face image used
+    text: str            # the transcript from the list line
+    tokens: str          # '<utt>_token.npy' of pre-tokenised text, '<utt>_pm.npy' beside it ('' = tokenise `text`)
+    src: str             # "list_file:line" that named the utterance, for error messages
+
+
+IEMO_SEP = "[split|sign]"
+IEMO_EXAMPLE = "Ses01F_impro01_F000.mp4 [split|sign] Excuse me. [split|sign] Neutral"
+IEMO_AUDIO_DIRS = ["audio/{split}_fbank", "{split}_fbank", "audio/{split}", "audio/fbank", "fbank", "audio",
+                   "subaudio", "."]
+IEMO_IMAGE_DIRS = ["visual/{split}_imgs", "{split}_imgs", "visual/{split}", "faces/{split}", "images/{split}",
+                   "faces", "visual", "images"]
+
+IEMO_LAYOUT_HELP = """accepted layout (the MLA code's IEMOCAP layout):
+  lists:  my_train_iemo.txt and my_test_iemo.txt (optional my_dev_iemo.txt: the validation split), or a single
+          list, my_iemo.txt or Session1.txt ... Session5.txt, split 60/20/20 (train/dev/test, seeded, stratified);
+          lines '<utt>.mp4 [split|sign] <text> [split|sign] <Label>'; optional stat_iemo.txt (class names)
+  audio:  a fbank <utt>.npy (frames x mel bins) or <utt>.wav, e.g. in audio/{split}_fbank/
+  image:  a folder <utt>/ of face images (the middle one in sorted order is used) or one <utt>.jpg,
+          e.g. in visual/{split}_imgs/
+  text:   pre-tokenised text_token/{split}_token/<utt>_token.npy + <utt>_pm.npy when present, else the list
+          line's text through the BERT tokenizer
+  {split} is train, dev or test (all for a single list); --audio_dir / --image_dir name the folders if they
+  are elsewhere."""
+
+
+def iemocap_rows(path):
+    """[(utt, label, 'file:line', text)] of an MLA IEMOCAP list. The text is whatever stands between the two
+    separators (punctuation, brackets, quotes and any unicode kept); the first field may be a path, and its
+    extension (.mp4, .wav) is dropped."""
+    rows = []
+    for ln, s in _nonempty(read_text_lines(path), path, IEMO_EXAMPLE):
+        parts = [p.strip() for p in s.split(IEMO_SEP)]
+        if len(parts) != 3 or not parts[0] or not parts[2]:
+            shown = s if len(s) <= 120 else s[:117] + "..."
+            raise DataError(f"{where(path, ln)}: '{shown}' has {len(parts) - 1} '{IEMO_SEP}' separators; "
+                            f"expected '<utt>.mp4 {IEMO_SEP} <text> {IEMO_SEP} <Label>'")
+        utt = os.path.splitext(parts[0].replace("\\", "/").rsplit("/", 1)[-1])[0]
+        rows.append((utt, parts[2], where(path, ln), parts[1]))
+    return rows
+
+
+def iemocap_lists(root, split_seed=0):
+    """The lists of each split: ({'train': rows, 'dev': rows or None, 'test': rows}, layout, the list that
+    gives the class names when there is no stat_iemo.txt). Split files when present; otherwise one list
+    (my_iemo.txt, or Session*.txt together) split 60/20/20 with a seeded stratified draw."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: data root not found (pass --data_root)\n{IEMO_LAYOUT_HELP}")
+    if (root / "my_train_iemo.txt").is_file() or (root / "my_test_iemo.txt").is_file():
+        lists = {split: iemocap_rows(root / f"my_{split}_iemo.txt") for split in ("train", "test")}
+        dev = root / "my_dev_iemo.txt"
+        lists["dev"] = iemocap_rows(dev) if dev.is_file() else None
+        return lists, "split lists", root / "my_train_iemo.txt"
+    files = sorted(root.glob("Session*.txt"), key=lambda f: natural_key(f.name)) or \
+        [f for f in [root / "my_iemo.txt"] if f.is_file()]
+    if not files:
+        raise DataError(f"{root}: no IEMOCAP list found (my_train_iemo.txt, my_iemo.txt or Session*.txt)\n"
+                        f"{IEMO_LAYOUT_HELP}")
+    rows = [r for f in files for r in iemocap_rows(f)]
+    labels = [r[1] for r in rows]
+    train, rest = stratified_split(labels, 0.4, split_seed)
+    dev, test = stratified_split([labels[i] for i in rest], 0.5, split_seed)
+    if not dev or not test:
+        raise DataError(f"{files[0]}: {len(rows)} utterances leave the dev or test part of a 60/20/20 split "
+                        "empty; expected more utterances")
+    lists = {"train": [rows[i] for i in train], "dev": [rows[rest[i]] for i in dev],
+             "test": [rows[rest[i]] for i in test]}
+    return lists, f"one list, split 60/20/20 with seed {split_seed}", files[0] if len(files) == 1 else root
+
+
+def _face_image(idir, utt, src):
+    """The face image of an utterance: the middle image (natural sorted order) of the folder <utt>/, or <utt>.jpg."""
+    folder = idir / utt
+    if folder.is_dir():
+        images = list_frames(folder)
+        if not images:
+            raise DataError(f"{src}: face image folder {folder}/ of '{utt}' is empty; expected .jpg images")
+        return images[pick_even(len(images), 1)[0]]
+    image = next((idir / (utt + e) for e in IMAGE_EXTS if (idir / (utt + e)).is_file()), None)
+    if image is None:
+        raise DataError(f"{src}: face image of '{utt}' missing: expected a folder {folder}/ or {folder}.jpg")
+    return image
+
+
+def _has_face(d, utt):
+    return (d / utt).is_dir() or any((d / (utt + e)).is_file() for e in IMAGE_EXTS)
+
+
+def iemocap_split(root, split, rows, classes, class_src, audio_dir=None, image_dir=None, num_mel_bins=None,
+                  skip_bad=False, seen=None, stats=None):
+    """[Utterance] of one split's rows, every audio header or fbank shape checked. An utterance listed twice
+    (`seen` holds those of the splits read before) or an unknown label is an error; with skip_bad an
+    utterance whose audio, image or token file is missing is skipped and counted in stats['skipped']."""
+    seen = {} if seen is None else seen
+    entries = [(utt, label, src) for utt, label, src, _ in rows]
+    has_audio = lambda d, u: (d / f"{u}.npy").is_file() or (d / f"{u}.wav").is_file()
+    adir = _find_dir(root, audio_dir, IEMO_AUDIO_DIRS, split, entries, has_audio, "audio (.npy/.wav)", IEMO_LAYOUT_HELP)
+    idir = _find_dir(root, image_dir, IEMO_IMAGE_DIRS, split, entries, _has_face, "face image", IEMO_LAYOUT_HELP)
+    tdir = _best_dir(root, IT_TOKEN_DIRS, split, [r[0] for r in rows], lambda d, u: (d / f"{u}_token.npy").is_file())
+    out = []
+    for utt, label, src, text in rows:
+        y = _label_index(label, classes, src, class_src)
+        if utt in seen:
+            raise DataError(f"{src}: utterance '{utt}' listed twice (first at {seen[utt]}); expected each utterance "
+                            "once, in one split")
+        seen[utt] = src
+        try:
+            audio = next((adir / (utt + e) for e in (".npy", ".wav") if (adir / (utt + e)).is_file()), None)
+            if audio is None:
+                raise DataError(f"{src}: audio of '{utt}' missing: expected {adir / utt}.npy (a fbank) or .wav")
+            try:
+                check_audio(audio, num_mel_bins)
+            except DataError as e:
+                raise DataError(f"{e} (utterance at {src})") from None
+            image = _face_image(idir, utt, src)
+            tokens = ""
+            if tdir is not None:
+                for part in ("token", "pm"):
+                    if not (tdir / f"{utt}_{part}.npy").is_file():
+                        raise DataError(f"{src}: text of '{utt}' not found: expected {tdir / f'{utt}_{part}.npy'}")
+                tokens = str(tdir / f"{utt}_token.npy")
+            out.append(Utterance(utt, y, str(audio), str(image), text, tokens, src))
+        except DataError:
+            if not skip_bad:
+                raise
+            if stats is not None:
+                stats["skipped"] = stats.get("skipped", 0) + 1
+    if not out:
+        raise DataError(f"{rows[0][2].rsplit(':', 1)[0]}: no usable utterances in the {split} split")
+    return out
+
+
+def load_iemocap_splits(root, split_seed=0, audio_dir=None, image_dir=None, num_mel_bins=None, skip_bad=False):
+    """dict(layout, classes, train, dev (None without a dev split), test: lists of Utterance, skipped: count).
+    Class names from stat_iemo.txt / classes.txt (sorted, as the official code sorts them), else the sorted
+    labels of the training list."""
+    root = Path(root)
+    lists, layout, class_list = iemocap_lists(root, split_seed)
+    classes, class_src = it_classes(root, "iemo", [r[1] for r in lists["train"]], class_list)
+    one = layout.startswith("one list")
+    out, stats, seen = {"layout": layout, "classes": classes, "dev": None}, {}, {}
+    for split, rows in lists.items():
+        if rows is not None:
+            out[split] = iemocap_split(root, "all" if one else split, rows, classes, class_src, audio_dir,
+                                       image_dir, num_mel_bins, skip_bad, seen, stats)
+    out["skipped"] = stats.get("skipped", 0)
+    return out
+
+
+class AITDataset(torch.utils.data.Dataset):
+    """Returns (audio [1, audio_len, mel_bins], image [3, S, S], text [2, max_len], label, index): the fbank
+    read as the A-V loader reads it, then (fbank - fbank_mean) / fbank_std; image and text as ITDataset
+    makes them (`text`: ITDataset's image_size, max_len, tokenizer, special_tokens, vocab_size)."""
+
+    def __init__(self, utts, train, audio_len=1024, num_mel_bins=128, fbank_mean=0.0, fbank_std=1.0, **text):
+        self.utts, self.fbank_mean, self.fbank_std = list(utts), fbank_mean, fbank_std
+        self.audio = AVDataset([Clip(u.id, u.label, u.audio, "", u.src) for u in self.utts], train, frames=1,
+                               audio_len=audio_len, num_mel_bins=num_mel_bins)
+        self.it = ITDataset([Pair(u.id, u.label, u.image, u.text, u.tokens, u.src) for u in self.utts], train, **text)
+
+    def __len__(self):
+        return len(self.utts)
+
+    def __getitem__(self, i):
+        audio = (self.audio.load_audio(self.audio.clips[i]) - self.fbank_mean) / self.fbank_std
+        image, text, label, _ = self.it[i]
+        return audio, image, text, label, i
+
+
+TOY_AIT_CLASSES = ["Neutral", "Angry", "Sad", "Happy"]
+CAVMAE_FBANK_MEAN, CAVMAE_FBANK_STD = -5.081, 4.4849      # the fbank statistics CAV-MAE normalises with
+
+
+def make_toy_ait(root, seed=0, n_train=1000, n_dev=200, n_test=400, frames=64, mel_bins=32, px=32, faces=3,
+                 text_cue=0.55, audio_cue=0.55, image_cue=0.5, class_blobs=4, clutter_blobs=3):
+    """Write a small IEMOCAP-like set in the MLA layout (my_{train,dev,test}_iemo.txt, stat_iemo.txt,
+    audio/{split}_fbank/<utt>.npy, visual/{split}_imgs/<utt>/frame_0000k.jpg) and its tokenizer
+    (tokenizer/vocab.txt, a BERT vocabulary of the transcript words), generated deterministically from
+    `seed`; the transcripts stay in the list lines.
+
+    Four emotions, two of low arousal (Neutral, Sad) and two of high (Angry, Happy). The transcript always
+    holds an arousal word (learned in a few steps) and, with probability `text_cue`, an emotion word, among
+    filler words and punctuation; the fbank has, with probability `audio_cue`, a raised band of mel bins at
+    the class's position over half the clip (middling); the face images show, with probability
+    `image_cue`, `class_blobs` blobs in the class's colour among `clutter_blobs` random ones (slow to learn).
+    Without its cue a modality says nothing about the class (the text still names the arousal), so each
+    alone tops out near text_cue + (1 - text_cue) / 2, audio_cue + (1 - audio_cue) / 4 and
+    image_cue + (1 - image_cue) / 4 (defaults: 77.5, 66, 62.5 %), and together they hold more than any one.
+    Text dominates, audio is middling and the image is weakest, as on IEMOCAP.
+    """
+    from PIL import Image, ImageDraw
+    root = Path(root)
+    rng = np.random.RandomState(seed)
+    arousal_words = [["calm", "quiet", "slowly"], ["wow", "loud", "hey"]]      # low (y even), high (y odd)
+    emotion_words = [["okay", "fine", "sure"], ["furious", "hate", "stop"], ["miss", "lonely", "sorry"],
+                     ["great", "love", "yay"]]                                 # in TOY_AIT_CLASSES order
+    filler = ["i", "you", "we", "it", "the", "that", "this", "was", "is", "just", "so", "really", "well", "know",
+              "think", "there", "home", "today", "again", "now", "café", "naïve"]
+    marks = [".", ",", "!", "?", "...", "--", "'s"]
+    palette = [(40, 200, 40), (220, 40, 40), (40, 80, 230), (230, 210, 40)]
+    words = sorted({w for ws in emotion_words + arousal_words for w in ws} | {"cafe", "naive"} | set(filler[:-2]))
+    (root / "tokenizer").mkdir(parents=True, exist_ok=True)
+    (root / "tokenizer" / "vocab.txt").write_text(
+        "\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ",", "!", "?", "-", "'", "s"] + words) + "\n")
+    (root / "stat_iemo.txt").write_text("\n".join(TOY_AIT_CLASSES) + "\n")
+    band = max(1, mel_bins // 16)
+    for split, n in (("train", n_train), ("dev", n_dev), ("test", n_test)):
+        (root / "audio" / f"{split}_fbank").mkdir(parents=True, exist_ok=True)
+        lines = []
+        for i in range(n):
+            y = i % 4
+            utt = f"Ses0{1 + i % 5}F_{split}{i:04d}"
+            # text: filler words, the arousal word, maybe the emotion word, some punctuation
+            words_i = [filler[j] for j in rng.randint(0, len(filler), 3)] + [arousal_words[y % 2][rng.randint(3)]]
+            if rng.rand() < text_cue:
+                words_i.append(emotion_words[y][rng.randint(3)])
+            words_i = [words_i[j] for j in rng.permutation(len(words_i))]
+            text = " ".join(w + (marks[rng.randint(len(marks))] if rng.rand() < 0.3 else "") for w in words_i)
+            text = text[0].upper() + text[1:]
+            # audio: a noisy floor falling with frequency, maybe a raised band at the class's position over half
+            # the clip; stored in log-mel units (CAV-MAE's normalisation maps it back)
+            fb = 0.8 * rng.randn(frames, mel_bins) + np.linspace(0.5, -0.5, mel_bins)[None]
+            if rng.rand() < audio_cue:
+                lo = y * (mel_bins // 4 + band)          # a different place in its patch row for each class
+                t0 = rng.randint(0, frames // 2 + 1)
+                fb[t0:t0 + frames // 2, lo:lo + band] += rng.uniform(1.5, 2.5)
+            fb = CAVMAE_FBANK_MEAN + CAVMAE_FBANK_STD * fb
+            np.save(root / "audio" / f"{split}_fbank" / f"{utt}.npy", fb.astype(np.float32))
+            # face images: random blobs, maybe with blobs in the class's colour
+            d = root / "visual" / f"{split}_imgs" / utt
+            d.mkdir(parents=True, exist_ok=True)
+            shows = rng.rand() < image_cue
+            for k in range(faces):
+                im = Image.new("RGB", (px, px), tuple(int(v) for v in rng.randint(60, 190, 3)))
+                dr = ImageDraw.Draw(im)
+                blobs = [tuple(int(v) for v in rng.randint(0, 256, 3)) for _ in range(clutter_blobs)]
+                if shows:
+                    blobs += [tuple(int(np.clip(v + rng.randint(-25, 26), 0, 255)) for v in palette[y])] * class_blobs
+                for colour in [blobs[j] for j in rng.permutation(len(blobs))]:
+                    x0, y0, r = rng.randint(0, px), rng.randint(0, px), rng.randint(3, 6)
+                    dr.ellipse([x0 - r, y0 - r, x0 + r, y0 + r], fill=colour)
+                im.save(d / f"frame_{k + 1:05d}.jpg", quality=90)
+            lines.append(f"{utt}.mp4 {IEMO_SEP} {text} {IEMO_SEP} {TOY_AIT_CLASSES[y]}")
+        (root / f"my_{split}_iemo.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return root
+
+
+# ==================================================================================================
 # 4. Encoders
 # ==================================================================================================
 
@@ -1284,11 +1558,13 @@ def sincos_1d(dim, positions):
     return torch.cat([angles.sin(), angles.cos()], 1).float()
 
 
-def sincos_2d(dim, grid):
-    """(grid * grid, dim) for patches in row-major order; the first half of the width encodes the
-    patch's column, the second half its row (the MAE/M3AE convention)."""
-    idx = torch.arange(grid)
-    return torch.cat([sincos_1d(dim // 2, idx.repeat(grid)), sincos_1d(dim // 2, idx.repeat_interleave(grid))], 1)
+def sincos_2d(dim, grid, cols=None):
+    """(grid * cols, dim) for a grid of `grid` rows and `cols` columns (default: square) in row-major
+    order; the first half of the width encodes the patch's column, the second half its row (the
+    MAE/M3AE/CAV-MAE convention)."""
+    cols = cols or grid
+    return torch.cat([sincos_1d(dim // 2, torch.arange(cols).repeat(grid)),
+                      sincos_1d(dim // 2, torch.arange(grid).repeat_interleave(cols))], 1)
 
 
 def patchify(images, patch):
@@ -1316,21 +1592,22 @@ class M3AEAttention(nn.Module):
 
 
 class M3AEMLP(nn.Module):
-    def __init__(self, dim, hidden):
+    def __init__(self, dim, hidden, gelu="tanh"):
         super().__init__()
         self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+        self.gelu = gelu                # GELU approximation: 'tanh' (M3AE) or 'none' (exact, CAV-MAE)
 
     def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+        return self.fc2(F.gelu(self.fc1(x), approximate=self.gelu))
 
 
 class M3AEBlock(nn.Module):
-    def __init__(self, dim, heads, mlp_ratio):
+    def __init__(self, dim, heads, mlp_ratio, eps=1e-6, gelu="tanh"):
         super().__init__()
-        self.layer_norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.layer_norm1 = nn.LayerNorm(dim, eps=eps)
         self.attention = M3AEAttention(dim, heads)
-        self.layer_norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.transformer_mlp = M3AEMLP(dim, mlp_ratio * dim)
+        self.layer_norm2 = nn.LayerNorm(dim, eps=eps)
+        self.transformer_mlp = M3AEMLP(dim, mlp_ratio * dim, gelu)
 
     def forward(self, x, keep=None):
         x = x + self.attention(self.layer_norm1(x), keep)
@@ -1338,10 +1615,12 @@ class M3AEBlock(nn.Module):
 
 
 class M3AETransformer(nn.Module):
-    def __init__(self, dim, depth, heads, mlp_ratio):
+    """Pre-norm transformer blocks and a final LayerNorm (M3AE's defaults: eps 1e-6, tanh GELU)."""
+
+    def __init__(self, dim, depth, heads, mlp_ratio, eps=1e-6, gelu="tanh"):
         super().__init__()
-        self.blocks = nn.ModuleList(M3AEBlock(dim, heads, mlp_ratio) for _ in range(depth))
-        self.layer_norm = nn.LayerNorm(dim, eps=1e-6)
+        self.blocks = nn.ModuleList(M3AEBlock(dim, heads, mlp_ratio, eps, gelu) for _ in range(depth))
+        self.layer_norm = nn.LayerNorm(dim, eps=eps)
 
     def forward(self, x, keep=None):
         for block in self.blocks:
@@ -1414,17 +1693,16 @@ def _short(keys, n=20):
     return (", ".join(keys[:n]) + (f" ... ({len(keys) - n} more)" if len(keys) > n else "")) or "none"
 
 
-def load_m3ae_checkpoint(encoder, path):
-    """Load a converted M3AE PyTorch state dict (optionally under 'state_dict' or 'model', keys possibly
-    prefixed 'module.') into one M3AEEncoder. The other modality's input layers are not used by this
-    encoder and are left out. Prints and returns (missing, unexpected) keys; a tensor whose shape does
-    not fit (width, depth, patch, vocabulary) is an error."""
+def read_state_dict(path, model):
+    """The state dict (parameter name -> tensor) in the PyTorch file `path`: a training checkpoint's
+    'state_dict'/'model' entry is unwrapped and a 'module.' prefix dropped. `model` names the weights
+    in the error messages."""
     import pickle
     path = Path(path)
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise DataError(f"{path}: M3AE checkpoint not found; expected a converted PyTorch state dict") from None
+        raise DataError(f"{path}: {model} checkpoint not found; expected a converted PyTorch state dict") from None
     except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as e:
         raise DataError(f"{path}: not a loadable PyTorch state dict ({str(e)[:200]})") from None
     while isinstance(sd, dict) and not all(torch.is_tensor(v) for v in sd.values()) and any(
@@ -1432,20 +1710,34 @@ def load_m3ae_checkpoint(encoder, path):
         sd = next(sd[k] for k in ("state_dict", "model") if isinstance(sd.get(k), dict))
     if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
         raise DataError(f"{path}: expected a state dict (parameter name -> tensor)")
-    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+
+
+def load_reported(module, sd, path, model, what, hint):
+    """Load `sd` into `module` (strict=False) once every tensor it shares with the module has the module's
+    shape (else a DataError ending with `hint`); print and return (missing, unexpected) keys."""
+    own = module.state_dict()
+    bad = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in sd.items() if k in own and v.shape != own[k].shape]
+    if bad:
+        raise DataError(f"{path}: {len(bad)} tensors do not fit the {what} (checkpoint vs model: {_short(bad, 4)}); "
+                        f"{hint}")
+    missing, unexpected = module.load_state_dict(sd, strict=False)
+    print(f"{model} {what} <- {path}: {len(sd) - len(unexpected)} tensors loaded; "
+          f"missing keys: {_short(missing)}; unexpected keys: {_short(unexpected)}")
+    return list(missing), list(unexpected)
+
+
+def load_m3ae_checkpoint(encoder, path):
+    """Load a converted M3AE PyTorch state dict (optionally under 'state_dict' or 'model', keys possibly
+    prefixed 'module.') into one M3AEEncoder. The other modality's input layers are not used by this
+    encoder and are left out. Prints and returns (missing, unexpected) keys; a tensor whose shape does
+    not fit (width, depth, patch, vocabulary) is an error."""
+    sd = read_state_dict(path, "M3AE")
     other = ("text_embedding.", "encoder_text_type_embedding") if encoder.modality == "image" else \
         ("image_embedding.", "encoder_image_type_embedding")
     sd = {k: v for k, v in sd.items() if not k.startswith(other)}
-    own = encoder.state_dict()
-    bad = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in sd.items() if k in own and v.shape != own[k].shape]
-    if bad:
-        raise DataError(f"{path}: {len(bad)} tensors do not fit the {encoder.modality} encoder (checkpoint vs "
-                        f"model: {_short(bad, 4)}); set --m3ae_dim/--m3ae_depth/--m3ae_heads/--patch_size/"
-                        "--vocab_size to the checkpoint's")
-    missing, unexpected = encoder.load_state_dict(sd, strict=False)
-    print(f"M3AE {encoder.modality} encoder <- {path}: {len(sd) - len(unexpected)} tensors loaded; "
-          f"missing keys: {_short(missing)}; unexpected keys: {_short(unexpected)}")
-    return list(missing), list(unexpected)
+    return load_reported(encoder, sd, path, "M3AE", f"{encoder.modality} encoder",
+                         "set --m3ae_dim/--m3ae_depth/--m3ae_heads/--patch_size/--vocab_size to the checkpoint's")
 
 
 class HFEncoder(nn.Module):
@@ -1520,6 +1812,167 @@ def build_it_encoders(args, modalities=("image", "text"), vocab_size=30522):
     for e in encoders:
         e.project_to(dim)
     return encoders
+
+
+def add_it_encoder_args(p, defaults):
+    """The image and text encoder flags (M3AE-shaped or transformers models) and their input sizes, shared
+    by train_it.py and train_ait.py; the unset sizes come from the script's DEFAULTS (finish_args)."""
+    a = p.add_argument_group("image and text encoders").add_argument
+    a("--encoder", default="m3ae", choices=["m3ae", "hf"],
+      help="m3ae: M3AE-shaped transformer per modality; hf: transformers models (--image_model, --text_model)")
+    a("--m3ae_ckpt", default=None, help="converted M3AE PyTorch state dict for both encoders (default: random "
+                                        "init, with a warning)")
+    a("--m3ae_dim", type=int, default=None, help=_default_help(defaults, "m3ae_dim", "M3AE width"))
+    a("--m3ae_depth", type=int, default=None, help=_default_help(defaults, "m3ae_depth", "M3AE transformer blocks"))
+    a("--m3ae_heads", type=int, default=None, help=_default_help(defaults, "m3ae_heads", "M3AE attention heads"))
+    a("--m3ae_mlp_ratio", type=int, default=4, help="M3AE MLP hidden width / width")
+    a("--patch_size", type=int, default=None,
+      help=_default_help(defaults, "patch_size", "M3AE image patch side in pixels"))
+    a("--vocab_size", type=int, default=None, help=_default_help(
+        defaults, "vocab_size", "M3AE word embeddings (30522: BERT uncased; None: the tokenizer's)"))
+    a("--image_model", default=None, help="--encoder hf: transformers image model, local folder or hub name")
+    a("--text_model", default=None, help="--encoder hf: transformers text model, local folder or hub name")
+    a("--proj_dim", type=int, default=None, help="--encoder hf: common width (default: the wider model's); "
+                                                 "a narrower model gets a linear projection")
+    a("--hf_pool", default="mean", choices=["mean", "pooler"],
+      help="--encoder hf: mean of the last hidden states (padding left out) or the model's pooler output")
+    a = p.add_argument_group("image and text inputs").add_argument
+    a("--tokenizer", default=None, help="BERT uncased tokenizer for raw text: local folder (a vocab.txt is "
+                                        "enough) or hub name; default bert-base-uncased (m3ae), the text "
+                                        "model's (hf), the generated one (toy)")
+    a("--max_len", type=int, default=None, help=_default_help(defaults, "max_len", "text tokens (cut or padded)"))
+    a("--image_size", type=int, default=None, help=_default_help(defaults, "image_size", "image side after the transforms"))
+
+
+def image_text_encoders(args, raw_text, toy_tokenizer=None):
+    """The image and text encoders of args (build_it_encoders) and ITDataset's text settings: the tokenizer
+    when some text is raw (--tokenizer, else `toy_tokenizer`, else bert-base-uncased for m3ae or the text
+    model's for hf), whether to add special tokens (hf only) and the vocabulary size."""
+    tokenizer = None
+    if raw_text:
+        default = toy_tokenizer or {"m3ae": "bert-base-uncased", "hf": args.text_model}[args.encoder]
+        tokenizer = load_tokenizer(args.tokenizer or default)
+    vocab_size = args.vocab_size or (len(tokenizer) if tokenizer is not None else 30522)
+    encoders = build_it_encoders(args, ("image", "text"), vocab_size)
+    if args.encoder == "hf":
+        vocab_size = getattr(encoders[1].model.config, "vocab_size", None)
+    return encoders, dict(image_size=args.image_size, max_len=args.max_len, tokenizer=tokenizer,
+                          special_tokens=args.encoder == "hf", vocab_size=vocab_size)
+
+
+# ==================================================================================================
+# 4c. Encoders: CAV-MAE audio transformer
+# ==================================================================================================
+# The audio branch of CAV-MAE as the MLA code runs it for IEMOCAP: the fbank turned to (mel bins x frames),
+# 16 x 16 patches by a strided convolution, fixed 2-D sin-cos positions (rows = frequency, columns = time),
+# the audio modality embedding, 11 audio blocks and 1 shared block with its audio LayerNorms, the audio
+# LayerNorm, the mean over the patches (no CLS token). The blocks are section 4b's, with CAV-MAE's LayerNorm
+# eps 1e-5 and exact GELU; the checkpoint loader renames CAV-MAE's keys to them.
+
+class CAVMAEAudioEncoder(nn.Module):
+    """Fbank (B, 1, T, F) -> (B, dim), CAV-MAE's audio branch (SPEC 4); T and F whole multiples of the patch."""
+
+    def __init__(self, dim=768, depth=12, heads=12, mlp_ratio=4, patch_size=16, audio_len=1024, num_mel_bins=128):
+        super().__init__()
+        if audio_len % patch_size or num_mel_bins % patch_size:
+            raise ValueError(f"a {audio_len} x {num_mel_bins} fbank is not a whole number of {patch_size} x "
+                             f"{patch_size} patches")
+        if dim % heads or dim % 4:
+            raise ValueError(f"CAV-MAE width {dim} must be a multiple of 4 and of the head count {heads}")
+        self.dim, self.patch_size = dim, patch_size
+        self.patch_embed = nn.Conv2d(1, dim, patch_size, stride=patch_size)
+        self.register_buffer("pos_embed", sincos_2d(dim, num_mel_bins // patch_size, audio_len // patch_size)[None])
+        self.modality_embedding = nn.Parameter(torch.zeros(1, 1, dim))
+        self.encoder = M3AETransformer(dim, depth, heads, mlp_ratio, eps=1e-5, gelu="none")
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        """CAV-MAE's initialisation: Xavier-uniform linear layers and patch embedding (as a matrix), N(0, 0.02)
+        modality embedding."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.xavier_uniform_(self.patch_embed.weight.view(self.dim, -1))
+        nn.init.normal_(self.modality_embedding, 0.0, 0.02)
+
+    def forward(self, x):
+        h = self.patch_embed(x.transpose(2, 3))                       # (B, dim, F / p, T / p)
+        h = h.flatten(2).transpose(1, 2) + self.pos_embed + self.modality_embedding
+        return self.encoder(h).mean(1)
+
+
+CAVMAE_TOP = {"patch_embed_a.proj.weight": "patch_embed.weight", "patch_embed_a.proj.bias": "patch_embed.bias",
+              "pos_embed_a": "pos_embed", "modality_a": "modality_embedding",
+              "norm_a.weight": "encoder.layer_norm.weight", "norm_a.bias": "encoder.layer_norm.bias"}
+CAVMAE_BLOCK = {"attn.qkv": "attention.qkv_linear", "attn.proj": "attention.fc", "mlp.fc1": "transformer_mlp.fc1",
+                "mlp.fc2": "transformer_mlp.fc2"}
+CAVMAE_NORMS = {"a": {"norm1": "layer_norm1", "norm2": "layer_norm2"},           # audio blocks: their own norms
+                "u": {"norm1_a": "layer_norm1", "norm2_a": "layer_norm2"}}       # shared blocks: the audio norms
+CAVMAE_UNUSED = re.compile(r"(patch_embed_v|pos_embed_v|modality_v|blocks_v\.|norm_v\.|norm\.|blocks_[au]\.\d+\.norm)")
+
+
+def cavmae_name(key, n_audio_blocks):
+    """This encoder's name for a CAV-MAE state dict key; None for a tensor the audio-only path does not use
+    (the visual branch, the unified and visual LayerNorms); any other key as it is. blocks_a.<i> become
+    blocks i, blocks_u.<j> blocks n_audio_blocks + j."""
+    if key in CAVMAE_TOP:
+        return CAVMAE_TOP[key]
+    m = re.fullmatch(r"blocks_([au])\.(\d+)\.(\w+|attn\.\w+|mlp\.\w+)\.(weight|bias)", key)
+    if m:
+        branch, i, part, kind = m.groups()
+        name = CAVMAE_NORMS[branch].get(part) or CAVMAE_BLOCK.get(part)
+        if name:
+            return f"encoder.blocks.{int(i) + (n_audio_blocks if branch == 'u' else 0)}.{name}.{kind}"
+    return None if CAVMAE_UNUSED.match(key) else key
+
+
+def load_cavmae_checkpoint(encoder, path):
+    """Load the audio branch of a CAV-MAE PyTorch checkpoint (pretrained or fine-tuned, as the CAV-MAE code saves
+    it; a 'state_dict'/'model' wrapper and a 'module.' prefix are accepted) into a CAVMAEAudioEncoder; a state
+    dict saved from this encoder loads too. Prints and returns (missing keys, in this encoder's names;
+    unexpected keys, in the checkpoint's); a tensor whose shape does not fit is an error."""
+    sd = read_state_dict(path, "CAV-MAE")
+    n_audio = 1 + max((int(m.group(1)) for k in sd if (m := re.match(r"blocks_a\.(\d+)\.", k))), default=-1)
+    own, renamed = encoder.state_dict(), {}
+    for k, v in sd.items():
+        name = cavmae_name(k, n_audio)
+        if name is not None:
+            renamed[name if name in own else k] = v
+    return load_reported(encoder, renamed, path, "CAV-MAE", "audio encoder", "set --cavmae_dim/--cavmae_depth/"
+                         "--cavmae_heads/--cavmae_patch/--audio_len/--num_mel_bins to the checkpoint's")
+
+
+class Projected(nn.Module):
+    """An encoder followed by a linear map to `dim` (Xavier-normal), to give the modalities one width."""
+
+    def __init__(self, encoder, dim):
+        super().__init__()
+        self.encoder, self.dim = encoder, dim
+        self.proj = nn.Linear(encoder.dim, dim)
+        init_weights(self.proj)
+
+    def forward(self, x):
+        return self.proj(self.encoder(x))
+
+
+def build_ait_audio_encoder(args, dim):
+    """The A-I-T audio encoder of args.audio_encoder (cavmae | resnet18), projected to `dim` when its width differs."""
+    if args.audio_encoder == "resnet18":
+        enc = AudioResNet()
+        enc.apply(init_weights)
+    else:
+        enc = CAVMAEAudioEncoder(args.cavmae_dim, args.cavmae_depth, args.cavmae_heads, args.cavmae_mlp_ratio,
+                                 args.cavmae_patch, args.audio_len, args.num_mel_bins)
+        if args.cavmae_ckpt:
+            load_cavmae_checkpoint(enc, args.cavmae_ckpt)
+        else:
+            print("WARNING: no --cavmae_ckpt: the CAV-MAE audio encoder starts from RANDOM weights (the paper "
+                  "fine-tunes pretrained CAV-MAE; see README for the weights)", file=sys.stderr)
+    return enc if enc.dim == dim else Projected(enc, dim)
 
 
 # ==================================================================================================

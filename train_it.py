@@ -35,30 +35,8 @@ def get_args(argv=None):
     a("--layout", default="auto", choices=["auto", "jsonl", "mla"],
       help="on-disk layout: MMBT/QMF jsonl or MLA lists; auto detects it (jsonl first)")
     C.add_common_args(p, C.METHODS, DEFAULTS, ["image", "text"], condition="text")
-    a = p.add_argument_group("encoders").add_argument
-    a("--encoder", default="m3ae", choices=["m3ae", "hf"],
-      help="m3ae: M3AE-shaped transformer per modality; hf: transformers models (--image_model, --text_model)")
-    a("--m3ae_ckpt", default=None, help="converted M3AE PyTorch state dict for both encoders (default: random "
-                                        "init, with a warning)")
-    a("--m3ae_dim", type=int, default=None, help="M3AE width; paper 768 (base); toy 32")
-    a("--m3ae_depth", type=int, default=None, help="M3AE transformer blocks; paper 12; toy 2")
-    a("--m3ae_heads", type=int, default=None, help="M3AE attention heads; paper 12; toy 2")
-    a("--m3ae_mlp_ratio", type=int, default=4, help="M3AE MLP hidden width / width")
-    a("--patch_size", type=int, default=None, help="M3AE image patch side in pixels; paper 16; toy 8")
-    a("--vocab_size", type=int, default=None, help="M3AE word embeddings; paper 30522 (BERT uncased); "
-                                                   "toy: the toy tokenizer's")
-    a("--image_model", default=None, help="--encoder hf: transformers image model, local folder or hub name")
-    a("--text_model", default=None, help="--encoder hf: transformers text model, local folder or hub name")
-    a("--proj_dim", type=int, default=None, help="--encoder hf: common width (default: the wider model's); "
-                                                 "a narrower model gets a linear projection")
-    a("--hf_pool", default="mean", choices=["mean", "pooler"],
-      help="--encoder hf: mean of the last hidden states (padding left out) or the model's pooler output")
-    a = p.add_argument_group("inputs").add_argument
-    a("--tokenizer", default=None, help="BERT uncased tokenizer for raw text: local folder (a vocab.txt is "
-                                        "enough) or hub name; default bert-base-uncased (m3ae), the text "
-                                        "model's (hf), the generated one (toy)")
-    a("--max_len", type=int, default=None, help="text tokens (cut or padded); paper 256; toy 12")
-    a("--image_size", type=int, default=None, help="image side after the transforms; paper 256; toy 32")
+    C.add_it_encoder_args(p, DEFAULTS)
+    a = p.add_argument_group("data").add_argument
     a("--skip_bad", action="store_true", help="skip pairs with missing files (and print how many)")
     a = p.add_argument_group("speed").add_argument
     a("--num_workers", type=int, default=None, help="data loader workers; paper 8; toy 0")
@@ -84,13 +62,8 @@ def main(argv=None):
 
 def run(args):
     """One training run of args.method with args.seed; returns its record."""
-    threads = torch.get_num_threads()
-    if args.cpu_threads:
-        torch.set_num_threads(args.cpu_threads)
-    try:
+    with C.torch_threads(args.cpu_threads):
         return train(args)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def train(args):
@@ -122,19 +95,11 @@ def train(args):
     print(f"{args.dataset} ({data['layout']}): {len(classes)} classes, train {len(train_pairs)}, "
           f"val {len(val_pairs or [])}{' (dev split)' if val_pairs is data['dev'] and val_pairs else ''}, "
           f"test {len(data['test'])}")
-    tokenizer = None
-    if any(not p.tokens for split in ("train", "dev", "test") for p in data[split] or []):
-        default = {"m3ae": "bert-base-uncased", "hf": args.text_model}[args.encoder]
-        tokenizer = C.load_tokenizer(args.tokenizer or (root / "tokenizer" if args.dataset == "toy" else default))
+    raw_text = any(not p.tokens for split in ("train", "dev", "test") for p in data[split] or [])
 
     # ---- model, method, optimiser
     modalities = ["image", "text"]
-    vocab_size = args.vocab_size or (len(tokenizer) if tokenizer is not None else 30522)
-    encoders = C.build_it_encoders(args, modalities, vocab_size)
-    if args.encoder == "hf":
-        vocab_size = getattr(encoders[1].model.config, "vocab_size", None)
-    text = dict(image_size=args.image_size, max_len=args.max_len, tokenizer=tokenizer,
-                special_tokens=args.encoder == "hf", vocab_size=vocab_size)
+    encoders, text = C.image_text_encoders(args, raw_text, root / "tokenizer" if args.dataset == "toy" else None)
     loaders = {
         "train": C.make_loader(C.ITDataset(train_pairs, True, **text), args.batch_size, True, args.seed,
                                args.num_workers, device),

@@ -1,0 +1,166 @@
+"""Audio-image-text experiments of Table 5 (IEMOCAP) for every method.
+
+    python train_ait.py                                   # MLA on the built-in toy A-I-T set, CPU, about a minute
+    python train_ait.py --dataset iemocap --data_root data/iemocap --cavmae_ckpt cav_mae_audio.pth \\
+        --m3ae_ckpt m3ae_base.pth --method mla
+    python train_ait.py --dataset iemocap --audio_encoder resnet18 --m3ae_ckpt m3ae_base.pth --method ogm_ge
+    python train_ait.py --method all --seeds 0,1,2         # a sweep; finished runs are skipped on rerun
+
+Writes <out_dir>/<dataset>/<method>/seed<k>/record.json and best.pt (the selected epoch).
+"""
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+import common as C
+
+# Paper settings (SPEC 4, 6) for real data; the toy set has its own small defaults.
+DEFAULTS = {
+    "paper": dict(epochs=100, batch_size=64, lr=1e-3, lr_decay_step=70, lr_decay_ratio=0.1, image_size=256,
+                  max_len=256, m3ae_dim=768, m3ae_depth=12, m3ae_heads=12, patch_size=16, vocab_size=30522,
+                  audio_len=1024, num_mel_bins=128, cavmae_dim=768, cavmae_depth=12, cavmae_heads=12,
+                  cavmae_patch=16, num_workers=8, cpu_threads=0),
+    "toy": dict(epochs=20, batch_size=32, lr=1e-2, lr_decay_step=70, lr_decay_ratio=0.1, image_size=32,
+                max_len=12, m3ae_dim=32, m3ae_depth=2, m3ae_heads=2, patch_size=8, vocab_size=None,
+                audio_len=64, num_mel_bins=32, cavmae_dim=32, cavmae_depth=2, cavmae_heads=2, cavmae_patch=8,
+                num_workers=0, cpu_threads=1),
+}
+MODALITIES = ["audio", "image", "text"]
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--dataset", default="toy", choices=["toy", "iemocap"], help="toy: a generated IEMOCAP-like set")
+    a("--data_root", default=None, help="data folder (default data/<dataset>; toy: generated in a temp dir)")
+    C.add_common_args(p, C.METHODS, DEFAULTS, MODALITIES, condition="audio")
+    a = p.add_argument_group("audio encoder").add_argument
+    a("--audio_encoder", default="cavmae", choices=["cavmae", "resnet18"],
+      help="cavmae: CAV-MAE's audio transformer (the paper's); resnet18: the A-V ResNet-18 from scratch")
+    a("--cavmae_ckpt", default=None, help="CAV-MAE PyTorch checkpoint for the audio encoder (default: random "
+                                          "init, with a warning)")
+    a("--cavmae_dim", type=int, default=None, help=C._default_help(DEFAULTS, "cavmae_dim", "CAV-MAE width"))
+    a("--cavmae_depth", type=int, default=None,
+      help=C._default_help(DEFAULTS, "cavmae_depth", "CAV-MAE blocks (11 audio + 1 shared in the checkpoints)"))
+    a("--cavmae_heads", type=int, default=None, help=C._default_help(DEFAULTS, "cavmae_heads", "CAV-MAE heads"))
+    a("--cavmae_mlp_ratio", type=int, default=4, help="CAV-MAE MLP hidden width / width")
+    a("--cavmae_patch", type=int, default=None,
+      help=C._default_help(DEFAULTS, "cavmae_patch", "CAV-MAE fbank patch side (frames and mel bins)"))
+    a("--audio_len", type=int, default=None, help=C._default_help(DEFAULTS, "audio_len", "fbank frames (10 ms each)"))
+    a("--num_mel_bins", type=int, default=None, help=C._default_help(DEFAULTS, "num_mel_bins", "mel bins"))
+    a("--fbank_mean", type=float, default=C.CAVMAE_FBANK_MEAN,
+      help="the fbank enters as (fbank - mean) / std; default: CAV-MAE's statistics, which its weights expect "
+           "(--fbank_mean 0 --fbank_std 1: as it is, like the official IEMOCAP code)")
+    a("--fbank_std", type=float, default=C.CAVMAE_FBANK_STD, help="see --fbank_mean")
+    C.add_it_encoder_args(p, DEFAULTS)
+    a = p.add_argument_group("data").add_argument
+    a("--split_seed", type=int, default=0, help="seed of the 60/20/20 split of a single list (no split files)")
+    a("--audio_dir", default=None, help="folder of the fbank .npy (or .wav) files ({split} = train/dev/test), "
+                                        "if not detected")
+    a("--image_dir", default=None, help="folder of the face image folders ({split} = train/dev/test), if not detected")
+    a("--skip_bad", action="store_true", help="skip utterances with missing files (and print how many)")
+    a = p.add_argument_group("speed").add_argument
+    a("--num_workers", type=int, default=None, help=C._default_help(DEFAULTS, "num_workers", "data loader workers"))
+    a("--cpu_threads", type=int, default=None, help=C._default_help(
+        DEFAULTS, "cpu_threads", "torch CPU threads, 0 = torch's default; the toy's tiny layers gain nothing from "
+                                 "threads, which stall on a busy CPU"))
+    a = p.add_argument_group("toy data set").add_argument
+    a("--toy_train", type=int, default=1000, help="toy: training utterances")
+    a("--toy_dev", type=int, default=200, help="toy: validation (dev) utterances")
+    a("--toy_test", type=int, default=400, help="toy: test utterances")
+    a("--toy_seed", type=int, default=0, help="toy: seed of the generated data (fixed across --seed)")
+    p.set_defaults(script="train_ait.py")      # names the toy runs' folder (common.run_dir)
+    args = C.finish_args(p, p.parse_args(argv), C.METHODS, DEFAULTS)
+    if args.encoder == "m3ae" and args.image_size % args.patch_size:
+        p.error(f"--image_size {args.image_size} is not a multiple of --patch_size {args.patch_size}")
+    if args.audio_encoder == "cavmae" and (args.audio_len % args.cavmae_patch or args.num_mel_bins % args.cavmae_patch):
+        p.error(f"--audio_len {args.audio_len} and --num_mel_bins {args.num_mel_bins} must be multiples of "
+                f"--cavmae_patch {args.cavmae_patch}")
+    if args.audio_encoder == "resnet18" and args.cavmae_ckpt:
+        p.error("--cavmae_ckpt needs --audio_encoder cavmae")
+    if args.fbank_std <= 0:
+        p.error("--fbank_std must be positive")
+    return args
+
+
+def main(argv=None):
+    """Parse the command line and run every requested (seed, method); returns their records."""
+    args = get_args(argv)
+    return C.sweep(args, run, C.METHODS)
+
+
+def run(args):
+    """One training run of args.method with args.seed; returns its record."""
+    with C.torch_threads(args.cpu_threads):
+        return train(args)
+
+
+def train(args):
+    C.seed_everything(args.seed)
+    device = torch.device(args.device)
+
+    # ---- data
+    tmp = None
+    if args.dataset == "toy":
+        if args.data_root is None:
+            tmp = tempfile.TemporaryDirectory(prefix="mla_toy_ait_")
+            root = Path(tmp.name)
+        else:
+            root = Path(args.data_root)
+        if not (root / "my_train_iemo.txt").is_file():
+            C.make_toy_ait(root, seed=args.toy_seed, n_train=args.toy_train, n_dev=args.toy_dev, n_test=args.toy_test,
+                           frames=args.audio_len, mel_bins=args.num_mel_bins)
+    else:
+        root = Path(args.data_root or f"data/{args.dataset}")
+    data = C.load_iemocap_splits(root, args.split_seed, args.audio_dir, args.image_dir, args.num_mel_bins,
+                                 args.skip_bad)
+    if data["skipped"]:
+        print(f"skipped {data['skipped']} utterances with missing files (--skip_bad)")
+    classes, train_utts, val_utts = data["classes"], data["train"], None
+    if args.val_ratio > 0 and data["dev"]:
+        val_utts = data["dev"]
+    elif args.val_ratio > 0:
+        keep, held = C.stratified_split([u.label for u in train_utts], args.val_ratio, args.seed)
+        train_utts, val_utts = [train_utts[i] for i in keep], [train_utts[i] for i in held]
+    print(f"{args.dataset} ({data['layout']}): {len(classes)} classes, train {len(train_utts)}, "
+          f"val {len(val_utts or [])}{' (dev split)' if val_utts is data['dev'] and val_utts else ''}, "
+          f"test {len(data['test'])}")
+    raw_text = any(not u.tokens for split in ("train", "dev", "test") for u in data[split] or [])
+
+    # ---- model, method, optimiser
+    image_text, text = C.image_text_encoders(args, raw_text, root / "tokenizer" if args.dataset == "toy" else None)
+    encoders = [C.build_ait_audio_encoder(args, image_text[0].dim), *image_text]
+    sizes = dict(audio_len=args.audio_len, num_mel_bins=args.num_mel_bins, fbank_mean=args.fbank_mean,
+                 fbank_std=args.fbank_std, **text)
+    loaders = {
+        "train": C.make_loader(C.AITDataset(train_utts, True, **sizes), args.batch_size, True, args.seed,
+                               args.num_workers, device),
+        "val": val_utts and C.make_loader(C.AITDataset(val_utts, False, **sizes), args.batch_size, False,
+                                          args.seed, args.num_workers, device),
+        "test": C.make_loader(C.AITDataset(data["test"], False, **sizes), args.batch_size, False, args.seed,
+                              args.num_workers, device),
+    }
+    method = C.build_method(args.method, encoders, len(classes), MODALITIES, args, len(train_utts))
+    for name, child in method.named_children():     # heads get the SPEC init; encoders keep theirs
+        if name != "encoders":
+            child.apply(C.init_weights)
+    method.to(device)
+    optimizer = torch.optim.SGD(method.parameters(), lr=args.lr, momentum=args.momentum,
+                                weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_decay_step, args.lr_decay_ratio)
+
+    # ---- train, select, test, record
+    record = C.fit(method, optimizer, scheduler, loaders, args, C.run_dir(args), "train_ait.py", device)
+    if tmp is not None:
+        tmp.cleanup()
+    return record
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except C.DataError as e:
+        sys.exit(f"error: {e}")

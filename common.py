@@ -13,6 +13,8 @@ Sections (search for the banner lines):
                         (late_fusion, qmf and mla also take a mask of missing views)
   5b. Missing modalities (Table 6) ... features.npz and MMIN loaders, the missing mask, the MLP
                         encoder, cca, dcca, dccae, ae, cra, mmin, if_mmin, cpm_net, tate, the toy features
+  5c. CLIP features (Table 7) ... CLIP towers (transformers CLIPModel) as encoders, batched feature
+                        extraction, the on-disk feature cache, the feature data set, the tiny toy CLIP
   6. Evaluation, training loop, sweeps and the run record
   7. Report and curves ... `python common.py report RUNS_DIR [--paper]`, `python common.py plot RUNS_DIR`
 
@@ -3152,6 +3154,277 @@ def build_missing_method(name, encoders, num_classes, modalities, args, num_trai
         return TATE(encoders, num_classes, modalities, heads=args.tate_heads, layers=args.tate_layers,
                     recon_weight=rw, hide_prob=hp)
     raise ValueError(f"unknown method {name!r}; expected one of {MISSING_METHODS}")
+
+
+# ==================================================================================================
+# 5c. CLIP features (Table 7)
+# ==================================================================================================
+# transformers' CLIPModel towers (a local folder or a hub name) as fixed feature extractors: each split's
+# image and text features are computed once and cached on disk, and the Table 7 heads (concat = joint
+# training, mla) train on them. With --finetune the towers themselves are the encoders.
+
+CLIP_FEATURES = ["embeds", "pooled"]
+
+
+class CLIPTower(nn.Module):
+    """One tower of a CLIPModel: pixels (B, 3, S, S) -> image features, or text (B, 2, L) = token ids and
+    padding mask (1 on padding) -> text features. feature='embeds': CLIP's joint embedding (the pooled
+    output through the tower's projection); 'pooled': the pooled output itself (the image's CLS token,
+    the text's end-of-text token, after the final LayerNorm). `dim` is the output width."""
+
+    def __init__(self, model, modality, feature="embeds"):
+        super().__init__()
+        if modality == "image":
+            self.model, self.projection = model.vision_model, model.visual_projection
+            self.image_size = model.config.vision_config.image_size
+        else:
+            self.model, self.projection = model.text_model, model.text_projection
+        self.modality, self.feature = modality, feature
+        self.dim = self.projection.out_features if feature == "embeds" else self.projection.in_features
+
+    def forward(self, x):
+        if self.modality == "image":
+            other_size = tuple(x.shape[-2:]) != (self.image_size, self.image_size)
+            out = self.model(pixel_values=x, interpolate_pos_encoding=other_size)
+        else:
+            out = self.model(input_ids=x[:, 0], attention_mask=(x[:, 1] == 0).long())
+        z = out.pooler_output
+        return self.projection(z) if self.feature == "embeds" else z
+
+
+class CLIPModalityEncoder(nn.Module):
+    """One modality's encoder for the Table 7 methods: features (cached ones, or those of `tower` with
+    --finetune), optionally L2-normalised, then a linear projection to `dim` when that differs from their
+    width (the two modalities must share one width for MLA's head)."""
+
+    def __init__(self, width, dim=None, normalize=False, tower=None):
+        super().__init__()
+        self.tower, self.normalize, self.width, self.dim = tower, normalize, width, dim or width
+        self.proj = nn.Identity() if self.dim == width else nn.Linear(width, self.dim)
+
+    def forward(self, x):
+        z = x if self.tower is None else self.tower(x)
+        if self.normalize:
+            z = F.normalize(z, dim=1)
+        return self.proj(z)
+
+
+def _hash(*parts):
+    import hashlib
+    h = hashlib.sha1()
+    for p in parts:
+        h.update(p if isinstance(p, bytes) else json.dumps(p, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def _config_key(d):
+    """A model config as a dict without the entries that do not change what it computes (where it was
+    loaded from, the transformers version, the dtype it was saved in)."""
+    drop = {"_name_or_path", "transformers_version", "dtype", "torch_dtype"}
+    return {k: _config_key(v) if isinstance(v, dict) else v for k, v in d.items() if k not in drop}
+
+
+class CLIPBundle:
+    """A CLIPModel with its image processor and tokenizer: the inputs they make, the towers, and the keys
+    of the feature cache (model = its config and a hash of its weights; data = each item's image file
+    (path, size, modification time) or text; preprocessing = the processor's settings, the tokenizer's
+    vocabulary, special tokens and behaviour, max_len, the feature kind)."""
+    VERSION = 1     # bump when the extraction code changes
+
+    def __init__(self, model, processor, tokenizer, name, max_len=None, image_size=None, feature="embeds"):
+        positions = model.config.text_config.max_position_embeddings
+        max_len = max_len or positions
+        if max_len > positions:
+            raise DataError(f"{name}: --max_len {max_len} is longer than the model's {positions} text positions")
+        if image_size and processor.crop_size.get("height") != image_size:
+            processor = type(processor).from_dict({**processor.to_dict(), "size": {"shortest_edge": image_size},
+                                                   "crop_size": {"height": image_size, "width": image_size}})
+        self.model, self.processor, self.tokenizer = model.eval(), processor, tokenizer
+        self.name, self.max_len, self.feature = str(name), max_len, feature
+        self._fingerprint = None
+
+    def tower(self, modality):
+        return CLIPTower(self.model, modality, self.feature)
+
+    def fingerprint(self):
+        """sha1 of the model's config and of every weight tensor (name, dtype, shape, bytes)."""
+        if self._fingerprint is None:
+            import hashlib
+            h = hashlib.sha1(_hash(_config_key(self.model.config.to_dict())).encode())
+            for k, t in self.model.state_dict().items():
+                t = t.detach().cpu().contiguous()
+                h.update(f"{k}|{t.dtype}|{tuple(t.shape)}".encode())
+                h.update(t.view(-1).view(torch.uint8).numpy().data if t.numel() else b"")
+            self._fingerprint = h.hexdigest()
+        return self._fingerprint
+
+    def preprocessing(self, modality):
+        if modality == "image":
+            return {"processor": self.processor.to_dict()}
+        tok = self.tokenizer
+        return {"tokenizer": type(tok).__name__, "vocab": _hash(sorted(tok.get_vocab().items())),
+                "special": tok.all_special_ids, "max_len": self.max_len, "padding_side": tok.padding_side,
+                "truncation_side": tok.truncation_side,
+                "probe": tok("A Crème-Brûlée, 2 TACOS & naïve ramen!!")["input_ids"]}
+
+    def cache_key(self, modality, pairs):
+        """16 hex digits naming the features of `pairs` for `modality`."""
+        if modality == "image":
+            items = []
+            for p in pairs:
+                s = os.stat(p.image)
+                items.append(f"{p.image}|{s.st_size}|{s.st_mtime_ns}")
+        else:
+            items = [p.text for p in pairs]
+        return _hash({"version": self.VERSION, "model": self.fingerprint(), "modality": modality,
+                      "feature": self.feature, "preprocessing": self.preprocessing(modality)}, items)[:16]
+
+
+def load_clip(name_or_path, tokenizer=None, max_len=None, image_size=None, feature="embeds"):
+    """A CLIPBundle from a local folder written by save_pretrained or a hub name (which needs internet or
+    the Hugging Face cache). The image processor is the folder's (CLIP's standard one for the model's
+    image size when the folder has none); the tokenizer is the folder's or `tokenizer`'s."""
+    from transformers import CLIPImageProcessor, CLIPModel
+    try:
+        model = CLIPModel.from_pretrained(str(name_or_path))
+    except (OSError, ValueError) as e:
+        raise DataError(f"{name_or_path}: cannot load a CLIP model ({type(e).__name__}: {str(e)[:200]}); pass "
+                        "--clip_model a local folder written by save_pretrained (a hub name such as "
+                        "openai/clip-vit-base-patch32 needs internet or the Hugging Face cache)") from None
+    try:
+        processor = CLIPImageProcessor.from_pretrained(str(name_or_path))
+    except (OSError, ValueError):
+        side = model.config.vision_config.image_size
+        print(f"{name_or_path}: no image processor settings (preprocessor_config.json); using CLIP's standard "
+              f"ones: bicubic resize of the short side to {side}, centre crop, CLIP mean and std")
+        processor = CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+    return CLIPBundle(model, processor, load_tokenizer(tokenizer or name_or_path), name_or_path, max_len,
+                      image_size, feature)
+
+
+def toy_clip(tokenizer, image_size=32, patch_size=8, width=32, layers=2, heads=2, max_len=16, seed=0,
+             feature="embeds"):
+    """A tiny randomly initialised CLIP built in memory from a CLIPConfig (no download), for the toy set:
+    the text tower's vocabulary and special tokens are `tokenizer`'s (the toy's BERT vocabulary, [CLS]
+    first, pooled at [SEP]); the image processor is CLIP's at `image_size`. Its weights depend only on
+    `seed`."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+    sizes = dict(hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers, num_attention_heads=heads)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), max_position_embeddings=max_len, pad_token_id=tokenizer.pad_token_id,
+                         bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id, **sizes),
+        vision_config=dict(image_size=image_size, patch_size=patch_size, **sizes), projection_dim=width)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CLIPModel(config)
+    processor = CLIPImageProcessor(size={"shortest_edge": image_size},
+                                   crop_size={"height": image_size, "width": image_size})
+    return CLIPBundle(model, processor, tokenizer, "toy-clip", max_len, None, feature)
+
+
+def pretrain_toy_clip(clip, pairs, epochs=15, batch_size=64, lr=2e-3, seed=0):
+    """Stand-in for CLIP's pretraining, for the toy CLIP: CLIP's own contrastive loss (CLIPModel with
+    return_loss=True: symmetric cross-entropy of the image-text similarities of a batch) on `pairs` (the
+    toy's training pairs; labels are not used), AdamW, seeded. A random CLIP's features are unaligned and
+    its image features barely above chance; after this they are aligned and informative."""
+    g = torch.Generator()
+    g.manual_seed(seed)
+    loader = torch.utils.data.DataLoader(CLIPInputs(pairs, clip), batch_size=batch_size, shuffle=True, generator=g)
+    optimizer = torch.optim.AdamW(clip.model.parameters(), lr=lr)
+    clip.model.train()
+    for epoch in range(epochs):
+        for pixels, text, _, _ in loader:
+            loss = clip.model(input_ids=text[:, 0], attention_mask=(text[:, 1] == 0).long(), pixel_values=pixels,
+                              return_loss=True).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        print(f"toy CLIP: contrastive pretraining on {len(pairs)} pairs, epoch {epoch + 1}/{epochs}, loss {loss.item():.3f}",
+              flush=True)
+    clip.model.eval()
+    clip._fingerprint = None            # the weights changed
+    return clip
+
+
+class CLIPInputs(torch.utils.data.Dataset):
+    """Pairs as CLIP's inputs: (pixels (3, S, S) made by the image processor, text (2, max_len) = token ids
+    (the tokenizer's, with its special tokens, cut and padded to max_len) and padding mask (1 on padding),
+    label, index); modalities=['image'] or ['text'] gives (that input, label, index). The pairs must hold raw
+    text (CLIP has its own tokenizer): pre-tokenised (MLA layout) text is an error."""
+
+    def __init__(self, pairs, clip, modalities=("image", "text")):
+        self.pairs, self.clip, self.modalities = list(pairs), clip, list(modalities)
+        tokens = next((p for p in self.pairs if p.tokens), None)
+        if tokens is not None:
+            raise DataError(f"{tokens.tokens}: pre-tokenised text (pair at {tokens.src}); CLIP's text tower needs "
+                            "the raw text: use the jsonl layout or raw text files text/<split>/<stem>.txt")
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def image(self, pair):
+        return self.clip.processor(images=load_image(pair.image, pair.src), return_tensors="pt")["pixel_values"][0]
+
+    def text(self, pair):
+        enc = self.clip.tokenizer(pair.text, padding="max_length", truncation=True, max_length=self.clip.max_len)
+        ids, keep = torch.tensor(enc["input_ids"]), torch.tensor(enc["attention_mask"])
+        return torch.stack([ids, 1 - keep])
+
+    def __getitem__(self, i):
+        pair = self.pairs[i]
+        return (*[self.image(pair) if m == "image" else self.text(pair) for m in self.modalities], pair.label, i)
+
+
+@torch.no_grad()
+def extract_features(tower, dataset, batch_size=256, device="cpu", num_workers=0, desc="features"):
+    """One tower over a data set of (input, label, index) items, in batches, with a progress bar:
+    (N, tower.dim) float32 on the CPU."""
+    from tqdm import tqdm
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
+    tower.eval().to(device)
+    out = [tower(x.to(device)).float().cpu()
+           for x, _, _ in tqdm(loader, desc=desc, unit="batch", disable=not sys.stderr.isatty())]
+    return torch.cat(out)
+
+
+def clip_features(clip, pairs, split, cache_dir, batch_size=256, device="cpu", num_workers=0):
+    """[image features (N, w_i), text features (N, w_t)] of one split's pairs: read from
+    <cache_dir>/clip/<split>-<modality>-<key>.pt when present, else computed by the tower and written there
+    (temporary file + rename, so a killed run leaves no partial file). The key (CLIPBundle.cache_key)
+    changes with the model, the items and the preprocessing, so any change computes new features."""
+    out = []
+    for modality in ("image", "text"):
+        path = Path(cache_dir) / "clip" / f"{split}-{modality}-{clip.cache_key(modality, pairs)}.pt"
+        if path.is_file():
+            try:
+                feats = torch.load(path, map_location="cpu", weights_only=True)["features"]
+            except Exception as e:      # torch.load of a damaged file raises many kinds of errors
+                raise DataError(f"{path}: unreadable feature cache ({str(e)[:200]}); delete it to rebuild it") from None
+            if len(feats) != len(pairs):
+                raise DataError(f"{path}: cache holds {len(feats)} items; expected {len(pairs)} (delete it to rebuild it)")
+            print(f"CLIP {modality} features of {split} ({len(pairs)}): {path} (cached)")
+        else:
+            print(f"CLIP {modality} features of {split} ({len(pairs)}): extracting with {clip.name} -> {path}", flush=True)
+            feats = extract_features(clip.tower(modality), CLIPInputs(pairs, clip, [modality]), batch_size, device,
+                                     num_workers, desc=f"{split} {modality}")
+            meta = {"model": clip.name, "fingerprint": clip.fingerprint(), "modality": modality, "feature": clip.feature,
+                    "preprocessing": clip.preprocessing(modality), "ids": [p.id for p in pairs]}
+            atomic_torch_save({"features": feats, "meta": json.dumps(meta, default=str)}, path)
+        out.append(feats)
+    return out
+
+
+class CLIPFeatureDataset(torch.utils.data.Dataset):
+    """Cached features as a data set: (image features, text features, label, index)."""
+
+    def __init__(self, image, text, labels):
+        self.image, self.text, self.labels = image, text, torch.as_tensor(labels)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.image[i], self.text[i], self.labels[i], i
 
 
 # ==================================================================================================

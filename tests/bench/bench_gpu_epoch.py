@@ -98,6 +98,35 @@ def main():
                 times[name].append(timed(name))
             print(f"round {r + 1}: " + "  ".join(f"{k} {v[-1]:.2f}s ({args.clips / v[-1]:.0f} clips/s)"
                                                  for k, v in times.items()), flush=True)
+        # where the pipeline's time goes: the loaders alone (workers forked anew each epoch, as in
+        # training), the wait for the first batch, and the pipeline with persistent workers
+        def loader_only(name, loader):
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            first = None
+            tf = getattr(loader.dataset, "device_transform", None)
+            for batch in loader:
+                xs, y, idx = C.to_device(batch, dev)
+                if tf is not None:
+                    xs = tf(xs, train=True)
+                if first is None:
+                    if dev.type == "cuda":
+                        torch.cuda.synchronize()
+                    first = time.perf_counter() - t
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            return time.perf_counter() - t, first
+
+        for name in ("pipeline", "decode"):
+            total, first = loader_only(name, loaders[name])
+            print(f"{name} loader alone: {total:.2f}s per epoch ({args.clips / total:.0f} clips/s), "
+                  f"first batch after {first:.2f}s", flush=True)
+        kept = torch.utils.data.DataLoader(cached, batch_size=b, shuffle=True, num_workers=args.workers,
+                                           pin_memory=dev.type == "cuda", persistent_workers=args.workers > 0)
+        loaders["persistent"] = kept
+        timed("persistent")
+        print(f"pipeline with persistent workers: {timed('persistent'):.2f}s per epoch", flush=True)
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"{args.method}, {n_batches} batches of {b}, {args.workers} workers, amp {amp}; median epoch: "
           + ", ".join(f"{k} {v:.2f}s" for k, v in med.items()))

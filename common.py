@@ -1509,6 +1509,14 @@ def init_weights(module):
         nn.init.zeros_(module.bias)
 
 
+def init_heads(method):
+    """SPEC init for everything of a method but its encoders (pretrained or self-initialised ones
+    keep their weights): the heads, fusion layers and projections."""
+    for name, child in method.named_children():
+        if name != "encoders":
+            child.apply(init_weights)
+
+
 def resnet18_trunk(in_channels):
     """torchvision ResNet-18 without its classifier: (N, C, H, W) -> (N, 512), pooled over space."""
     import torchvision

@@ -109,9 +109,7 @@ def train(args):
                               args.num_workers, device),
     }
     method = C.build_method(args.method, encoders, len(classes), modalities, args, len(train_pairs))
-    for name, child in method.named_children():     # heads get the SPEC init; encoders keep theirs
-        if name != "encoders":
-            child.apply(C.init_weights)
+    C.init_heads(method)                            # encoders keep their own weights
     method.to(device)
     optimizer = torch.optim.SGD(method.parameters(), lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)

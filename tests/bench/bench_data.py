@@ -44,6 +44,15 @@ def make_fixture(root, n, seed=0):
     (root / "test.csv").write_text("\n".join(rows[:6]) + "\n")
 
 
+def fixture_clips(tmp, n):
+    """Write an n-clip fixture under tmp/cremad (timed) and return its training clips."""
+    root = Path(tmp) / "cremad"
+    t = time.perf_counter()
+    make_fixture(root, n)
+    print(f"fixture: {n} clips in {time.perf_counter() - t:.0f}s", flush=True)
+    return C.load_av_splits("cremad", root)["train"]
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--clips", type=int, default=300)
@@ -53,11 +62,7 @@ def main():
     args = p.parse_args()
     sizes = dict(image_size=224, frames=3, audio_len=1024, num_mel_bins=128)
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp) / "cremad"
-        t = time.perf_counter()
-        make_fixture(root, args.clips)
-        print(f"fixture: {args.clips} clips in {time.perf_counter() - t:.0f}s", flush=True)
-        clips = C.load_av_splits("cremad", root)["train"]
+        clips = fixture_clips(tmp, args.clips)
         t = time.perf_counter()
         cache = Path(tmp) / "cache"
         sets = {"decode": C.AVDataset(clips, True, **sizes),

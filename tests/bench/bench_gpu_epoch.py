@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import common as C  # noqa: E402
-from bench_data import make_fixture  # noqa: E402
+from bench_data import fixture_clips  # noqa: E402
 
 
 def main():
@@ -43,11 +43,7 @@ def main():
         print(f"device {torch.cuda.get_device_name(dev)}, torch {torch.__version__}, "
               f"{torch.get_num_threads()} CPU threads", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp) / "cremad"
-        t = time.perf_counter()
-        make_fixture(root, args.clips)
-        print(f"fixture: {args.clips} clips in {time.perf_counter() - t:.0f}s", flush=True)
-        clips = C.load_av_splits("cremad", root)["train"]
+        clips = fixture_clips(tmp, args.clips)
         t = time.perf_counter()
         cached = C.CachedAVDataset(clips, True, **sizes, cache_dir=Path(tmp) / "cache", num_workers=args.workers,
                                    augment_on="device" if dev.type == "cuda" else "workers")

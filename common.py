@@ -19,16 +19,18 @@ Sections (search for the banner lines):
   7. Report and curves ... `python common.py report RUNS_DIR [--paper]`, `python common.py plot RUNS_DIR`
 
 Every method is an ``nn.Module`` that owns its encoders and heads and exposes
-``train_step(xs, y, idx, optimizer, progress) -> loss`` and ``predict(xs) -> (fused, [unimodal])``,
-where ``xs`` is a list with one input tensor per modality, in the order of ``modalities``.
+``train_step(xs, y, idx, optimizer, progress) -> loss`` (a detached 0-dim tensor, left on the device so
+that a step never waits for the GPU) and ``predict(xs) -> (fused, [unimodal])``, where ``xs`` is a list with one input tensor per modality, in the order of ``modalities``.
 With missing views (Table 6) both also take ``mask``, a (B, M) bool tensor, True = view present
 (None = all present); a batch is then ``(*xs, mask, y, idx)`` and its data set has ``masked = True``.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import csv
 import io
+import itertools
 import json
 import math
 import os
@@ -498,6 +500,27 @@ class CachedAVDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.clips)
 
+    @property
+    def gatherable(self):
+        """True when an item is only a read (no crop in the loader workers): see `gather`."""
+        return not (self.train and self.augment_on == "workers")
+
+    def gather(self, indices, pin=False):
+        """The batch a DataLoader would collate from these items, read in one go from the memory maps
+        straight into (pinned, with pin=True) tensors; for `gatherable` data sets. numpy's take does
+        not hold the GIL, so several threads can gather batches at once (see GatherLoader)."""
+        idx = np.asarray(indices, dtype=np.int64)
+        fb, fr = self._open()
+        audio = torch.empty((len(idx), 1, *fb.shape[1:]), dtype=torch.float16, pin_memory=pin)
+        video = torch.empty((len(idx), *fr.shape[1:]), dtype=torch.uint8, pin_memory=pin)
+        np.take(fb, idx, axis=0, out=audio.numpy()[:, 0], mode="clip")   # indices come from a sampler
+        np.take(fr, idx, axis=0, out=video.numpy(), mode="clip")
+        labels = torch.tensor([self.clips[i].label for i in idx])
+        index = torch.from_numpy(idx)
+        if pin:
+            labels, index = labels.pin_memory(), index.pin_memory()
+        return audio, video, labels, index
+
     def __getitem__(self, i):
         audio = torch.from_numpy(np.array(self.fbank[i])).unsqueeze(0)         # float16 until the device
         video = torch.from_numpy(np.array(self.frames[i]))
@@ -516,8 +539,10 @@ class CachedAVDataset(torch.utils.data.Dataset):
             v = random_resized_crop_flip(v, self.image_size)
         else:
             v = v.float()
-        mean = torch.tensor(IMAGENET_MEAN, device=v.device).view(1, 3, 1, 1) * 255
-        std = torch.tensor(IMAGENET_STD, device=v.device).view(1, 3, 1, 1) * 255
+        # built on the CPU and sent without waiting (torch.tensor(..., device=cuda) would sync)
+        nb = v.device.type == "cuda"
+        mean = (torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255).to(v.device, non_blocking=nb)
+        std = (torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255).to(v.device, non_blocking=nb)
         v = ((v - mean) / std).view(b, k, 3, *v.shape[-2:])
         return [audio, v]
 
@@ -553,7 +578,7 @@ def random_resized_crop_flip(images, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 
     theta[:, 0, 2] = (2 * x0 + cw) / w - 1
     theta[:, 1, 1] = ch / h
     theta[:, 1, 2] = (2 * y0 + ch) / h - 1
-    grid = F.affine_grid(theta.to(dev), (n, 3, size, size), align_corners=False)
+    grid = F.affine_grid(theta.to(dev, non_blocking=dev.type == "cuda"), (n, 3, size, size), align_corners=False)
     return F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
@@ -903,15 +928,59 @@ def make_toy_av(root, seed=0, n_train=600, n_test=240, rate=8000, seconds=0.7, f
 
 
 def make_loader(dataset, batch_size, train, seed=0, num_workers=0, device="cpu"):
+    """A DataLoader (shuffled from a generator seeded with `seed` when training), or on CUDA, for a data
+    set that can read whole batches (`gatherable`, e.g. the cache with crops on the GPU), a GatherLoader
+    with `num_workers` threads."""
     g = torch.Generator()
     g.manual_seed(seed)
+    drop_last = train and len(dataset) % batch_size == 1      # BatchNorm cannot train on 1 sample
+    if str(device).startswith("cuda") and getattr(dataset, "gatherable", False):
+        return GatherLoader(dataset, batch_size, train, g, num_workers, drop_last, pin=True)
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=train, generator=g, num_workers=num_workers,
-        worker_init_fn=seed_worker, pin_memory=str(device).startswith("cuda"),
-        drop_last=train and len(dataset) % batch_size == 1,   # BatchNorm cannot train on 1 sample
+        worker_init_fn=seed_worker, pin_memory=str(device).startswith("cuda"), drop_last=drop_last,
         # training workers start afresh each epoch, seeded from the generator, so a resumed run draws
         # the same augmentations as an uninterrupted one
         persistent_workers=num_workers > 0 and not train)
+
+
+class GatherLoader:
+    """Batches of a data set with `gather(indices, pin)`, read by `threads` threads (0: in the caller)
+    straight into pinned memory, a few batches ahead. The order is drawn from `generator` as a shuffled
+    DataLoader draws it. No worker processes: nothing to start each epoch and no second copy into
+    pinned memory, which is what limits a DataLoader fed from memory-mapped arrays."""
+
+    def __init__(self, dataset, batch_size, train, generator, threads=4, drop_last=False, pin=True):
+        self.dataset, self.generator, self.threads, self.pin = dataset, generator, threads, pin
+        sampler = (torch.utils.data.RandomSampler(dataset, generator=generator) if train
+                   else torch.utils.data.SequentialSampler(dataset))
+        self.batch_sampler = torch.utils.data.BatchSampler(sampler, batch_size, drop_last)
+
+    def __len__(self):
+        return len(self.batch_sampler)
+
+    def __iter__(self):
+        from concurrent.futures import ThreadPoolExecutor
+        # a DataLoader first draws its workers' base seed from the generator, then the order: the same
+        # draws here give the same order for the same generator state
+        torch.empty((), dtype=torch.int64).random_(generator=self.generator)
+        batches = iter(list(self.batch_sampler))
+        if self.threads == 0:
+            for b in batches:
+                yield self.dataset.gather(b, self.pin)
+            return
+        pool = ThreadPoolExecutor(self.threads, thread_name_prefix="gather")
+        try:
+            ahead = collections.deque(pool.submit(self.dataset.gather, b, self.pin)
+                                      for b in itertools.islice(batches, self.threads + 2))
+            while ahead:
+                batch = ahead.popleft().result()
+                following = next(batches, None)
+                if following is not None:
+                    ahead.append(pool.submit(self.dataset.gather, following, self.pin))
+                yield batch
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 # ==================================================================================================
@@ -2034,7 +2103,7 @@ class Method(nn.Module):
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        return loss.item()
+        return loss.detach()
 
     @torch.no_grad()
     def predict(self, xs):
@@ -2086,7 +2155,7 @@ class LateFusion(Sum):
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        return loss.item()
+        return loss.detach()
 
     @torch.no_grad()
     def predict(self, xs, mask=None):
@@ -2162,7 +2231,7 @@ class OGM(Concat):
                 scores = [u.softmax(1).gather(1, y[:, None]).sum().item() for u in unis]
             self.modulate(ogm_coefficients(scores, self.alpha))
         optimizer.step()
-        return loss.item()
+        return loss.detach()
 
     @torch.no_grad()
     def modulate(self, coeffs):
@@ -2233,7 +2302,7 @@ class QMF(Sum):
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        return loss.item()
+        return loss.detach()
 
     @torch.no_grad()
     def predict(self, xs, mask=None):
@@ -2322,8 +2391,8 @@ class MLA(Method):
             if self.hgm:
                 self.project_head_grad(z.detach().mean(0).to(self.P.dtype), alpha)
             optimizer.step()
-            total, steps = total + loss.item(), steps + 1
-        return total / max(steps, 1)
+            total, steps = total + loss.detach().double(), steps + 1   # stays on the device: no sync
+        return total / steps if steps else torch.zeros((), dtype=torch.float64, device=y.device)
 
     def logits(self, zs):
         unis = [self.head(z) for z in zs]
@@ -2772,7 +2841,7 @@ class MissingMethod(nn.Module):
         if self.grad_clip:
             nn.utils.clip_grad_norm_(self.parameters(), self.grad_clip)
         optimizer.step()
-        return loss.item()
+        return loss.detach()
 
     @torch.no_grad()
     def predict(self, xs, mask=None):
@@ -3076,7 +3145,7 @@ class CPMNet(MissingMethod):
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        return loss.item()
+        return loss.detach()
 
     def infer_codes(self, xs, mask):
         """Codes of new samples, from the mean training code."""
@@ -3448,8 +3517,49 @@ def to_device(batch, device, masked=False):
         *xs, mask, y, idx = batch
     else:
         *xs, y, idx = batch
-    out = [x.to(device, non_blocking=nb) for x in xs], y.to(device, non_blocking=nb), idx.to(device)
-    return (*out, mask.to(device)) if masked else out
+    out = [x.to(device, non_blocking=nb) for x in xs], y.to(device, non_blocking=nb), idx.to(device, non_blocking=nb)
+    return (*out, mask.to(device, non_blocking=nb)) if masked else out
+
+
+def device_batches(loader, device, train, masked=False):
+    """Each batch of the loader on the device, after the data set's `device_transform` (if it has one),
+    as (xs, y, idx, mask or None). On CUDA the copy and the transform of batch k+1 are queued on a side
+    stream before batch k is handed out, so they run on the GPU while batch k trains."""
+    tf = getattr(loader.dataset, "device_transform", None)
+
+    def move(batch):
+        xs, y, idx, *mask = to_device(batch, device, masked)
+        if tf is not None:
+            xs = tf(xs, train=train)
+        return xs, y, idx, (mask[0] if masked else None)
+
+    device = torch.device(device)
+    if device.type != "cuda":
+        yield from map(move, loader)
+        return
+    main, side = torch.cuda.current_stream(device), torch.cuda.Stream(device)
+
+    def stage(batch):
+        with torch.cuda.stream(side):
+            out = move(batch)
+        return out, side.record_event()
+
+    def ready(staged):
+        out, done = staged
+        main.wait_event(done)
+        xs, y, idx, mask = out
+        for t in [*xs, y, idx] + ([mask] if mask is not None else []):
+            t.record_stream(main)       # made on the side stream, used on the main one
+        return out
+
+    staged = None
+    for batch in loader:
+        following = stage(batch)
+        if staged is not None:
+            yield ready(staged)
+        staged = following
+    if staged is not None:
+        yield ready(staged)
 
 
 def is_masked(loader):
@@ -3462,49 +3572,63 @@ def evaluate(method, loader, device, amp=False):
     (a masked data set) a modality's accuracy counts only the samples where its view is present."""
     method.eval()
     masked = is_masked(loader)
-    correct = torch.zeros(len(method.modalities) + 1, dtype=torch.long)
-    count = torch.zeros(len(method.modalities) + 1, dtype=torch.long)
-    tf = getattr(loader.dataset, "device_transform", None)
-    for batch in loader:
-        xs, y, _, *mask = to_device(batch, device, masked)
-        if tf is not None:
-            xs = tf(xs, train=False)
+    n = len(method.modalities) + 1
+    correct = torch.zeros(n, dtype=torch.long, device=device)     # counted on the device: no sync per batch
+    count = torch.zeros(n, dtype=torch.long, device=device)
+    for xs, y, _, mask in device_batches(loader, device, False, masked):
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=amp):
-            fused, unis = method.predict(xs, mask=mask[0]) if masked else method.predict(xs)
+            fused, unis = method.predict(xs, mask=mask) if masked else method.predict(xs)
         fused, unis = fused.float(), [u.float() for u in unis]
-        mask = mask[0] if masked else torch.ones(len(y), len(unis), dtype=torch.bool, device=y.device)
+        mask = mask if masked else torch.ones(len(y), len(unis), dtype=torch.bool, device=y.device)
         for m, u in enumerate(unis):
-            correct[m] += ((u.argmax(1) == y) & mask[:, m]).sum().item()
-            count[m] += mask[:, m].sum().item()
-        correct[-1] += (fused.argmax(1) == y).sum().item()
+            correct[m] += ((u.argmax(1) == y) & mask[:, m]).sum()
+            count[m] += mask[:, m].sum()
+        correct[-1] += (fused.argmax(1) == y).sum()
         count[-1] += len(y)
-    acc = (100.0 * correct.double() / count.clamp_min(1)).tolist()
+    acc = (100.0 * correct.cpu().double() / count.cpu().clamp_min(1)).tolist()
     return {name: round(a, 4) for name, a in zip(method.modalities + ["multi"], acc)}
 
 
-def train_one_epoch(method, loader, optimizer, epoch, device, desc="", amp=False):
-    """One pass over the loader; with amp, forward passes run under bf16 autocast (no loss scaling
-    is needed for bf16)."""
+def train_one_epoch(method, loader, optimizer, epoch, device, desc="", amp=False, check_every=None):
+    """One pass over the loader; returns the mean batch loss. With amp, forward passes run under bf16
+    autocast (no loss scaling is needed for bf16). A non-finite batch loss raises FloatingPointError
+    naming its epoch and step. Losses are read back every `check_every` steps (default: every step on
+    the CPU, every 25 on a GPU, where each read waits for the GPU to catch up) and at the end."""
     from tqdm import tqdm
     method.train()
     masked = is_masked(loader)
-    total, steps = 0.0, len(loader)
-    bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=not sys.stderr.isatty())
-    tf = getattr(loader.dataset, "device_transform", None)     # batch augmentation on the device
-    for step, batch in enumerate(bar):
-        progress = {"epoch": epoch, "step": step, "steps": steps}
-        xs, y, idx, *mask = to_device(batch, device, masked)
-        if tf is not None:
-            xs = tf(xs, train=True)
-        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=amp):
-            if masked:
-                loss = method.train_step(xs, y, idx, optimizer, progress, mask=mask[0])
-            else:
-                loss = method.train_step(xs, y, idx, optimizer, progress)
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss ({loss}) at epoch {epoch + 1}, step {step + 1} of {steps}")
-        total += loss
-        bar.set_postfix(loss=f"{loss:.3f}")
+    steps = len(loader)
+    if check_every is None:
+        check_every = 25 if torch.device(device).type == "cuda" else 1
+    bar = tqdm(total=steps, desc=desc, leave=False, dynamic_ncols=True, disable=not sys.stderr.isatty())
+    total, unread = 0.0, []
+
+    def read_back():
+        nonlocal total
+        for step, loss in unread:
+            loss = float(loss)
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss ({loss}) at epoch {epoch + 1}, step {step + 1} of {steps}")
+            total += loss
+        if unread:
+            bar.set_postfix(loss=f"{loss:.3f}")
+        unread.clear()
+
+    try:
+        for step, (xs, y, idx, mask) in enumerate(device_batches(loader, device, True, masked)):
+            progress = {"epoch": epoch, "step": step, "steps": steps}
+            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=amp):
+                if masked:
+                    loss = method.train_step(xs, y, idx, optimizer, progress, mask=mask)
+                else:
+                    loss = method.train_step(xs, y, idx, optimizer, progress)
+            unread.append((step, loss))
+            if len(unread) >= check_every:
+                read_back()
+            bar.update()
+        read_back()
+    finally:
+        bar.close()
     return total / max(steps, 1)
 
 

@@ -106,3 +106,38 @@ def test_cached_dataset_pickles_without_its_arrays(clips, tmp_path):
     assert len(blob) < 20000                       # paths and clip list, not the arrays
     again = pickle.loads(blob)
     assert torch.equal(again[0][0], a0)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_gather_loader_gives_the_dataloaders_batches(clips, tmp_path, train):
+    """The threaded whole-batch reader (used on CUDA) yields what a DataLoader collates from the same
+    data set, in the same shuffled order for the same generator state, epoch after epoch."""
+    ds = C.CachedAVDataset(clips["train"], train, **SIZES, cache_dir=tmp_path / "cache", augment_on="device")
+    assert ds.gatherable and not C.CachedAVDataset(clips["train"], True, **SIZES, cache_dir=tmp_path / "cache").gatherable
+    ref = torch.utils.data.DataLoader(ds, batch_size=4, shuffle=train, generator=torch.Generator().manual_seed(3))
+    fast = C.GatherLoader(ds, 4, train, torch.Generator().manual_seed(3), threads=2, pin=False)
+    assert len(fast) == len(ref) == 2
+    for _ in range(2):
+        got, want = list(fast), list(ref)
+        assert len(got) == len(want)
+        for g, w in zip(got, want):
+            assert all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(g, w))
+        assert torch.equal(fast.generator.get_state(), ref.generator.get_state())
+    if train:
+        assert sorted(torch.cat([b[3] for b in got]).tolist()) == list(range(6))
+
+
+def test_gather_loader_reports_a_failed_read(clips, tmp_path):
+    ds = C.CachedAVDataset(clips["train"], False, **SIZES, cache_dir=tmp_path / "cache")
+
+    def broken(indices, pin=False):
+        raise C.DataError("frames.npy: cannot read")
+    ds.gather = broken
+    with pytest.raises(C.DataError, match="cannot read"):
+        list(C.GatherLoader(ds, 2, False, torch.Generator(), threads=2, pin=False))
+
+
+def test_make_loader_uses_the_gather_loader_only_on_cuda(clips, tmp_path):
+    ds = C.CachedAVDataset(clips["train"], False, **SIZES, cache_dir=tmp_path / "cache")
+    assert isinstance(C.make_loader(ds, 4, False, device="cpu"), torch.utils.data.DataLoader)
+    assert isinstance(C.make_loader(ds, 4, False, num_workers=2, device="cuda"), C.GatherLoader)

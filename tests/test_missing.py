@@ -296,7 +296,7 @@ def test_encoders_never_see_a_missing_view(name):
     xs, y, idx, mask = nan_batch()
     loss = m.train_step(xs, y, idx, opt, {"epoch": 0, "step": 0, "steps": 1}, mask=mask)
     fused, unis = m.predict(xs, mask=mask)
-    assert np.isfinite(loss) and torch.isfinite(fused).all()
+    assert torch.isfinite(loss) and torch.isfinite(fused).all()
     assert all(torch.isfinite(p).all() for p in m.parameters())
     for k, spy in enumerate(spies):
         assert spy.seen and all(torch.isfinite(x).all() for x in spy.seen)

@@ -126,3 +126,23 @@ def test_autocast_keeps_P_in_full_precision(tiny_encoders):
     assert math.isfinite(loss)
     assert m.P.dtype == torch.float32 and torch.equal(m.P, m.P.T) and torch.isfinite(m.P).all()
     assert set(C.evaluate(m, loader, "cpu", amp=True)) == {"audio", "video", "multi"}
+
+
+def test_losses_read_back_late_still_name_the_first_non_finite_step():
+    """On a GPU the epoch loop reads losses back every few steps (each read waits for the GPU): a NaN is
+    still reported at its own step, and the epoch mean is that of every step."""
+    class Stub(torch.nn.Module):
+        modalities = ["x"]
+
+        def __init__(self, bad_step):
+            super().__init__()
+            self.bad_step = bad_step
+
+        def train_step(self, xs, y, idx, optimizer, progress):
+            return torch.tensor(float("nan") if progress["step"] == self.bad_step else float(progress["step"]))
+
+    ds = torch.utils.data.TensorDataset(torch.zeros(6, 2), torch.zeros(6, dtype=torch.long), torch.arange(6))
+    loader = torch.utils.data.DataLoader(ds, batch_size=2)
+    with pytest.raises(FloatingPointError, match=r"non-finite loss \(nan\) at epoch 4, step 2 of 3"):
+        C.train_one_epoch(Stub(1), loader, None, 3, "cpu", check_every=10)
+    assert C.train_one_epoch(Stub(None), loader, None, 0, "cpu", check_every=2) == 1.0     # (0 + 1 + 2) / 3

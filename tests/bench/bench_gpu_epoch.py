@@ -2,18 +2,24 @@
 
 Generates a CREMA-D-shaped fixture at paper sizes (default 2,000 clips; a 2.5 s 16 kHz WAV and three
 480 x 360 JPEGs each; 224 x 224 crops, 1024 x 128 fbank, batch 64), then times training epochs of the
-same MLA model (ResNet-18 encoders, bf16 autocast, channels_last) fed three ways:
-  model_only: the same number of batches of ready, normalised tensors already on the GPU (the bound);
-  pipeline:   this project's path: CachedAVDataset (memory-mapped fbank and uint8 frames, built once,
-              not timed), pinned memory, non-blocking copies, crop/flip/normalise on the GPU;
-  decode:     AVDataset, which opens each JPEG with PIL and computes the fbank from the WAV in the
-              loader workers every epoch (the official way).
-The three are alternated round by round; the medians give the ratios (goals: pipeline/decode >= 5,
-pipeline/model_only >= 0.70, as throughput).
+same MLA model (ResNet-18 encoders, bf16 autocast, channels_last, cuDNN autotuning: as train_av.py on
+CUDA) fed four ways:
+  model_only:    the same number of batches of ready, normalised tensors already on the GPU (the bound);
+  pipeline:      this project's path on CUDA: CachedAVDataset (memory-mapped fbank and uint8 frames,
+                 built once, not timed) read batch-wise by GatherLoader threads into pinned memory,
+                 copied and cropped/flipped/normalised on a side stream while the previous batch trains;
+  cache_workers: the same cache through a DataLoader with worker processes (one item at a time, then a
+                 second copy into pinned memory), for comparison;
+  decode:        AVDataset, which opens each JPEG with PIL and computes the fbank from the WAV in the
+                 loader workers every epoch (the official way).
+The four are alternated round by round; the medians give the ratios (goals: pipeline/decode >= 5,
+pipeline/model_only >= 0.70, as throughput). First it checks that the side-stream path hands out the
+same tensors as a plain copy and transform.
 
     python tests/bench/bench_gpu_epoch.py [--clips 2000] [--workers 8] [--rounds 3] [--device cuda]
 """
 import argparse
+import itertools
 import statistics
 import sys
 import tempfile
@@ -49,10 +55,27 @@ def main():
                                    augment_on="device" if dev.type == "cuda" else "workers")
         print(f"cache built once in {time.perf_counter() - t:.1f}s", flush=True)
         loaders = {"pipeline": C.make_loader(cached, args.batch_size, True, 0, args.workers, dev),
+                   "cache_workers": torch.utils.data.DataLoader(
+                       cached, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
+                       worker_init_fn=C.seed_worker, pin_memory=dev.type == "cuda"),
                    "decode": C.make_loader(C.AVDataset(clips, True, **sizes), args.batch_size, True, 0,
                                            args.workers, dev)}
         n_batches = len(loaders["pipeline"])
+        print(f"pipeline loader: {type(loaders['pipeline']).__name__}", flush=True)
 
+        # the side-stream path must hand out exactly what a plain copy + transform gives
+        if dev.type == "cuda":
+            fresh = lambda: C.make_loader(cached, args.batch_size, True, 1, args.workers, dev)
+            same, pairs = True, zip(C.device_batches(fresh(), dev, False), fresh())
+            for (xs, y, idx, _), batch in itertools.islice(pairs, 6):
+                px, py, pidx = C.to_device(batch, dev)
+                px = cached.device_transform(px, train=False)
+                same &= all(torch.equal(u, v) for u, v in zip([*xs, y, idx], [*px, py, pidx]))
+            del pairs                                               # stops the two loaders' threads
+            print(f"check: side-stream batches equal plain copies: {same}", flush=True)
+
+        if dev.type == "cuda":
+            torch.backends.cudnn.benchmark = True
         hp = argparse.Namespace(no_hgm=False, hgm_alpha=None, fusion="dynamic", fusion_weights=None,
                                 alpha=0.1, modulation_starts=0, modulation_ends=50, condition=None)
         torch.manual_seed(0)
@@ -73,19 +96,21 @@ def main():
                 with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
                     method.train_step(xs, y, idx, opt, {"epoch": 0, "step": step, "steps": n_batches})
 
-        def timed(name):
+        def sync():
             if dev.type == "cuda":
                 torch.cuda.synchronize()
+
+        def timed(name):
+            sync()
             t = time.perf_counter()
             if name == "model_only":
                 model_only()
             else:
                 C.train_one_epoch(method, loaders[name], opt, 0, dev, amp=amp)
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
+            sync()
             return time.perf_counter() - t
 
-        names = ["model_only", "pipeline", "decode"]
+        names = ["model_only", "pipeline", "cache_workers", "decode"]
         for name in names:                                           # warm-up (cuDNN, allocator, page cache)
             timed(name)
         times = {name: [] for name in names}
@@ -94,35 +119,23 @@ def main():
                 times[name].append(timed(name))
             print(f"round {r + 1}: " + "  ".join(f"{k} {v[-1]:.2f}s ({args.clips / v[-1]:.0f} clips/s)"
                                                  for k, v in times.items()), flush=True)
-        # where the pipeline's time goes: the loaders alone (workers forked anew each epoch, as in
-        # training), the wait for the first batch, and the pipeline with persistent workers
-        def loader_only(name, loader):
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
+
+        # the loaders alone, with the copy and the transform, and the wait for the first batch
+        def loader_only(loader):
+            sync()
             t = time.perf_counter()
             first = None
-            tf = getattr(loader.dataset, "device_transform", None)
-            for batch in loader:
-                xs, y, idx = C.to_device(batch, dev)
-                if tf is not None:
-                    xs = tf(xs, train=True)
+            for _ in C.device_batches(loader, dev, True):
                 if first is None:
-                    if dev.type == "cuda":
-                        torch.cuda.synchronize()
+                    sync()
                     first = time.perf_counter() - t
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
+            sync()
             return time.perf_counter() - t, first
 
-        for name in ("pipeline", "decode"):
-            total, first = loader_only(name, loaders[name])
+        for name in ("pipeline", "cache_workers", "decode"):
+            total, first = loader_only(loaders[name])
             print(f"{name} loader alone: {total:.2f}s per epoch ({args.clips / total:.0f} clips/s), "
                   f"first batch after {first:.2f}s", flush=True)
-        kept = torch.utils.data.DataLoader(cached, batch_size=b, shuffle=True, num_workers=args.workers,
-                                           pin_memory=dev.type == "cuda", persistent_workers=args.workers > 0)
-        loaders["persistent"] = kept
-        timed("persistent")
-        print(f"pipeline with persistent workers: {timed('persistent'):.2f}s per epoch", flush=True)
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"{args.method}, {n_batches} batches of {b}, {args.workers} workers, amp {amp}; median epoch: "
           + ", ".join(f"{k} {v:.2f}s" for k, v in med.items()))

@@ -19,8 +19,9 @@ Sections (search for the banner lines):
   7. Report and curves ... `python common.py report RUNS_DIR [--paper]`, `python common.py plot RUNS_DIR`
 
 Every method is an ``nn.Module`` that owns its encoders and heads and exposes
-``train_step(xs, y, idx, optimizer, progress) -> loss`` (a detached 0-dim tensor, left on the device so
-that a step never waits for the GPU) and ``predict(xs) -> (fused, [unimodal])``, where ``xs`` is a list with one input tensor per modality, in the order of ``modalities``.
+``train_step(xs, y, idx, optimizer, progress) -> loss`` (a detached 0-dim tensor, left on the device
+so that a step never waits for the GPU) and ``predict(xs) -> (fused, [unimodal])``, where ``xs`` is a
+list with one input tensor per modality, in the order of ``modalities``.
 With missing views (Table 6) both also take ``mask``, a (B, M) bool tensor, True = view present
 (None = all present); a batch is then ``(*xs, mask, y, idx)`` and its data set has ``masked = True``.
 """

@@ -47,7 +47,8 @@ def get_args(argv=None):
     a("--no_cache", action="store_true", help="decode every JPEG and compute every fbank each epoch instead "
                                              "(the toy set, generated afresh each run, is never cached)")
     a = p.add_argument_group("speed").add_argument
-    a("--num_workers", type=int, default=None, help="data loader workers; paper 8; toy 0")
+    a("--num_workers", type=int, default=None,
+      help="data loader workers (on CUDA with the cache: threads reading whole batches); paper 8; toy 0")
     a("--amp", action=argparse.BooleanOptionalAction, default=None,
       help="bf16 autocast and channels_last ResNets on CUDA (default: on with CUDA; CPU runs never use it)")
     a = p.add_argument_group("toy data set").add_argument

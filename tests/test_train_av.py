@@ -146,3 +146,16 @@ def test_losses_read_back_late_still_name_the_first_non_finite_step():
     with pytest.raises(FloatingPointError, match=r"non-finite loss \(nan\) at epoch 4, step 2 of 3"):
         C.train_one_epoch(Stub(1), loader, None, 3, "cpu", check_every=10)
     assert C.train_one_epoch(Stub(None), loader, None, 0, "cpu", check_every=2) == 1.0     # (0 + 1 + 2) / 3
+
+
+def test_compile_flag_compiles_each_encoder_in_place(toy_root, tmp_path, monkeypatch):
+    """--compile hands every encoder (and nothing else) to nn.Module.compile, which compiles in place, so
+    checkpoints keep the eager keys. The training run stubs the compile: a real one takes minutes here."""
+    encoder = C.VideoResNet()
+    keys = list(encoder.state_dict())
+    encoder.compile()                   # lazy: nothing is compiled before the first call
+    assert list(encoder.state_dict()) == keys
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compiled.append(type(self).__name__))
+    run(toy_root, tmp_path, "--method", "mla", "--compile")
+    assert compiled == ["AudioResNet", "VideoResNet"]

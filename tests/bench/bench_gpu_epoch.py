@@ -23,7 +23,7 @@ next epochs of a pipeline run in the same process (measured on an H200: pipeline
 after such epochs, 0.97-0.98 s without them; the loader alone 0.26 s against 0.09 s). A training run
 never mixes the two: train_av.py on CUDA reads the cache with GatherLoader for every split.
 
-    python tests/bench/bench_gpu_epoch.py [--clips 2000] [--workers 8] [--rounds 3] [--device cuda]
+    python tests/bench/bench_gpu_epoch.py [--clips 2000] [--workers 8] [--rounds 3] [--device cuda] [--compile]
 """
 import argparse
 import itertools
@@ -54,6 +54,7 @@ def get_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--variants", default="model_only,pipeline,cache_workers,decode",
                    help="which of model_only,pipeline,cache_workers,decode to time (model_only and pipeline always)")
+    p.add_argument("--compile", action="store_true", help="compile the encoders, as train_av.py --compile")
     p.add_argument("--serve", default=None, help=argparse.SUPPRESS)   # fixture folder: be the second process
     return p.parse_args(argv)
 
@@ -83,6 +84,9 @@ class Bench:
                                      len(clips))
         self.method.apply(C.init_weights)
         self.method.to(self.dev, memory_format=torch.channels_last if self.amp else torch.contiguous_format)
+        if args.compile:
+            for encoder in self.method.encoders:
+                encoder.compile()
         self.opt = torch.optim.SGD(self.method.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
         b, dev = args.batch_size, self.dev
         self.ready = [([torch.randn(b, 1, 1024, 128, device=dev), torch.randn(b, 3, 3, 224, 224, device=dev)],
@@ -190,7 +194,8 @@ def main():
                 child.stdin.close()
                 child.wait()
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"{args.method}, {bench.n_batches} batches of {args.batch_size}, {args.workers} workers, amp {bench.amp}; "
+    print(f"{args.method}, {bench.n_batches} batches of {args.batch_size}, {args.workers} workers, amp {bench.amp}, "
+          f"compile {args.compile}; "
           "median epoch: " + ", ".join(f"{k} {v:.2f}s" for k, v in med.items()))
     print(f"ratio pipeline/model_only = {med['model_only'] / med['pipeline']:.2f}")
     if "decode" in med:

@@ -1597,6 +1597,14 @@ def resnet18_trunk(in_channels):
     return net
 
 
+def compile_encoders(method):
+    """torch.compile each encoder of `method` in place, so state_dict keys stay those of the eager module.
+    dynamic=False: one static graph per input shape (the full batch, a short last batch, eval mode)
+    instead of one shape-generic graph for every batch after the first short one."""
+    for encoder in method.encoders:
+        encoder.compile(dynamic=False)
+
+
 class AudioResNet(nn.Module):
     """Fbank (B, 1, T, F) -> (B, 512)."""
     dim = 512

@@ -130,8 +130,7 @@ def run(args):
     method.apply(C.init_weights)
     method.to(device, memory_format=torch.channels_last if args.amp else torch.contiguous_format)
     if args.compile:
-        for encoder in method.encoders:
-            encoder.compile()       # in place: the state_dict keys stay those of the eager module
+        C.compile_encoders(method)
     optimizer = torch.optim.SGD(method.parameters(), lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_decay_step, args.lr_decay_ratio)

@@ -156,6 +156,6 @@ def test_compile_flag_compiles_each_encoder_in_place(toy_root, tmp_path, monkeyp
     encoder.compile()                   # lazy: nothing is compiled before the first call
     assert list(encoder.state_dict()) == keys
     compiled = []
-    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compiled.append(type(self).__name__))
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compiled.append((type(self).__name__, k)))
     run(toy_root, tmp_path, "--method", "mla", "--compile")
-    assert compiled == ["AudioResNet", "VideoResNet"]
+    assert compiled == [("AudioResNet", {"dynamic": False}), ("VideoResNet", {"dynamic": False})]

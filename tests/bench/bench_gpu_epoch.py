@@ -85,8 +85,7 @@ class Bench:
         self.method.apply(C.init_weights)
         self.method.to(self.dev, memory_format=torch.channels_last if self.amp else torch.contiguous_format)
         if args.compile:
-            for encoder in self.method.encoders:
-                encoder.compile()
+            C.compile_encoders(self.method)
         self.opt = torch.optim.SGD(self.method.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
         b, dev = args.batch_size, self.dev
         self.ready = [([torch.randn(b, 1, 1024, 128, device=dev), torch.randn(b, 3, 3, 224, 224, device=dev)],

@@ -3709,6 +3709,12 @@ def finish_args(p, args, methods, defaults):
     for k, v in defaults["toy" if args.dataset == "toy" else "paper"].items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
+    if hasattr(args, "amp"):                    # scripts with --amp: on by default on CUDA, never on the CPU
+        cuda = str(args.device).startswith("cuda")
+        if args.amp is None:
+            args.amp = cuda
+        if args.amp and not cuda:
+            p.error("--amp needs a CUDA device (CPU runs stay in float32)")
     return args
 
 

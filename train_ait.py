@@ -64,6 +64,9 @@ def get_args(argv=None):
     a("--skip_bad", action="store_true", help="skip utterances with missing files (and print how many)")
     a = p.add_argument_group("speed").add_argument
     a("--num_workers", type=int, default=None, help=C._default_help(DEFAULTS, "num_workers", "data loader workers"))
+    a("--amp", action=argparse.BooleanOptionalAction, default=None,
+      help="bf16 autocast of the encoders and heads on CUDA, channels_last for --audio_encoder resnet18 "
+           "(default: on with CUDA; CPU runs never use it)")
     a("--cpu_threads", type=int, default=None, help=C._default_help(
         DEFAULTS, "cpu_threads", "torch CPU threads, 0 = torch's default; the toy's tiny layers gain nothing from "
                                  "threads, which stall on a busy CPU"))
@@ -145,7 +148,7 @@ def train(args):
     }
     method = C.build_method(args.method, encoders, len(classes), MODALITIES, args, len(train_utts))
     C.init_heads(method)                            # encoders keep their own weights
-    method.to(device)
+    method.to(device, memory_format=torch.channels_last if args.amp else torch.contiguous_format)
     optimizer = torch.optim.SGD(method.parameters(), lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_decay_step, args.lr_decay_ratio)

@@ -59,12 +59,7 @@ def get_args(argv=None):
     a("--toy_test", type=int, default=240, help="toy: test clips")
     a("--toy_seed", type=int, default=0, help="toy: seed of the generated data (fixed across --seed)")
     p.set_defaults(script="train_av.py")      # names the toy runs' folder (common.run_dir)
-    args = C.finish_args(p, p.parse_args(argv), C.METHODS, DEFAULTS)
-    if args.amp is None:
-        args.amp = args.device.startswith("cuda")
-    if args.amp and not args.device.startswith("cuda"):
-        p.error("--amp needs a CUDA device (bf16 autocast of the ResNets is unreliable on the CPU)")
-    return args
+    return C.finish_args(p, p.parse_args(argv), C.METHODS, DEFAULTS)
 
 
 def main(argv=None):

@@ -106,14 +106,6 @@ def test_killed_sweep_reruns_only_missing_runs(toy_root, tmp_path):
     assert all(after[p] == b for p, b in done.items())       # finished runs were not run again
 
 
-def test_amp_is_the_cuda_default_and_refused_on_cpu():
-    assert train_av.get_args(["--device", "cpu"]).amp is False
-    assert train_av.get_args(["--device", "cuda"]).amp is True
-    assert train_av.get_args(["--device", "cuda", "--no-amp"]).amp is False
-    with pytest.raises(SystemExit):
-        train_av.get_args(["--device", "cpu", "--amp"])
-
-
 def test_autocast_keeps_P_in_full_precision(tiny_encoders):
     """The AMP plumbing of train_one_epoch/evaluate (bf16 autocast), on the CPU's autocast."""
     torch.manual_seed(0)

@@ -143,7 +143,9 @@ def read_text_lines(path):
         line = raw[:e.start].count(b"\n") + 1
         raise DataError(f"{where(path, line)}: not valid UTF-8 text (byte {e.start}); expected a UTF-8 "
                         "text file") from None
-    return [(i, s.strip()) for i, s in enumerate(text.splitlines(), 1) if s.strip()]
+    # only \n (and \r\n) ends a line: str.splitlines would also split at U+2028, U+2029 and U+0085,
+    # which JSON allows unescaped inside a string (a tweet's text in a .jsonl file)
+    return [(i, s.strip()) for i, s in enumerate(text.split("\n"), 1) if s.strip()]
 
 
 # ==================================================================================================
@@ -266,7 +268,7 @@ def natural_key(name):
 def list_frames(folder):
     """Image files of a frame folder in natural sorted order (frame_2 before frame_10)."""
     folder = Path(folder)
-    names = [n for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXTS)]
+    names = [n for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXTS) and not n.startswith(".")]
     return [folder / n for n in sorted(names, key=natural_key)]
 
 
@@ -381,9 +383,10 @@ def frame_cache_size(clips, image_size, train):
     training frames with their short side = S and the aspect ratio of the data's first frame."""
     if not train:
         return image_size, image_size
-    from PIL import Image
-    with Image.open(list_frames(clips[0].frames)[0]) as im:
-        w, h = im.size
+    paths = list_frames(clips[0].frames)
+    if not paths:
+        raise DataError(f"{clips[0].frames}: no frames (clip at {clips[0].src}); expected .jpg files")
+    w, h = load_image(paths[0], clips[0].src).size
     if w >= h:
         return image_size, max(image_size, round(image_size * w / h))
     return max(image_size, round(image_size * h / w)), image_size
@@ -446,7 +449,12 @@ class CachedAVDataset(torch.utils.data.Dataset):
         h = hashlib.sha1(json.dumps(params, sort_keys=True).encode())
         for c in self.clips:
             a, f = os.stat(c.audio), os.stat(c.frames)
-            h.update(f"{c.id}|{c.label}|{c.audio}|{a.st_size}|{a.st_mtime_ns}|{c.frames}|{f.st_mtime_ns}\n".encode())
+            h.update(f"{c.id}|{c.label}|{c.audio}|{a.st_size}|{a.st_mtime_ns}|{c.frames}|{f.st_mtime_ns}".encode())
+            paths = list_frames(c.frames)           # a frame rewritten in place leaves its folder's mtime alone
+            for k in pick_even(len(paths), params["frames"]) if paths else []:
+                s = os.stat(paths[k])
+                h.update(f"|{paths[k].name}|{s.st_size}|{s.st_mtime_ns}".encode())
+            h.update(b"\n")
         return h.hexdigest()[:16]
 
     def build(self, params, size, num_workers):
@@ -641,10 +649,17 @@ def check_audio(path, num_mel_bins=None):
     """Cheap check of one audio file before training: a WAV header, or a .npy fbank's shape."""
     if str(path).endswith(".npy"):
         try:
+            with open(path, "rb") as f:
+                magic = f.read(6)
+            if magic != b"\x93NUMPY":
+                raise ValueError(f"not a .npy file (its first bytes are {magic!r}; a .npy starts with b'\\x93NUMPY')")
             shape = np.load(path, mmap_mode="r", allow_pickle=False).shape
         except (OSError, ValueError) as e:
             raise DataError(f"{path}: unreadable .npy: {e}; expected a (frames, mel bins) fbank array") from None
         shape = tuple(n for n in shape if n != 1) or shape
+        if len(shape) == 2 and num_mel_bins and shape[0] == num_mel_bins and shape[1] != num_mel_bins:
+            raise DataError(f"{path}: fbank of shape {shape} looks transposed (mel bins x frames); expected "
+                            f"(frames, {num_mel_bins}): save it as fbank.T")
         if len(shape) != 2 or (num_mel_bins and shape[1] != num_mel_bins):
             raise DataError(f"{path}: fbank of shape {shape}; expected (frames, {num_mel_bins or 'mel bins'})"
                             " — set --num_mel_bins to its width")
@@ -1032,8 +1047,10 @@ def jsonl_rows(path):
         label, text, img = obj["label"], obj["text"], obj["img"]
         if isinstance(label, bool) or not isinstance(label, (str, int)):
             raise DataError(f"{src}: label {label!r}; expected one class name")
-        if not isinstance(text, str) or not isinstance(img, str) or not img:
-            raise DataError(f"{src}: 'text' and 'img' must be strings (img a path relative to the data root)")
+        if not isinstance(text, str):
+            raise DataError(f"{src}: 'text' is {text!r}; expected a string (\"\" for no text)")
+        if not isinstance(img, str) or not img:
+            raise DataError(f"{src}: 'img' is {img!r}; expected an image path relative to the data root")
         rows.append((str(obj.get("id", Path(img).stem)), str(label).strip(), text, img, src))
     return rows
 
@@ -3724,7 +3741,10 @@ def script_main(main):
     try:
         main()
     except DataError as e:
-        sys.exit(f"error: {e}")
+        text = str(e)
+        if "Original Traceback" in text:        # re-raised from a DataLoader worker: drop the traceback
+            text = text.rsplit("DataError: ", 1)[-1].strip()
+        sys.exit(f"error: {text}")
     except FloatingPointError as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:

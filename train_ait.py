@@ -9,7 +9,6 @@
 Writes <out_dir>/<dataset>/<method>/seed<k>/record.json and best.pt (the selected epoch).
 """
 import argparse
-import sys
 import tempfile
 from pathlib import Path
 
@@ -161,7 +160,4 @@ def train(args):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except C.DataError as e:
-        sys.exit(f"error: {e}")
+    C.script_main(main)

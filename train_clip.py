@@ -11,7 +11,6 @@ best.pt (the selected epoch).
 """
 import argparse
 import contextlib
-import sys
 import tempfile
 from pathlib import Path
 
@@ -172,7 +171,4 @@ def data_and_encoders(args, root, device):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except C.DataError as e:
-        sys.exit(f"error: {e}")
+    C.script_main(main)

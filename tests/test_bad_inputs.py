@@ -5,6 +5,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 import common as C
 import train_av
@@ -94,6 +95,59 @@ def fbank_npy_wrong_width(root):
     return load(root, num_mel_bins=128)
 
 
+def fbank_npy_transposed(root):
+    (root / "AudioWAV" / "1005_DFA_ANG_XX.wav").unlink()
+    np.save(root / "AudioWAV" / "1005_DFA_ANG_XX.npy", np.zeros((128, 300), np.float32))
+    return load(root, num_mel_bins=128)
+
+
+def not_an_npy(root):
+    (root / "AudioWAV" / "1005_DFA_ANG_XX.wav").unlink()
+    (root / "AudioWAV" / "1005_DFA_ANG_XX.npy").write_bytes(b"garbage")
+    return load(root, num_mel_bins=128)
+
+
+def mac_metadata_frames(root):
+    """'._frame_1.jpg' (AppleDouble files left by a copy from a Mac) are not frames."""
+    folder = root / "Image-01-FPS" / "1000_DFA_NEU_XX"
+    for f in list(folder.iterdir()):
+        (folder / ("._" + f.name)).write_bytes(b"\0\5\26\7 AppleDouble")
+    clips = load(root)["train"]
+    assert C.list_frames(folder)[0].name == "frame_1.jpg"
+    cached = C.CachedAVDataset(clips, True, 8, 3, 20, 16, cache_dir=root / "cache")
+    assert cached.frames.shape[1:3] == (3, 3)
+    return cached
+
+
+def unreadable_first_frame_with_cache(root):
+    frame = root / "Image-01-FPS" / "1000_DFA_NEU_XX" / "frame_1.jpg"
+    frame.write_bytes(b"")
+    return C.CachedAVDataset(load(root)["train"], True, 8, 3, 20, 16, cache_dir=root / "cache")
+
+
+def jsonl_text_with_unicode_line_separators(root):
+    """U+2028, U+2029 and U+0085 may stand unescaped in a JSON string: they do not end a line."""
+    (root / "images").mkdir()
+    write_frames(root / "images", ["a.jpg", "b.jpg"], [10, 200])
+    rows = [{"id": "a", "label": "pie", "text": "apple\u2028pie\u2029\u0085", "img": "images/a.jpg"},
+            {"id": "b", "label": "soup", "text": "soup", "img": "images/b.jpg"}]
+    for split in ("train", "test"):
+        (root / f"{split}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
+                                             encoding="utf-8")
+    data = C.load_it_splits("food101", root)
+    assert data["train"][0].text == "apple\u2028pie\u2029\u0085" and data["train"][1].src.endswith("train.jsonl:2")
+    return data
+
+
+def jsonl_null_text(root):
+    (root / "images").mkdir()
+    write_frames(root / "images", ["a.jpg"], [10])
+    for split in ("train", "test"):
+        (root / f"{split}.jsonl").write_text(json.dumps({"id": "a", "label": "pie", "text": None,
+                                                         "img": "images/a.jpg"}) + "\n")
+    return C.load_it_splits("food101", root)
+
+
 def text_not_utf8(root):
     (root / "images").mkdir()
     write_frames(root / "images", ["a.jpg", "b.jpg"], [10, 200])
@@ -134,6 +188,13 @@ CASES = [
     (empty_frame_folder, r"train\.csv:5: frame folder .*1004_DFA_DIS_XX/ of clip .* is empty; expected \.jpg", True),
     (fbank_npy_wrong_width, r"1005_DFA_ANG_XX\.npy: fbank of shape \(50, 40\); expected \(frames, 128\).*train\.csv:6",
      True),
+    (fbank_npy_transposed, r"1005_DFA_ANG_XX\.npy: fbank of shape \(128, 300\) looks transposed \(mel bins x frames\)"
+     r"; expected \(frames, 128\).*train\.csv:6", True),
+    (not_an_npy, r"1005_DFA_ANG_XX\.npy: unreadable \.npy: not a \.npy file \(its first bytes are b'garbag'", True),
+    (mac_metadata_frames, None, False),
+    (unreadable_first_frame_with_cache, r"frame_1\.jpg: unreadable image \(listed at .*train\.csv:1\)", False),
+    (jsonl_text_with_unicode_line_separators, None, False),
+    (jsonl_null_text, r"train\.jsonl:1: 'text' is None; expected a string", False),
     (text_not_utf8, r"train\.jsonl:2: not valid UTF-8 text", False),
     (features_npz_mismatched_lengths, r"features\.npz: array visual has shape \(9, 4\); expected \(10, width\)", False),
     (h5py_absent, r"feat\.h5: reading the MMIN layout's \.h5 files needs h5py.*pip install h5py", False),
@@ -143,16 +204,35 @@ CASES = [
 @pytest.mark.parametrize("case, error, skippable", CASES, ids=[c[0].__name__ for c in CASES])
 def test_bad_input(case, error, skippable, av, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "h5py", sys.modules.get("h5py"))
-    root = av if case.__name__ not in ("text_not_utf8", "features_npz_mismatched_lengths", "h5py_absent") \
-        else tmp_path
+    root = tmp_path if case.__name__ in ("text_not_utf8", "jsonl_text_with_unicode_line_separators", "jsonl_null_text",
+                                         "features_npz_mismatched_lengths", "h5py_absent") else av
     if error is None:
         assert case(root)
         return
     with pytest.raises(C.DataError, match=error):
         case(root)
     if skippable:
-        data = load(root, skip_bad=True, num_mel_bins=128 if case is fbank_npy_wrong_width else None)
+        npy = case in (fbank_npy_wrong_width, fbank_npy_transposed, not_an_npy)
+        data = load(root, skip_bad=True, num_mel_bins=128 if npy else None)
         assert data["skipped"] == 1 and len(data["train"]) == 5
+
+
+class _Broken(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        raise C.DataError(f"/data/x/frame_{i}.jpg: unreadable image (listed at /data/x/train.csv:{i + 1})")
+
+
+def test_a_data_error_in_a_loader_worker_is_one_line(capsys):
+    """A DataError raised in a DataLoader worker comes back wrapped in the worker's traceback; the
+    scripts print only its message."""
+    def main():
+        next(iter(torch.utils.data.DataLoader(_Broken(), num_workers=1)))
+    with pytest.raises(SystemExit) as e:
+        C.script_main(main)
+    assert e.value.code == "error: /data/x/frame_0.jpg: unreadable image (listed at /data/x/train.csv:1)"
 
 
 def test_skip_bad_run_says_how_many(av, tmp_path, capsys):

@@ -1,6 +1,7 @@
 """The preprocessed, memory-mapped A-V cache and the batched augmentation."""
 import os
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -37,6 +38,12 @@ def test_cache_built_once_reused_and_rebuilt_on_change(clips, tmp_path, monkeypa
     os.utime(wav, ns=(os.stat(wav).st_atime_ns, os.stat(wav).st_mtime_ns + 10**9))
     C.CachedAVDataset(clips["train"], True, **SIZES, cache_dir=cache)
     assert len(builds) == 3 and builds[2] not in builds[:2]
+    folder = Path(clips["train"][4].frames)                     # a frame rewritten in place, as ffmpeg -y does
+    frame, stamp = C.list_frames(folder)[C.pick_even(10, 3)[0]], os.stat(folder).st_mtime_ns   # a frame it uses
+    frame.write_bytes(frame.read_bytes() + b"\0")
+    os.utime(folder, ns=(stamp, stamp))
+    C.CachedAVDataset(clips["train"], True, **SIZES, cache_dir=cache)
+    assert len(builds) == 4 and builds[3] not in builds[:3]
     assert not [p for p in cache.iterdir() if ".building." in p.name]
 
 

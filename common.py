@@ -378,26 +378,53 @@ def default_cache_dir(root):
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mla"
 
 
+def short_side_size(h, w, side):
+    """(h, w) scaled so that the short side is `side`."""
+    if w >= h:
+        return side, max(side, round(side * w / h))
+    return max(side, round(side * h / w)), side
+
+
 def frame_cache_size(clips, image_size, train):
-    """Stored frame size: test-time frames exactly as the test transform makes them (S x S);
-    training frames with their short side = S and the aspect ratio of the data's first frame."""
+    """Stored frame size: test-time frames exactly as the test transform makes them (S x S); the canvas of
+    training frames: short side = S, the aspect ratio of the data's first frame (see fit_frame)."""
     if not train:
         return image_size, image_size
     paths = list_frames(clips[0].frames)
     if not paths:
         raise DataError(f"{clips[0].frames}: no frames (clip at {clips[0].src}); expected .jpg files")
     w, h = load_image(paths[0], clips[0].src).size
-    if w >= h:
-        return image_size, max(image_size, round(image_size * w / h))
-    return max(image_size, round(image_size * h / w)), image_size
+    return short_side_size(h, w, image_size)
+
+
+def fit_frame(image, canvas, side):
+    """A training frame for the cache: resized with its own aspect ratio to short side `side` (or, when
+    that overflows the canvas, as large as fits), at the top left of a uint8 canvas (3, H, W) whose
+    rest repeats the last row and column (so bilinear sampling at the frame's edge reads the edge).
+    Returns (canvas, (h, w) of the frame in it)."""
+    from torchvision.transforms import v2 as T
+    H, W = canvas
+    h, w = short_side_size(image.height, image.width, side)
+    if h > H or w > W:
+        s = min(H / h, W / w)
+        h, w = max(1, min(H, round(h * s))), max(1, min(W, round(w * s)))
+    x = T.Resize((h, w), antialias=True)(T.ToImage()(image))
+    out = torch.empty((3, H, W), dtype=torch.uint8)
+    out[:, :h, :w] = x
+    out[:, :h, w:] = x[:, :, -1:]
+    out[:, h:, :] = out[:, h - 1:h, :]
+    return out, (h, w)
 
 
 class _CacheBuild(torch.utils.data.Dataset):
-    """One clip decoded once: (fbank float16 (T, F), picked frames uint8 (K, 3, H, W))."""
+    """One clip decoded once: (fbank float16 (T, F), picked frames uint8 (K, 3, H, W), each frame's
+    (h, w) in its canvas (K, 2)). Test frames are resized to exactly S x S, as the test transform does;
+    training frames keep their aspect ratio (fit_frame)."""
 
-    def __init__(self, clips, size, frames, audio_len, num_mel_bins):
+    def __init__(self, clips, size, frames, audio_len, num_mel_bins, train, image_size):
         from torchvision.transforms import v2 as T
         self.av = AVDataset(clips, False, size[0], frames, audio_len, num_mel_bins)
+        self.size, self.train, self.image_size = size, train, image_size
         self.resize = T.Compose([T.ToImage(), T.Resize(size, antialias=True)])
 
     def __len__(self):
@@ -409,13 +436,19 @@ class _CacheBuild(torch.utils.data.Dataset):
         paths = list_frames(clip.frames)
         if not paths:
             raise DataError(f"{clip.frames}: no frames (clip at {clip.src}); expected .jpg files")
-        fr = torch.stack([self.resize(load_image(paths[k], clip.src)) for k in pick_even(len(paths), self.av.frames)])
-        return fb, fr.numpy()
+        images = [load_image(paths[k], clip.src) for k in pick_even(len(paths), self.av.frames)]
+        if self.train:
+            fr, hw = zip(*(fit_frame(im, self.size, self.image_size) for im in images))
+        else:
+            fr, hw = [self.resize(im) for im in images], [self.size] * len(images)
+        return fb, torch.stack(fr).numpy(), np.array(hw, dtype=np.int32)
 
 
 class CachedAVDataset(torch.utils.data.Dataset):
     """The clips of one split preprocessed once into memory-mapped arrays under `cache_dir`:
-    fbank.npy (N, audio_len, mel_bins) float16 and frames.npy (N, frames, 3, H, W) uint8.
+    fbank.npy (N, audio_len, mel_bins) float16, frames.npy (N, frames, 3, H, W) uint8 and extents.npy
+    (N, frames, 2) int32: the (h, w) each training frame fills at the top left of its H x W canvas (its own
+    aspect ratio kept; the crops are drawn inside it).
 
     The folder name is a hash of every preprocessing parameter and of each clip's files (path, size,
     modification time), so a change rebuilds it instead of reading stale data. A build writes to a
@@ -425,7 +458,7 @@ class CachedAVDataset(torch.utils.data.Dataset):
     frame in the loader workers with torchvision (augment_on='workers', best on a CPU), or for the
     whole batch at once on the device (augment_on='device', for a GPU; bilinear without antialias).
     """
-    VERSION = 1     # bump when the preprocessing code changes
+    VERSION = 2     # bump when the preprocessing code changes (2: training frames keep their aspect ratio)
 
     def __init__(self, clips, train, image_size=224, frames=3, audio_len=1024, num_mel_bins=128,
                  cache_dir=None, num_workers=0, augment_on="workers"):
@@ -440,6 +473,7 @@ class CachedAVDataset(torch.utils.data.Dataset):
         if not (self.folder / "meta.json").is_file():
             self.build(params, size, num_workers)
         self._arrays = None
+        self.extents = torch.from_numpy(np.load(self.folder / "extents.npy"))     # small: kept in memory
         if len(self.fbank) != len(self.clips):
             raise DataError(f"{self.folder}: cache holds {len(self.fbank)} clips; expected {len(self.clips)} "
                             "(delete the folder to rebuild it)")
@@ -466,17 +500,20 @@ class CachedAVDataset(torch.utils.data.Dataset):
             fb = np.lib.format.open_memmap(tmp / "fbank.npy", "w+", np.float16,
                                            (n, params["audio_len"], params["num_mel_bins"]))
             fr = np.lib.format.open_memmap(tmp / "frames.npy", "w+", np.uint8, (n, params["frames"], 3, *size))
-            src = _CacheBuild(self.clips, size, params["frames"], params["audio_len"], params["num_mel_bins"])
+            hw = np.zeros((n, params["frames"], 2), np.int32)
+            src = _CacheBuild(self.clips, size, params["frames"], params["audio_len"], params["num_mel_bins"],
+                              self.train, self.image_size)
             # its own generator: building must not draw from the global RNG, or a run that builds the
             # cache would train differently from one that finds it built
             loader = torch.utils.data.DataLoader(src, batch_size=None, num_workers=num_workers,
                                                  generator=torch.Generator().manual_seed(0))
-            for i, (a, v) in enumerate(tqdm(loader, total=n, desc=f"caching {self.folder.name}", unit="clip",
-                                            disable=not sys.stderr.isatty())):
-                fb[i], fr[i] = a, v
+            for i, (a, v, e) in enumerate(tqdm(loader, total=n, desc=f"caching {self.folder.name}", unit="clip",
+                                               disable=not sys.stderr.isatty())):
+                fb[i], fr[i], hw[i] = a, v, e
             fb.flush()
             fr.flush()
             del fb, fr
+            np.save(tmp / "extents.npy", hw)
             atomic_json_dump({**params, "clips": [c.id for c in self.clips]}, tmp / "meta.json")
             try:
                 os.rename(tmp, self.folder)
@@ -534,18 +571,20 @@ class CachedAVDataset(torch.utils.data.Dataset):
         audio = torch.from_numpy(np.array(self.fbank[i])).unsqueeze(0)         # float16 until the device
         video = torch.from_numpy(np.array(self.frames[i]))
         if self.train and self.augment_on == "workers":
-            video = torch.stack([self.crop(f) for f in video])
+            video = torch.stack([self.crop(f[:, :h, :w]) for f, (h, w) in zip(video, self.extents[i].tolist())])
         return audio, video, self.clips[i].label, i
 
-    def device_transform(self, xs, train):
+    def device_transform(self, xs, train, index=None):
         """On the batch, on its device: uint8 frames -> (training, augment_on='device') random resized
-        crop + flip -> float, ImageNet-normalised (B, K, 3, S, S)."""
+        crop + flip inside each frame's extent (`index`: the batch's item indices, on the CPU) -> float,
+        ImageNet-normalised (B, K, 3, S, S)."""
         audio, video = xs
         audio = audio.float()
         b, k = video.shape[:2]
         v = video.flatten(0, 1)
         if train and self.augment_on == "device":
-            v = random_resized_crop_flip(v, self.image_size)
+            extents = None if index is None else self.extents[index].flatten(0, 1)
+            v = random_resized_crop_flip(v, self.image_size, extents=extents)
         else:
             v = v.float()
         # built on the CPU and sent without waiting (torch.tensor(..., device=cuda) would sync)
@@ -556,37 +595,37 @@ class CachedAVDataset(torch.utils.data.Dataset):
         return [audio, v]
 
 
-def random_resized_crop_flip(images, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+def random_resized_crop_flip(images, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), extents=None):
     """RandomResizedCrop + RandomHorizontalFlip for a whole batch of uint8 images (N, 3, H, W) in one
     grid_sample (bilinear). Crop boxes are drawn as torchvision draws them (area share in `scale`,
-    log-uniform aspect in `ratio`, ten tries, then a centre crop); returns float (N, 3, size, size)."""
-    n, _, h, w = images.shape
+    log-uniform aspect in `ratio`, ten tries, then a centre crop), inside each image's (h, w) at the top
+    left (`extents`, (N, 2) on the CPU; default the whole image); returns float (N, 3, size, size)."""
+    n, _, H, W = images.shape
     dev = images.device
-    area = h * w * torch.empty(n, 10).uniform_(*scale)
+    hw = torch.tensor([[H, W]] * n) if extents is None else extents
+    h, w = hw[:, 0].double(), hw[:, 1].double()
+    area = (h * w)[:, None] * torch.empty(n, 10).uniform_(*scale)
     logr = torch.empty(n, 10).uniform_(math.log(ratio[0]), math.log(ratio[1]))
     cw = torch.sqrt(area * torch.exp(logr)).round()
     ch = torch.sqrt(area / torch.exp(logr)).round()
-    ok = (cw > 0) & (cw <= w) & (ch > 0) & (ch <= h)
+    ok = (cw > 0) & (cw <= w[:, None]) & (ch > 0) & (ch <= h[:, None])
     first = torch.where(ok.any(1), ok.float().argmax(1), torch.full((n,), -1))
     pick = first.clamp_min(0)
     cw, ch = cw[torch.arange(n), pick], ch[torch.arange(n), pick]
     # no try fitted: the whole image, cut to the nearest allowed aspect ratio, centred
-    fw, fh = float(w), float(h)
-    if w / h < ratio[0]:
-        fh = float(round(w / ratio[0]))
-    elif w / h > ratio[1]:
-        fw = float(round(h * ratio[1]))
+    fw = torch.where(w / h > ratio[1], torch.round(h * ratio[1]), w)
+    fh = torch.where(w / h < ratio[0], torch.round(w / ratio[0]), h)
     bad = first < 0
-    cw[bad], ch[bad] = fw, fh
+    cw, ch = torch.where(bad, fw, cw), torch.where(bad, fh, ch)
     x0 = torch.floor(torch.rand(n) * (w - cw + 1))
     y0 = torch.floor(torch.rand(n) * (h - ch + 1))
-    x0[bad], y0[bad] = torch.floor(torch.tensor((w - fw) / 2)), torch.floor(torch.tensor((h - fh) / 2))
+    x0, y0 = torch.where(bad, torch.floor((w - fw) / 2), x0), torch.where(bad, torch.floor((h - fh) / 2), y0)
     flip = torch.where(torch.rand(n) < 0.5, -1.0, 1.0)
     theta = torch.zeros(n, 2, 3)
-    theta[:, 0, 0] = cw / w * flip
-    theta[:, 0, 2] = (2 * x0 + cw) / w - 1
-    theta[:, 1, 1] = ch / h
-    theta[:, 1, 2] = (2 * y0 + ch) / h - 1
+    theta[:, 0, 0] = cw / W * flip
+    theta[:, 0, 2] = (2 * x0 + cw) / W - 1
+    theta[:, 1, 1] = ch / H
+    theta[:, 1, 2] = (2 * y0 + ch) / H - 1
     grid = F.affine_grid(theta.to(dev, non_blocking=dev.type == "cuda"), (n, 3, size, size), align_corners=False)
     return F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
 
@@ -3556,7 +3595,7 @@ def device_batches(loader, device, train, masked=False):
     def move(batch):
         xs, y, idx, *mask = to_device(batch, device, masked)
         if tf is not None:
-            xs = tf(xs, train=train)
+            xs = tf(xs, train=train, index=batch[-1])      # the item indices, still on the CPU
         return xs, y, idx, (mask[0] if masked else None)
 
     device = torch.device(device)

@@ -148,3 +148,49 @@ def test_make_loader_uses_the_gather_loader_only_on_cuda(clips, tmp_path):
     ds = C.CachedAVDataset(clips["train"], False, **SIZES, cache_dir=tmp_path / "cache")
     assert isinstance(C.make_loader(ds, 4, False, device="cpu"), torch.utils.data.DataLoader)
     assert isinstance(C.make_loader(ds, 4, False, num_workers=2, device="cuda"), C.GatherLoader)
+
+
+def test_crop_inside_an_extent_equals_the_crop_of_the_frame_alone():
+    """A frame at the top left of a larger canvas whose rest repeats its last row and column (as the cache
+    stores it): cropping inside its extent gives the crop of the frame alone (same draws, same pixels)."""
+    for h, w in [(10, 7), (3, 16)]:                 # the second mostly falls back to torchvision's centre crop
+        frame = torch.randint(0, 256, (32, 3, h, w), dtype=torch.uint8)
+        canvas = torch.nn.functional.pad(frame.float(), (0, 20 - w, 0, 12 - h), mode="replicate").to(torch.uint8)
+        torch.manual_seed(1)
+        inside = C.random_resized_crop_flip(canvas, 9, extents=torch.tensor([[h, w]] * 32))
+        torch.manual_seed(1)
+        alone = C.random_resized_crop_flip(frame, 9)
+        assert torch.allclose(inside, alone, atol=1e-3)
+
+
+def test_training_frames_keep_their_aspect_ratio(tmp_path, monkeypatch):
+    """The canvas has the first clip's shape; a square and a portrait clip are stored with their own
+    aspect ratio at its top left, and the crops are drawn inside those extents."""
+    from PIL import Image
+    (tmp_path / "data").mkdir()
+    root = ogm_layout(tmp_path / "data", crema_rows(6), crema_rows(2, 10))
+    sizes = {0: (24, 12), 3: (12, 24)}                # (width, height): landscape first clip, a portrait one
+    for i, (w, h) in sizes.items():
+        for f in C.list_frames(root / "Image-01-FPS" / crema_rows(6)[i][0]):
+            Image.new("RGB", (w, h), (40 * i, 90, 200)).save(f, quality=100)
+    portrait = C.list_frames(root / "Image-01-FPS" / crema_rows(6)[3][0])[C.pick_even(10, 3)[0]]
+    Image.fromarray(np.random.RandomState(0).randint(0, 256, (24, 12, 3), dtype=np.uint8)).save(portrait, "PNG")
+    clips = C.load_av_splits("cremad", root)["train"]
+    cached = C.CachedAVDataset(clips, True, **SIZES, cache_dir=tmp_path / "cache", augment_on="device")
+    assert cached.frames.shape[-2:] == (8, 16)                                        # short side 8, 2:1
+    assert cached.extents[:, 0].tolist() == [[8, 16], [8, 8], [8, 8], [8, 4], [8, 8], [8, 8]]
+    from torchvision.transforms import v2 as T
+    want = T.Resize((8, 4), antialias=True)(T.ToImage()(Image.open(portrait).convert("RGB")))
+    stored = torch.from_numpy(np.array(cached.frames[3, 0]))
+    assert torch.equal(stored[:, :, :4], want)
+    assert torch.equal(stored[:, :, 4:], want[:, :, -1:].expand(-1, -1, 12))       # the last column repeated
+    seen = []
+    real = C.random_resized_crop_flip
+    monkeypatch.setattr(C, "random_resized_crop_flip", lambda *a, **k: (seen.append(k["extents"]), real(*a, **k))[1])
+    loader = torch.utils.data.DataLoader(cached, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(0))
+    for xs, _, idx, _ in C.device_batches(loader, "cpu", True):
+        assert xs[1].shape[-2:] == (8, 8)
+        assert torch.equal(seen[-1], cached.extents[idx].flatten(0, 1))
+    assert len(seen) == 2
+    items = C.CachedAVDataset(clips, True, **SIZES, cache_dir=tmp_path / "cache")    # crops in the workers
+    assert items[3][1].shape == (3, 3, 8, 8)

@@ -326,6 +326,7 @@ class Clip:
     audio: str           # .wav or precomputed fbank .npy
     frames: str          # folder of frames
     src: str             # "list_file:line" that named the clip, for error messages
+    n_frames: int = 0    # images in the folder (0: not counted)
 
 
 class AVDataset(torch.utils.data.Dataset):
@@ -734,9 +735,10 @@ def resolve_clips(root, split, entries, audio_format="auto", audio_dir=None, fra
             fr = fdir / clip_id
             if not fr.is_dir():
                 raise DataError(f"{src}: frame folder of clip '{clip_id}' missing: expected {fr}/")
-            if not any(n.lower().endswith(IMAGE_EXTS) for n in os.listdir(fr)):
+            n_frames = len(list_frames(fr))
+            if not n_frames:
                 raise DataError(f"{src}: frame folder {fr}/ of clip '{clip_id}' is empty; expected .jpg frames")
-            clips.append(Clip(clip_id, label, str(audio), str(fr), src))
+            clips.append(Clip(clip_id, label, str(audio), str(fr), src, n_frames))
         except DataError as e:
             if not skip_bad:
                 raise

@@ -101,6 +101,10 @@ def run(args):
         train_clips, val_clips = [train_clips[i] for i in keep], [train_clips[i] for i in held]
     print(f"{args.dataset} ({data['layout']}): {len(classes)} classes, train {len(train_clips)}, "
           f"val {len(val_clips or [])}, test {len(data['test'])}")
+    few = [c for c in data["train"] + data["test"] if 0 < c.n_frames < args.frames]
+    if few:
+        print(f"note: {len(few)} clips have fewer than --frames {args.frames} frames (e.g. {few[0].frames}/ has "
+              f"{few[0].n_frames}); some of their frames are used twice")
     sizes = dict(image_size=args.image_size, frames=args.frames, audio_len=args.audio_len,
                  num_mel_bins=args.num_mel_bins)
     if args.no_cache or tmp is not None:

@@ -246,3 +246,18 @@ def test_skip_bad_run_says_how_many(av, tmp_path, capsys):
     [rec] = train_av.main(argv + ["--skip_bad"])
     assert "skipped 1 clips with missing files (--skip_bad)" in capsys.readouterr().out
     assert rec["test"]["multi"] >= 0
+
+
+def test_clips_with_too_few_frames_are_counted(av, tmp_path, capsys):
+    folder = av / "Image-01-FPS" / "1003_DFA_FEA_XX"
+    for f in C.list_frames(folder)[1:]:
+        f.unlink()
+    (folder / "._frame_1.jpg").write_bytes(b"AppleDouble")           # not a frame
+    assert [c.n_frames for c in load(av)["train"]] == [10, 10, 10, 1, 10, 10]
+    argv = ["--dataset", "cremad", "--data_root", str(av), "--out_dir", str(tmp_path / "runs"), "--no_cache",
+            "--method", "concat", "--epochs", "1", "--batch_size", "4", "--image_size", "8", "--frames", "2",
+            "--audio_len", "20", "--num_mel_bins", "16", "--val_ratio", "0", "--select_on", "last",
+            "--num_workers", "0", "--device", "cpu"]
+    train_av.main(argv)
+    assert (f"note: 1 clips have fewer than --frames 2 frames (e.g. {folder}/ has 1); some of their frames are "
+            "used twice") in capsys.readouterr().out

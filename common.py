@@ -293,6 +293,8 @@ def load_image(path, src=None):
     from PIL import Image
     try:
         with Image.open(path) as im:
+            if im.mode.startswith("I;16"):          # 16-bit greyscale: PIL's RGB conversion would clip it at 255
+                im = Image.fromarray((np.asarray(im, dtype=np.uint16) >> 8).astype(np.uint8))
             return im.convert("RGB")
     except (OSError, ValueError, SyntaxError) as e:
         ref = f" (listed at {src})" if src else ""

@@ -174,6 +174,14 @@ def test_pick_even_and_natural_order(tmp_path):
     assert [p.name for p in C.list_frames(tmp_path)] == ["frame_1.jpg", "frame_2.jpg", "frame_10.jpg"]
 
 
+def test_16_bit_png_is_scaled_to_8_bits(tmp_path):
+    grey = np.array([[0, 32768], [65535, 4096]], dtype=np.uint16)
+    Image.fromarray(grey).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode.startswith("I;16")
+    rgb = np.asarray(C.load_image(tmp_path / "deep.png"))
+    assert rgb.shape == (2, 2, 3) and rgb[..., 0].tolist() == [[0, 128], [255, 16]]
+
+
 def test_read_wav_formats(tmp_path):
     import struct
     x = (np.sin(np.arange(100) / 5) * 0.5).astype(np.float32)

@@ -698,6 +698,9 @@ def check_audio(path, num_mel_bins=None):
             shape = np.load(path, mmap_mode="r", allow_pickle=False).shape
         except (OSError, ValueError) as e:
             raise DataError(f"{path}: unreadable .npy: {e}; expected a (frames, mel bins) fbank array") from None
+        if 0 in shape:
+            raise DataError(f"{path}: fbank of shape {shape} holds no frames; expected a non-empty (frames, mel bins) "
+                            "array")
         shape = tuple(n for n in shape if n != 1) or shape
         if len(shape) == 2 and num_mel_bins and shape[0] == num_mel_bins and shape[1] != num_mel_bins:
             raise DataError(f"{path}: fbank of shape {shape} looks transposed (mel bins x frames); expected "
@@ -1114,7 +1117,16 @@ def it_classes(root, tag, train_labels, train_path):
     for name in (f"stat_{tag}.txt", "classes.txt"):
         if (root / name).is_file():
             return sorted(_class_file(root / name)), str(root / name)
-    return sorted(set(train_labels)), f"the labels of {train_path}"
+    classes = sorted(set(train_labels))
+    folded = {}
+    for c in classes:
+        folded.setdefault(" ".join(c.lower().split()), []).append(c)
+    alike = [v for v in folded.values() if len(v) > 1]
+    if alike:
+        print(f"warning: labels of {train_path} that differ only in case or spaces are different classes: "
+              f"{'; '.join(' / '.join(v) for v in alike)} (a stat_{tag}.txt naming the classes makes them errors)",
+              file=sys.stderr)
+    return classes, f"the labels of {train_path}"
 
 
 def _best_dir(root, templates, split, names, has):
@@ -2550,7 +2562,9 @@ def load_features_npz(path):
     if missing:
         raise DataError(f"{path}: no array {', '.join(missing)}; found {', '.join(sorted(arrays))}\n"
                         f"{FEATURE_LAYOUT_HELP}")
-    label, split = arrays["label"].reshape(-1), np.char.strip(arrays["split"].astype(str).reshape(-1))
+    label = arrays["label"]
+    label = label.argmax(1) if label.ndim == 2 and label.shape[1] > 1 else label.reshape(-1)    # one-hot or indices
+    split = np.char.strip(arrays["split"].astype(str).reshape(-1))
     n = len(label)
     if len(split) != n:
         raise DataError(f"{path}: split has {len(split)} entries but label has {n}; expected one per sample")
@@ -2572,8 +2586,9 @@ def load_features_npz(path):
         classes = [str(c) for c in range(int(label.max()) + 1)]
         y = label.astype(np.int64)
     else:
-        classes = sorted(set(label.astype(str).tolist()))
-        y = np.searchsorted(classes, label.astype(str)).astype(np.int64)
+        names = np.char.strip(label.astype(str))
+        classes = sorted(set(names.tolist()), key=natural_key)           # '2' before '10'
+        y = np.array([classes.index(c) for c in names.tolist()], dtype=np.int64)
     out = {"classes": classes, "modalities": list(FEATURE_MODALITIES), "layout": "features.npz"}
     for s in ("train", "val", "test"):
         rows = np.flatnonzero(split == s)
@@ -2623,8 +2638,9 @@ def load_mmin(root, fold=1, files=None):
                 names = np.load(paths[1], allow_pickle=True)          # the user's own name list
             except (OSError, ValueError) as e:
                 raise DataError(f"{paths[0].parent}: unreadable {code}_label.npy or {code}_int2name.npy: {e}") from None
-            y = (label.argmax(1) if label.ndim == 2 else label.reshape(-1)).astype(np.int64)   # one-hot or indices
-            width = label.shape[1] if label.ndim == 2 else int(y.max()) + 1
+            one_hot = label.ndim == 2 and label.shape[1] > 1         # else indices, (N,) or a column (N, 1)
+            y = (label.argmax(1) if one_hot else label.reshape(-1)).astype(np.int64)
+            width = label.shape[1] if one_hot else int(y.max()) + 1
             classes = [str(c) for c in range(max(width, len(classes or [])))]
             if len(names) != len(y):
                 raise DataError(f"{paths[1]}: {len(names)} names but {paths[0].name} has {len(y)} labels; "
@@ -2638,8 +2654,14 @@ def load_mmin(root, fold=1, files=None):
                         raise DataError(f"{p}: no entry '{name}' (row {i} of {paths[1]}); expected one dataset "
                                         "per utterance")
                     v = np.asarray(h5[name][()], dtype=np.float32)
+                    if v.ndim == 2 and len(v) == 0:
+                        raise DataError(f"{p}: entry '{name}' (row {i} of {paths[1]}) is an empty sequence "
+                                        f"{v.shape}; expected at least one time step")
                     if v.ndim == 2:              # a sequence (T, d): its mean over time
                         v = v.mean(0)
+                    if not np.isfinite(v).all():
+                        raise DataError(f"{p}: entry '{name}' (row {i} of {paths[1]}) holds non-finite values; "
+                                        "expected finite numbers")
                     if v.ndim != 1 or (xs[k] and len(v) != len(xs[k][0])):
                         raise DataError(f"{p}: entry '{name}' has shape {v.shape}; expected (d,) or (T, d) "
                                         "with the same d for every utterance")
@@ -3837,8 +3859,10 @@ def sweep(args, run_one, known_methods, record_path=None, grid=None):
         label = f"{method} seed {seed}" + "".join(f" {name} {v}" for name, v in extra.items())
         path = record_path(a)
         if len(runs) > 1 and path.is_file():
+            old = json.loads(path.read_text())
+            check_same_settings(path, old.get("args", {}), a)
             print(f"[{k}/{len(runs)}] {label}: skipped, {path} exists", flush=True)
-            records.append(json.loads(path.read_text()))
+            records.append(old)
             continue
         rec = run_one(a)
         if len(runs) > 1:
@@ -3846,6 +3870,22 @@ def sweep(args, run_one, known_methods, record_path=None, grid=None):
                   f"(epoch {rec['best_epoch'] + 1} by {rec['select_on']}, {rec['wall_time_s']:.0f}s)", flush=True)
         records.append(rec)
     return records
+
+
+# flags that change how a run executes, not what it computes (or which runs a sweep lists)
+RUN_ONLY_ARGS = {"resume", "device", "num_workers", "cpu_threads", "amp", "compile", "cache_dir", "out_dir",
+                 "seeds", "missing_rates"}
+
+
+def check_same_settings(path, recorded, args):
+    """A sweep continues past a finished run only if that run had the settings asked for now (flags
+    known to both, execution-only ones aside); otherwise it stops rather than reuse another run."""
+    now = json.loads(json.dumps(vars(args), default=str))
+    differ = [k for k in sorted(set(recorded) & set(now) - RUN_ONLY_ARGS) if recorded[k] != now[k]]
+    if differ:
+        shown = ", ".join(f"--{k} {recorded[k]} there, {now[k]} now" for k in differ[:4])
+        raise DataError(f"{path}: a finished run with other settings ({shown}); expected the same settings to "
+                        "continue a sweep: pass another --out_dir, or delete that run to redo it")
 
 
 def fmt_acc(acc):
@@ -4085,10 +4125,15 @@ def report_rows(records):
         order = TABLE_METHODS[table]
         methods = sorted({r["method"] for r in recs}, key=lambda m: (order.index(m) if m in order else 99, m))
         for method in methods:
-            cells = {}
+            cells, source = {}, {}
             for r in recs:
                 if r["method"] == method:
                     for col, v in col_of(r):
+                        first = source.setdefault((col, r["seed"]), r.get("_path", "?"))
+                        if first != r.get("_path", "?"):
+                            raise DataError(f"{r.get('_path')}: a second record of {dataset} {method} seed {r['seed']} "
+                                            f"({col}), besides {first}; expected one per seed: point the report at "
+                                            "a folder that holds one set of runs")
                         cells.setdefault(col, []).append((r["seed"], v, r["select_on"]))
             paper = papers.get((table, paper_ds, PAPER_METHOD.get(table, {}).get(method, method)), {})
             for col in columns:
@@ -4119,6 +4164,8 @@ def _cell(mean, std, n=None, n_expected=None, on_test=False):
 
 def report(runs_dir, paper=False, fmt="md"):
     """The tables of every record under runs_dir, in the paper's shape (see the section banner)."""
+    if not Path(runs_dir).is_dir():
+        raise DataError(f"{runs_dir}: folder not found; expected the --out_dir of some runs")
     rows = report_rows(load_records(runs_dir))
     if not rows:
         return f"no records under {runs_dir}"
@@ -4220,4 +4267,7 @@ def _cli(argv=None):
 
 
 if __name__ == "__main__":
-    _cli()
+    try:
+        _cli()
+    except DataError as e:
+        sys.exit(f"error: {e}")

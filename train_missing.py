@@ -91,8 +91,9 @@ def parse_rates(spec):
 
 
 def run_path(args):
-    """<out_dir>/<dataset>/<method>/seed<k>/missing<rate>: where a run writes its files."""
-    return C.run_dir(args, f"missing{args.missing_rate}")
+    """<out_dir>/<dataset>/<method>/seed<k>[/fold<f> for mmin]/missing<rate>: where a run writes its files."""
+    fold = [f"fold{args.fold}"] if args.dataset == "mmin" else []
+    return C.run_dir(args, *fold, f"missing{args.missing_rate}")
 
 
 def main(argv=None):

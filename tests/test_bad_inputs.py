@@ -101,6 +101,12 @@ def fbank_npy_transposed(root):
     return load(root, num_mel_bins=128)
 
 
+def fbank_npy_empty(root):
+    (root / "AudioWAV" / "1005_DFA_ANG_XX.wav").unlink()
+    np.save(root / "AudioWAV" / "1005_DFA_ANG_XX.npy", np.zeros((0, 128), np.float32))
+    return load(root, num_mel_bins=128)
+
+
 def not_an_npy(root):
     (root / "AudioWAV" / "1005_DFA_ANG_XX.wav").unlink()
     (root / "AudioWAV" / "1005_DFA_ANG_XX.npy").write_bytes(b"garbage")
@@ -190,6 +196,7 @@ CASES = [
      True),
     (fbank_npy_transposed, r"1005_DFA_ANG_XX\.npy: fbank of shape \(128, 300\) looks transposed \(mel bins x frames\)"
      r"; expected \(frames, 128\).*train\.csv:6", True),
+    (fbank_npy_empty, r"1005_DFA_ANG_XX\.npy: fbank of shape \(0, 128\) holds no frames.*train\.csv:6", True),
     (not_an_npy, r"1005_DFA_ANG_XX\.npy: unreadable \.npy: not a \.npy file \(its first bytes are b'garbag'", True),
     (mac_metadata_frames, None, False),
     (unreadable_first_frame_with_cache, r"frame_1\.jpg: unreadable image \(listed at .*train\.csv:1\)", False),
@@ -212,7 +219,7 @@ def test_bad_input(case, error, skippable, av, tmp_path, monkeypatch):
     with pytest.raises(C.DataError, match=error):
         case(root)
     if skippable:
-        npy = case in (fbank_npy_wrong_width, fbank_npy_transposed, not_an_npy)
+        npy = case in (fbank_npy_wrong_width, fbank_npy_transposed, fbank_npy_empty, not_an_npy)
         data = load(root, skip_bad=True, num_mel_bins=128 if npy else None)
         assert data["skipped"] == 1 and len(data["train"]) == 5
 

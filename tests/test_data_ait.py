@@ -286,3 +286,13 @@ def test_cavmae_checkpoint_round_trip_reports_missing_and_unexpected(tmp_path, c
         C.load_cavmae_checkpoint(wide, tmp_path / "cav.pth")
     with pytest.raises(C.DataError, match="CAV-MAE checkpoint not found"):
         C.load_cavmae_checkpoint(wide, tmp_path / "absent.pth")
+
+
+def test_labels_that_differ_only_in_case_are_warned_about(tmp_path, capsys):
+    classes, src = C.it_classes(tmp_path, "iemo", ["Neutral", "neutral ", "Sad", "Happy"], tmp_path / "my_train_iemo.txt")
+    assert classes == ["Happy", "Neutral", "Sad", "neutral "] and src.endswith("my_train_iemo.txt")
+    err = capsys.readouterr().err
+    assert "differ only in case or spaces are different classes: Neutral / neutral " in err
+    assert "stat_iemo.txt" in err
+    C.it_classes(tmp_path, "iemo", ["Neutral", "Sad"], tmp_path / "my_train_iemo.txt")
+    assert capsys.readouterr().err == ""

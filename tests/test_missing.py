@@ -74,8 +74,12 @@ def test_features_npz_loads_widths_and_splits(tmp_path):
     assert [x.shape[1] for x in d["train"][0]] == [3, 4, 5]
     assert [len(d[s][1]) for s in ("train", "val", "test")] == [12, 4, 4]
     assert d["classes"] == ["0", "1"] and d["modalities"] == MODS
-    named = C.load_features_npz(write_npz(tmp_path / "f2.npz", label=np.array(["sad", "angry"] * 10)))
-    assert named["classes"] == ["angry", "sad"] and named["train"][1][0] == 1
+    named = C.load_features_npz(write_npz(tmp_path / "f2.npz", label=np.array(["sad", "angry "] * 10)))
+    assert named["classes"] == ["angry", "sad"] and named["train"][1][0] == 1      # names stripped
+    digits = C.load_features_npz(write_npz(tmp_path / "f3.npz", label=np.array(["10", "2", "9"] * 6 + ["2", "9"])))
+    assert digits["classes"] == ["2", "9", "10"] and digits["train"][1][:3].tolist() == [2, 0, 1]
+    one_hot = C.load_features_npz(write_npz(tmp_path / "f4.npz", label=np.eye(3)[np.arange(20) % 3]))
+    assert one_hot["classes"] == ["0", "1", "2"] and one_hot["train"][1][:4].tolist() == [0, 1, 2, 0]
 
 
 @pytest.mark.parametrize("override, message", [
@@ -146,6 +150,18 @@ def test_mmin_layout_with_h5py(tmp_path, monkeypatch):
     assert d["train"][1].tolist() == [0, 1, 2] and d["classes"] == ["0", "1", "2", "3"]
     with pytest.raises(C.DataError, match=r"target/2/trn_label.npy: file not found \(fold 2\)"):
         C.load_mmin(tmp_path, fold=2)
+    for code, n in (("trn", 3), ("val", 1), ("tst", 2)):           # indices as a column (N, 1): not one-hot
+        np.save(tmp_path / "target" / "1" / f"{code}_label.npy", (np.arange(n) % 4 + 1)[:, None])
+    d = C.load_mmin(tmp_path, fold=1)
+    assert d["train"][1].tolist() == [1, 2, 3] and d["classes"] == ["0", "1", "2", "3"]
+    store["featA.h5"]["Ses01_c"] = np.zeros((0, 3))
+    with pytest.raises(C.DataError, match=r"featA.h5: entry 'Ses01_c' \(row 2 of .*trn_int2name.npy\) is an empty "
+                                          r"sequence \(0, 3\); expected at least one time step"):
+        C.load_mmin(tmp_path, fold=1)
+    store["featA.h5"]["Ses01_c"] = np.full((2, 3), np.nan)
+    with pytest.raises(C.DataError, match=r"featA.h5: entry 'Ses01_c' .* holds non-finite values"):
+        C.load_mmin(tmp_path, fold=1)
+    store["featA.h5"]["Ses01_c"] = np.zeros((2, 3))
     del store["featL.h5"]["Ses03_b"]
     with pytest.raises(C.DataError, match=r"featL.h5: no entry 'Ses03_b' \(row 1 of .*tst_int2name.npy\)"):
         C.load_mmin(tmp_path, fold=1)
@@ -376,3 +392,10 @@ def test_bad_data_is_one_clear_line(tmp_path):
         train_missing.get_args(["--missing_rates", "0.1,x"])
     with pytest.raises(SystemExit):
         train_missing.get_args(["--method", "cca,nope"])
+
+
+def test_mmin_runs_of_each_fold_have_their_own_folder():
+    path = lambda *a: train_missing.run_path(train_missing.get_args(["--data_root", "somewhere", *a]))
+    assert path("--dataset", "mmin", "--fold", "3", "--missing_rate", "0.3").parts[-4:] == \
+        ("mla", "seed0", "fold3", "missing0.3")
+    assert path("--dataset", "features", "--missing_rate", "0.3").parts[-3:] == ("mla", "seed0", "missing0.3")

@@ -86,3 +86,13 @@ def test_plot_without_matplotlib_fails_clearly(runs, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(SystemExit, match="plot needs matplotlib.*pip install matplotlib"):
         C.plot_curves(runs, tmp_path / "c.png")
+
+
+def test_two_records_of_one_seed_are_an_error_and_a_missing_folder_too(runs, tmp_path):
+    other = tmp_path / "more"
+    record(other, "train_av.py", "cremad", "concat", 1, {"audio": 10.0, "video": 20.0, "multi": 30.0})
+    with pytest.raises(C.DataError, match=r"more/cremad/concat/seed1/record.json: a second record of cremad concat "
+                                          r"seed 1 \(audio\), besides .*cremad/concat/seed1/record.json"):
+        C.report(runs)
+    with pytest.raises(C.DataError, match="nowhere: folder not found"):
+        C.report(tmp_path / "nowhere")

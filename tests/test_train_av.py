@@ -151,3 +151,14 @@ def test_compile_flag_compiles_each_encoder_in_place(toy_root, tmp_path, monkeyp
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compiled.append((type(self).__name__, k)))
     run(toy_root, tmp_path, "--method", "mla", "--compile")
     assert compiled == [("AudioResNet", {"dynamic": False}), ("VideoResNet", {"dynamic": False})]
+
+
+def test_a_sweep_does_not_reuse_a_run_of_other_settings(toy_root, tmp_path):
+    """A sweep skips a finished run only when it had the same settings (device-only flags aside)."""
+    argv = toy_argv(toy_root, tmp_path, "--method", "sum,concat")
+    first = train_av.main(argv)
+    again = train_av.main(argv + ["--num_workers", "0"])              # how it runs: the records are reused
+    assert again == first
+    with pytest.raises(C.DataError, match=r"toy_av/sum/seed0/record.json: a finished run with other settings "
+                                          r"\(--lr 0\.01 there, 0\.02 now\)"):
+        train_av.main(argv + ["--lr", "0.02"])

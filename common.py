@@ -373,6 +373,24 @@ class AVDataset(torch.utils.data.Dataset):
         return self.load_audio(clip), self.load_video(clip), clip.label, i
 
 
+def ensure_toy(root, first_file, make, **params):
+    """Generate a toy set into `root` with make(root, **params), unless `first_file` is there already.
+    A toy set found there that was made with other parameters (its toy.json says) is used as it is,
+    with a warning naming them."""
+    root = Path(root)
+    marker = root / "toy.json"
+    if (root / first_file).is_file():
+        made, want = json.loads(marker.read_text()) if marker.is_file() else None, json.loads(json.dumps(params))
+        if made is not None and made != want:
+            differ = ", ".join(f"{k} {made.get(k)} there, {want.get(k)} now" for k in sorted(set(made) | set(want))
+                               if made.get(k) != want.get(k))
+            print(f"warning: {root} holds a toy set made with other settings ({differ}); it is used as it is: "
+                  "delete it, or pass another --data_root, to generate a new one", file=sys.stderr)
+        return
+    make(root, **params)
+    atomic_json_dump(params, marker)
+
+
 def default_cache_dir(root):
     """<data root>/.mla_cache when the data root is writable, else ~/.cache/mla (or $XDG_CACHE_HOME/mla)."""
     root = Path(root)
@@ -2149,6 +2167,10 @@ class Method(nn.Module):
         self.modalities = list(modalities)
         self.num_classes = num_classes
         self.dim = encoders[0].dim
+        widths = [f.dim for f in encoders]
+        if len(set(widths)) > 1:
+            raise ValueError(f"encoders of widths {widths}; the methods expect one width (`dim`) for all: "
+                             "project the others to it, e.g. with common.Projected(encoder, dim)")
 
     def encode(self, xs):
         return [f(x) for f, x in zip(self.encoders, xs)]
@@ -3783,6 +3805,8 @@ def finish_args(p, args, methods, defaults):
         p.error("--epochs must be at least 1")
     if not 0 <= args.val_ratio < 1:
         p.error("--val_ratio must be in [0, 1)")
+    if args.val_ratio == 0 and args.select_on == "val":
+        p.error("--val_ratio 0 leaves no validation split to select the epoch on: add --select_on test or last")
     try:
         parse_methods(args.method, methods)
         [int(s) for s in args.seeds.split(",")] if args.seeds else None
@@ -3858,9 +3882,10 @@ def sweep(args, run_one, known_methods, record_path=None, grid=None):
             setattr(a, name, v)
         label = f"{method} seed {seed}" + "".join(f" {name} {v}" for name, v in extra.items())
         path = record_path(a)
-        if len(runs) > 1 and path.is_file():
+        if path.is_file():
             old = json.loads(path.read_text())
             check_same_settings(path, old.get("args", {}), a)
+        if len(runs) > 1 and path.is_file():
             print(f"[{k}/{len(runs)}] {label}: skipped, {path} exists", flush=True)
             records.append(old)
             continue
@@ -3878,14 +3903,15 @@ RUN_ONLY_ARGS = {"resume", "device", "num_workers", "cpu_threads", "amp", "compi
 
 
 def check_same_settings(path, recorded, args):
-    """A sweep continues past a finished run only if that run had the settings asked for now (flags
-    known to both, execution-only ones aside); otherwise it stops rather than reuse another run."""
+    """A run goes into the folder of a finished one (a sweep skips it, a single run redoes it) only if that
+    run had the settings asked for now (flags known to both, execution-only ones aside); otherwise it
+    stops rather than reuse or replace a run of other settings."""
     now = json.loads(json.dumps(vars(args), default=str))
     differ = [k for k in sorted(set(recorded) & set(now) - RUN_ONLY_ARGS) if recorded[k] != now[k]]
     if differ:
         shown = ", ".join(f"--{k} {recorded[k]} there, {now[k]} now" for k in differ[:4])
-        raise DataError(f"{path}: a finished run with other settings ({shown}); expected the same settings to "
-                        "continue a sweep: pass another --out_dir, or delete that run to redo it")
+        raise DataError(f"{path}: a finished run with other settings ({shown}); expected the same settings "
+                        "in one run folder: pass another --out_dir, or delete that run to redo it")
 
 
 def fmt_acc(acc):
@@ -4217,7 +4243,9 @@ def plot_curves(runs_dir, out):
         raise SystemExit(f"no records with epochs under {runs_dir}")
     panels = {}
     for r in records:
-        panels.setdefault((r["script"], r["dataset"], r["method"]), []).append(r)
+        part = "".join(f" {k} {r['args'][k]}" for k in ("missing_rate", "fold") if k in r["args"]
+                       and (k != "fold" or r["dataset"] == "mmin"))
+        panels.setdefault((r["script"], r["dataset"] + part, r["method"]), []).append(r)
     ncols = min(3, len(panels))
     nrows = math.ceil(len(panels) / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.2 * nrows), squeeze=False)
@@ -4232,8 +4260,10 @@ def plot_curves(runs_dir, out):
             curves = [[e[split][name] for e in r["epochs"] if e.get(split)] for r in recs]
             n = min(len(c) for c in curves)
             mean = [sum(c[i] for c in curves) / len(curves) for i in range(n)]
-            ax.plot(range(1, n + 1), mean, label=name, lw=2.2 if name == "multi" else 1.4)
-        ax.set_title(f"{method} · {dataset} ({len(recs)} seed{'s' * (len(recs) > 1)})", fontsize=10)
+            ax.plot(range(1, n + 1), mean, label=name, lw=2.2 if name == "multi" else 1.4,
+                    marker="o" if n == 1 else None)           # one epoch: a point, not a line
+        ax.set_title(f"{method} · {dataset} · {Path(script).stem} ({len(recs)} seed{'s' * (len(recs) > 1)})",
+                     fontsize=9)
         ax.set_xlabel("epoch")
         ax.set_ylabel(f"{split} accuracy (%)")
         ax.set_ylim(0, 100)

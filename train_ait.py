@@ -112,9 +112,8 @@ def train(args):
             root = Path(tmp.name)
         else:
             root = Path(args.data_root)
-        if not (root / "my_train_iemo.txt").is_file():
-            C.make_toy_ait(root, seed=args.toy_seed, n_train=args.toy_train, n_dev=args.toy_dev, n_test=args.toy_test,
-                           frames=args.audio_len, mel_bins=args.num_mel_bins)
+        C.ensure_toy(root, "my_train_iemo.txt", C.make_toy_ait, seed=args.toy_seed, n_train=args.toy_train,
+                     n_dev=args.toy_dev, n_test=args.toy_test, frames=args.audio_len, mel_bins=args.num_mel_bins)
     else:
         root = Path(args.data_root or f"data/{args.dataset}")
     data = C.load_iemocap_splits(root, args.split_seed, args.audio_dir, args.image_dir, args.num_mel_bins,

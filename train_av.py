@@ -1,6 +1,6 @@
 """Audio-video experiments of Table 5 (CREMA-D, Kinetics-Sounds) for every method.
 
-    python train_av.py                                   # MLA on the built-in toy set, CPU, ~1 minute
+    python train_av.py                                   # MLA on the built-in toy set, CPU, ~1.5 minutes
     python train_av.py --dataset cremad --data_root data/cremad --method mla --seed 0
     python train_av.py --dataset ks --method ogm_ge --seed 1
     python train_av.py --method all --seeds 0,1,2         # a sweep; finished runs are skipped on rerun
@@ -83,9 +83,8 @@ def run(args):
             root = Path(tmp.name)
         else:
             root = Path(args.data_root)
-        if not (root / "train.csv").is_file():
-            C.make_toy_av(root, seed=args.toy_seed, n_train=args.toy_train, n_test=args.toy_test,
-                          frames=max(3, args.frames))
+        C.ensure_toy(root, "train.csv", C.make_toy_av, seed=args.toy_seed, n_train=args.toy_train,
+                     n_test=args.toy_test, frames=max(3, args.frames))
         data = C.load_av_splits("cremad", root, num_mel_bins=args.num_mel_bins)
     else:
         root = Path(args.data_root or f"data/{args.dataset}")

@@ -123,8 +123,9 @@ def run(args):
 
 def data_and_encoders(args, root, device):
     """The loaders (train, val, test), the two encoders, the class names and the training-set size."""
-    if args.dataset == "toy" and not (root / "train.jsonl").is_file():
-        C.make_toy_it(root, seed=args.toy_seed, n_train=args.toy_train, n_dev=args.toy_dev, n_test=args.toy_test)
+    if args.dataset == "toy":
+        C.ensure_toy(root, "train.jsonl", C.make_toy_it, seed=args.toy_seed, n_train=args.toy_train,
+                     n_dev=args.toy_dev, n_test=args.toy_test)
     data = C.load_it_splits(args.dataset, root, layout=args.layout, skip_bad=args.skip_bad)
     if data["skipped"]:
         print(f"skipped {data['skipped']} pairs with missing files (--skip_bad)")

@@ -80,9 +80,8 @@ def train(args):
             root = Path(tmp.name)
         else:
             root = Path(args.data_root)
-        if not (root / "train.jsonl").is_file():
-            C.make_toy_it(root, seed=args.toy_seed, n_train=args.toy_train, n_dev=args.toy_dev,
-                          n_test=args.toy_test)
+        C.ensure_toy(root, "train.jsonl", C.make_toy_it, seed=args.toy_seed, n_train=args.toy_train,
+                     n_dev=args.toy_dev, n_test=args.toy_test)
     else:
         root = Path(args.data_root or f"data/{args.dataset}")
     data = C.load_it_splits(args.dataset, root, layout=args.layout, skip_bad=args.skip_bad)

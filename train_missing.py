@@ -107,11 +107,11 @@ def main(argv=None):
 def load_data(args):
     if args.dataset == "toy":
         with tempfile.TemporaryDirectory(prefix="mla_toy_missing_") as tmp:
-            path = Path(args.data_root or tmp) / "features.npz"
-            if not path.is_file():
-                C.make_toy_features(path, seed=args.toy_seed, n_train=args.toy_train, n_val=args.toy_val,
-                                    n_test=args.toy_test, dims=args.toy_dims)
-            return C.load_features_npz(path)
+            root = Path(args.data_root or tmp)
+            C.ensure_toy(root, "features.npz", lambda r, **k: C.make_toy_features(r / "features.npz", **k),
+                         seed=args.toy_seed, n_train=args.toy_train, n_val=args.toy_val, n_test=args.toy_test,
+                         dims=args.toy_dims)
+            return C.load_features_npz(root / "features.npz")
     root = Path(args.data_root or f"data/{args.dataset}")
     if args.dataset == "features":
         return C.load_features_npz(root)

@@ -318,3 +318,9 @@ def test_sum_method_fused_is_sum_of_heads(tiny_encoders):
     fused, (ua, uv) = m.predict(xs)
     zs = m.encode(xs)
     assert torch.allclose(ua, m.heads[0](zs[0])) and torch.allclose(fused, ua + uv)
+
+
+def test_encoders_of_different_widths_are_a_clear_error(tiny_encoders):
+    with pytest.raises(ValueError, match=r"encoders of widths \[8, 4\]; the methods expect one width"):
+        C.MLA([*tiny_encoders(5, dim=8), *tiny_encoders(7, dim=4)], 3, ["a", "b"])
+    assert C.MLA([*tiny_encoders(5, dim=8), C.Projected(*tiny_encoders(7, dim=4), 8)], 3, ["a", "b"]).dim == 8

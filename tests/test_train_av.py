@@ -162,3 +162,26 @@ def test_a_sweep_does_not_reuse_a_run_of_other_settings(toy_root, tmp_path):
     with pytest.raises(C.DataError, match=r"toy_av/sum/seed0/record.json: a finished run with other settings "
                                           r"\(--lr 0\.01 there, 0\.02 now\)"):
         train_av.main(argv + ["--lr", "0.02"])
+    with pytest.raises(C.DataError, match=r"a finished run with other settings \(--lr 0\.01 there, 0\.02 now\)"):
+        train_av.main(toy_argv(toy_root, tmp_path, "--method", "sum", "--lr", "0.02"))    # a single run too
+
+
+@pytest.mark.parametrize("script", ["train_av", "train_it", "train_ait", "train_missing", "train_clip"])
+def test_no_validation_split_needs_another_selection(script):
+    get_args = __import__(script).get_args
+    with pytest.raises(SystemExit):
+        get_args(["--val_ratio", "0"])
+    assert get_args(["--val_ratio", "0", "--select_on", "last"]).select_on == "last"
+
+
+def test_a_toy_set_made_with_other_settings_is_reused_with_a_warning(tmp_path, capsys):
+    made = []
+    make = lambda root, **k: (made.append(k), root.mkdir(parents=True, exist_ok=True), (root / "a.txt").write_text("x"))
+    C.ensure_toy(tmp_path / "toy", "a.txt", make, seed=0, n_train=40)
+    C.ensure_toy(tmp_path / "toy", "a.txt", make, seed=0, n_train=40)
+    assert made == [{"seed": 0, "n_train": 40}] and capsys.readouterr().err == ""
+    assert json.loads((tmp_path / "toy" / "toy.json").read_text()) == {"seed": 0, "n_train": 40}
+    C.ensure_toy(tmp_path / "toy", "a.txt", make, seed=0, n_train=50)
+    assert len(made) == 1
+    assert "holds a toy set made with other settings (n_train 40 there, 50 now); it is used as it is" in \
+        capsys.readouterr().err

@@ -89,22 +89,23 @@ def empty_frame_folder(root):
     return load(root)
 
 
-def fbank_npy_wrong_width(root):
+def fbank_npy(root, shape):
+    """Clip 6's audio as a precomputed fbank of `shape` in place of its WAV, read with 128 mel bins."""
     (root / "AudioWAV" / "1005_DFA_ANG_XX.wav").unlink()
-    np.save(root / "AudioWAV" / "1005_DFA_ANG_XX.npy", np.zeros((50, 40), np.float32))
+    np.save(root / "AudioWAV" / "1005_DFA_ANG_XX.npy", np.zeros(shape, np.float32))
     return load(root, num_mel_bins=128)
+
+
+def fbank_npy_wrong_width(root):
+    return fbank_npy(root, (50, 40))
 
 
 def fbank_npy_transposed(root):
-    (root / "AudioWAV" / "1005_DFA_ANG_XX.wav").unlink()
-    np.save(root / "AudioWAV" / "1005_DFA_ANG_XX.npy", np.zeros((128, 300), np.float32))
-    return load(root, num_mel_bins=128)
+    return fbank_npy(root, (128, 300))
 
 
 def fbank_npy_empty(root):
-    (root / "AudioWAV" / "1005_DFA_ANG_XX.wav").unlink()
-    np.save(root / "AudioWAV" / "1005_DFA_ANG_XX.npy", np.zeros((0, 128), np.float32))
-    return load(root, num_mel_bins=128)
+    return fbank_npy(root, (0, 128))
 
 
 def not_an_npy(root):

@@ -3682,7 +3682,8 @@ def is_masked(loader):
 @torch.no_grad()
 def evaluate(method, loader, device, amp=False):
     """Accuracy in percent of every modality alone and of the fused prediction. With missing views
-    (a masked data set) a modality's accuracy counts only the samples where its view is present."""
+    (a masked data set) a modality's accuracy counts only the samples where its view is present, and
+    is None when no sample of the split has that view."""
     method.eval()
     masked = is_masked(loader)
     n = len(method.modalities) + 1
@@ -3698,8 +3699,9 @@ def evaluate(method, loader, device, amp=False):
             count[m] += mask[:, m].sum()
         correct[-1] += (fused.argmax(1) == y).sum()
         count[-1] += len(y)
-    acc = (100.0 * correct.cpu().double() / count.cpu().clamp_min(1)).tolist()
-    return {name: round(a, 4) for name, a in zip(method.modalities + ["multi"], acc)}
+    correct, count = correct.tolist(), count.tolist()
+    return {name: round(100.0 * c / n, 4) if n else None          # None: no sample had this view
+            for name, c, n in zip(method.modalities + ["multi"], correct, count)}
 
 
 def train_one_epoch(method, loader, optimizer, epoch, device, desc="", amp=False, check_every=None):
@@ -3915,7 +3917,7 @@ def check_same_settings(path, recorded, args):
 
 
 def fmt_acc(acc):
-    return "  ".join(f"{k} {v:5.1f}" for k, v in acc.items())
+    return "  ".join(f"{k} {v:5.1f}" if v is not None else f"{k}   n/a" for k, v in acc.items())
 
 
 def rng_states(train_loader):
@@ -3997,8 +3999,9 @@ def fit(method, optimizer, scheduler, loaders, args, out, script, device):
         print(f"epoch {epoch + 1:3d}/{args.epochs}  loss {loss:.4f}  "
               f"{'test' if args.select_on == 'test' else 'val'}: {fmt_acc(shown) if shown else '-'}"
               f"  ({time.time() - t0:.1f}s)", flush=True)
-        score = {"val": (entry["val"] or {}).get("multi", -1), "test": (entry.get("test") or {}).get("multi", -1),
+        score = {"val": (entry["val"] or {}).get("multi"), "test": (entry.get("test") or {}).get("multi"),
                  "last": epoch}[args.select_on]
+        score = -1 if score is None else score
         if score > best_score:
             best_score, best_epoch = score, epoch
             atomic_torch_save({"method": args.method, "epoch": epoch, "args": vars(args),
@@ -4164,12 +4167,14 @@ def report_rows(records):
             paper = papers.get((table, paper_ds, PAPER_METHOD.get(table, {}).get(method, method)), {})
             for col in columns:
                 got = cells.get(col, [])
+                known = [v for _, v, _ in got if v is not None]   # None: no test sample had this view
                 row = {"script": script, "dataset": dataset, "table": table, "method": method, "column": col,
-                       "mean": None, "std": None, "n": len({s for s, _, _ in got}), "n_expected": len(all_seeds),
+                       "mean": None, "std": None, "n": len(known), "n_expected": len(all_seeds),
+                       "n_na": len(got) - len(known),
                        "on_test": any(sel == "test" for _, _, sel in got), "paper_dataset": paper_ds,
                        "paper_is_other_data": toy, "paper_mean": None, "paper_std": None, "diff": None}
-                if got:
-                    mean, std = _mean_std([v for _, v, _ in got])
+                if known:
+                    mean, std = _mean_std(known)
                     row["mean"], row["std"] = round(mean, 4), None if std is None else round(std, 4)
                 if col in paper:
                     row["paper_mean"], row["paper_std"] = paper[col]
@@ -4179,9 +4184,9 @@ def report_rows(records):
     return rows
 
 
-def _cell(mean, std, n=None, n_expected=None, on_test=False):
+def _cell(mean, std, n=None, n_expected=None, on_test=False, recorded=False):
     if mean is None:
-        return "—" if n is None else "missing"
+        return "—" if n is None else "n/a (no sample had this view)" if recorded else "missing"
     s = f"{mean:.2f}" + (f" ± {std:.2f}" if std is not None else "")
     if n is not None:
         s += f" (n={n}" + (f" of {n_expected}" if n < n_expected else "") + ")"
@@ -4218,7 +4223,7 @@ def report(runs_dir, paper=False, fmt="md"):
         for method in dict.fromkeys(r["method"] for r in rr):
             cells = [f"`{method}`"]
             for r in (x for x in rr if x["method"] == method):
-                cells.append(_cell(r["mean"], r["std"], r["n"], r["n_expected"], r["on_test"]))
+                cells.append(_cell(r["mean"], r["std"], r["n"], r["n_expected"], r["on_test"], r["n_na"] > 0))
                 if paper:
                     cells += [_cell(r["paper_mean"], r["paper_std"]),
                               "—" if r["diff"] is None else f"{r['diff']:+.2f}"]
@@ -4257,7 +4262,8 @@ def plot_curves(runs_dir, out):
     for ax, ((script, dataset, method), recs) in zip(axes.flat, sorted(panels.items(), key=paper_order)):
         split = "val" if recs[0]["epochs"][0].get("val") else "test"
         for name in list(recs[0]["modalities"]) + ["multi"]:
-            curves = [[e[split][name] for e in r["epochs"] if e.get(split)] for r in recs]
+            curves = [[math.nan if e[split][name] is None else e[split][name]     # None: view absent, a gap
+                       for e in r["epochs"] if e.get(split)] for r in recs]
             n = min(len(c) for c in curves)
             mean = [sum(c[i] for c in curves) / len(curves) for i in range(n)]
             ax.plot(range(1, n + 1), mean, label=name, lw=2.2 if name == "multi" else 1.4,

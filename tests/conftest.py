@@ -11,6 +11,12 @@ sys.path.insert(0, str(ROOT))
 collect_ignore = ["bench"]       # benchmark scripts are run by hand, never collected
 
 
+def pytest_configure(config):
+    # torch 2.11's own torch.utils.mkldnn, imported on the compile path, uses a deprecated decorator
+    config.addinivalue_line("filterwarnings",
+                            "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+
+
 class TinyEncoder(nn.Module):
     """A small stand-in encoder with the interface of the real ones (a `dim` attribute)."""
 

@@ -1,5 +1,6 @@
 """Table 6: the missing mask, the feature loaders, the methods' behaviour with missing views, and
 train_missing.py through its own entry point."""
+import importlib.util
 import json
 import subprocess
 import sys
@@ -342,6 +343,37 @@ def test_mla_skips_a_modality_absent_from_the_batch():
                  {"epoch": 0, "step": 0, "steps": 1}, mask=mask)
     assert all(torch.equal(a, b) for a, b in zip(before, m.encoders[1].parameters()))
     assert all(p.grad is None for p in m.encoders[1].parameters())
+
+
+def test_accuracy_of_a_view_no_sample_has_is_none_not_zero(tmp_path):
+    """A split where one view is absent everywhere: its accuracy is None (printed n/a, a gap in the
+    report), not 0.0; the others are counted over their present samples."""
+    torch.manual_seed(0)
+    m = C.MLA([C.MLPEncoder(d, 8, 2) for d in (3, 4, 5)], 4, MODS)
+    xs, y, _, mask = nan_batch()
+    mask[:, 1] = False
+    mask[:, 0] = True
+    xs = [torch.nan_to_num(x) for x in xs]
+    loader = C.make_loader(C.FeatureDataset(xs, mask, y), 8, False)
+    acc = C.evaluate(m, loader, "cpu")
+    _, unis = m.predict(xs, mask=mask)
+    assert acc[MODS[1]] is None
+    assert acc[MODS[0]] == round(100.0 * (unis[0].argmax(1) == y).float().mean().item(), 4)
+    present = mask[:, 2]
+    assert acc[MODS[2]] == round(100.0 * (unis[2][present].argmax(1) == y[present]).float().mean().item(), 4)
+    assert f"{MODS[1]}   n/a" in C.fmt_acc(acc)
+    from test_report import record
+    for seed, (b, c) in enumerate([(None, None), (40.0, None), (None, None)]):
+        record(tmp_path, "train_av.py", "cremad", "mla", seed, {"a": 50.0, "b": b, "c": c, "multi": 60.0})
+    rows = {r["column"]: r for r in C.report_rows(C.load_records(tmp_path))}
+    assert [(rows[k]["mean"], rows[k]["n"], rows[k]["n_na"]) for k in "abc"] == [(50.0, 3, 0), (40.0, 1, 2), (None, 0, 3)]
+    assert "| `mla` | 50.00 ± 0.00 (n=3) | 40.00 (n=1 of 3) | n/a (no sample had this view) |" in C.report(tmp_path)
+    path = tmp_path / "cremad" / "mla" / "seed0" / "record.json"
+    rec = json.loads(path.read_text())
+    rec["epochs"][0]["val"]["c"] = None
+    path.write_text(json.dumps(rec))
+    if importlib.util.find_spec("matplotlib"):                      # a gap in the curve, not a crash
+        assert C.plot_curves(tmp_path, tmp_path / "curves.png").stat().st_size > 5000
 
 
 def test_mla_fixed_weights_renormalised_over_present_views():

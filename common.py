@@ -3904,16 +3904,35 @@ RUN_ONLY_ARGS = {"resume", "device", "num_workers", "cpu_threads", "amp", "compi
                  "seeds", "missing_rates"}
 
 
+def other_settings(recorded, args, free=()):
+    """The flags (known to both, execution-only ones and `free` aside) whose recorded value differs from
+    args, as '--k A there, B now', or '' when there are none."""
+    recorded = json.loads(json.dumps(recorded, default=str))
+    now = json.loads(json.dumps(vars(args), default=str))
+    differ = [k for k in sorted(set(recorded) & set(now) - RUN_ONLY_ARGS - set(free)) if recorded[k] != now[k]]
+    return ", ".join(f"--{k} {recorded[k]} there, {now[k]} now" for k in differ[:4])
+
+
 def check_same_settings(path, recorded, args):
     """A run goes into the folder of a finished one (a sweep skips it, a single run redoes it) only if that
     run had the settings asked for now (flags known to both, execution-only ones aside); otherwise it
     stops rather than reuse or replace a run of other settings."""
-    now = json.loads(json.dumps(vars(args), default=str))
-    differ = [k for k in sorted(set(recorded) & set(now) - RUN_ONLY_ARGS) if recorded[k] != now[k]]
-    if differ:
-        shown = ", ".join(f"--{k} {recorded[k]} there, {now[k]} now" for k in differ[:4])
+    shown = other_settings(recorded, args)
+    if shown:
         raise DataError(f"{path}: a finished run with other settings ({shown}); expected the same settings "
                         "in one run folder: pass another --out_dir, or delete that run to redo it")
+
+
+def resume_lr(optimizer, scheduler, old_lr, new_lr):
+    """Scale the learning rate of a resumed optimizer and StepLR from old_lr to new_lr, keeping the
+    schedule's position (a run that diverged continues with a lower --lr)."""
+    scale = new_lr / old_lr
+    for g in optimizer.param_groups:
+        g["lr"] *= scale
+        if "initial_lr" in g:
+            g["initial_lr"] *= scale
+    scheduler.base_lrs = [b * scale for b in scheduler.base_lrs]
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
 
 
 def fmt_acc(acc):
@@ -3945,7 +3964,9 @@ def fit(method, optimizer, scheduler, loaders, args, out, script, device):
     After every epoch the whole state (model incl. MLA's P and QMF's histories, optimizer, scheduler,
     every RNG state and the training loader's generator, the epoch log, the selection so far) is
     written atomically to out/last.pt; with args.resume a run continues from it and ends with the
-    record an uninterrupted run would have written. last.pt is removed once the record is written.
+    record an uninterrupted run would have written. Only --lr (applied from the next epoch; the log
+    records each epoch's lr) and --epochs may differ from the checkpoint's settings on resume.
+    last.pt is removed once the record is written.
     A non-finite loss stops the run (FloatingPointError naming the epoch and step) and leaves the
     last good last.pt in place. wall_time_s counts from the call (not data discovery), resumed parts
     included."""
@@ -3968,6 +3989,11 @@ def fit(method, optimizer, scheduler, loaders, args, out, script, device):
         if (state["method"], state["seed"]) != (args.method, args.seed):
             raise ValueError(f"{last}: a checkpoint of {state['method']} seed {state['seed']}; expected "
                              f"{args.method} seed {args.seed}")
+        shown = other_settings(state["args"], args, free={"lr", "epochs"})
+        if shown:
+            raise DataError(f"{last}: a checkpoint of a run with other settings ({shown}); --resume continues "
+                            "a run with its own settings (only --lr and --epochs may change): rerun with them, "
+                            "or without --resume to start over")
         method.load_state_dict(state["state_dict"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -3975,12 +4001,17 @@ def fit(method, optimizer, scheduler, loaders, args, out, script, device):
         first, elapsed = state["epoch"] + 1, state["elapsed"]
         set_rng_states(state["rng"], loaders["train"])
         print(f"resuming from {last}: {first} of {args.epochs} epochs done", flush=True)
+        if state["args"].get("lr") not in (None, args.lr):
+            resume_lr(optimizer, scheduler, state["args"]["lr"], args.lr)
+            print(f"--lr {args.lr} replaces {state['args']['lr']} from epoch {first + 1} on (each epoch's lr "
+                  "is in the record's epoch log)", flush=True)
     else:
         if getattr(args, "resume", False):
             print(f"--resume: no {last}, starting from the first epoch", flush=True)
         hook("fit_start")(loaders["train"], device)
     for epoch in range(first, args.epochs):
         t0 = time.time()
+        lr = float(f"{optimizer.param_groups[0]['lr']:.6g}")
         try:
             loss = train_one_epoch(method, loaders["train"], optimizer, epoch, device,
                                    desc=f"epoch {epoch + 1}/{args.epochs}", amp=amp)
@@ -3990,7 +4021,7 @@ def fit(method, optimizer, scheduler, loaders, args, out, script, device):
             raise FloatingPointError(f"{e}; {kept}") from None
         hook("epoch_end")(loaders["train"], device)
         scheduler.step()
-        entry = {"epoch": epoch, "train_loss": round(loss, 6),
+        entry = {"epoch": epoch, "lr": lr, "train_loss": round(loss, 6),
                  "val": evaluate(method, loaders["val"], device, amp) if loaders.get("val") else None}
         if args.select_on == "test":
             entry["test"] = evaluate(method, loaders["test"], device, amp)

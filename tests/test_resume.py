@@ -115,3 +115,26 @@ def test_non_finite_loss_stops_with_epoch_step_and_keeps_checkpoint(toy_root, tm
     assert not (run_dir / "record.json").exists()
     with pytest.raises(SystemExit, match="error: non-finite loss"):
         C.script_main(lambda: train_av.main(argv))
+
+
+def test_resume_after_divergence_takes_a_lower_lr_and_refuses_other_changes(toy_root, tmp_path, monkeypatch):
+    """The README's advice for a diverged run: lower --lr and --resume. The new lr applies from the next
+    epoch at the same point of the schedule (lr x0.1 every epoch here); any other changed setting stops."""
+    real = C.Concat.train_step
+
+    def poisoned(self, xs, y, idx, optimizer, progress):
+        loss = real(self, xs, y, idx, optimizer, progress)
+        return float("nan") if progress["epoch"] == 1 else loss
+
+    monkeypatch.setattr(C.Concat, "train_step", poisoned)
+    argv = ["--dataset", "toy", "--data_root", str(toy_root), "--method", "concat", *TINY, "--epochs", "3",
+            "--lr_decay_step", "1", "--out_dir", str(tmp_path)]
+    with pytest.raises(FloatingPointError, match="at epoch 2"):
+        train_av.main(argv + ["--lr", "0.05"])
+    monkeypatch.undo()
+    with pytest.raises(C.DataError, match=r"last\.pt: a checkpoint of a run with other settings \(--batch_size 16 "
+                                          r"there, 8 now\); --resume .*only --lr and --epochs may change"):
+        train_av.main(argv + ["--lr", "0.01", "--resume", "--batch_size", "8"])
+    [rec] = train_av.main(argv + ["--lr", "0.01", "--resume"])
+    assert [e["lr"] for e in rec["epochs"]] == [0.05, 0.001, 0.0001]
+    assert rec["args"]["lr"] == 0.01 and not (tmp_path / "toy_av" / "concat" / "seed0" / "last.pt").exists()

@@ -2648,8 +2648,14 @@ def load_mmin(root, fold=1, files=None):
                         "dependency: pip install h5py (or convert the features to features.npz)") from None
     target = root / "target" / str(fold)
     out, classes = {"modalities": list(FEATURE_MODALITIES), "layout": f"mmin fold {fold}"}, None
-    h5s = [h5py.File(p, "r") for p in h5_paths]
+    h5s = []
     try:
+        for p in h5_paths:
+            try:
+                h5s.append(h5py.File(p, "r"))
+            except OSError as e:
+                raise DataError(f"{p}: not a readable HDF5 file ({e}); expected MMIN's features, one entry per "
+                                "utterance") from None
         for split, code in MMIN_SPLITS.items():
             paths = [target / f"{code}_label.npy", target / f"{code}_int2name.npy"]
             for p in paths:
@@ -4338,3 +4344,5 @@ if __name__ == "__main__":
         _cli()
     except DataError as e:
         sys.exit(f"error: {e}")
+    except BrokenPipeError:             # `report ... | head` closed the pipe: not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

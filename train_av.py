@@ -45,7 +45,8 @@ def get_args(argv=None):
     a("--cache_dir", default=None, help="where the preprocessed splits are cached (default <data_root>/.mla_cache, "
                                         "or ~/.cache/mla when the data root is read-only)")
     a("--no_cache", action="store_true", help="decode every JPEG and compute every fbank each epoch instead "
-                                             "(the toy set, generated afresh each run, is never cached)")
+                                             "(a toy set generated in a temporary folder, the default, is "
+                                             "never cached; one written to --data_root is)")
     a = p.add_argument_group("speed").add_argument
     a("--num_workers", type=int, default=None,
       help="data loader workers (on CUDA with the cache: threads reading whole batches); paper 8; toy 0")

@@ -119,6 +119,8 @@ def mmin_fixture(root):
 def fake_h5py(store):
     class File(dict):
         def __init__(self, path, mode):
+            if store[path.name] is None:                            # as h5py on a truncated or non-HDF5 file
+                raise OSError("Unable to open file (file signature not found)")
             super().__init__({k: FakeDataset(v) for k, v in store[path.name].items()})
 
         def close(self):
@@ -165,6 +167,10 @@ def test_mmin_layout_with_h5py(tmp_path, monkeypatch):
     store["featA.h5"]["Ses01_c"] = np.zeros((2, 3))
     del store["featL.h5"]["Ses03_b"]
     with pytest.raises(C.DataError, match=r"featL.h5: no entry 'Ses03_b' \(row 1 of .*tst_int2name.npy\)"):
+        C.load_mmin(tmp_path, fold=1)
+    store["featL.h5"] = None
+    with pytest.raises(C.DataError, match=r"featL.h5: not a readable HDF5 file \(Unable to open file .*\); "
+                                          r"expected MMIN's features"):
         C.load_mmin(tmp_path, fold=1)
 
 
@@ -398,7 +404,7 @@ def test_every_method_trains_one_toy_epoch_and_writes_record(method, tmp_path):
     assert set(on_disk["args"]) == set(vars(train_missing.get_args([])))
     assert set(on_disk["test"]) == set(MODS) | {"multi"}
     assert all(0 <= v <= 100 for v in on_disk["test"].values())
-    assert [set(e) for e in on_disk["epochs"]] == [{"epoch", "train_loss", "val"}]
+    assert [set(e) for e in on_disk["epochs"]] == [{"epoch", "lr", "train_loss", "val"}]
     assert np.isfinite(on_disk["epochs"][0]["train_loss"])
     assert (run_dir / "best.pt").is_file() and (run_dir / "missing_mask.npz").is_file()
 

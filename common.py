@@ -3956,11 +3956,12 @@ def rng_states(train_loader):
 def set_rng_states(state, train_loader):
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    torch.set_rng_state(state["torch"].cpu())
+    if state["cuda"] is not None and torch.cuda.is_available():    # as many GPUs as both runs have
+        for i, s in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(s.cpu(), i)
     if state["loader"] is not None:
-        train_loader.generator.set_state(state["loader"])
+        train_loader.generator.set_state(state["loader"].cpu())
 
 
 def fit(method, optimizer, scheduler, loaders, args, out, script, device):
@@ -3991,7 +3992,8 @@ def fit(method, optimizer, scheduler, loaders, args, out, script, device):
     # fit_start(train_loader, device) before the first epoch, epoch_end(train_loader, device) after each
     hook = lambda name: getattr(method, name, None) or (lambda loader, device: None)
     if getattr(args, "resume", False) and last.is_file():
-        state = torch.load(last, map_location=device, weights_only=False)
+        # on the CPU: the RNG states must stay CPU tensors (load_state_dict moves the rest to the device)
+        state = torch.load(last, map_location="cpu", weights_only=False)
         if (state["method"], state["seed"]) != (args.method, args.seed):
             raise ValueError(f"{last}: a checkpoint of {state['method']} seed {state['seed']}; expected "
                              f"{args.method} seed {args.seed}")

@@ -4,6 +4,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -41,7 +42,12 @@ def test_train_av_killed_and_resumed_equals_uninterrupted(method, toy_root, tmp_
         assert not torch.equal(saved["state_dict"]["P"], torch.eye(512))          # P travels in the checkpoint
     if method == "qmf":
         assert saved["state_dict"]["history"].abs().sum() > 0                     # so do QMF's histories
-    [resumed] = train_av.main(argv + ["--out_dir", str(out), "--resume"])
+    loads, real_load = [], torch.load
+    with pytest.MonkeyPatch.context() as mp:    # last.pt is read onto the CPU: RNG states must stay CPU
+        mp.setattr(C.torch, "load", lambda f, **kw: loads.append((Path(f).name, kw.get("map_location"))) or
+                   real_load(f, **kw))          # tensors (a CUDA map_location broke set_rng_state)
+        [resumed] = train_av.main(argv + ["--out_dir", str(out), "--resume"])
+    assert ("last.pt", "cpu") in loads
     assert {k: resumed[k] for k in SAME} == {k: whole[k] for k in SAME}
     assert not (run_dir / "last.pt").exists() and (run_dir / "best.pt").exists()
 

@@ -1819,6 +1819,7 @@ class M3AEEncoder(nn.Module):
         if dim % heads or dim % 4:
             raise ValueError(f"M3AE width {dim} must be a multiple of 4 and of the head count {heads}")
         self.modality, self.dim, self.patch_size = modality, dim, patch_size
+        self._positions = {}                # (kind, n, device) -> position table, see position_table
         if modality == "image":
             self.image_embedding = nn.Linear(patch_size * patch_size * 3, dim)
             self.encoder_image_type_embedding = nn.Parameter(torch.zeros(1, 1, dim))
@@ -1844,18 +1845,28 @@ class M3AEEncoder(nn.Module):
         for name, p in self.named_parameters(recurse=False):
             nn.init.normal_(p, 0.0, 0.02)
 
+    def position_table(self, kind, n, device):
+        """The fixed sin-cos positions of n text tokens or an n x n patch grid, built once per device
+        (a CPU-built table copied to the GPU on every forward would wait for the GPU each time)."""
+        cache = self._positions
+        key = (kind, n, str(device))
+        if key not in cache:
+            table = sincos_2d(self.dim, n) if kind == "image" else sincos_1d(self.dim, torch.arange(n))
+            cache[key] = table.to(device)
+        return cache[key]
+
     def forward(self, x):
         if self.modality == "image":
             patches = patchify(x, self.patch_size)
             grid = int(round(patches.shape[1] ** 0.5))
             if grid * grid != patches.shape[1]:
                 raise ValueError(f"M3AE needs square images; got {tuple(x.shape[-2:])}")
-            pos = sincos_2d(self.dim, grid).to(x.device, x.dtype)
+            pos = self.position_table("image", grid, x.device).to(x.dtype)
             tokens = self.image_embedding(patches) + pos + self.encoder_image_type_embedding
             keep = None
         else:
             ids, pad = x[:, 0], x[:, 1]
-            pos = sincos_1d(self.dim, torch.arange(ids.shape[1])).to(x.device)
+            pos = self.position_table("text", ids.shape[1], x.device)
             tokens = self.text_embedding(ids) + pos + self.encoder_text_type_embedding
             keep = F.pad(pad == 0, (1, 0), value=True)                  # the CLS token is always kept
         h = torch.cat([self.cls_token.expand(len(x), -1, -1), tokens], 1)
@@ -2331,7 +2342,7 @@ class OGM(Concat):
         if self.starts <= progress["epoch"] <= self.ends:
             with torch.no_grad():
                 _, unis = self.logits([z.detach() for z in zs])
-                scores = [u.softmax(1).gather(1, y[:, None]).sum().item() for u in unis]
+                scores = torch.stack([u.softmax(1).gather(1, y[:, None]).sum() for u in unis]).tolist()
             self.modulate(ogm_coefficients(scores, self.alpha))
         optimizer.step()
         return loss.detach()
@@ -2343,10 +2354,11 @@ class OGM(Concat):
             for p in enc.parameters():
                 if p.grad is None:
                     continue
-                std = p.grad.std().item() if p.grad.numel() > 1 else 0.0    # of the original gradient
+                # std of the original gradient, kept on the device (no read-back per parameter)
+                std = p.grad.std() if self.ge and p.grad.numel() > 1 else None
                 p.grad.mul_(c)
-                if self.ge and std > 0:
-                    p.grad.add_(torch.randn_like(p.grad) * std)
+                if std is not None:
+                    p.grad.add_(torch.randn_like(p.grad) * std)         # std 0 adds zeros
 
 
 class QMF(Sum):
@@ -2378,7 +2390,7 @@ class QMF(Sum):
         max(0, target * (c_i - c_j) + margin) = 0 once the harder sample is less confident by margin."""
         h = self.history[m]
         lo, hi = h.min(), h.max()
-        hn = ((h[idx] - lo) / (hi - lo) if hi > lo else torch.zeros_like(h[idx])).to(conf.dtype)
+        hn = torch.where(hi > lo, (h[idx] - lo) / (hi - lo), 0.0).to(conf.dtype)     # no read-back
         target = torch.sign(hn - hn.roll(-1))
         margin = (hn - hn.roll(-1)).abs()
         return F.relu(target * (conf - conf.roll(-1)) + margin).mean()
@@ -2432,7 +2444,7 @@ def fusion_weights(unis, mode="dynamic", fixed=None, mask=None):
             ent = torch.stack([-(u[p].softmax(0) * u[p].log_softmax(0)).sum() for u, p in zip(unis, mask.T)])
         w = torch.softmax(-ent, dim=0)
     elif mode == "fixed":
-        w = torch.as_tensor(fixed, dtype=unis[0].dtype, device=unis[0].device)
+        w = torch.as_tensor(fixed, dtype=torch.float32, device=unis[0].device)
         if w.numel() != len(unis):
             raise ValueError(f"--fusion_weights has {w.numel()} values; expected {len(unis)}")
     else:
@@ -2492,7 +2504,7 @@ class MLA(Method):
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if self.hgm:
-                self.project_head_grad(z.detach().mean(0).to(self.P.dtype), alpha)
+                self.project_head_grad(z.detach().to(self.P.dtype).mean(0), alpha)
             optimizer.step()
             total, steps = total + loss.detach().double(), steps + 1   # stays on the device: no sync
         return total / steps if steps else torch.zeros((), dtype=torch.float64, device=y.device)
@@ -3825,8 +3837,8 @@ def finish_args(p, args, methods, defaults):
             setattr(args, k, v)
     if hasattr(args, "amp"):                    # scripts with --amp: on by default on CUDA, never on the CPU
         cuda = str(args.device).startswith("cuda")
-        if args.amp is None:
-            args.amp = cuda
+        if args.amp is None:                    # bf16 in hardware (Ampere and later); emulated, it is slower
+            args.amp = cuda and torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
         if args.amp and not cuda:
             p.error("--amp needs a CUDA device (CPU runs stay in float32)")
     return args

@@ -65,7 +65,7 @@ def get_args(argv=None):
     a("--num_workers", type=int, default=None, help=C._default_help(DEFAULTS, "num_workers", "data loader workers"))
     a("--amp", action=argparse.BooleanOptionalAction, default=None,
       help="bf16 autocast of the encoders and heads on CUDA, channels_last for --audio_encoder resnet18 "
-           "(default: on with CUDA; CPU runs never use it)")
+           "(default: on with a CUDA GPU that has bf16, Ampere or later; CPU runs never use it)")
     a("--cpu_threads", type=int, default=None, help=C._default_help(
         DEFAULTS, "cpu_threads", "torch CPU threads, 0 = torch's default; the toy's tiny layers gain nothing from "
                                  "threads, which stall on a busy CPU"))

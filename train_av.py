@@ -51,7 +51,8 @@ def get_args(argv=None):
     a("--num_workers", type=int, default=None,
       help="data loader workers (on CUDA with the cache: threads reading whole batches); paper 8; toy 0")
     a("--amp", action=argparse.BooleanOptionalAction, default=None,
-      help="bf16 autocast and channels_last ResNets on CUDA (default: on with CUDA; CPU runs never use it)")
+      help="bf16 autocast and channels_last ResNets on CUDA (default: on with a CUDA GPU that has bf16, "
+           "Ampere or later; CPU runs never use it)")
     a("--compile", action="store_true",
       help="torch.compile the encoders (fused kernels; the first epoch pays about a minute per encoder to "
            "compile; checkpoints are unchanged)")

@@ -64,8 +64,8 @@ def get_args(argv=None):
     a = p.add_argument_group("speed").add_argument
     a("--num_workers", type=int, default=None, help="data loader workers for extraction and --finetune; paper 8; toy 0")
     a("--amp", action=argparse.BooleanOptionalAction, default=None,
-      help="bf16 autocast of the training steps on CUDA, i.e. of the towers with --finetune (default: on with "
-           "CUDA; CPU runs never use it); the cached features are always extracted in float32")
+      help="bf16 autocast of the training steps on CUDA, i.e. of the towers with --finetune (default: on with a "
+           "bf16 CUDA GPU; CPU runs never use it); the cached features are always extracted in float32")
     a("--cpu_threads", type=int, default=None, help="torch CPU threads, 0 = torch's default (paper); toy 1")
     a = p.add_argument_group("toy data set and toy CLIP").add_argument
     a("--toy_train", type=int, default=600, help="toy: training pairs")

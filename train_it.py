@@ -41,7 +41,8 @@ def get_args(argv=None):
     a = p.add_argument_group("speed").add_argument
     a("--num_workers", type=int, default=None, help="data loader workers; paper 8; toy 0")
     a("--amp", action=argparse.BooleanOptionalAction, default=None,
-      help="bf16 autocast of the encoders and heads on CUDA (default: on with CUDA; CPU runs never use it)")
+      help="bf16 autocast of the encoders and heads on CUDA (default: on with a CUDA GPU that has bf16, "
+           "Ampere or later; CPU runs never use it)")
     a("--cpu_threads", type=int, default=None, help="torch CPU threads, 0 = torch's default (paper); toy 1: its "
                                                     "tiny layers gain nothing from threads, which stall on a busy CPU")
     a = p.add_argument_group("toy data set").add_argument

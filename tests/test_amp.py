@@ -19,11 +19,17 @@ SCRIPTS = {"train_av": train_av, "train_it": train_it, "train_ait": train_ait, "
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
-def test_amp_is_the_cuda_default_and_refused_on_the_cpu(name):
+def test_amp_is_the_cuda_default_and_refused_on_the_cpu(name, monkeypatch):
     get_args = SCRIPTS[name].get_args
     assert get_args(["--device", "cpu"]).amp is False
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
     assert get_args(["--device", "cuda"]).amp is True
     assert get_args(["--device", "cuda", "--no-amp"]).amp is False
+    # a GPU without bf16 in hardware (V100, T4) would only emulate it: off by default, still allowed
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert get_args(["--device", "cuda"]).amp is False
+    assert get_args(["--device", "cuda", "--amp"]).amp is True
     with pytest.raises(SystemExit):
         get_args(["--device", "cpu", "--amp"])
 

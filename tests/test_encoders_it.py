@@ -72,6 +72,26 @@ def test_m3ae_image_encoder_shape_and_gradients():
     assert enc.encoder.blocks[0].layer_norm1.eps == 1e-6
 
 
+def test_m3ae_position_tables_are_built_once_per_length_and_equal_fresh_ones(monkeypatch):
+    """The fixed positions are cached per (length, device): no CPU-built table copied each forward
+    (a blocking copy on a GPU). The cached tables are exactly the freshly built ones."""
+    image, text = C.M3AEEncoder("image", **TINY), C.M3AEEncoder("text", **TINY)
+    calls = []
+    for name in ("sincos_1d", "sincos_2d"):
+        monkeypatch.setattr(C, name, lambda *a, _f=getattr(C, name), _n=name: calls.append(_n) or _f(*a))
+    ids = torch.stack([torch.randint(0, 30, (2, 7)), torch.zeros(2, 7, dtype=torch.long)], 1)
+    image(torch.randn(2, 3, 12, 12))
+    text(ids)
+    first = list(calls)
+    for _ in range(2):
+        image(torch.randn(2, 3, 12, 12))
+        text(ids)
+    assert calls == first and first.count("sincos_2d") == 1        # nothing rebuilt after the first forwards
+    monkeypatch.undo()
+    assert torch.equal(image._positions[("image", 3, "cpu")], C.sincos_2d(16, 3))
+    assert torch.equal(text._positions[("text", 7, "cpu")], C.sincos_1d(16, torch.arange(7)))
+
+
 def full_checkpoint(seed=0):
     """A converted-M3AE-like state dict: both modalities' input layers and the shared transformer."""
     torch.manual_seed(seed)

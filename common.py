@@ -328,7 +328,11 @@ class Clip:
     audio: str           # .wav or precomputed fbank .npy
     frames: str          # folder of frames
     src: str             # "list_file:line" that named the clip, for error messages
-    n_frames: int = 0    # images in the folder (0: not counted)
+    frame_names: tuple = ()   # the folder's images in natural order, as listed when the clip was resolved
+
+    @property
+    def n_frames(self):       # 0: not listed
+        return len(self.frame_names)
 
 
 class AVDataset(torch.utils.data.Dataset):
@@ -505,7 +509,8 @@ class CachedAVDataset(torch.utils.data.Dataset):
         for c in self.clips:
             a, f = os.stat(c.audio), os.stat(c.frames)
             h.update(f"{c.id}|{c.label}|{c.audio}|{a.st_size}|{a.st_mtime_ns}|{c.frames}|{f.st_mtime_ns}".encode())
-            paths = list_frames(c.frames)           # a frame rewritten in place leaves its folder's mtime alone
+            # a frame rewritten in place leaves its folder's mtime alone; the names listed by resolve_clips
+            paths = [Path(c.frames) / n for n in c.frame_names] or list_frames(c.frames)
             for k in pick_even(len(paths), params["frames"]) if paths else []:
                 s = os.stat(paths[k])
                 h.update(f"|{paths[k].name}|{s.st_size}|{s.st_mtime_ns}".encode())
@@ -758,10 +763,10 @@ def resolve_clips(root, split, entries, audio_format="auto", audio_dir=None, fra
             fr = fdir / clip_id
             if not fr.is_dir():
                 raise DataError(f"{src}: frame folder of clip '{clip_id}' missing: expected {fr}/")
-            n_frames = len(list_frames(fr))
-            if not n_frames:
+            names = tuple(p.name for p in list_frames(fr))
+            if not names:
                 raise DataError(f"{src}: frame folder {fr}/ of clip '{clip_id}' is empty; expected .jpg frames")
-            clips.append(Clip(clip_id, label, str(audio), str(fr), src, n_frames))
+            clips.append(Clip(clip_id, label, str(audio), str(fr), src, names))
         except DataError as e:
             if not skip_bad:
                 raise

@@ -84,19 +84,20 @@ def test_sweep_methods_and_seeds_in_one_call(toy_root, tmp_path, capsys):
 
 
 def test_killed_sweep_reruns_only_missing_runs(toy_root, tmp_path):
-    import os
     import signal
     import time
     argv = toy_argv(toy_root, tmp_path, "--method", "sum,concat")
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train_av.py"), *argv], cwd=tmp_path,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    first = tmp_path / "toy_av" / "sum" / "seed0" / "record.json"
-    deadline = time.time() + 120
-    while not first.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert first.exists(), "the first run of the sweep should have finished"
+    with open(tmp_path / "stderr.txt", "w+") as err:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "train_av.py"), *argv], cwd=tmp_path,
+                                stdout=subprocess.DEVNULL, stderr=err)
+        first = tmp_path / "toy_av" / "sum" / "seed0" / "record.json"
+        deadline = time.time() + 120
+        while not first.exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)            # a no-op if it has already exited
+        proc.wait()
+        err.seek(0)
+        assert first.exists(), f"the first run of the sweep should have finished (exit {proc.returncode}): {err.read()}"
     done = {p: p.read_bytes() for p in tmp_path.rglob("record.json")}
     assert len(done) < 2, "killed before the sweep ended"
     recs = train_av.main(argv)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import csv
+import errno
 import io
 import itertools
 import json
@@ -60,6 +61,25 @@ HERE = Path(__file__).resolve().parent
 
 class DataError(Exception):
     """Bad or missing input data. The message names the file (and line) and what was expected."""
+
+
+class DiskFull(OSError):
+    """A file could not be written because its disk is full. Written files are replaced atomically, so
+    the previous version of the file (a checkpoint, say) is still there."""
+
+    def __init__(self, message):
+        super().__init__(errno.ENOSPC, message)
+
+
+def free_bytes(folder):
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def mb(n):
+    return "?" if n is None else f"{n / 2**20:,.0f} MB"
 
 
 def where(path, line=None):
@@ -103,9 +123,16 @@ def atomic_write(path, write):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
+        # torch.save reports a short write as a RuntimeError ("unexpected pos ..."), not as ENOSPC
+        free = free_bytes(path.parent) if isinstance(e, (OSError, RuntimeError)) else None
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or (free is not None
+                                                                                   and free < 2**20):
+            kept = f"the previous {path.name} is kept" if path.exists() else "nothing was written"
+            raise DiskFull(f"could not write {path}: its disk is full ({mb(free)} free; {type(e).__name__}: "
+                           f"{e}); {kept}") from e
         raise
 
 
@@ -469,6 +496,24 @@ class _CacheBuild(torch.utils.data.Dataset):
         return fb, torch.stack(fr).numpy(), np.array(hw, dtype=np.int32)
 
 
+def reserve(path, folder):
+    """Allocate every block of a file that a memory map created sparse: a full disk is then an error
+    here, not a SIGBUS at some later write through the map."""
+    if not hasattr(os, "posix_fallocate"):          # macOS, Windows: the free-space check alone
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFull(f"{folder}: no room on its disk for the cache's {path.name} "
+                           f"({mb(os.fstat(fd).st_size)}); give --cache_dir a folder on a larger disk, or pass "
+                           "--no_cache to decode every epoch") from e
+        # a file system without fallocate (EOPNOTSUPP, EINVAL): go on as before
+    finally:
+        os.close(fd)
+
+
 class CachedAVDataset(torch.utils.data.Dataset):
     """The clips of one split preprocessed once into memory-mapped arrays under `cache_dir`:
     fbank.npy (N, audio_len, mel_bins) float16, frames.npy (N, frames, 3, H, W) uint8 and extents.npy
@@ -523,9 +568,16 @@ class CachedAVDataset(torch.utils.data.Dataset):
         tmp = Path(tempfile.mkdtemp(dir=self.folder.parent, prefix=f".{self.folder.name}.building."))
         try:
             n = len(self.clips)
+            need = n * (2 * params["audio_len"] * params["num_mel_bins"] + params["frames"] * 3 * size[0] * size[1])
+            free = free_bytes(tmp)
+            if free is not None and need > free:
+                raise DiskFull(f"{self.folder}: the cache needs {mb(need)} and its disk has {mb(free)} free; "
+                               "give --cache_dir a folder on a larger disk, or pass --no_cache to decode every epoch")
             fb = np.lib.format.open_memmap(tmp / "fbank.npy", "w+", np.float16,
                                            (n, params["audio_len"], params["num_mel_bins"]))
             fr = np.lib.format.open_memmap(tmp / "frames.npy", "w+", np.uint8, (n, params["frames"], 3, *size))
+            for f in ("fbank.npy", "frames.npy"):
+                reserve(tmp / f, self.folder)
             hw = np.zeros((n, params["frames"], 2), np.int32)
             src = _CacheBuild(self.clips, size, params["frames"], params["audio_len"], params["num_mel_bins"],
                               self.train, self.image_size)
@@ -3861,6 +3913,9 @@ def script_main(main):
         sys.exit(f"error: {text}")
     except FloatingPointError as e:
         sys.exit(f"error: {e}")
+    except DiskFull as e:
+        sys.exit(f"error: {e.strerror}. Free some space (or write elsewhere: --out_dir, --cache_dir) and rerun "
+                 "the same command; a run that had finished an epoch continues from it with --resume")
     except KeyboardInterrupt:
         sys.exit("interrupted: rerun the same command with --resume to continue from the last finished epoch")
 

@@ -76,6 +76,40 @@ def test_two_runs_building_at_once(clips, tmp_path):
     assert np.array_equal(out[0].frames[:], out[1].frames[:])
 
 
+def test_a_cache_too_large_for_its_disk_is_refused_before_writing(clips, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    monkeypatch.setattr(C, "free_bytes", lambda folder: 1000)
+    with pytest.raises(C.DiskFull) as e:
+        C.CachedAVDataset(clips["train"], True, **SIZES, cache_dir=cache)
+    need = 6 * (2 * 40 * 16 + 3 * 3 * 8 * 8)                        # 6 clips of fp16 fbank and uint8 frames
+    assert f"the cache needs {C.mb(need)} and its disk has {C.mb(1000)} free" in str(e.value)
+    assert "--cache_dir" in str(e.value) and "--no_cache" in str(e.value)
+    assert list(cache.iterdir()) == []                                # no half-built folder left
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fallocate"), reason="no posix_fallocate here")
+@pytest.mark.parametrize("err", ["ENOSPC", "EOPNOTSUPP"])
+def test_cache_files_are_allocated_up_front(err, clips, tmp_path, monkeypatch):
+    """A memory map writes into a sparse file: on a full disk that is a SIGBUS mid-build. The blocks are
+    allocated first, so a full disk is a DiskFull error; a file system without fallocate still builds."""
+    import errno
+    calls = []
+
+    def fallocate(fd, offset, length):
+        calls.append(length)
+        raise OSError(getattr(errno, err), os.strerror(getattr(errno, err)))
+
+    monkeypatch.setattr(C.os, "posix_fallocate", fallocate)
+    cache = tmp_path / "cache"
+    if err == "ENOSPC":
+        with pytest.raises(C.DiskFull, match="no room on its disk for the cache's fbank.npy"):
+            C.CachedAVDataset(clips["train"], True, **SIZES, cache_dir=cache)
+        assert list(cache.iterdir()) == []
+    else:
+        ds = C.CachedAVDataset(clips["train"], True, **SIZES, cache_dir=cache)
+        assert ds.frames.shape == (6, 3, 3, 8, 8) and len(calls) == 2
+
+
 def test_random_resized_crop_flip_batch():
     torch.manual_seed(0)
     img = torch.randint(0, 256, (64, 3, 12, 16), dtype=torch.uint8)

@@ -79,6 +79,45 @@ def test_crash_between_write_and_rename_keeps_the_previous_checkpoint(tmp_path, 
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]               # no temporary file left
 
 
+@pytest.mark.parametrize("how", ["ENOSPC", "short write"])
+def test_a_full_disk_keeps_the_previous_checkpoint_and_says_so(how, tmp_path, monkeypatch):
+    """A checkpoint write on a full disk: one clear line naming the file, and the previous file intact.
+    torch.save reports it either as ENOSPC (here: writing into /dev/full) or, after a short write, as a
+    RuntimeError "unexpected pos ..." (what a CI machine printed), recognised by the free space left."""
+    path = tmp_path / "last.pt"
+    C.atomic_torch_save({"epoch": 1, "w": torch.arange(5)}, path)
+    if how == "ENOSPC":
+        if not os.path.exists("/dev/full"):
+            pytest.skip("no /dev/full here")
+        fdopen = os.fdopen
+        monkeypatch.setattr(C.os, "fdopen", lambda fd, mode: (os.close(fd), fdopen(os.open("/dev/full", os.O_WRONLY),
+                                                                                     mode))[1])
+    else:
+        def save(obj, f):
+            f.write(b"PK" * 100)
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+        monkeypatch.setattr(C.torch, "save", save)
+        monkeypatch.setattr(C, "free_bytes", lambda folder: 0)
+    with pytest.raises(SystemExit) as exit_:
+        C.script_main(lambda: C.atomic_torch_save({"epoch": 2, "w": torch.zeros(10**6)}, path))
+    monkeypatch.undo()
+    line = str(exit_.value.code)
+    assert line.startswith(f"error: could not write {path}: its disk is full (") and "\n" not in line
+    assert "the previous last.pt is kept" in line and "--resume" in line
+    state = torch.load(path, weights_only=False)
+    assert state["epoch"] == 1 and torch.equal(state["w"], torch.arange(5))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]               # no temporary file left
+
+
+def test_other_write_errors_are_not_called_a_full_disk(tmp_path, monkeypatch):
+    def save(obj, f):
+        raise RuntimeError("Cannot save multiple tensors or storages that view the same data as different types")
+    monkeypatch.setattr(C.torch, "save", save)
+    with pytest.raises(RuntimeError, match="different types") as e:
+        C.atomic_torch_save({"w": torch.zeros(3)}, tmp_path / "best.pt")
+    assert not isinstance(e.value, C.DiskFull) and list(tmp_path.iterdir()) == []
+
+
 def test_crash_in_a_checkpoint_write_then_resume(toy_root, tmp_path, monkeypatch):
     """The write of epoch 2's checkpoint dies; epoch 1's loads, and --resume ends as an uninterrupted run."""
     argv = ["--dataset", "toy", "--data_root", str(toy_root), "--method", "sum", *TINY, "--epochs", "2"]

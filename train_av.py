@@ -50,6 +50,8 @@ def get_args(argv=None):
     a = p.add_argument_group("speed").add_argument
     a("--num_workers", type=int, default=None,
       help="data loader workers (on CUDA with the cache: threads reading whole batches); paper 8; toy 0")
+    a("--cpu_threads", type=int, default=0,
+      help="torch CPU threads, 0 = torch's default (one per core); 1 when another job shares the cores")
     a("--amp", action=argparse.BooleanOptionalAction, default=None,
       help="bf16 autocast and channels_last ResNets on CUDA (default: on with a CUDA GPU that has bf16, "
            "Ampere or later; CPU runs never use it)")
@@ -136,7 +138,8 @@ def run(args):
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_decay_step, args.lr_decay_ratio)
 
     # ---- train, select, test, record
-    record = C.fit(method, optimizer, scheduler, loaders, args, C.run_dir(args), "train_av.py", device)
+    with C.torch_threads(args.cpu_threads):
+        record = C.fit(method, optimizer, scheduler, loaders, args, C.run_dir(args), "train_av.py", device)
     if tmp is not None:
         tmp.cleanup()
     return record

@@ -186,3 +186,12 @@ def test_a_toy_set_made_with_other_settings_is_reused_with_a_warning(tmp_path, c
     assert len(made) == 1
     assert "holds a toy set made with other settings (n_train 40 there, 50 now); it is used as it is" in \
         capsys.readouterr().err
+
+
+def test_cpu_threads_sets_torchs_threads_for_the_run_only(toy_root, tmp_path, monkeypatch):
+    seen, real = [], C.train_one_epoch
+    monkeypatch.setattr(C, "train_one_epoch", lambda *a, **k: (seen.append(torch.get_num_threads()), real(*a, **k))[1])
+    before = torch.get_num_threads()
+    [rec] = train_av.main(toy_argv(toy_root, tmp_path, "--method", "sum", "--cpu_threads", "1"))
+    assert seen == [1] and rec["args"]["cpu_threads"] == 1
+    assert torch.get_num_threads() == before

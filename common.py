@@ -132,7 +132,9 @@ def atomic_write(path, write):
                                                                                    and free < 2**20):
             kept = f"the previous {path.name} is kept" if path.exists() else "nothing was written"
             raise DiskFull(f"could not write {path}: its disk is full ({mb(free)} free; {type(e).__name__}: "
-                           f"{e}); {kept}") from e
+                           f"{e}); {kept}. Free some space, or write elsewhere (--out_dir, --cache_dir), and "
+                           "rerun the same command (with --resume a run continues after its last finished epoch)"
+                           ) from e
         raise
 
 
@@ -3914,8 +3916,7 @@ def script_main(main):
     except FloatingPointError as e:
         sys.exit(f"error: {e}")
     except DiskFull as e:
-        sys.exit(f"error: {e.strerror}. Free some space (or write elsewhere: --out_dir, --cache_dir) and rerun "
-                 "the same command; a run that had finished an epoch continues from it with --resume")
+        sys.exit(f"error: {e.strerror}")
     except KeyboardInterrupt:
         sys.exit("interrupted: rerun the same command with --resume to continue from the last finished epoch")
 

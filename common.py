@@ -498,6 +498,9 @@ class _CacheBuild(torch.utils.data.Dataset):
         return fb, torch.stack(fr).numpy(), np.array(hw, dtype=np.int32)
 
 
+CACHE_ELSEWHERE = "give --cache_dir a folder on a larger disk, or pass --no_cache to decode every epoch"
+
+
 def reserve(path, folder):
     """Allocate every block of a file that a memory map created sparse: a full disk is then an error
     here, not a SIGBUS at some later write through the map."""
@@ -509,8 +512,7 @@ def reserve(path, folder):
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise DiskFull(f"{folder}: no room on its disk for the cache's {path.name} "
-                           f"({mb(os.fstat(fd).st_size)}); give --cache_dir a folder on a larger disk, or pass "
-                           "--no_cache to decode every epoch") from e
+                           f"({mb(os.fstat(fd).st_size)}); {CACHE_ELSEWHERE}") from e
         # a file system without fallocate (EOPNOTSUPP, EINVAL): go on as before
     finally:
         os.close(fd)
@@ -574,7 +576,7 @@ class CachedAVDataset(torch.utils.data.Dataset):
             free = free_bytes(tmp)
             if free is not None and need > free:
                 raise DiskFull(f"{self.folder}: the cache needs {mb(need)} and its disk has {mb(free)} free; "
-                               "give --cache_dir a folder on a larger disk, or pass --no_cache to decode every epoch")
+                               f"{CACHE_ELSEWHERE}")
             fb = np.lib.format.open_memmap(tmp / "fbank.npy", "w+", np.float16,
                                            (n, params["audio_len"], params["num_mel_bins"]))
             fr = np.lib.format.open_memmap(tmp / "frames.npy", "w+", np.uint8, (n, params["frames"], 3, *size))

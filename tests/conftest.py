@@ -1,3 +1,4 @@
+import shutil
 import sys
 from pathlib import Path
 
@@ -15,6 +16,28 @@ def pytest_configure(config):
     # torch 2.11's own torch.utils.mkldnn, imported on the compile path, uses a deprecated decorator
     config.addinivalue_line("filterwarnings",
                             "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if report.failed:
+        item.stash.setdefault(FAILED, True)
+    return report
+
+
+FAILED = pytest.StashKey[bool]()
+
+
+@pytest.fixture(autouse=True)
+def _delete_tmp_path_of_a_passing_test(request):
+    """A toy A-V run writes about 260 MB of checkpoints (two full-size ResNet-18s and their optimizer
+    state). The folder of a test that passed is deleted when it ends, so the suite needs a few hundred
+    MB of free disk, not several GB; a failed test's folder is kept to look into."""
+    path = request.getfixturevalue("tmp_path") if "tmp_path" in request.fixturenames else None
+    yield
+    if path is not None and not request.node.stash.get(FAILED, False):
+        shutil.rmtree(path, ignore_errors=True)
 
 
 class TinyEncoder(nn.Module):

@@ -18,15 +18,15 @@ def pytest_configure(config):
                             "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 
 
+FAILED = pytest.StashKey[bool]()
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item, call):
     report = yield
     if report.failed:
-        item.stash.setdefault(FAILED, True)
+        item.stash[FAILED] = True
     return report
-
-
-FAILED = pytest.StashKey[bool]()
 
 
 @pytest.fixture(autouse=True)

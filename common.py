@@ -25,8 +25,9 @@ list with one input tensor per modality, in the order of ``modalities``.
 With missing views (Table 6) both also take ``mask``, a (B, M) bool tensor, True = view present
 (None = all present); a batch is then ``(*xs, mask, y, idx)`` and its data set has ``masked = True``.
 """
-from __future__ import annotations
 
+
+from __future__ import annotations
 import collections
 import contextlib
 import csv
@@ -44,120 +45,1707 @@ import subprocess
 import sys
 import tempfile
 import time
+import wave
 from dataclasses import dataclass
 from pathlib import Path
-
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+
 HERE = Path(__file__).resolve().parent
 
 
 # ==================================================================================================
-# 1. Utilities
+# 1. Methods.  1a. MLA: the alternating unimodal update and its test-time fusion (needs only torch)
+# ==================================================================================================
+
+def fusion_weights(unis, mode="dynamic", fixed=None, mask=None):
+    """MLA's test-time fusion weights from the unimodal logits (M tensors (B, C)). dynamic: per sample,
+    softmax over m of -entropy(logits_m), (B, M); dynamic_batch (the official code's): entropy of a softmax
+    over the batch axis, (M,); fixed: the given weights, (M,). With a mask (B, M) of present views: (B, M),
+    zero for missing views, renormalised over each row's present ones."""
+    if mode == "dynamic":
+        ent = torch.stack([-(u.softmax(1) * u.log_softmax(1)).sum(1) for u in unis], 1)
+        if mask is not None:
+            ent = ent.masked_fill(~mask, float("inf"))          # weight exp(-inf) = 0
+        return torch.softmax(-ent, dim=1)
+    if mode == "dynamic_batch":
+        rows = [slice(None)] * len(unis) if mask is None else mask.T      # the rows where each view is present
+        ent = torch.stack([-(u[p].softmax(0) * u[p].log_softmax(0)).sum() for u, p in zip(unis, rows)])
+        w = torch.softmax(-ent, dim=0)
+    elif mode == "fixed":
+        w = torch.as_tensor(fixed, dtype=torch.float32, device=unis[0].device)
+        if w.numel() != len(unis):
+            raise ValueError(f"--fusion_weights has {w.numel()} values; expected {len(unis)}")
+    else:
+        raise ValueError(f"unknown fusion mode {mode!r}; expected dynamic, dynamic_batch or fixed")
+    if mask is None:
+        return w
+    w = w * mask
+    return w / w.sum(1, keepdim=True)
+
+
+class MLA(nn.Module):
+    """Multimodal Learning with Alternating unimodal adaptation: encoders of one width `dim` (each maps
+    its batch to (B, dim)) and one shared linear head. train_step: for each modality in turn, its encoder
+    alone runs forward, CE on head(z), backward, the head's weight gradient projected with P (HGM), one
+    optimizer step. P (dim x dim, from the identity) keeps the head-input directions of earlier steps;
+    `alpha` is HGM's alpha of the next step (schedule() sets it). Test: entropy-weighted fusion."""
+
+    def __init__(self, encoders, num_classes, modalities=None, hgm=True, hgm_alpha=None, fusion="dynamic",
+                 fusion_weights=None):
+        super().__init__()
+        self.encoders = nn.ModuleList(encoders)
+        self.modalities = list(modalities or [f"m{i}" for i in range(len(encoders))])
+        self.num_classes, self.dim = num_classes, encoders[0].dim
+        if any(f.dim != self.dim for f in encoders):
+            raise ValueError(f"encoders of widths {[f.dim for f in encoders]}; the methods expect one width (`dim`) "
+                             "for all: project the others to it, e.g. with common.Projected(encoder, dim)")
+        self.head = nn.Linear(self.dim, num_classes)
+        self.hgm, self.hgm_alpha = hgm, hgm_alpha
+        self.alpha = 0.1 if hgm_alpha is None else hgm_alpha
+        if fusion_weights is None:      # the paper's: 0.5/0.5; audio/image/text 0.35/0.25/0.4
+            fusion_weights = {2: [0.5, 0.5], 3: [0.35, 0.25, 0.4]}.get(len(encoders), [1 / len(encoders)] * len(encoders))
+        self.fusion, self.fixed_weights = fusion, list(fusion_weights)
+        self.register_buffer("P", torch.eye(self.dim))
+
+    def schedule(self, epoch, step, steps):
+        """Set alpha for batch `step` of `steps`: the official 0.1 ** (1 + step / steps), or hgm_alpha."""
+        self.alpha = 0.1 ** (1 + step / max(1, steps)) if self.hgm_alpha is None else self.hgm_alpha
+
+    @torch.no_grad()
+    def project_head_grad(self, hbar, alpha):
+        """grad_W <- grad_W P (protect earlier steps' directions), then absorb hbar into P:
+        k = P hbar, P <- P - k k^T / (alpha + hbar^T k)."""
+        with torch.autocast(self.P.device.type, enabled=False):    # P stays in full precision under AMP
+            g = self.head.weight.grad
+            g.copy_(g.to(self.P.dtype) @ self.P)
+            k = self.P @ hbar
+            self.P.sub_(torch.outer(k, k) / (alpha + hbar @ k))
+
+    def train_step(self, xs, y, optimizer, mask=None):
+        """One alternating step per modality; returns the mean of their losses (a 0-dim tensor left on the
+        device). With a mask (B, M), True = view present, modality m's step uses only the rows where
+        view m is present (h-bar is their mean) and is skipped when there are none."""
+        total, steps = 0.0, 0
+        for m, f in enumerate(self.encoders):
+            rows = slice(None) if mask is None else mask[:, m]
+            if mask is not None and not rows.any():
+                continue
+            z = f(xs[m][rows])
+            loss = F.cross_entropy(self.head(z), y[rows])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.hgm:
+                self.project_head_grad(z.detach().to(self.P.dtype).mean(0), self.alpha)
+            optimizer.step()
+            total, steps = total + loss.detach().double(), steps + 1   # stays on the device: no sync
+        return total / steps if steps else torch.zeros((), dtype=torch.float64, device=y.device)
+
+    def fuse_unimodal(self, unis, mask=None):
+        w = fusion_weights(unis, self.fusion, self.fixed_weights, mask)
+        w = w if w.dim() == 2 else w.expand(unis[0].shape[0], -1)
+        return sum(w[:, m:m + 1] * u for m, u in enumerate(unis))
+
+    @torch.no_grad()
+    def predict(self, xs, mask=None):
+        """(fused logits, [unimodal logits]). With a mask, an encoder sees only the rows where its view is
+        present (its logits are zeros elsewhere) and the weights are renormalised over each row's views."""
+        if mask is None:
+            unis = [self.head(f(x)) for f, x in zip(self.encoders, xs)]
+        else:
+            unis = [x.new_zeros(len(x), self.num_classes) for x in xs]
+            for f, x, u, present in zip(self.encoders, xs, unis, mask.T):
+                if present.any():
+                    u[present] = self.head(f(x[present]))
+        return self.fuse_unimodal(unis, mask), unis
+
+
+# ==================================================================================================
+# 1b. The Table 5 baselines: sum, concat, late_fusion, film, bigated, ogm, ogm_ge, qmf
+# ==================================================================================================
+
+# Every method is an nn.Module with `modalities`, train_step(xs, y, optimizer[, mask]) -> loss (a detached
+# 0-dim tensor left on the device, so that a step never waits for the GPU) and predict(xs[, mask]) ->
+# (fused logits, [unimodal logits]); xs holds one tensor per modality. The loop also calls, when a
+# method has them: schedule(epoch, step, steps) before each step (MLA's alpha, OGM's active epochs),
+# and passes idx= (the batch's sample indices) to methods with uses_index = True (QMF, CPM-Net).
+# Unimodal accuracy: methods with a head per modality (sum, late_fusion, qmf, mla) report that head's
+# prediction; methods that fuse features before one head (concat, film, bigated, ogm, ogm_ge) report the
+# fused head's prediction with every other modality's features set to zero.
+
+def optimizer_step(optimizer, loss):
+    """zero_grad, backward, step; returns the detached loss."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
+class Method(nn.Module):
+    """Base of the Table 5 baselines: encoders of one width (`dim`); a subclass defines fuse(zs) (one head
+    on fused features) or logits(zs) (a head per modality)."""
+    uses_index = False
+
+    def __init__(self, encoders, num_classes, modalities):
+        super().__init__()
+        self.encoders = nn.ModuleList(encoders)
+        self.modalities = list(modalities)
+        self.num_classes = num_classes
+        self.dim = encoders[0].dim
+        widths = [f.dim for f in encoders]
+        if len(set(widths)) > 1:
+            raise ValueError(f"encoders of widths {widths}; the methods expect one width (`dim`) for all: "
+                             "project the others to it, e.g. with common.Projected(encoder, dim)")
+
+    def encode(self, xs):
+        return [f(x) for f, x in zip(self.encoders, xs)]
+
+    def present_logits(self, xs, mask, heads):
+        """Per modality, head(encoder(x)) on the rows where the view is present and zeros on the others:
+        an encoder never sees a missing view."""
+        out = []
+        for f, h, x, present in zip(self.encoders, heads, xs, mask.T):
+            u = x.new_zeros(len(x), self.num_classes)
+            if present.any():
+                u[present] = h(f(x[present]))
+            out.append(u)
+        return out
+
+    def fuse(self, zs):
+        raise NotImplementedError
+
+    def logits(self, zs):
+        """(fused logits, [unimodal logits per modality])."""
+        fused = self.fuse(zs)
+        unis = [self.fuse([z if j == m else torch.zeros_like(z) for j, z in enumerate(zs)])
+                for m in range(len(zs))]
+        return fused, unis
+
+    def loss(self, fused, unis, y):
+        return F.cross_entropy(fused, y)
+
+    def train_step(self, xs, y, optimizer):
+        fused, unis = self.logits(self.encode(xs))
+        return optimizer_step(optimizer, self.loss(fused, unis, y))
+
+    @torch.no_grad()
+    def predict(self, xs):
+        return self.logits(self.encode(xs))
+
+
+class Sum(Method):
+    """One linear head per modality; fused logits are their sum, trained by CE on the sum."""
+
+    def __init__(self, encoders, num_classes, modalities):
+        super().__init__(encoders, num_classes, modalities)
+        self.heads = nn.ModuleList(nn.Linear(self.dim, num_classes) for _ in encoders)
+
+    def unimodal(self, zs):
+        return [h(z) for h, z in zip(self.heads, zs)]
+
+    def logits(self, zs):
+        unis = self.unimodal(zs)
+        return torch.stack(unis).sum(0), unis
+
+
+class Concat(Method):
+    """One linear head on the concatenated features."""
+
+    def __init__(self, encoders, num_classes, modalities):
+        super().__init__(encoders, num_classes, modalities)
+        self.head = nn.Linear(self.dim * len(encoders), num_classes)
+
+    def fuse(self, zs):
+        return self.head(torch.cat(zs, 1))
+
+
+class LateFusion(Sum):
+    """Independent unimodal models, each trained on its own CE; prediction = mean of their logits. With a
+    mask of missing views, each head trains on the rows where its view is present, and the fused logits
+    are the mean over each row's present views."""
+
+    def logits(self, zs):
+        unis = self.unimodal(zs)
+        return torch.stack(unis).mean(0), unis
+
+    def loss(self, fused, unis, y, mask=None, idx=None):
+        rows = [slice(None)] * len(unis) if mask is None else mask.T
+        return sum(F.cross_entropy(u[p], y[p]) for u, p in zip(unis, rows) if mask is None or p.any())
+
+    def fuse_unimodal(self, unis, mask):
+        w = mask.to(unis[0].dtype)
+        return sum(w[:, m:m + 1] * u for m, u in enumerate(unis)) / w.sum(1, keepdim=True)
+
+    def train_step(self, xs, y, optimizer, mask=None, idx=None):
+        if mask is None:
+            fused, unis = self.logits(self.encode(xs))
+        else:
+            unis = self.present_logits(xs, mask, self.heads)
+            fused = self.fuse_unimodal(unis, mask)
+        return optimizer_step(optimizer, self.loss(fused, unis, y, mask, idx))
+
+    @torch.no_grad()
+    def predict(self, xs, mask=None):
+        if mask is None:
+            return super().predict(xs)
+        unis = self.present_logits(xs, mask, self.heads)
+        return self.fuse_unimodal(unis, mask), unis
+
+
+class FiLM(Method):
+    """The condition modality gives (gamma, beta) = Linear(z_c); every other modality becomes
+    gamma * z_m + beta; the modulated features (concatenated) go through a linear head."""
+
+    def __init__(self, encoders, num_classes, modalities, condition=0):
+        super().__init__(encoders, num_classes, modalities)
+        self.condition = condition
+        self.film = nn.Linear(self.dim, 2 * self.dim)
+        self.head = nn.Linear(self.dim * (len(encoders) - 1), num_classes)
+
+    def fuse(self, zs):
+        gamma, beta = self.film(zs[self.condition]).chunk(2, dim=1)
+        return self.head(torch.cat([gamma * z + beta for m, z in enumerate(zs) if m != self.condition], 1))
+
+
+class BiGated(Method):
+    """u_m = Linear_m(z_m); the gate modality gives g = sigmoid(u_gate); the other hidden states are
+    multiplied by g, concatenated and classified by a linear head."""
+
+    def __init__(self, encoders, num_classes, modalities, condition=0):
+        super().__init__(encoders, num_classes, modalities)
+        self.condition = condition
+        self.hidden = nn.ModuleList(nn.Linear(self.dim, self.dim) for _ in encoders)
+        self.head = nn.Linear(self.dim * (len(encoders) - 1), num_classes)
+
+    def fuse(self, zs):
+        u = [h(z) for h, z in zip(self.hidden, zs)]
+        g = torch.sigmoid(u[self.condition])
+        return self.head(torch.cat([g * v for m, v in enumerate(u) if m != self.condition], 1))
+
+
+def ogm_coefficients(scores, alpha):
+    """OGM-GE modulation coefficients. rho_m = s_m / (sum of the other modalities' scores); the
+    modality with rho_m > 1 (the dominant one) gets 1 - tanh(alpha * rho_m), the others 1.
+    With two modalities this is rho_a = s_a / s_v as in the OGM-GE paper."""
+    s = torch.as_tensor(scores, dtype=torch.float64)
+    rho = s / (s.sum() - s).clamp_min(1e-12)
+    coeff = torch.ones_like(s)
+    dom = rho > 1
+    coeff[dom] = 1 - torch.tanh(alpha * rho[dom])
+    return coeff.tolist()
+
+
+class OGM(Concat):
+    """Concat fusion with on-the-fly gradient modulation (OGM); with ge=True, OGM-GE adds Gaussian
+    noise N(0, std(grad)) to every encoder gradient. Active for epochs starts..ends inclusive
+    (schedule() tells it the epoch)."""
+
+    def __init__(self, encoders, num_classes, modalities, alpha=0.3, starts=0, ends=50, ge=False):
+        super().__init__(encoders, num_classes, modalities)
+        self.alpha, self.starts, self.ends, self.ge = alpha, starts, ends, ge
+        self.active = starts <= 0 <= ends
+        self.last_coeffs = None
+
+    def schedule(self, epoch, step, steps):
+        self.active = self.starts <= epoch <= self.ends
+
+    def train_step(self, xs, y, optimizer):
+        zs = self.encode(xs)
+        fused = self.fuse(zs)
+        loss = F.cross_entropy(fused, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.active:
+            with torch.no_grad():
+                _, unis = self.logits([z.detach() for z in zs])
+                scores = torch.stack([u.softmax(1).gather(1, y[:, None]).sum() for u in unis]).tolist()
+            self.modulate(ogm_coefficients(scores, self.alpha))
+        optimizer.step()
+        return loss.detach()
+
+    @torch.no_grad()
+    def modulate(self, coeffs):
+        self.last_coeffs = coeffs
+        for enc, c in zip(self.encoders, coeffs):
+            for p in enc.parameters():
+                if p.grad is None:
+                    continue
+                # std of the original gradient, kept on the device (no read-back per parameter)
+                std = p.grad.std() if self.ge and p.grad.numel() > 1 else None
+                p.grad.mul_(c)
+                if std is not None:
+                    p.grad.add_(torch.randn_like(p.grad) * std)         # std 0 adds zeros
+
+
+class QMF(LateFusion):
+    """Quality-aware multimodal fusion on late-fusion heads. Confidence c_m = logsumexp(logits_m)/T,
+    detached in the fusion; loss = CE(fused) + sum CE(logits_m) + lambda * sum rank_m, where rank_m
+    asks a sample whose cumulative training loss (its history, by sample index) is higher to have lower
+    confidence."""
+    uses_index = True
+
+    def __init__(self, encoders, num_classes, modalities, num_train, temperature=10.0, lam=0.1):
+        super().__init__(encoders, num_classes, modalities)
+        self.temperature, self.lam = temperature, lam
+        self.register_buffer("history", torch.zeros(len(encoders), num_train, dtype=torch.float64))
+
+    def confidence(self, logits):
+        return torch.logsumexp(logits, dim=1) / self.temperature
+
+    def logits(self, zs):
+        unis = self.unimodal(zs)
+        return self.fuse_unimodal(unis), unis
+
+    def fuse_unimodal(self, unis, mask=None):
+        """sum_m c_m * logits_m over the present views (all views without a mask)."""
+        w = [self.confidence(u).detach()[:, None] for u in unis]
+        if mask is not None:
+            w = [c * mask[:, m:m + 1] for m, c in enumerate(w)]
+        return sum(c * u for c, u in zip(w, unis))
+
+    def rank_loss(self, conf, idx, m):
+        """Pairs (i, i+1 mod B); target = sign(h_i - h_j), margin = |normalised h_i - h_j|:
+        max(0, target * (c_i - c_j) + margin) = 0 once the harder sample is less confident by margin."""
+        h = self.history[m]
+        lo, hi = h.min(), h.max()
+        hn = torch.where(hi > lo, (h[idx] - lo) / (hi - lo), 0.0).to(conf.dtype)     # no read-back
+        target = torch.sign(hn - hn.roll(-1))
+        margin = (hn - hn.roll(-1)).abs()
+        return F.relu(target * (conf - conf.roll(-1)) + margin).mean()
+
+    def loss(self, fused, unis, y, mask=None, idx=None):
+        """With a mask, modality m's CE, ranking loss and history use only the rows where it is present."""
+        loss = F.cross_entropy(fused, y)
+        for m, u in enumerate(unis):
+            rows = slice(None) if mask is None else mask[:, m]
+            if mask is not None and not rows.any():
+                continue
+            u, ym, im = u[rows], y[rows], idx[rows]
+            per_sample = F.cross_entropy(u, ym, reduction="none")
+            loss = loss + per_sample.mean() + self.lam * self.rank_loss(self.confidence(u), im, m)
+            if self.training:
+                self.history[m].index_add_(0, im, per_sample.detach().to(self.history.dtype))
+        return loss
+
+
+METHODS = ["sum", "concat", "late_fusion", "film", "bigated", "ogm", "ogm_ge", "qmf", "mla"]
+
+
+def build_method(name, encoders, num_classes, modalities, num_train=0, condition=None, ogm=(0.3, 0, 50),
+                 mla=None, table6=None):
+    """The method object `name`: condition, the FiLM/BiGated conditioning modality (a name in modalities);
+    ogm, OGM's (alpha, first epoch, last epoch); mla, MLA's keyword arguments; table6, the keyword
+    arguments of build_missing_method (the Table 6 methods' settings)."""
+    cond = modalities.index(condition) if condition else 0
+    if name == "sum":
+        return Sum(encoders, num_classes, modalities)
+    if name == "concat":
+        return Concat(encoders, num_classes, modalities)
+    if name == "late_fusion":
+        return LateFusion(encoders, num_classes, modalities)
+    if name == "film":
+        return FiLM(encoders, num_classes, modalities, condition=cond)
+    if name == "bigated":
+        return BiGated(encoders, num_classes, modalities, condition=cond)
+    if name in ("ogm", "ogm_ge"):
+        alpha, starts, ends = ogm
+        return OGM(encoders, num_classes, modalities, alpha=alpha, starts=starts, ends=ends, ge=name == "ogm_ge")
+    if name == "qmf":
+        return QMF(encoders, num_classes, modalities, num_train=num_train)
+    if name == "mla":
+        return MLA(encoders, num_classes, modalities, **(mla or {}))
+    if name in MISSING_ONLY_METHODS:
+        return build_missing_method(name, encoders, num_classes, modalities, num_train, **(table6 or {}))
+    raise ValueError(f"unknown method {name!r}; expected one of {METHODS + MISSING_ONLY_METHODS}")
+
+
+# ==================================================================================================
+# 1c. The Table 6 methods: cca, dcca, dccae, ae, cra, mmin, if_mmin, cpm_net, tate
+# ==================================================================================================
+
+def mlp_decoder(dim, d_out, layers=3):
+    """The mirror of MLPEncoder: dim -> ... -> dim (ReLU) -> d_out (linear)."""
+    return nn.Sequential(mlp([dim] * layers), nn.Linear(dim, d_out))
+
+
+def full_mask(xs):
+    return torch.ones(len(xs[0]), len(xs), dtype=torch.bool, device=xs[0].device)
+
+
+def zero_missing(xs, mask):
+    return [x * mask[:, m:m + 1] for m, x in enumerate(xs)]
+
+
+def view_mse(preds, targets, mask):
+    """Mean over views of the mean squared error on the rows where the view is present in `mask`."""
+    total = 0.0
+    for m, (p, t) in enumerate(zip(preds, targets)):
+        w = mask[:, m].to(p.dtype)
+        total = total + (((p - t) ** 2).mean(1) * w).sum() / w.sum().clamp_min(1)
+    return total / len(preds)
+
+
+def hide_views(mask, p):
+    """Training input of the imputation methods: with probability p, a sample with two or more present
+    views has one of them (drawn uniformly) hidden, so its known value can supervise the imputation."""
+    pick = torch.rand(mask.shape, device=mask.device).masked_fill(~mask, -1).argmax(1)
+    rows = (mask.sum(1) >= 2) & (torch.rand(len(mask), device=mask.device) < p)
+    out = mask.clone()
+    out[rows, pick[rows]] = False
+    return out
+
+
+def collect(loader, device):
+    """The whole (masked) split of a loader as tensors: (xs, mask, y)."""
+    parts = [to_device(b, device, masked=True) for b in loader]
+    xs = [torch.cat([p[0][m] for p in parts]) for m in range(len(parts[0][0]))]
+    return xs, torch.cat([p[3] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def split_views(z, sizes):
+    return list(torch.split(z, list(sizes), dim=1))
+
+
+def multiset_cca(xs, mask, k, reg=1e-3):
+    """Linear CCA of M views with missing rows (multiset CCA, sum of pairwise correlations): maximise
+    sum_ij w_i' C_ij w_j subject to sum_i w_i' C_ii w_i = 1, i.e. the generalised eigenproblem
+    A w = lambda D w with A = [C_ij] and D = blockdiag(C_ii) (+ reg I on the diagonal blocks).
+    C_ij is computed on the rows where both views are present. For two views lambda = 1 + rho.
+    Returns ([W_m (d_m, k)], [mean_m], top-k eigenvalues); each projection has unit variance."""
+    mk = mask.double()
+    mus = [(x.double() * mk[:, m:m + 1]).sum(0) / mk[:, m].sum().clamp_min(1) for m, x in enumerate(xs)]
+    xc = [(x.double() - mu) * mk[:, m:m + 1] for m, (x, mu) in enumerate(zip(xs, mus))]
+    blocks = []
+    for i in range(len(xs)):
+        row = []
+        for j in range(len(xs)):
+            n_ij = (mask[:, i] & mask[:, j]).sum().item()
+            c = xc[i].T @ xc[j] / max(n_ij - 1, 1)
+            row.append(c + reg * torch.eye(len(c), dtype=c.dtype, device=c.device) if i == j else c)
+        blocks.append(row)
+    A = torch.cat([torch.cat(row, 1) for row in blocks], 0)
+    L = torch.linalg.cholesky(torch.block_diag(*[blocks[i][i] for i in range(len(xs))]))
+    S = torch.linalg.solve_triangular(L, torch.linalg.solve_triangular(L, A, upper=False).T, upper=False)
+    evals, evecs = torch.linalg.eigh((S + S.T) / 2)
+    top = torch.argsort(evals, descending=True)[:k]
+    W = torch.linalg.solve_triangular(L.T, evecs[:, top], upper=True)
+    Ws = torch.split(W, [x.shape[1] for x in xs], dim=0)
+    Ws = [w / torch.sqrt(torch.diag(w.T @ blocks[m][m] @ w)).clamp_min(1e-12) for m, w in enumerate(Ws)]
+    return [w.float() for w in Ws], [mu.float() for mu in mus], evals[top]
+
+
+def store_projection(module, Ws, mus):
+    for m, (w, mu) in enumerate(zip(Ws, mus)):
+        getattr(module, f"W{m}").copy_(w)
+        getattr(module, f"mu{m}").copy_(mu)
+
+
+def mean_projection(module, hs, mask):
+    """Mean over each sample's present views of (h_m - mu_m) W_m (the buffers W<m>, mu<m> of module)."""
+    w = mask.to(hs[0].dtype)
+    proj = [(h - getattr(module, f"mu{m}")) @ getattr(module, f"W{m}") * w[:, m:m + 1] for m, h in enumerate(hs)]
+    return sum(proj) / w.sum(1, keepdim=True)
+
+
+def cca_correlation(h1, h2, k=None, reg=1e-4):
+    """The DCCA objective (Andrew et al. 2013): the sum of the top-k canonical correlations of h1 and h2
+    (n x o), i.e. the top-k singular values of T = S11^-1/2 S12 S22^-1/2 with centred, ridge-
+    regularised covariances. Cholesky factors stand in for the inverse square roots: L1^-1 S12 L2^-T
+    differs from T by orthogonal factors only, so it has the same singular values."""
+    n = h1.shape[0]
+    h1, h2 = h1 - h1.mean(0), h2 - h2.mean(0)
+    eye = lambda h: torch.eye(h.shape[1], dtype=h.dtype, device=h.device)
+    L1 = torch.linalg.cholesky(h1.T @ h1 / (n - 1) + reg * eye(h1))
+    L2 = torch.linalg.cholesky(h2.T @ h2 / (n - 1) + reg * eye(h2))
+    T = torch.linalg.solve_triangular(L1, h1.T @ h2 / (n - 1), upper=False)
+    T = torch.linalg.solve_triangular(L2, T.T, upper=False).T
+    sv = torch.linalg.svdvals(T)
+    return sv[:k].sum() if k else sv.sum()
+
+
+def cmd(a, b, order=5):
+    """Central moment discrepancy (Zellinger et al. 2017) of two samples of features: the distance of
+    the means plus the distances of the central moments of order 2..order (features in a unit range)."""
+    ma, mb = a.mean(0), b.mean(0)
+    total = (ma - mb).norm()
+    for k in range(2, order + 1):
+        total = total + (((a - ma) ** k).mean(0) - ((b - mb) ** k).mean(0)).norm()
+    return total
+
+
+def fit_softmax_classifier(linear, z, y, weight_decay=1e-4, steps=100):
+    """Refit a linear classifier from scratch on fixed features: multinomial logistic regression by
+    full-batch L-BFGS with an L2 penalty."""
+    linear.reset_parameters()
+    opt = torch.optim.LBFGS(linear.parameters(), max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(linear(z), y) + weight_decay * linear.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+
+
+class CascadedResidualAE(nn.Module):
+    """A stack of residual autoencoders (CRA, Tran et al. 2017): x_k = x_{k-1} + AE_k(x_{k-1}), each AE
+    d -> widths -> reversed widths -> d; an optional condition c joins every block's encoder input.
+    Returns the last x_k and the concatenated bottlenecks of all blocks."""
+
+    def __init__(self, d, widths=(128, 64, 32), blocks=3, cond_dim=0):
+        super().__init__()
+        widths = list(widths)
+        self.enc = nn.ModuleList(mlp([d + cond_dim] + widths) for _ in range(blocks))
+        self.dec = nn.ModuleList(nn.Sequential(mlp(widths[::-1]), nn.Linear(widths[0], d)) for _ in range(blocks))
+        self.latent_dim = widths[-1] * blocks
+
+    def forward(self, x, cond=None):
+        latents = []
+        for enc, dec in zip(self.enc, self.dec):
+            h = enc(x if cond is None else torch.cat([x, cond], 1))
+            latents.append(h)
+            x = x + dec(h)
+        return x, torch.cat(latents, 1)
+
+
+# ---- the nine Table-6-only methods
+
+class MissingMethod(nn.Module):
+    """Base of the Table-6-only methods. A subclass defines loss(xs, y, mask) for training and
+    classify(xs, mask), the logits from each sample's present views (missing views are zeros in xs).
+    predict() also gives each view's unimodal logits: the prediction from that view alone, on the
+    samples where it is present (zeros elsewhere; evaluate() counts only those samples)."""
+
+    grad_clip = None                           # a maximum gradient norm, for the methods that need one
+    uses_index = False
+
+    def __init__(self, encoders, num_classes, modalities):
+        super().__init__()
+        self.modalities, self.num_classes = list(modalities), num_classes
+        self.dims = [e.d_in for e in encoders]
+
+    def loss(self, xs, y, mask):
+        raise NotImplementedError
+
+    def classify(self, xs, mask):
+        raise NotImplementedError
+
+    def train_step(self, xs, y, optimizer, mask=None):
+        loss = self.loss(xs, y, full_mask(xs) if mask is None else mask)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.grad_clip:
+            nn.utils.clip_grad_norm_(self.parameters(), self.grad_clip)
+        optimizer.step()
+        return loss.detach()
+
+    @torch.no_grad()
+    def predict(self, xs, mask=None):
+        mask = full_mask(xs) if mask is None else mask
+        fused = self.classify(xs, mask)
+        unis = []
+        for m in range(len(xs)):
+            u, rows = torch.zeros_like(fused), mask[:, m]
+            if rows.any():
+                alone = torch.zeros_like(mask[rows])
+                alone[:, m] = True
+                u[rows] = self.classify([x[rows] for x in xs], alone)
+            unis.append(u)
+        return fused, unis
+
+
+class CCA(MissingMethod):
+    """Linear CCA of the three views (multiset_cca), fitted in closed form before training on the
+    training samples where the views are present; a sample is the mean of its present views'
+    projections; a linear classifier on top is what the epochs train."""
+
+    def __init__(self, encoders, num_classes, modalities, dim=32, reg=1e-3):
+        super().__init__(encoders, num_classes, modalities)
+        self.k = min([dim] + self.dims)
+        for m, d in enumerate(self.dims):
+            self.register_buffer(f"W{m}", torch.eye(d, self.k))
+            self.register_buffer(f"mu{m}", torch.zeros(d))
+        self.reg = reg
+        self.classifier = nn.Linear(self.k, num_classes)
+
+    def fit_start(self, loader, device):
+        xs, mask, _ = collect(loader, device)
+        Ws, mus, _ = multiset_cca(xs, mask, self.k, self.reg)
+        store_projection(self, Ws, mus)
+
+    def classify(self, xs, mask):
+        return self.classifier(mean_projection(self, xs, mask))
+
+    def loss(self, xs, y, mask):
+        return F.cross_entropy(self.classify(xs, mask), y)
+
+
+class DCCA(MissingMethod):
+    """Deep CCA (Andrew et al. 2013): per view an MLP encoder and a linear output layer of `dim` units,
+    trained to maximise the total canonical correlation of the outputs (summed over the pairs of views,
+    each pair on the rows of the batch where both are present, and only when there are at least twice
+    as many rows as outputs: fewer make the covariances near-singular). The correlation's gradients
+    through near-singular covariances can be large, so the gradient norm is clipped at 5. After every
+    epoch a linear CCA of the outputs on the training set gives aligned projections, and a linear
+    classifier is fitted on the mean of each sample's present projections."""
+    grad_clip = 5.0
+
+    def __init__(self, encoders, num_classes, modalities, dim=10, reg=1e-3):
+        super().__init__(encoders, num_classes, modalities)
+        self.encoders = nn.ModuleList(encoders)
+        self.outputs = nn.ModuleList(nn.Linear(e.dim, dim) for e in encoders)
+        self.k, self.reg = dim, reg
+        for m in range(len(encoders)):
+            self.register_buffer(f"W{m}", torch.eye(dim))
+            self.register_buffer(f"mu{m}", torch.zeros(dim))
+        self.classifier = nn.Linear(dim, num_classes)
+
+    def features(self, xs):
+        return [g(f(x)) for f, g, x in zip(self.encoders, self.outputs, xs)]
+
+    def correlation_loss(self, hs, mask):
+        loss = sum(h.sum() * 0 for h in hs)      # stays a graph when no pair of views has enough rows
+        for i in range(len(hs)):
+            for j in range(i + 1, len(hs)):
+                both = mask[:, i] & mask[:, j]
+                if both.sum() >= 2 * hs[i].shape[1]:
+                    corr = cca_correlation(hs[i][both].double(), hs[j][both].double(), self.k, self.reg)
+                    loss = loss - corr.to(hs[i].dtype)
+        return loss
+
+    def loss(self, xs, y, mask):
+        return self.correlation_loss(self.features(xs), mask)
+
+    def classify(self, xs, mask):
+        return self.classifier(mean_projection(self, self.features(xs), mask))
+
+    @torch.no_grad()
+    def epoch_end(self, loader, device):
+        was_training = self.training
+        self.eval()
+        xs, mask, y = collect(loader, device)
+        hs = self.features(xs)
+        Ws, mus, _ = multiset_cca(hs, mask, self.k, self.reg)
+        store_projection(self, Ws, mus)
+        fit_softmax_classifier(self.classifier, mean_projection(self, hs, mask), y)
+        self.train(was_training)
+
+
+class DCCAE(DCCA):
+    """DCCA plus per-view decoders from the outputs back to the present views and their reconstruction
+    loss (Wang et al. 2015): loss = -total correlation + recon_weight * reconstruction error."""
+
+    def __init__(self, encoders, num_classes, modalities, dim=10, reg=1e-3, recon_weight=1.0, layers=3):
+        super().__init__(encoders, num_classes, modalities, dim, reg)
+        self.decoders = nn.ModuleList(nn.Sequential(mlp([dim, e.dim]), mlp_decoder(e.dim, e.d_in, layers))
+                                      for e in encoders)
+        self.recon_weight = recon_weight
+
+    def loss(self, xs, y, mask):
+        hs = self.features(xs)
+        recon = view_mse([g(h) for g, h in zip(self.decoders, hs)], xs, mask)
+        return self.correlation_loss(hs, mask) + self.recon_weight * recon
+
+
+class AE(MissingMethod):
+    """An autoencoder over the concatenated views (missing ones zero-filled) and the mask, trained to
+    reconstruct every view whose value is known (with views hidden by hide_views, so it learns to fill
+    them in), jointly with a linear classifier on the bottleneck."""
+
+    def __init__(self, encoders, num_classes, modalities, dim=128, layers=3, recon_weight=1.0, hide_prob=0.5):
+        super().__init__(encoders, num_classes, modalities)
+        d = sum(self.dims)
+        self.encoder = MLPEncoder(d + len(self.dims), dim, layers)
+        self.decoder = mlp_decoder(dim, d, layers)
+        self.classifier = nn.Linear(dim, num_classes)
+        self.recon_weight, self.hide_prob = recon_weight, hide_prob
+
+    def bottleneck(self, xs, mask):
+        return self.encoder(torch.cat(zero_missing(xs, mask) + [mask.to(xs[0].dtype)], 1))
+
+    def impute(self, xs, mask):
+        """Every view as reconstructed from the present ones."""
+        return split_views(self.decoder(self.bottleneck(xs, mask)), self.dims)
+
+    def classify(self, xs, mask):
+        return self.classifier(self.bottleneck(xs, mask))
+
+    def loss(self, xs, y, mask):
+        b = self.bottleneck(xs, hide_views(mask, self.hide_prob))
+        recon = view_mse(split_views(self.decoder(b), self.dims), xs, mask)
+        return F.cross_entropy(self.classifier(b), y) + self.recon_weight * recon
+
+
+class CRA(MissingMethod):
+    """Cascaded residual autoencoder (Tran et al. 2017): a CascadedResidualAE imputes the missing views
+    of the zero-filled concatenated input (trained to output every known view, hidden ones included);
+    the classifier (an MLP encoder and a linear layer) reads the input with its missing views imputed."""
+
+    def __init__(self, encoders, num_classes, modalities, dim=128, layers=3, widths=(128, 64, 32), blocks=3,
+                 recon_weight=1.0, hide_prob=0.5):
+        super().__init__(encoders, num_classes, modalities)
+        self.cra = CascadedResidualAE(sum(self.dims), widths, blocks)
+        self.classifier = nn.Sequential(MLPEncoder(sum(self.dims), dim, layers), nn.Linear(dim, num_classes))
+        self.recon_weight, self.hide_prob = recon_weight, hide_prob
+
+    def impute(self, xs, mask):
+        return split_views(self.cra(torch.cat(zero_missing(xs, mask), 1))[0], self.dims)
+
+    def completed(self, views, xs, mask):
+        return torch.cat([torch.where(mask[:, m:m + 1], x, v) for m, (x, v) in enumerate(zip(xs, views))], 1)
+
+    def classify(self, xs, mask):
+        return self.classifier(self.completed(self.impute(xs, mask), xs, mask))
+
+    def loss(self, xs, y, mask):
+        seen = hide_views(mask, self.hide_prob)
+        views = self.impute(xs, seen)
+        recon = view_mse(views, xs, mask)
+        return F.cross_entropy(self.classifier(self.completed(views, xs, seen)), y) + self.recon_weight * recon
+
+
+class MMIN(MissingMethod):
+    """Missing Modality Imagination Network (Zhao et al. 2021). Per-view MLP encoders (a missing view
+    enters as zeros, as in the paper); a forward CascadedResidualAE imagines the embeddings of all views
+    from the concatenated ones; a backward one maps the imagination back to the input embeddings (cycle
+    consistency); the classifier reads the concatenated bottlenecks of the forward AE. The paper's
+    imagination targets come from encoders pretrained on full-modality data; here the training split
+    has missing views too, so the targets are the model's own (detached) embeddings of the views that
+    are present, with views hidden by hide_views to be imagined."""
+
+    def __init__(self, encoders, num_classes, modalities, widths=(128, 64, 32), blocks=3, recon_weight=1.0,
+                 hide_prob=0.5, cycle=True, cond_dim=0):
+        super().__init__(encoders, num_classes, modalities)
+        self.encoders = nn.ModuleList(encoders)
+        d = sum(e.dim for e in encoders)
+        self.forward_ae = CascadedResidualAE(d, widths, blocks, cond_dim)
+        self.backward_ae = CascadedResidualAE(d, widths, blocks) if cycle else None
+        hidden = encoders[0].dim
+        self.classifier = nn.Sequential(mlp([self.forward_ae.latent_dim, hidden]), nn.Linear(hidden, num_classes))
+        self.recon_weight, self.hide_prob = recon_weight, hide_prob
+
+    def embed(self, xs, mask):
+        return [f(x) for f, x in zip(self.encoders, zero_missing(xs, mask))]
+
+    def imagine(self, es, mask):
+        """(imagined embeddings of all views, forward-AE bottlenecks) from the embeddings es."""
+        return self.forward_ae(torch.cat(es, 1))
+
+    def impute(self, xs, mask):
+        """Every view's embedding as imagined from the present ones."""
+        return split_views(self.imagine(self.embed(xs, mask), mask)[0], [e.dim for e in self.encoders])
+
+    def classify(self, xs, mask):
+        return self.classifier(self.imagine(self.embed(xs, mask), mask)[1])
+
+    def loss(self, xs, y, mask):
+        seen = hide_views(mask, self.hide_prob)
+        es = self.embed(xs, seen)
+        imagined, latent = self.imagine(es, seen)
+        with torch.no_grad():
+            target = self.embed(xs, mask)
+        sizes = [e.dim for e in self.encoders]
+        loss = F.cross_entropy(self.classifier(latent), y)
+        loss = loss + self.recon_weight * view_mse(split_views(imagined, sizes), target, mask)
+        if self.backward_ae is not None:
+            back = self.backward_ae(imagined)[0]
+            loss = loss + self.recon_weight * F.mse_loss(back, torch.cat(es, 1))
+        return loss
+
+
+class IFMMIN(MMIN):
+    """MMIN with invariant features (Zuo et al. 2023): a shared projector maps every view's embedding
+    into an invariant space, pulled together across views by a central-moment-discrepancy loss (pairs
+    of views on the rows where both are present); the mean invariant feature of a sample's present
+    views joins the imagination AE's input and is trained to match the one of all its known views.
+    No backward (cycle) AE, as in the paper."""
+
+    def __init__(self, encoders, num_classes, modalities, widths=(128, 64, 32), blocks=3, recon_weight=1.0,
+                 hide_prob=0.5, cmd_weight=0.1, cmd_order=5):
+        hidden = encoders[0].dim
+        super().__init__(encoders, num_classes, modalities, widths, blocks, recon_weight, hide_prob,
+                         cycle=False, cond_dim=hidden)
+        self.invariant = nn.Sequential(nn.Linear(hidden, hidden), nn.Sigmoid())    # bounded, as CMD assumes
+        self.cmd_weight, self.cmd_order = cmd_weight, cmd_order
+
+    def invariant_mean(self, es, mask):
+        w = mask.to(es[0].dtype)
+        inv = [self.invariant(e) for e in es]
+        return sum(v * w[:, m:m + 1] for m, v in enumerate(inv)) / w.sum(1, keepdim=True), inv
+
+    def imagine(self, es, mask):
+        return self.forward_ae(torch.cat(es, 1), self.invariant_mean(es, mask)[0])
+
+    def loss(self, xs, y, mask):
+        loss = super().loss(xs, y, mask)
+        seen = hide_views(mask, self.hide_prob)
+        inv_seen, _ = self.invariant_mean(self.embed(xs, seen), seen)
+        inv_all, inv = self.invariant_mean(self.embed(xs, mask), mask)
+        loss = loss + self.recon_weight * F.mse_loss(inv_seen, inv_all.detach())
+        for i in range(len(inv)):
+            for j in range(i + 1, len(inv)):
+                both = mask[:, i] & mask[:, j]
+                if both.sum() > 1:
+                    loss = loss + self.cmd_weight * cmd(inv[i][both], inv[j][both], self.cmd_order)
+        return loss
+
+
+class CPMNet(MissingMethod):
+    """Cross Partial Multi-View Networks (Zhang et al. 2019). Every training sample has a latent code h
+    (a buffer, indexed by its data-set index); per-view networks reconstruct each present view from h,
+    and a classification loss acts on h: class scores are s_c(h) = h . (mean training code of class c),
+    loss = max_c (1[c != y] + s_c(h) - s_y(h)). Each step first refines the batch's codes with the
+    networks fixed (code_steps Adam steps on reconstruction + classification), stores them, then takes
+    one optimizer step of the networks. A test sample's code is inferred the same way from its present
+    views by reconstruction alone (from the mean training code), with the networks fixed; its class is
+    argmax_c s_c(h)."""
+    uses_index = True
+
+    def __init__(self, encoders, num_classes, modalities, num_train, dim=128, layers=3, lam=1.0, code_lr=0.05,
+                 code_steps=20):
+        super().__init__(encoders, num_classes, modalities)
+        self.decoders = nn.ModuleList(mlp_decoder(dim, d, layers) for d in self.dims)
+        self.register_buffer("codes", 0.1 * torch.randn(num_train, dim))      # h = 0 is a dead point of ReLU
+        self.register_buffer("labels", torch.full((num_train,), -1, dtype=torch.long))
+        self.lam, self.code_lr, self.code_steps = lam, code_lr, code_steps
+
+    def scores(self, h):
+        known = self.labels >= 0
+        onehot = F.one_hot(self.labels[known], self.num_classes).to(h.dtype)
+        centres = onehot.T @ self.codes[known] / onehot.sum(0)[:, None].clamp_min(1)
+        return h @ centres.T
+
+    def class_loss(self, h, y):
+        s = self.scores(h)
+        margin = 1.0 - F.one_hot(y, self.num_classes).to(s.dtype)
+        return ((s + margin).max(1).values - s.gather(1, y[:, None])[:, 0]).mean()
+
+    def code_loss(self, h, xs, mask, y=None):
+        loss = view_mse([g(h) for g in self.decoders], xs, mask)
+        return loss if y is None else loss + self.lam * self.class_loss(h, y)
+
+    def refine_codes(self, h, xs, mask, y=None):
+        """code_steps Adam steps on the codes alone: the networks get no gradient and do not change."""
+        h = h.detach().clone().requires_grad_(True)
+        opt = torch.optim.Adam([h], lr=self.code_lr)
+        with torch.enable_grad():
+            for _ in range(self.code_steps):
+                h.grad, = torch.autograd.grad(self.code_loss(h, xs, mask, y) * len(h), [h])
+                opt.step()
+        return h.detach()
+
+    def train_step(self, xs, y, optimizer, mask=None, idx=None):
+        mask = full_mask(xs) if mask is None else mask
+        self.labels[idx] = y
+        self.codes[idx] = self.refine_codes(self.codes[idx], xs, mask, y)
+        loss = self.code_loss(self.codes[idx], xs, mask, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
+    def infer_codes(self, xs, mask):
+        """Codes of new samples, from the mean training code."""
+        return self.refine_codes(self.codes.mean(0).expand(len(xs[0]), -1), xs, mask)
+
+    def classify(self, xs, mask):
+        return self.scores(self.infer_codes(xs, mask))
+
+
+class TATE(MissingMethod):
+    """Tag-Assisted Transformer Encoder (Zeng et al. 2022). Each present view becomes a token through its
+    MLP encoder (a missing view's token is zeros); a tag token, an embedding of the pattern of missing
+    views (tags()), and learned position embeddings join them; a transformer encoder mixes the tokens;
+    per-view linear decoders reconstruct every known view from its output token (views hidden by
+    hide_views included); a linear classifier reads the mean output token."""
+
+    def __init__(self, encoders, num_classes, modalities, heads=4, layers=2, recon_weight=1.0, hide_prob=0.5):
+        super().__init__(encoders, num_classes, modalities)
+        self.encoders = nn.ModuleList(encoders)
+        d, m = encoders[0].dim, len(encoders)
+        self.tag = nn.Embedding(2 ** m, d)
+        self.position = nn.Parameter(torch.zeros(m + 1, d))
+        layer = nn.TransformerEncoderLayer(d, heads, 2 * d, dropout=0.0, batch_first=True)
+        self.transformer = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.decoders = nn.ModuleList(nn.Linear(d, e.d_in) for e in encoders)
+        self.classifier = nn.Linear(d, num_classes)
+        self.recon_weight, self.hide_prob = recon_weight, hide_prob
+
+    @staticmethod
+    def tags(mask):
+        """The missing-pattern code of every sample: bit m is set when view m is missing."""
+        bits = 2 ** torch.arange(mask.shape[1], device=mask.device)
+        return ((~mask).long() * bits).sum(1)
+
+    def encode(self, xs, mask):
+        tokens = [f(x) * mask[:, m:m + 1] for m, (f, x) in enumerate(zip(self.encoders, xs))]
+        seq = torch.stack([self.tag(self.tags(mask))] + tokens, 1) + self.position
+        return self.transformer(seq)
+
+    def impute(self, xs, mask):
+        out = self.encode(xs, mask)
+        return [dec(out[:, 1 + m]) for m, dec in enumerate(self.decoders)]
+
+    def classify(self, xs, mask):
+        return self.classifier(self.encode(xs, mask).mean(1))
+
+    def loss(self, xs, y, mask):
+        seen = hide_views(mask, self.hide_prob)
+        out = self.encode(xs, seen)
+        recon = view_mse([dec(out[:, 1 + m]) for m, dec in enumerate(self.decoders)], xs, mask)
+        return F.cross_entropy(self.classifier(out.mean(1)), y) + self.recon_weight * recon
+
+
+MISSING_METHODS = ["late_fusion", "qmf", "cca", "dcca", "dccae", "ae", "cra", "mmin", "if_mmin", "cpm_net",
+                   "tate", "mla"]                    # Table 6, in the paper's order
+
+
+MISSING_ONLY_METHODS = [m for m in MISSING_METHODS if m not in METHODS]
+
+
+def build_missing_method(name, encoders, num_classes, modalities, num_train, layers=3, recon_weight=1.0,
+                         hide_prob=0.5, ae_widths=(128, 64, 32), ae_blocks=3, cca_dim=32, dcca_dim=10, cca_reg=1e-3,
+                         cmd_weight=0.1, cmd_order=5, cpm_lambda=1.0, code_lr=0.05, code_steps=20, tate_layers=2,
+                         tate_heads=4):
+    """A Table-6-only method (build_method calls this with its `table6` keywords; train_missing.py's
+    --help says what each does)."""
+    dim, rw, hp, ae = encoders[0].dim, recon_weight, hide_prob, dict(widths=list(ae_widths), blocks=ae_blocks)
+    if name == "cca":
+        return CCA(encoders, num_classes, modalities, dim=cca_dim, reg=cca_reg)
+    if name == "dcca":
+        return DCCA(encoders, num_classes, modalities, dim=dcca_dim, reg=cca_reg)
+    if name == "dccae":
+        return DCCAE(encoders, num_classes, modalities, dim=dcca_dim, reg=cca_reg, recon_weight=rw, layers=layers)
+    if name == "ae":
+        return AE(encoders, num_classes, modalities, dim=dim, layers=layers, recon_weight=rw, hide_prob=hp)
+    if name == "cra":
+        return CRA(encoders, num_classes, modalities, dim=dim, layers=layers, recon_weight=rw, hide_prob=hp, **ae)
+    if name == "mmin":
+        return MMIN(encoders, num_classes, modalities, recon_weight=rw, hide_prob=hp, **ae)
+    if name == "if_mmin":
+        return IFMMIN(encoders, num_classes, modalities, recon_weight=rw, hide_prob=hp, cmd_weight=cmd_weight,
+                      cmd_order=cmd_order, **ae)
+    if name == "cpm_net":
+        return CPMNet(encoders, num_classes, modalities, num_train, dim=dim, layers=layers, lam=cpm_lambda,
+                      code_lr=code_lr, code_steps=code_steps)
+    if name == "tate":
+        return TATE(encoders, num_classes, modalities, heads=tate_heads, layers=tate_layers, recon_weight=rw,
+                    hide_prob=hp)
+    raise ValueError(f"unknown method {name!r}; expected one of {MISSING_METHODS}")
+
+
+# ==================================================================================================
+# 2. Encoders.  2a. torchvision ResNet-18 for audio and video, the initialisation
+# ==================================================================================================
+
+def init_weights(module):
+    """The paper's init: Kaiming-normal (fan_out) convs, Xavier-normal linear layers, zero biases."""
+    if isinstance(module, nn.Conv2d):
+        nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Linear):
+        nn.init.xavier_normal_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, (nn.BatchNorm2d, nn.GroupNorm)):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+def init_heads(method):
+    """The paper's init for everything of a method but its encoders (pretrained or self-initialised ones
+    keep their weights): the heads, fusion layers and projections."""
+    for name, child in method.named_children():
+        if name != "encoders":
+            child.apply(init_weights)
+
+
+def resnet18_trunk(in_channels):
+    """torchvision ResNet-18 without its classifier: (N, C, H, W) -> (N, 512), pooled over space."""
+    import torchvision
+    net = torchvision.models.resnet18(weights=None)
+    if in_channels != 3:
+        net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    net.fc = nn.Identity()
+    return net
+
+
+class AudioResNet(nn.Module):
+    """Fbank (B, 1, T, F) -> (B, 512)."""
+    dim, in_channels = 512, 1
+
+    def __init__(self):
+        super().__init__()
+        self.net = resnet18_trunk(self.in_channels)
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class VideoResNet(AudioResNet):
+    """Frames (B, T, 3, H, W) folded into the batch -> (B, 512), averaged over time and space."""
+    in_channels = 3
+
+    def forward(self, x):
+        b, t = x.shape[:2]
+        return self.net(x.flatten(0, 1)).view(b, t, -1).mean(1)
+
+
+# ==================================================================================================
+# 2b. Transformers for image and text: M3AE-shaped encoders and their checkpoint loader, transformers models
+# ==================================================================================================
+
+# M3AE-shaped encoder in plain PyTorch. Parameter names follow the official conversion of the M3AE JAX
+# weights to PyTorch (cls_token, image_embedding, text_embedding, encoder_{image,text}_type_embedding,
+# encoder.blocks.<i>.{layer_norm1, attention.qkv_linear, attention.fc, layer_norm2, transformer_mlp.fc1,
+# transformer_mlp.fc2}, encoder.layer_norm), so such a state dict loads as it is. As in the JAX model:
+# LayerNorm eps 1e-6, tanh-approximated GELU, patches flattened as (row, column, channel).
+
+def sincos_1d(dim, positions):
+    """Fixed position embedding (len, dim): [sin(p * w_i), cos(p * w_i)], w_i = 10000^(-i / (dim/2))."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2))
+    angles = positions.double()[:, None] * omega[None, :]
+    return torch.cat([angles.sin(), angles.cos()], 1).float()
+
+
+def sincos_2d(dim, grid, cols=None):
+    """(grid * cols, dim) for a grid of `grid` rows and `cols` columns (default: square) in row-major
+    order; the first half of the width encodes the patch's column, the second half its row (the
+    MAE/M3AE/CAV-MAE convention)."""
+    cols = cols or grid
+    return torch.cat([sincos_1d(dim // 2, torch.arange(cols).repeat(grid)),
+                      sincos_1d(dim // 2, torch.arange(grid).repeat_interleave(cols))], 1)
+
+
+def patchify(images, patch):
+    """(B, 3, H, W) -> (B, H/p * W/p, p * p * 3), patches in row-major order, each flattened (row, col, channel)."""
+    b, c, h, w = images.shape
+    if h % patch or w % patch:
+        raise ValueError(f"image of {h} x {w} pixels is not a whole number of {patch} x {patch} patches")
+    x = images.reshape(b, c, h // patch, patch, w // patch, patch)
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(b, (h // patch) * (w // patch), patch * patch * c)
+
+
+class M3AEAttention(nn.Module):
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv_linear = nn.Linear(dim, 3 * dim)
+        self.fc = nn.Linear(dim, dim)
+
+    def forward(self, x, keep=None):
+        b, n, d = x.shape
+        q, k, v = self.qkv_linear(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        mask = None if keep is None else keep[:, None, None, :]        # padding keys are never attended to
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.fc(x.transpose(1, 2).reshape(b, n, d))
+
+
+class M3AEMLP(nn.Module):
+    def __init__(self, dim, hidden, gelu="tanh"):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+        self.gelu = gelu                # GELU approximation: 'tanh' (M3AE) or 'none' (exact, CAV-MAE)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x), approximate=self.gelu))
+
+
+class M3AEBlock(nn.Module):
+    def __init__(self, dim, heads, mlp_ratio, eps=1e-6, gelu="tanh"):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(dim, eps=eps)
+        self.attention = M3AEAttention(dim, heads)
+        self.layer_norm2 = nn.LayerNorm(dim, eps=eps)
+        self.transformer_mlp = M3AEMLP(dim, mlp_ratio * dim, gelu)
+
+    def forward(self, x, keep=None):
+        x = x + self.attention(self.layer_norm1(x), keep)
+        return x + self.transformer_mlp(self.layer_norm2(x))
+
+
+class M3AETransformer(nn.Module):
+    """Pre-norm transformer blocks and a final LayerNorm (M3AE's defaults: eps 1e-6, tanh GELU)."""
+
+    def __init__(self, dim, depth, heads, mlp_ratio, eps=1e-6, gelu="tanh"):
+        super().__init__()
+        self.blocks = nn.ModuleList(M3AEBlock(dim, heads, mlp_ratio, eps, gelu) for _ in range(depth))
+        self.layer_norm = nn.LayerNorm(dim, eps=eps)
+
+    def forward(self, x, keep=None):
+        for block in self.blocks:
+            x = block(x, keep)
+        return self.layer_norm(x)
+
+
+class M3AEEncoder(nn.Module):
+    """One modality of an M3AE-base-shaped encoder (the paper's image-text encoder): CLS token + the modality's tokens (linear
+    embedding of 16 x 16 patches, or BERT-vocabulary word embeddings) + fixed sin-cos positions (2-D or
+    1-D) + the modality's type embedding, a pre-norm transformer, then the mean over the tokens (padding
+    left out) -> (B, dim). Image input: (B, 3, H, W); text input: (B, 2, L) = token ids and padding mask."""
+
+    def __init__(self, modality, dim=768, depth=12, heads=12, mlp_ratio=4, patch_size=16, vocab_size=30522):
+        super().__init__()
+        if modality not in ("image", "text"):
+            raise ValueError(f"M3AE modality {modality!r}; expected image or text")
+        if dim % heads or dim % 4:
+            raise ValueError(f"M3AE width {dim} must be a multiple of 4 and of the head count {heads}")
+        self.modality, self.dim, self.patch_size = modality, dim, patch_size
+        self._positions = {}                # (kind, n, device) -> position table, see position_table
+        if modality == "image":
+            self.image_embedding = nn.Linear(patch_size * patch_size * 3, dim)
+            self.encoder_image_type_embedding = nn.Parameter(torch.zeros(1, 1, dim))
+        else:
+            self.text_embedding = nn.Embedding(vocab_size, dim)
+            self.encoder_text_type_embedding = nn.Parameter(torch.zeros(1, 1, dim))
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.encoder = M3AETransformer(dim, depth, heads, mlp_ratio)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        """M3AE's initialisation: Xavier-uniform linear layers, N(0, 1) word embeddings, N(0, 0.02) CLS
+        and type embeddings."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, 0.0, 1.0)
+        for name, p in self.named_parameters(recurse=False):
+            nn.init.normal_(p, 0.0, 0.02)
+
+    def position_table(self, kind, n, device):
+        """The fixed sin-cos positions of n text tokens or an n x n patch grid, built once per device
+        (a CPU-built table copied to the GPU on every forward would wait for the GPU each time)."""
+        cache = self._positions
+        key = (kind, n, str(device))
+        if key not in cache:
+            table = sincos_2d(self.dim, n) if kind == "image" else sincos_1d(self.dim, torch.arange(n))
+            cache[key] = table.to(device)
+        return cache[key]
+
+    def forward(self, x):
+        if self.modality == "image":
+            patches = patchify(x, self.patch_size)
+            grid = int(round(patches.shape[1] ** 0.5))
+            if grid * grid != patches.shape[1]:
+                raise ValueError(f"M3AE needs square images; got {tuple(x.shape[-2:])}")
+            pos = self.position_table("image", grid, x.device).to(x.dtype)
+            tokens = self.image_embedding(patches) + pos + self.encoder_image_type_embedding
+            keep = None
+        else:
+            ids, pad = x[:, 0], x[:, 1]
+            pos = self.position_table("text", ids.shape[1], x.device)
+            tokens = self.text_embedding(ids) + pos + self.encoder_text_type_embedding
+            keep = F.pad(pad == 0, (1, 0), value=True)                  # the CLS token is always kept
+        h = torch.cat([self.cls_token.expand(len(x), -1, -1), tokens], 1)
+        h = self.encoder(h, keep)
+        if keep is None:
+            return h.mean(1)
+        w = keep.unsqueeze(-1).to(h.dtype)
+        return (h * w).sum(1) / w.sum(1)
+
+
+def _short(keys, n=20):
+    keys = list(keys)
+    return (", ".join(keys[:n]) + (f" ... ({len(keys) - n} more)" if len(keys) > n else "")) or "none"
+
+
+def read_state_dict(path, model):
+    """The state dict (parameter name -> tensor) in the PyTorch file `path`: a training checkpoint's
+    'state_dict'/'model' entry is unwrapped and a 'module.' prefix dropped. `model` names the weights
+    in the error messages."""
+    import pickle
+    path = Path(path)
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise DataError(f"{path}: {model} checkpoint not found; expected a converted PyTorch state dict") from None
+    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as e:
+        raise DataError(f"{path}: not a loadable PyTorch state dict ({str(e)[:200]})") from None
+    while isinstance(sd, dict) and not all(torch.is_tensor(v) for v in sd.values()) and any(
+            isinstance(sd.get(k), dict) for k in ("state_dict", "model")):      # a training checkpoint
+        sd = next(sd[k] for k in ("state_dict", "model") if isinstance(sd.get(k), dict))
+    if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
+        raise DataError(f"{path}: expected a state dict (parameter name -> tensor)")
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+
+
+def load_reported(module, sd, path, model, what, hint):
+    """Load `sd` into `module` (strict=False) once every tensor it shares with the module has the module's
+    shape (else a DataError ending with `hint`); print and return (missing, unexpected) keys."""
+    own = module.state_dict()
+    bad = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in sd.items() if k in own and v.shape != own[k].shape]
+    if bad:
+        raise DataError(f"{path}: {len(bad)} tensors do not fit the {what} (checkpoint vs model: {_short(bad, 4)}); "
+                        f"{hint}")
+    missing, unexpected = module.load_state_dict(sd, strict=False)
+    print(f"{model} {what} <- {path}: {len(sd) - len(unexpected)} tensors loaded; "
+          f"missing keys: {_short(missing)}; unexpected keys: {_short(unexpected)}")
+    return list(missing), list(unexpected)
+
+
+def load_m3ae_checkpoint(encoder, path):
+    """Load a converted M3AE PyTorch state dict (optionally under 'state_dict' or 'model', keys possibly
+    prefixed 'module.') into one M3AEEncoder. The other modality's input layers are not used by this
+    encoder and are left out. Prints and returns (missing, unexpected) keys; a tensor whose shape does
+    not fit (width, depth, patch, vocabulary) is an error."""
+    sd = read_state_dict(path, "M3AE")
+    other = ("text_embedding.", "encoder_text_type_embedding") if encoder.modality == "image" else \
+        ("image_embedding.", "encoder_image_type_embedding")
+    sd = {k: v for k, v in sd.items() if not k.startswith(other)}
+    return load_reported(encoder, sd, path, "M3AE", f"{encoder.modality} encoder",
+                         "set --m3ae_dim/--m3ae_depth/--m3ae_heads/--patch_size/--vocab_size to the checkpoint's")
+
+
+class HFEncoder(nn.Module):
+    """A transformers image or text model (AutoModel from a local folder or hub name) pooled to one
+    vector: the mean of the last hidden states over the tokens (padding left out) or over space for
+    convolutional models, or the model's pooler output (pool='pooler'); then a linear projection to
+    `dim` when that differs from the model's width. Image input: (B, 3, H, W) normalised pixels; text
+    input: (B, 2, L) = token ids and padding mask."""
+
+    def __init__(self, name_or_path, modality, pool="mean", image_size=None):
+        super().__init__()
+        from transformers import AutoModel
+        try:
+            self.model = AutoModel.from_pretrained(str(name_or_path))
+        except (OSError, ValueError) as e:
+            raise DataError(f"{name_or_path}: cannot load a transformers model ({type(e).__name__}: "
+                            f"{str(e)[:200]}); pass a local folder saved with save_pretrained (a hub name "
+                            "needs internet or the Hugging Face cache)") from None
+        cfg = self.model.config
+        width = getattr(cfg, "hidden_size", None) or (getattr(cfg, "hidden_sizes", None) or [None])[-1]
+        if not width:
+            raise DataError(f"{name_or_path}: cannot tell the model's output width from its config")
+        expected = getattr(cfg, "image_size", None)
+        if modality == "image" and image_size and isinstance(expected, int) and expected != image_size:
+            raise DataError(f"{name_or_path}: the model takes {expected} x {expected} images; pass --image_size "
+                            f"{expected}")
+        self.modality, self.pool, self.width, self.dim = modality, pool, width, width
+        self.proj = nn.Identity()
+
+    def project_to(self, dim):
+        """Add a linear projection width -> dim (nothing when they are equal)."""
+        self.dim = dim
+        self.proj = nn.Identity() if dim == self.width else nn.Linear(self.width, dim)
+
+    def forward(self, x):
+        if self.modality == "image":
+            out, keep = self.model(pixel_values=x), None
+        else:
+            keep = x[:, 1] == 0
+            out = self.model(input_ids=x[:, 0], attention_mask=keep.long())
+        if self.pool == "pooler":
+            if getattr(out, "pooler_output", None) is None:
+                raise ValueError("this model has no pooler output; use --hf_pool mean")
+            return self.proj(out.pooler_output.flatten(1))
+        h = out.last_hidden_state
+        if h.dim() == 4:                            # convolutional: (B, C, H, W)
+            return self.proj(h.mean((2, 3)))
+        if keep is None:
+            return self.proj(h.mean(1))
+        w = keep.unsqueeze(-1).to(h.dtype)
+        return self.proj((h * w).sum(1) / w.sum(1).clamp_min(1))
+
+
+def build_it_encoders(kind, modalities=("image", "text"), vocab_size=30522, m3ae=(768, 12, 12, 4, 16), m3ae_ckpt=None,
+                      models=None, pool="mean", image_size=224, proj_dim=None):
+    """The image and/or text encoders, one per modality, of one width. kind "m3ae": M3AE-shaped transformers
+    of m3ae = (width, depth, heads, MLP ratio, patch side), from the m3ae_ckpt state dict (default: random,
+    with a warning); kind "hf": transformers models (models: {modality: local folder or hub name}) pooled
+    by `pool` (mean | pooler), the narrower projected to proj_dim (default: the widest's width)."""
+    if kind == "m3ae":
+        encoders = [M3AEEncoder(m, *m3ae, vocab_size) for m in modalities]
+        if m3ae_ckpt:
+            for e in encoders:
+                load_m3ae_checkpoint(e, m3ae_ckpt)
+        else:
+            print("WARNING: no --m3ae_ckpt: the M3AE encoders start from RANDOM weights (the paper fine-tunes "
+                  "pretrained M3AE-base; see README for the weights)", file=sys.stderr)
+        return encoders
+    names = models or {}
+    absent = [f"--{m}_model" for m in modalities if not names.get(m)]
+    if absent:
+        raise DataError(f"--encoder hf needs {' and '.join(absent)} (a local folder or a hub name)")
+    encoders = [HFEncoder(names[m], m, pool, image_size) for m in modalities]
+    dim = proj_dim or max(e.width for e in encoders)
+    for e in encoders:
+        e.project_to(dim)
+    return encoders
+
+
+def image_text_encoders(kind, raw_text, tokenizer=None, vocab_size=None, image_size=224, max_len=256, **encoder):
+    """The image and text encoders (build_it_encoders(kind, ..., **encoder)) and ITDataset's text settings:
+    the tokenizer when some text is raw (`tokenizer`, a folder or hub name; default bert-base-uncased for
+    m3ae, the text model's for hf), whether to add special tokens (hf only) and the vocabulary size."""
+    tok = None
+    if raw_text:
+        tok = load_tokenizer(tokenizer or {"m3ae": "bert-base-uncased",
+                                           "hf": (encoder.get("models") or {}).get("text")}[kind])
+    vocab_size = vocab_size or (len(tok) if tok is not None else 30522)
+    encoders = build_it_encoders(kind, ("image", "text"), vocab_size, image_size=image_size, **encoder)
+    if kind == "hf":
+        vocab_size = getattr(encoders[1].model.config, "vocab_size", None)
+    return encoders, dict(image_size=image_size, max_len=max_len, tokenizer=tok, special_tokens=kind == "hf",
+                          vocab_size=vocab_size)
+
+
+# ==================================================================================================
+# 2c. CAV-MAE's audio transformer and its checkpoint loader; the A-I-T audio encoder
+# ==================================================================================================
+
+# The audio branch of CAV-MAE as the MLA code runs it for IEMOCAP: the fbank turned to (mel bins x frames),
+# 16 x 16 patches by a strided convolution, fixed 2-D sin-cos positions (rows = frequency, columns = time),
+# the audio modality embedding, 11 audio blocks and 1 shared block with its audio LayerNorms, the audio
+# LayerNorm, the mean over the patches (no CLS token). The blocks are section 4b's, with CAV-MAE's LayerNorm
+# eps 1e-5 and exact GELU; the checkpoint loader renames CAV-MAE's keys to them.
+
+class CAVMAEAudioEncoder(nn.Module):
+    """Fbank (B, 1, T, F) -> (B, dim), CAV-MAE's audio branch (the paper's IEMOCAP audio encoder); T and F whole multiples of the patch."""
+
+    def __init__(self, dim=768, depth=12, heads=12, mlp_ratio=4, patch_size=16, audio_len=1024, num_mel_bins=128):
+        super().__init__()
+        if audio_len % patch_size or num_mel_bins % patch_size:
+            raise ValueError(f"a {audio_len} x {num_mel_bins} fbank is not a whole number of {patch_size} x "
+                             f"{patch_size} patches")
+        if dim % heads or dim % 4:
+            raise ValueError(f"CAV-MAE width {dim} must be a multiple of 4 and of the head count {heads}")
+        self.dim, self.patch_size = dim, patch_size
+        self.patch_embed = nn.Conv2d(1, dim, patch_size, stride=patch_size)
+        self.register_buffer("pos_embed", sincos_2d(dim, num_mel_bins // patch_size, audio_len // patch_size)[None])
+        self.modality_embedding = nn.Parameter(torch.zeros(1, 1, dim))
+        self.encoder = M3AETransformer(dim, depth, heads, mlp_ratio, eps=1e-5, gelu="none")
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        """CAV-MAE's initialisation: Xavier-uniform linear layers and patch embedding (as a matrix), N(0, 0.02)
+        modality embedding."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.xavier_uniform_(self.patch_embed.weight.view(self.dim, -1))
+        nn.init.normal_(self.modality_embedding, 0.0, 0.02)
+
+    def forward(self, x):
+        h = self.patch_embed(x.transpose(2, 3))                       # (B, dim, F / p, T / p)
+        h = h.flatten(2).transpose(1, 2) + self.pos_embed + self.modality_embedding
+        return self.encoder(h).mean(1)
+
+
+CAVMAE_TOP = {"patch_embed_a.proj.weight": "patch_embed.weight", "patch_embed_a.proj.bias": "patch_embed.bias",
+              "pos_embed_a": "pos_embed", "modality_a": "modality_embedding",
+              "norm_a.weight": "encoder.layer_norm.weight", "norm_a.bias": "encoder.layer_norm.bias"}
+
+
+CAVMAE_BLOCK = {"attn.qkv": "attention.qkv_linear", "attn.proj": "attention.fc", "mlp.fc1": "transformer_mlp.fc1",
+                "mlp.fc2": "transformer_mlp.fc2"}
+
+
+CAVMAE_NORMS = {"a": {"norm1": "layer_norm1", "norm2": "layer_norm2"},           # audio blocks: their own norms
+                "u": {"norm1_a": "layer_norm1", "norm2_a": "layer_norm2"}}       # shared blocks: the audio norms
+
+
+CAVMAE_UNUSED = re.compile(r"(patch_embed_v|pos_embed_v|modality_v|blocks_v\.|norm_v\.|norm\.|blocks_[au]\.\d+\.norm)")
+
+
+def cavmae_name(key, n_audio_blocks):
+    """This encoder's name for a CAV-MAE state dict key; None for a tensor the audio-only path does not use
+    (the visual branch, the unified and visual LayerNorms); any other key as it is. blocks_a.<i> become
+    blocks i, blocks_u.<j> blocks n_audio_blocks + j."""
+    if key in CAVMAE_TOP:
+        return CAVMAE_TOP[key]
+    m = re.fullmatch(r"blocks_([au])\.(\d+)\.(\w+|attn\.\w+|mlp\.\w+)\.(weight|bias)", key)
+    if m:
+        branch, i, part, kind = m.groups()
+        name = CAVMAE_NORMS[branch].get(part) or CAVMAE_BLOCK.get(part)
+        if name:
+            return f"encoder.blocks.{int(i) + (n_audio_blocks if branch == 'u' else 0)}.{name}.{kind}"
+    return None if CAVMAE_UNUSED.match(key) else key
+
+
+def load_cavmae_checkpoint(encoder, path):
+    """Load the audio branch of a CAV-MAE PyTorch checkpoint (pretrained or fine-tuned, as the CAV-MAE code saves
+    it; a 'state_dict'/'model' wrapper and a 'module.' prefix are accepted) into a CAVMAEAudioEncoder; a state
+    dict saved from this encoder loads too. Prints and returns (missing keys, in this encoder's names;
+    unexpected keys, in the checkpoint's); a tensor whose shape does not fit is an error."""
+    sd = read_state_dict(path, "CAV-MAE")
+    n_audio = 1 + max((int(m.group(1)) for k in sd if (m := re.match(r"blocks_a\.(\d+)\.", k))), default=-1)
+    own, renamed = encoder.state_dict(), {}
+    for k, v in sd.items():
+        name = cavmae_name(k, n_audio)
+        if name is not None:
+            renamed[name if name in own else k] = v
+    return load_reported(encoder, renamed, path, "CAV-MAE", "audio encoder", "set --cavmae_dim/--cavmae_depth/"
+                         "--cavmae_heads/--cavmae_patch/--audio_len/--num_mel_bins to the checkpoint's")
+
+
+class Projected(nn.Module):
+    """An encoder followed by a linear map to `dim` (Xavier-normal), to give the modalities one width."""
+
+    def __init__(self, encoder, dim):
+        super().__init__()
+        self.encoder, self.dim = encoder, dim
+        self.proj = nn.Linear(encoder.dim, dim)
+        init_weights(self.proj)
+
+    def forward(self, x):
+        return self.proj(self.encoder(x))
+
+
+def build_ait_audio_encoder(kind, dim, cavmae=(768, 12, 12, 4, 16), audio_len=1024, num_mel_bins=128, ckpt=None):
+    """The A-I-T audio encoder, projected to `dim` when its width differs. kind "resnet18": AudioResNet;
+    "cavmae": CAV-MAE's audio branch of cavmae = (width, depth, heads, MLP ratio, patch side) over
+    (audio_len, num_mel_bins) fbanks, from the ckpt checkpoint (default: random, with a warning)."""
+    if kind == "resnet18":
+        enc = AudioResNet()
+        enc.apply(init_weights)
+    else:
+        enc = CAVMAEAudioEncoder(*cavmae, audio_len, num_mel_bins)
+        if ckpt:
+            load_cavmae_checkpoint(enc, ckpt)
+        else:
+            print("WARNING: no --cavmae_ckpt: the CAV-MAE audio encoder starts from RANDOM weights (the paper "
+                  "fine-tunes pretrained CAV-MAE; see README for the weights)", file=sys.stderr)
+    return enc if enc.dim == dim else Projected(enc, dim)
+
+
+# ==================================================================================================
+# 2d. The MLP encoder of the Table 6 features; CLIP towers (transformers CLIPModel) and the toy CLIP
+# ==================================================================================================
+
+# ---- shared parts of the Table 6 models
+
+def mlp(sizes):
+    """Linear + ReLU for every consecutive pair of sizes."""
+    layers = []
+    for a, b in zip(sizes[:-1], sizes[1:]):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    return nn.Sequential(*layers)
+
+
+class MLPEncoder(nn.Module):
+    """The per-modality encoder of Table 6 (the paper's): input -> 128 -> 128 -> 128, ReLU after each."""
+
+    def __init__(self, d_in, dim=128, layers=3):
+        super().__init__()
+        self.d_in, self.dim = d_in, dim
+        self.net = mlp([d_in] + [dim] * layers)
+
+    def forward(self, x):
+        return self.net(x)
+
+
+# transformers' CLIPModel towers (a local folder or a hub name) as fixed feature extractors: each split's
+# image and text features are computed once and cached on disk, and the Table 7 heads (concat = joint
+# training, mla) train on them. With --finetune the towers themselves are the encoders.
+
+CLIP_FEATURES = ["embeds", "pooled"]
+
+
+class CLIPTower(nn.Module):
+    """One tower of a CLIPModel: pixels (B, 3, S, S) -> image features, or text (B, 2, L) = token ids and
+    padding mask (1 on padding) -> text features. feature='embeds': CLIP's joint embedding (the pooled
+    output through the tower's projection); 'pooled': the pooled output itself (the image's CLS token,
+    the text's end-of-text token, after the final LayerNorm). `dim` is the output width."""
+
+    def __init__(self, model, modality, feature="embeds"):
+        super().__init__()
+        if modality == "image":
+            self.model, self.projection = model.vision_model, model.visual_projection
+            self.image_size = model.config.vision_config.image_size
+        else:
+            self.model, self.projection = model.text_model, model.text_projection
+        self.modality, self.feature = modality, feature
+        self.dim = self.projection.out_features if feature == "embeds" else self.projection.in_features
+
+    def forward(self, x):
+        if self.modality == "image":
+            other_size = tuple(x.shape[-2:]) != (self.image_size, self.image_size)
+            out = self.model(pixel_values=x, interpolate_pos_encoding=other_size)
+        else:
+            out = self.model(input_ids=x[:, 0], attention_mask=(x[:, 1] == 0).long())
+        z = out.pooler_output
+        return self.projection(z) if self.feature == "embeds" else z
+
+
+class CLIPModalityEncoder(nn.Module):
+    """One modality's encoder for the Table 7 methods: features (cached ones, or those of `tower` with
+    --finetune), optionally L2-normalised, then a linear projection to `dim` when that differs from their
+    width (the two modalities must share one width for MLA's head)."""
+
+    def __init__(self, width, dim=None, normalize=False, tower=None):
+        super().__init__()
+        self.tower, self.normalize, self.width, self.dim = tower, normalize, width, dim or width
+        self.proj = nn.Identity() if self.dim == width else nn.Linear(width, self.dim)
+
+    def forward(self, x):
+        z = x if self.tower is None else self.tower(x)
+        if self.normalize:
+            z = F.normalize(z, dim=1)
+        return self.proj(z)
+
+
+def _hash(*parts):
+    import hashlib
+    h = hashlib.sha1()
+    for p in parts:
+        h.update(p if isinstance(p, bytes) else json.dumps(p, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def _config_key(d):
+    """A model config as a dict without the entries that do not change what it computes (where it was
+    loaded from, the transformers version, the dtype it was saved in)."""
+    drop = {"_name_or_path", "transformers_version", "dtype", "torch_dtype"}
+    return {k: _config_key(v) if isinstance(v, dict) else v for k, v in d.items() if k not in drop}
+
+
+class CLIPBundle:
+    """A CLIPModel with its image processor and tokenizer: the inputs they make, the towers, and the keys
+    of the feature cache (model = its config and a hash of its weights; data = each item's image file
+    (path, size, modification time) or text; preprocessing = the processor's settings, the tokenizer's
+    vocabulary, special tokens and behaviour, max_len, the feature kind)."""
+    VERSION = 1     # bump when the extraction code changes
+
+    def __init__(self, model, processor, tokenizer, name, max_len=None, image_size=None, feature="embeds"):
+        positions = model.config.text_config.max_position_embeddings
+        max_len = max_len or positions
+        if max_len > positions:
+            raise DataError(f"{name}: --max_len {max_len} is longer than the model's {positions} text positions")
+        if image_size and processor.crop_size.get("height") != image_size:
+            processor = type(processor).from_dict({**processor.to_dict(), "size": {"shortest_edge": image_size},
+                                                   "crop_size": {"height": image_size, "width": image_size}})
+        self.model, self.processor, self.tokenizer = model.eval(), processor, tokenizer
+        self.name, self.max_len, self.feature = str(name), max_len, feature
+        self._fingerprint = None
+
+    def tower(self, modality):
+        return CLIPTower(self.model, modality, self.feature)
+
+    def fingerprint(self):
+        """sha1 of the model's config and of every weight tensor (name, dtype, shape, bytes)."""
+        if self._fingerprint is None:
+            import hashlib
+            h = hashlib.sha1(_hash(_config_key(self.model.config.to_dict())).encode())
+            for k, t in self.model.state_dict().items():
+                t = t.detach().cpu().contiguous()
+                h.update(f"{k}|{t.dtype}|{tuple(t.shape)}".encode())
+                h.update(t.view(-1).view(torch.uint8).numpy().data if t.numel() else b"")
+            self._fingerprint = h.hexdigest()
+        return self._fingerprint
+
+    def preprocessing(self, modality):
+        if modality == "image":
+            return {"processor": self.processor.to_dict()}
+        tok = self.tokenizer
+        return {"tokenizer": type(tok).__name__, "vocab": _hash(sorted(tok.get_vocab().items())),
+                "special": tok.all_special_ids, "max_len": self.max_len, "padding_side": tok.padding_side,
+                "truncation_side": tok.truncation_side,
+                "probe": tok("A Crème-Brûlée, 2 TACOS & naïve ramen!!")["input_ids"]}
+
+    def cache_key(self, modality, pairs):
+        """16 hex digits naming the features of `pairs` for `modality`."""
+        if modality == "image":
+            items = []
+            for p in pairs:
+                s = os.stat(p.image)
+                items.append(f"{p.image}|{s.st_size}|{s.st_mtime_ns}")
+        else:
+            items = [p.text for p in pairs]
+        return _hash({"version": self.VERSION, "model": self.fingerprint(), "modality": modality,
+                      "feature": self.feature, "preprocessing": self.preprocessing(modality)}, items)[:16]
+
+
+def load_clip(name_or_path, tokenizer=None, max_len=None, image_size=None, feature="embeds"):
+    """A CLIPBundle from a local folder written by save_pretrained or a hub name (which needs internet or
+    the Hugging Face cache). The image processor is the folder's (CLIP's standard one for the model's
+    image size when the folder has none); the tokenizer is the folder's or `tokenizer`'s."""
+    from transformers import CLIPImageProcessor, CLIPModel
+    try:
+        model = CLIPModel.from_pretrained(str(name_or_path))
+    except (OSError, ValueError) as e:
+        raise DataError(f"{name_or_path}: cannot load a CLIP model ({type(e).__name__}: {str(e)[:200]}); pass "
+                        "--clip_model a local folder written by save_pretrained (a hub name such as "
+                        "openai/clip-vit-base-patch32 needs internet or the Hugging Face cache)") from None
+    try:
+        processor = CLIPImageProcessor.from_pretrained(str(name_or_path))
+    except (OSError, ValueError):
+        side = model.config.vision_config.image_size
+        print(f"{name_or_path}: no image processor settings (preprocessor_config.json); using CLIP's standard "
+              f"ones: bicubic resize of the short side to {side}, centre crop, CLIP mean and std")
+        processor = CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+    return CLIPBundle(model, processor, load_tokenizer(tokenizer or name_or_path), name_or_path, max_len,
+                      image_size, feature)
+
+
+def toy_clip(tokenizer, image_size=32, patch_size=8, width=32, layers=2, heads=2, max_len=16, seed=0,
+             feature="embeds"):
+    """A tiny randomly initialised CLIP built in memory from a CLIPConfig (no download), for the toy set:
+    the text tower's vocabulary and special tokens are `tokenizer`'s (the toy's BERT vocabulary, [CLS]
+    first, pooled at [SEP]); the image processor is CLIP's at `image_size`. Its weights depend only on
+    `seed`."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+    sizes = dict(hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers, num_attention_heads=heads)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), max_position_embeddings=max_len, pad_token_id=tokenizer.pad_token_id,
+                         bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id, **sizes),
+        vision_config=dict(image_size=image_size, patch_size=patch_size, **sizes), projection_dim=width)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CLIPModel(config)
+    processor = CLIPImageProcessor(size={"shortest_edge": image_size},
+                                   crop_size={"height": image_size, "width": image_size})
+    return CLIPBundle(model, processor, tokenizer, "toy-clip", max_len, None, feature)
+
+
+def pretrain_toy_clip(clip, pairs, epochs=15, batch_size=64, lr=2e-3, seed=0):
+    """Stand-in for CLIP's pretraining, for the toy CLIP: CLIP's own contrastive loss (CLIPModel with
+    return_loss=True: symmetric cross-entropy of the image-text similarities of a batch) on `pairs` (the
+    toy's training pairs; labels are not used), AdamW, seeded. A random CLIP's features are unaligned and
+    its image features barely above chance; after this they are aligned and informative."""
+    g = torch.Generator()
+    g.manual_seed(seed)
+    loader = torch.utils.data.DataLoader(CLIPInputs(pairs, clip), batch_size=batch_size, shuffle=True, generator=g)
+    optimizer = torch.optim.AdamW(clip.model.parameters(), lr=lr)
+    clip.model.train()
+    for epoch in range(epochs):
+        for pixels, text, _, _ in loader:
+            loss = clip.model(input_ids=text[:, 0], attention_mask=(text[:, 1] == 0).long(), pixel_values=pixels,
+                              return_loss=True).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        print(f"toy CLIP: contrastive pretraining on {len(pairs)} pairs, epoch {epoch + 1}/{epochs}, loss {loss.item():.3f}",
+              flush=True)
+    clip.model.eval()
+    clip._fingerprint = None            # the weights changed
+    return clip
+
+
+# ==================================================================================================
+# 3. Data.  3a. Errors, files, WAV and fbank, frames, transforms, splits
 # ==================================================================================================
 
 class DataError(Exception):
     """Bad or missing input data. The message names the file (and line) and what was expected."""
 
 
-class DiskFull(OSError):
-    """A file could not be written because its disk is full. Written files are replaced atomically, so
-    the previous version of the file (a checkpoint, say) is still there."""
-
-    def __init__(self, message):
-        super().__init__(errno.ENOSPC, message)
-
-
-def free_bytes(folder):
-    try:
-        return shutil.disk_usage(folder).free
-    except OSError:
-        return None
-
-
-def mb(n):
-    return "?" if n is None else f"{n / 2**20:,.0f} MB"
-
-
 def where(path, line=None):
     return f"{path}:{line}" if line is not None else f"{path}"
-
-
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-@contextlib.contextmanager
-def torch_threads(n):
-    """torch uses `n` CPU threads inside the block (0 or None: unchanged); the previous count is restored."""
-    before = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def seed_worker(_worker_id):
-    # DataLoader gives every worker its own torch seed; derive numpy's and random's from it.
-    s = torch.initial_seed() % 2**32
-    np.random.seed(s)
-    random.seed(s)
-
-
-def atomic_write(path, write):
-    """Write a file so that a crash at any moment leaves either the old file or the new one:
-    write(f) into a temporary file beside it, flush and fsync, then rename over the old one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        # torch.save reports a short write as a RuntimeError ("unexpected pos ..."), not as ENOSPC
-        free = free_bytes(path.parent) if isinstance(e, (OSError, RuntimeError)) else None
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        if (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or (free is not None
-                                                                                   and free < 2**20):
-            kept = f"the previous {path.name} is kept" if path.exists() else "nothing was written"
-            raise DiskFull(f"could not write {path}: its disk is full ({mb(free)} free; {type(e).__name__}: "
-                           f"{e}); {kept}. Free some space, or write elsewhere (--out_dir, --cache_dir), and "
-                           "rerun the same command (with --resume a run continues after its last finished epoch)"
-                           ) from e
-        raise
-
-
-def atomic_torch_save(obj, path):
-    atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def atomic_json_dump(obj, path):
-    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=1) + "\n").encode()))
-
-
-def code_version():
-    """Git commit of this code ('+dirty' when tracked files differ from it), or 'unknown'."""
-    try:
-        rev = subprocess.run(["git", "-C", str(HERE), "rev-parse", "HEAD"], capture_output=True,
-                             text=True, timeout=10)
-        if rev.returncode != 0:
-            return "unknown"
-        dirty = subprocess.run(["git", "-C", str(HERE), "diff", "--quiet", "HEAD"],
-                               capture_output=True, timeout=10).returncode != 0
-        return rev.stdout.strip() + ("+dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def read_text_lines(path):
@@ -176,10 +1764,6 @@ def read_text_lines(path):
     # which JSON allows unescaped inside a string (a tweet's text in a .jsonl file)
     return [(i, s.strip()) for i, s in enumerate(text.split("\n"), 1) if s.strip()]
 
-
-# ==================================================================================================
-# 2. Data: signals (audio, frames, transforms, splits)
-# ==================================================================================================
 
 WAV_FORMATS = {(1, 8), (1, 16), (1, 24), (1, 32), (3, 32), (3, 64)}     # (format tag, bits)
 
@@ -231,12 +1815,18 @@ def wav_info(path):
 def read_wav(path):
     """Read a RIFF/WAVE file (PCM 8/16/24/32-bit, IEEE float 32/64, WAVE_FORMAT_EXTENSIBLE).
 
-    Returns (mono float32 numpy array in [-1, 1], sample_rate). Multi-channel audio is averaged.
+    Returns (mono float32 numpy array in [-1, 1], sample_rate). Multi-channel audio is averaged. Plain PCM
+    is read with the standard library's wave; wave (Python 3.11) refuses IEEE float and
+    WAVE_FORMAT_EXTENSIBLE files, whose samples are read from the data chunk that wav_info found.
     """
     tag, channels, rate, bits, offset, n = wav_info(path)
-    with open(path, "rb") as f:
-        f.seek(offset)
-        pcm = f.read(n * bits // 8 * channels)
+    try:
+        with wave.open(str(path), "rb") as w:
+            pcm = w.readframes(n)
+    except wave.Error:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            pcm = f.read(n * bits // 8 * channels)
     if tag == 1 and bits == 8:
         x = (np.frombuffer(pcm, np.uint8).astype(np.float32) - 128.0) / 128.0
     elif tag == 1 and bits == 16:
@@ -252,11 +1842,10 @@ def read_wav(path):
     return x.reshape(n, channels).mean(axis=1), rate
 
 
-def write_wav(path, wave, rate):
+def write_wav(path, samples, rate):
     """Write mono float audio in [-1, 1] as 16-bit PCM (used for fixtures and the toy set)."""
-    import wave as wavemod
-    x = np.clip(np.asarray(wave, np.float32), -1, 1)
-    with wavemod.open(str(path), "wb") as w:
+    x = np.clip(np.asarray(samples, np.float32), -1, 1)
+    with wave.open(str(path), "wb") as w:
         w.setnchannels(1)
         w.setsampwidth(2)
         w.setframerate(int(rate))
@@ -271,11 +1860,11 @@ def pad_or_cut(x, length):
     return x[:length]
 
 
-def wav_to_fbank(wave, rate, num_mel_bins=128, target_len=1024):
-    """Kaldi-compatible log-mel fbank (SPEC 4): 16 kHz, 25 ms Hanning window, 10 ms shift, dither 0,
+def wav_to_fbank(samples, rate, num_mel_bins=128, target_len=1024):
+    """Kaldi-compatible log-mel fbank (the paper's audio input): 16 kHz, 25 ms Hanning window, 10 ms shift, dither 0,
     waveform mean removed; zero-padded or cut to `target_len` frames. Returns (target_len, bins)."""
     import torchaudio
-    w = torch.as_tensor(np.asarray(wave), dtype=torch.float32).reshape(1, -1)
+    w = torch.as_tensor(np.asarray(samples), dtype=torch.float32).reshape(1, -1)
     if rate != 16000:
         w = torchaudio.functional.resample(w, int(rate), 16000)
     w = w - w.mean()
@@ -310,7 +1899,7 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def frame_transform(image_size, train):
-    """SPEC 4: train = RandomResizedCrop + horizontal flip, test = resize; ImageNet normalisation."""
+    """The paper's frames: train = RandomResizedCrop + horizontal flip, test = resize; ImageNet normalisation."""
     from torchvision.transforms import v2 as T
     head = ([T.RandomResizedCrop(image_size, antialias=True), T.RandomHorizontalFlip()] if train
             else [T.Resize((image_size, image_size), antialias=True)])
@@ -346,8 +1935,37 @@ def stratified_split(labels, ratio, seed):
     return sorted(keep), sorted(held)
 
 
+@contextlib.contextmanager
+def data_root(dataset, root, toy_prefix):
+    """The data folder: `root` (--data_root), else data/<dataset>; the toy set without a root is generated
+    into a temporary folder, deleted afterwards."""
+    if dataset == "toy" and root is None:
+        with tempfile.TemporaryDirectory(prefix=toy_prefix) as tmp:
+            yield Path(tmp)
+    else:
+        yield Path(root or f"data/{dataset}")
+
+
+def ensure_toy(root, first_file, make, **params):
+    """Generate a toy set into `root` with make(root, **params), unless `first_file` is there already.
+    A toy set found there that was made with other parameters (its toy.json says) is used as it is,
+    with a warning naming them."""
+    root = Path(root)
+    marker = root / "toy.json"
+    if (root / first_file).is_file():
+        made, want = json.loads(marker.read_text()) if marker.is_file() else None, json.loads(json.dumps(params))
+        if made is not None and made != want:
+            differ = ", ".join(f"{k} {made.get(k)} there, {want.get(k)} now" for k in sorted(set(made) | set(want))
+                               if made.get(k) != want.get(k))
+            print(f"warning: {root} holds a toy set made with other settings ({differ}); it is used as it is: "
+                  "delete it, or pass another --data_root, to generate a new one", file=sys.stderr)
+        return
+    make(root, **params)
+    atomic_json_dump(params, marker)
+
+
 # ==================================================================================================
-# 3. Data: A-V data sets
+# 3b. Audio-video sets: CREMA-D (three layouts), Kinetics-Sounds, the toy A-V set
 # ==================================================================================================
 
 @dataclass
@@ -388,10 +2006,10 @@ class AVDataset(torch.utils.data.Dataset):
             fb = pad_or_cut(torch.from_numpy(fb.astype(np.float32)), self.audio_len)
         else:
             try:
-                wave, rate = read_wav(clip.audio)
+                samples, rate = read_wav(clip.audio)
             except DataError as e:
                 raise DataError(f"{e} (clip at {clip.src})") from None
-            fb = wav_to_fbank(wave, rate, self.num_mel_bins, self.audio_len)
+            fb = wav_to_fbank(samples, rate, self.num_mel_bins, self.audio_len)
         return fb.unsqueeze(0)
 
     def load_video(self, clip):
@@ -406,318 +2024,15 @@ class AVDataset(torch.utils.data.Dataset):
         return self.load_audio(clip), self.load_video(clip), clip.label, i
 
 
-def ensure_toy(root, first_file, make, **params):
-    """Generate a toy set into `root` with make(root, **params), unless `first_file` is there already.
-    A toy set found there that was made with other parameters (its toy.json says) is used as it is,
-    with a warning naming them."""
-    root = Path(root)
-    marker = root / "toy.json"
-    if (root / first_file).is_file():
-        made, want = json.loads(marker.read_text()) if marker.is_file() else None, json.loads(json.dumps(params))
-        if made is not None and made != want:
-            differ = ", ".join(f"{k} {made.get(k)} there, {want.get(k)} now" for k in sorted(set(made) | set(want))
-                               if made.get(k) != want.get(k))
-            print(f"warning: {root} holds a toy set made with other settings ({differ}); it is used as it is: "
-                  "delete it, or pass another --data_root, to generate a new one", file=sys.stderr)
-        return
-    make(root, **params)
-    atomic_json_dump(params, marker)
-
-
-def default_cache_dir(root):
-    """<data root>/.mla_cache when the data root is writable, else ~/.cache/mla (or $XDG_CACHE_HOME/mla)."""
-    root = Path(root)
-    if os.access(root, os.W_OK):
-        return root / ".mla_cache"
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mla"
-
-
-def short_side_size(h, w, side):
-    """(h, w) scaled so that the short side is `side`."""
-    if w >= h:
-        return side, max(side, round(side * w / h))
-    return max(side, round(side * h / w)), side
-
-
-def frame_cache_size(clips, image_size, train):
-    """Stored frame size: test-time frames exactly as the test transform makes them (S x S); the canvas of
-    training frames: short side = S, the aspect ratio of the data's first frame (see fit_frame)."""
-    if not train:
-        return image_size, image_size
-    paths = list_frames(clips[0].frames)
-    if not paths:
-        raise DataError(f"{clips[0].frames}: no frames (clip at {clips[0].src}); expected .jpg files")
-    w, h = load_image(paths[0], clips[0].src).size
-    return short_side_size(h, w, image_size)
-
-
-def fit_frame(image, canvas, side):
-    """A training frame for the cache: resized with its own aspect ratio to short side `side` (or, when
-    that overflows the canvas, as large as fits), at the top left of a uint8 canvas (3, H, W) whose
-    rest repeats the last row and column (so bilinear sampling at the frame's edge reads the edge).
-    Returns (canvas, (h, w) of the frame in it)."""
-    from torchvision.transforms import v2 as T
-    H, W = canvas
-    h, w = short_side_size(image.height, image.width, side)
-    if h > H or w > W:
-        s = min(H / h, W / w)
-        h, w = max(1, min(H, round(h * s))), max(1, min(W, round(w * s)))
-    x = T.Resize((h, w), antialias=True)(T.ToImage()(image))
-    out = torch.empty((3, H, W), dtype=torch.uint8)
-    out[:, :h, :w] = x
-    out[:, :h, w:] = x[:, :, -1:]
-    out[:, h:, :] = out[:, h - 1:h, :]
-    return out, (h, w)
-
-
-class _CacheBuild(torch.utils.data.Dataset):
-    """One clip decoded once: (fbank float16 (T, F), picked frames uint8 (K, 3, H, W), each frame's
-    (h, w) in its canvas (K, 2)). Test frames are resized to exactly S x S, as the test transform does;
-    training frames keep their aspect ratio (fit_frame)."""
-
-    def __init__(self, clips, size, frames, audio_len, num_mel_bins, train, image_size):
-        from torchvision.transforms import v2 as T
-        self.av = AVDataset(clips, False, size[0], frames, audio_len, num_mel_bins)
-        self.size, self.train, self.image_size = size, train, image_size
-        self.resize = T.Compose([T.ToImage(), T.Resize(size, antialias=True)])
-
-    def __len__(self):
-        return len(self.av)
-
-    def __getitem__(self, i):
-        clip = self.av.clips[i]
-        fb = self.av.load_audio(clip)[0].numpy().astype(np.float16)
-        paths = list_frames(clip.frames)
-        if not paths:
-            raise DataError(f"{clip.frames}: no frames (clip at {clip.src}); expected .jpg files")
-        images = [load_image(paths[k], clip.src) for k in pick_even(len(paths), self.av.frames)]
-        if self.train:
-            fr, hw = zip(*(fit_frame(im, self.size, self.image_size) for im in images))
-        else:
-            fr, hw = [self.resize(im) for im in images], [self.size] * len(images)
-        return fb, torch.stack(fr).numpy(), np.array(hw, dtype=np.int32)
-
-
-CACHE_ELSEWHERE = "give --cache_dir a folder on a larger disk, or pass --no_cache to decode every epoch"
-
-
-def reserve(path, folder):
-    """Allocate every block of a file that a memory map created sparse: a full disk is then an error
-    here, not a SIGBUS at some later write through the map."""
-    if not hasattr(os, "posix_fallocate"):          # macOS, Windows: the free-space check alone
-        return
-    fd = os.open(path, os.O_RDWR)
-    try:
-        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
-    except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise DiskFull(f"{folder}: no room on its disk for the cache's {path.name} "
-                           f"({mb(os.fstat(fd).st_size)}); {CACHE_ELSEWHERE}") from e
-        # a file system without fallocate (EOPNOTSUPP, EINVAL): go on as before
-    finally:
-        os.close(fd)
-
-
-class CachedAVDataset(torch.utils.data.Dataset):
-    """The clips of one split preprocessed once into memory-mapped arrays under `cache_dir`:
-    fbank.npy (N, audio_len, mel_bins) float16, frames.npy (N, frames, 3, H, W) uint8 and extents.npy
-    (N, frames, 2) int32: the (h, w) each training frame fills at the top left of its H x W canvas (its own
-    aspect ratio kept; the crops are drawn inside it).
-
-    The folder name is a hash of every preprocessing parameter and of each clip's files (path, size,
-    modification time), so a change rebuilds it instead of reading stale data. A build writes to a
-    temporary folder and renames it, so two runs building at once cannot corrupt it. Items are
-    (audio float16 (1, T, F), frames uint8 (K, 3, H, W), label, index); `device_transform` turns a
-    batch into float32 audio and normalised float frames on the training device. Training crops and flips are drawn per
-    frame in the loader workers with torchvision (augment_on='workers', best on a CPU), or for the
-    whole batch at once on the device (augment_on='device', for a GPU; bilinear without antialias).
-    """
-    VERSION = 2     # bump when the preprocessing code changes (2: training frames keep their aspect ratio)
-
-    def __init__(self, clips, train, image_size=224, frames=3, audio_len=1024, num_mel_bins=128,
-                 cache_dir=None, num_workers=0, augment_on="workers"):
-        from torchvision.transforms import v2 as T
-        self.clips, self.train, self.image_size = list(clips), train, image_size
-        self.augment_on = augment_on
-        self.crop = T.Compose([T.RandomResizedCrop(image_size, antialias=True), T.RandomHorizontalFlip()])
-        size = frame_cache_size(self.clips, image_size, train)
-        params = {"version": self.VERSION, "train": train, "size": size, "frames": frames,
-                  "audio_len": audio_len, "num_mel_bins": num_mel_bins}
-        self.folder = Path(cache_dir) / f"{'train' if train else 'eval'}-{self.key(params)}"
-        if not (self.folder / "meta.json").is_file():
-            self.build(params, size, num_workers)
-        self._arrays = None
-        self.extents = torch.from_numpy(np.load(self.folder / "extents.npy"))     # small: kept in memory
-        if len(self.fbank) != len(self.clips):
-            raise DataError(f"{self.folder}: cache holds {len(self.fbank)} clips; expected {len(self.clips)} "
-                            "(delete the folder to rebuild it)")
-
-    def key(self, params):
-        import hashlib
-        h = hashlib.sha1(json.dumps(params, sort_keys=True).encode())
-        for c in self.clips:
-            a, f = os.stat(c.audio), os.stat(c.frames)
-            h.update(f"{c.id}|{c.label}|{c.audio}|{a.st_size}|{a.st_mtime_ns}|{c.frames}|{f.st_mtime_ns}".encode())
-            # a frame rewritten in place leaves its folder's mtime alone; the names listed by resolve_clips
-            paths = [Path(c.frames) / n for n in c.frame_names] or list_frames(c.frames)
-            for k in pick_even(len(paths), params["frames"]) if paths else []:
-                s = os.stat(paths[k])
-                h.update(f"|{paths[k].name}|{s.st_size}|{s.st_mtime_ns}".encode())
-            h.update(b"\n")
-        return h.hexdigest()[:16]
-
-    def build(self, params, size, num_workers):
-        from tqdm import tqdm
-        self.folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=self.folder.parent, prefix=f".{self.folder.name}.building."))
-        try:
-            n = len(self.clips)
-            need = n * (2 * params["audio_len"] * params["num_mel_bins"] + params["frames"] * 3 * size[0] * size[1])
-            free = free_bytes(tmp)
-            if free is not None and need > free:
-                raise DiskFull(f"{self.folder}: the cache needs {mb(need)} and its disk has {mb(free)} free; "
-                               f"{CACHE_ELSEWHERE}")
-            fb = np.lib.format.open_memmap(tmp / "fbank.npy", "w+", np.float16,
-                                           (n, params["audio_len"], params["num_mel_bins"]))
-            fr = np.lib.format.open_memmap(tmp / "frames.npy", "w+", np.uint8, (n, params["frames"], 3, *size))
-            for f in ("fbank.npy", "frames.npy"):
-                reserve(tmp / f, self.folder)
-            hw = np.zeros((n, params["frames"], 2), np.int32)
-            src = _CacheBuild(self.clips, size, params["frames"], params["audio_len"], params["num_mel_bins"],
-                              self.train, self.image_size)
-            # its own generator: building must not draw from the global RNG, or a run that builds the
-            # cache would train differently from one that finds it built
-            loader = torch.utils.data.DataLoader(src, batch_size=None, num_workers=num_workers,
-                                                 generator=torch.Generator().manual_seed(0))
-            for i, (a, v, e) in enumerate(tqdm(loader, total=n, desc=f"caching {self.folder.name}", unit="clip",
-                                               disable=not sys.stderr.isatty())):
-                fb[i], fr[i], hw[i] = a, v, e
-            fb.flush()
-            fr.flush()
-            del fb, fr
-            np.save(tmp / "extents.npy", hw)
-            atomic_json_dump({**params, "clips": [c.id for c in self.clips]}, tmp / "meta.json")
-            try:
-                os.rename(tmp, self.folder)
-            except OSError:             # another run finished the same cache first: use theirs
-                if not (self.folder / "meta.json").is_file():
-                    raise
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-
-    # the memory maps are opened in each process that reads them, and never pickled (a pickled memmap
-    # would copy the whole array into every loader worker started with 'spawn', as on macOS)
-    def _open(self):
-        if self._arrays is None:
-            self._arrays = (np.load(self.folder / "fbank.npy", mmap_mode="r"),
-                            np.load(self.folder / "frames.npy", mmap_mode="r"))
-        return self._arrays
-
-    @property
-    def fbank(self):
-        return self._open()[0]
-
-    @property
-    def frames(self):
-        return self._open()[1]
-
-    def __getstate__(self):
-        return {**self.__dict__, "_arrays": None}
-
-    def __len__(self):
-        return len(self.clips)
-
-    @property
-    def gatherable(self):
-        """True when an item is only a read (no crop in the loader workers): see `gather`."""
-        return not (self.train and self.augment_on == "workers")
-
-    def gather(self, indices, pin=False):
-        """The batch a DataLoader would collate from these items, read in one go from the memory maps
-        straight into (pinned, with pin=True) tensors; for `gatherable` data sets. numpy's take does
-        not hold the GIL, so several threads can gather batches at once (see GatherLoader)."""
-        idx = np.asarray(indices, dtype=np.int64)
-        fb, fr = self._open()
-        audio = torch.empty((len(idx), 1, *fb.shape[1:]), dtype=torch.float16, pin_memory=pin)
-        video = torch.empty((len(idx), *fr.shape[1:]), dtype=torch.uint8, pin_memory=pin)
-        np.take(fb, idx, axis=0, out=audio.numpy()[:, 0], mode="clip")   # indices come from a sampler
-        np.take(fr, idx, axis=0, out=video.numpy(), mode="clip")
-        labels = torch.tensor([self.clips[i].label for i in idx])
-        index = torch.from_numpy(idx)
-        if pin:
-            labels, index = labels.pin_memory(), index.pin_memory()
-        return audio, video, labels, index
-
-    def __getitem__(self, i):
-        audio = torch.from_numpy(np.array(self.fbank[i])).unsqueeze(0)         # float16 until the device
-        video = torch.from_numpy(np.array(self.frames[i]))
-        if self.train and self.augment_on == "workers":
-            video = torch.stack([self.crop(f[:, :h, :w]) for f, (h, w) in zip(video, self.extents[i].tolist())])
-        return audio, video, self.clips[i].label, i
-
-    def device_transform(self, xs, train, index=None):
-        """On the batch, on its device: uint8 frames -> (training, augment_on='device') random resized
-        crop + flip inside each frame's extent (`index`: the batch's item indices, on the CPU) -> float,
-        ImageNet-normalised (B, K, 3, S, S)."""
-        audio, video = xs
-        audio = audio.float()
-        b, k = video.shape[:2]
-        v = video.flatten(0, 1)
-        if train and self.augment_on == "device":
-            extents = None if index is None else self.extents[index].flatten(0, 1)
-            v = random_resized_crop_flip(v, self.image_size, extents=extents)
-        else:
-            v = v.float()
-        # built on the CPU and sent without waiting (torch.tensor(..., device=cuda) would sync)
-        nb = v.device.type == "cuda"
-        mean = (torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255).to(v.device, non_blocking=nb)
-        std = (torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255).to(v.device, non_blocking=nb)
-        v = ((v - mean) / std).view(b, k, 3, *v.shape[-2:])
-        return [audio, v]
-
-
-def random_resized_crop_flip(images, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), extents=None):
-    """RandomResizedCrop + RandomHorizontalFlip for a whole batch of uint8 images (N, 3, H, W) in one
-    grid_sample (bilinear). Crop boxes are drawn as torchvision draws them (area share in `scale`,
-    log-uniform aspect in `ratio`, ten tries, then a centre crop), inside each image's (h, w) at the top
-    left (`extents`, (N, 2) on the CPU; default the whole image); returns float (N, 3, size, size)."""
-    n, _, H, W = images.shape
-    dev = images.device
-    hw = torch.tensor([[H, W]] * n) if extents is None else extents
-    h, w = hw[:, 0].double(), hw[:, 1].double()
-    area = (h * w)[:, None] * torch.empty(n, 10).uniform_(*scale)
-    logr = torch.empty(n, 10).uniform_(math.log(ratio[0]), math.log(ratio[1]))
-    cw = torch.sqrt(area * torch.exp(logr)).round()
-    ch = torch.sqrt(area / torch.exp(logr)).round()
-    ok = (cw > 0) & (cw <= w[:, None]) & (ch > 0) & (ch <= h[:, None])
-    first = torch.where(ok.any(1), ok.float().argmax(1), torch.full((n,), -1))
-    pick = first.clamp_min(0)
-    cw, ch = cw[torch.arange(n), pick], ch[torch.arange(n), pick]
-    # no try fitted: the whole image, cut to the nearest allowed aspect ratio, centred
-    fw = torch.where(w / h > ratio[1], torch.round(h * ratio[1]), w)
-    fh = torch.where(w / h < ratio[0], torch.round(w / ratio[0]), h)
-    bad = first < 0
-    cw, ch = torch.where(bad, fw, cw), torch.where(bad, fh, ch)
-    x0 = torch.floor(torch.rand(n) * (w - cw + 1))
-    y0 = torch.floor(torch.rand(n) * (h - ch + 1))
-    x0, y0 = torch.where(bad, torch.floor((w - fw) / 2), x0), torch.where(bad, torch.floor((h - fh) / 2), y0)
-    flip = torch.where(torch.rand(n) < 0.5, -1.0, 1.0)
-    theta = torch.zeros(n, 2, 3)
-    theta[:, 0, 0] = cw / W * flip
-    theta[:, 0, 2] = (2 * x0 + cw) / W - 1
-    theta[:, 1, 1] = ch / H
-    theta[:, 1, 2] = (2 * y0 + ch) / H - 1
-    grid = F.affine_grid(theta.to(dev, non_blocking=dev.type == "cuda"), (n, 3, size, size), align_corners=False)
-    return F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
-
-
 # Where the peer repositories keep audio and frames, relative to the data root ({split} = train/test).
 AUDIO_DIRS = ["audio/{split}_fbank", "{split}_fbank", "audio/{split}_spec", "{split}_spec", "AudioWAV",
               "audio/{split}", "{split}_wav/{split}", "{split}_wav", "audio", "wav", "."]
+
+
 FRAME_DIRS = ["visual/{split}_imgs/Image-01-FPS", "{split}_imgs/Image-01-FPS", "Image-01-FPS",
               "visual/Image-01-FPS", "visual/{split}_imgs", "{split}_imgs", "visual/{split}",
               "frames/{split}", "{split}_frames", "frames", "visual"]
+
 
 LAYOUT_HELP = """accepted layouts:
   CREMA-D, MLA layout:     my_train_cre.txt, my_test_cre.txt ('1085_IWL_SAD_XX.flv Sad'), stat_cre.txt,
@@ -730,6 +2045,7 @@ LAYOUT_HELP = """accepted layouts:
                            audio as <clip>.wav or <clip>.npy (fbank) in e.g. audio/{split}/ or {split}_fbank/,
                            frames in e.g. Image-01-FPS/<clip>/ or visual/{split}_imgs/Image-01-FPS/<clip>/
   --audio_dir / --frames_dir override where audio and frames are looked for."""
+
 
 CREMAD_DEFAULT_ORDER = ["NEU", "HAP", "SAD", "FEA", "DIS", "ANG"]
 
@@ -1068,64 +2384,8 @@ def make_toy_av(root, seed=0, n_train=600, n_test=240, rate=8000, seconds=0.7, f
     return root
 
 
-def make_loader(dataset, batch_size, train, seed=0, num_workers=0, device="cpu"):
-    """A DataLoader (shuffled from a generator seeded with `seed` when training), or on CUDA, for a data
-    set that can read whole batches (`gatherable`, e.g. the cache with crops on the GPU), a GatherLoader
-    with `num_workers` threads."""
-    g = torch.Generator()
-    g.manual_seed(seed)
-    drop_last = train and len(dataset) % batch_size == 1      # BatchNorm cannot train on 1 sample
-    if str(device).startswith("cuda") and getattr(dataset, "gatherable", False):
-        return GatherLoader(dataset, batch_size, train, g, num_workers, drop_last, pin=True)
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=train, generator=g, num_workers=num_workers,
-        worker_init_fn=seed_worker, pin_memory=str(device).startswith("cuda"), drop_last=drop_last,
-        # training workers start afresh each epoch, seeded from the generator, so a resumed run draws
-        # the same augmentations as an uninterrupted one
-        persistent_workers=num_workers > 0 and not train)
-
-
-class GatherLoader:
-    """Batches of a data set with `gather(indices, pin)`, read by `threads` threads (0: in the caller)
-    straight into pinned memory, a few batches ahead. The order is drawn from `generator` as a shuffled
-    DataLoader draws it. No worker processes: nothing to start each epoch and no second copy into
-    pinned memory, which is what limits a DataLoader fed from memory-mapped arrays."""
-
-    def __init__(self, dataset, batch_size, train, generator, threads=4, drop_last=False, pin=True):
-        self.dataset, self.generator, self.threads, self.pin = dataset, generator, threads, pin
-        sampler = (torch.utils.data.RandomSampler(dataset, generator=generator) if train
-                   else torch.utils.data.SequentialSampler(dataset))
-        self.batch_sampler = torch.utils.data.BatchSampler(sampler, batch_size, drop_last)
-
-    def __len__(self):
-        return len(self.batch_sampler)
-
-    def __iter__(self):
-        from concurrent.futures import ThreadPoolExecutor
-        # a DataLoader first draws its workers' base seed from the generator, then the order: the same
-        # draws here give the same order for the same generator state
-        torch.empty((), dtype=torch.int64).random_(generator=self.generator)
-        batches = iter(list(self.batch_sampler))
-        if self.threads == 0:
-            for b in batches:
-                yield self.dataset.gather(b, self.pin)
-            return
-        pool = ThreadPoolExecutor(self.threads, thread_name_prefix="gather")
-        try:
-            ahead = collections.deque(pool.submit(self.dataset.gather, b, self.pin)
-                                      for b in itertools.islice(batches, self.threads + 2))
-            while ahead:
-                batch = ahead.popleft().result()
-                following = next(batches, None)
-                if following is not None:
-                    ahead.append(pool.submit(self.dataset.gather, following, self.pin))
-                yield batch
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
-
-
 # ==================================================================================================
-# 3b. Data: image-text sets
+# 3c. Image-text sets: Food-101 and MVSA-Single (jsonl and MLA layouts), text tokens, the toy I-T set
 # ==================================================================================================
 
 @dataclass
@@ -1140,6 +2400,7 @@ class Pair:
 
 IT_TAGS = {"food101": "food", "mvsa": "mvsa", "toy": "toy"}      # the MLA layout's file-name tag
 
+
 IT_LAYOUT_HELP = """accepted layouts (<tag>: food for Food-101, mvsa for MVSA-Single):
   MMBT/QMF jsonl: train.jsonl, dev.jsonl (the validation split), test.jsonl; one JSON object a line,
                   {"id": ..., "label": ..., "text": ..., "img": <image path relative to the data root>}
@@ -1150,9 +2411,16 @@ IT_LAYOUT_HELP = """accepted layouts (<tag>: food for Food-101, mvsa for MVSA-Si
   Class names come from stat_<tag>.txt or classes.txt when present (sorted, as the official code does),
   else from the sorted labels of the training split."""
 
+
 JSONL_EXAMPLE = '{"id": "apple_pie_0", "label": "apple_pie", "text": "...", "img": "images/train/apple_pie_0.jpg"}'
+
+
 IT_IMAGE_DIRS = ["visual/{split}_imgs", "{split}_imgs", "visual/{split}", "images/{split}", "images", "visual", "."]
+
+
 IT_TOKEN_DIRS = ["text_token/{split}_token", "{split}_token", "text_token/{split}", "text_token"]
+
+
 IT_TEXT_DIRS = ["text/{split}", "text/{split}_text", "{split}_text", "text"]
 
 
@@ -1453,8 +2721,9 @@ def make_toy_it(root, seed=0, n_train=600, n_dev=120, n_test=240, px=32, cue=0.8
 
 
 # ==================================================================================================
-# 3c. Data: IEMOCAP (audio, image, text)
+# 3d. IEMOCAP (audio fbank, face image, text) in the MLA list layout, the toy A-I-T set
 # ==================================================================================================
+
 # The MLA code's IEMOCAP layout: list lines '<utt>.mp4 [split|sign] <text> [split|sign] <Label>', a
 # fbank .npy per utterance, a folder of face images per utterance, text pre-tokenised or in the line.
 
@@ -1470,11 +2739,18 @@ class Utterance:
 
 
 IEMO_SEP = "[split|sign]"
+
+
 IEMO_EXAMPLE = "Ses01F_impro01_F000.mp4 [split|sign] Excuse me. [split|sign] Neutral"
+
+
 IEMO_AUDIO_DIRS = ["audio/{split}_fbank", "{split}_fbank", "audio/{split}", "audio/fbank", "fbank", "audio",
                    "subaudio", "."]
+
+
 IEMO_IMAGE_DIRS = ["visual/{split}_imgs", "{split}_imgs", "visual/{split}", "faces/{split}", "images/{split}",
                    "faces", "visual", "images"]
+
 
 IEMO_LAYOUT_HELP = """accepted layout (the MLA code's IEMOCAP layout):
   lists:  my_train_iemo.txt and my_test_iemo.txt (optional my_dev_iemo.txt: the validation split), or a single
@@ -1634,6 +2910,8 @@ class AITDataset(torch.utils.data.Dataset):
 
 
 TOY_AIT_CLASSES = ["Neutral", "Angry", "Sad", "Happy"]
+
+
 CAVMAE_FBANK_MEAN, CAVMAE_FBANK_STD = -5.081, 4.4849      # the fbank statistics CAV-MAE normalises with
 
 
@@ -1712,921 +2990,22 @@ def make_toy_ait(root, seed=0, n_train=1000, n_dev=200, n_test=400, frames=64, m
 
 
 # ==================================================================================================
-# 4. Encoders
+# 3e. Table 6 features (features.npz, the MMIN layout), the missing-view mask, the toy features
 # ==================================================================================================
 
-def init_weights(module):
-    """SPEC init: Kaiming-normal (fan_out) convs, Xavier-normal linear layers, zero biases."""
-    if isinstance(module, nn.Conv2d):
-        nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.Linear):
-        nn.init.xavier_normal_(module.weight)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, (nn.BatchNorm2d, nn.GroupNorm)):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
-
-
-def init_heads(method):
-    """SPEC init for everything of a method but its encoders (pretrained or self-initialised ones
-    keep their weights): the heads, fusion layers and projections."""
-    for name, child in method.named_children():
-        if name != "encoders":
-            child.apply(init_weights)
-
-
-def resnet18_trunk(in_channels):
-    """torchvision ResNet-18 without its classifier: (N, C, H, W) -> (N, 512), pooled over space."""
-    import torchvision
-    net = torchvision.models.resnet18(weights=None)
-    if in_channels != 3:
-        net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
-    net.fc = nn.Identity()
-    return net
-
-
-def compile_encoders(method):
-    """torch.compile each encoder of `method` in place, so state_dict keys stay those of the eager module.
-    dynamic=False: one static graph per input shape (the full batch, a short last batch, eval mode)
-    instead of one shape-generic graph for every batch after the first short one."""
-    for encoder in method.encoders:
-        encoder.compile(dynamic=False)
-
-
-class AudioResNet(nn.Module):
-    """Fbank (B, 1, T, F) -> (B, 512)."""
-    dim = 512
-
-    def __init__(self):
-        super().__init__()
-        self.net = resnet18_trunk(1)
-
-    def forward(self, x):
-        return self.net(x)
-
-
-class VideoResNet(nn.Module):
-    """Frames (B, T, 3, H, W) folded into the batch -> (B, 512), averaged over time and space."""
-    dim = 512
-
-    def __init__(self):
-        super().__init__()
-        self.net = resnet18_trunk(3)
-
-    def forward(self, x):
-        b, t = x.shape[:2]
-        return self.net(x.flatten(0, 1)).view(b, t, -1).mean(1)
-
-
-# ==================================================================================================
-# 4b. Encoders: transformers (image, text)
-# ==================================================================================================
-# M3AE-shaped encoder in plain PyTorch. Parameter names follow the official conversion of the M3AE JAX
-# weights to PyTorch (cls_token, image_embedding, text_embedding, encoder_{image,text}_type_embedding,
-# encoder.blocks.<i>.{layer_norm1, attention.qkv_linear, attention.fc, layer_norm2, transformer_mlp.fc1,
-# transformer_mlp.fc2}, encoder.layer_norm), so such a state dict loads as it is. As in the JAX model:
-# LayerNorm eps 1e-6, tanh-approximated GELU, patches flattened as (row, column, channel).
-
-def sincos_1d(dim, positions):
-    """Fixed position embedding (len, dim): [sin(p * w_i), cos(p * w_i)], w_i = 10000^(-i / (dim/2))."""
-    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2))
-    angles = positions.double()[:, None] * omega[None, :]
-    return torch.cat([angles.sin(), angles.cos()], 1).float()
-
-
-def sincos_2d(dim, grid, cols=None):
-    """(grid * cols, dim) for a grid of `grid` rows and `cols` columns (default: square) in row-major
-    order; the first half of the width encodes the patch's column, the second half its row (the
-    MAE/M3AE/CAV-MAE convention)."""
-    cols = cols or grid
-    return torch.cat([sincos_1d(dim // 2, torch.arange(cols).repeat(grid)),
-                      sincos_1d(dim // 2, torch.arange(grid).repeat_interleave(cols))], 1)
-
-
-def patchify(images, patch):
-    """(B, 3, H, W) -> (B, H/p * W/p, p * p * 3), patches in row-major order, each flattened (row, col, channel)."""
-    b, c, h, w = images.shape
-    if h % patch or w % patch:
-        raise ValueError(f"image of {h} x {w} pixels is not a whole number of {patch} x {patch} patches")
-    x = images.reshape(b, c, h // patch, patch, w // patch, patch)
-    return x.permute(0, 2, 4, 3, 5, 1).reshape(b, (h // patch) * (w // patch), patch * patch * c)
-
-
-class M3AEAttention(nn.Module):
-    def __init__(self, dim, heads):
-        super().__init__()
-        self.heads = heads
-        self.qkv_linear = nn.Linear(dim, 3 * dim)
-        self.fc = nn.Linear(dim, dim)
-
-    def forward(self, x, keep=None):
-        b, n, d = x.shape
-        q, k, v = self.qkv_linear(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        mask = None if keep is None else keep[:, None, None, :]        # padding keys are never attended to
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.fc(x.transpose(1, 2).reshape(b, n, d))
-
-
-class M3AEMLP(nn.Module):
-    def __init__(self, dim, hidden, gelu="tanh"):
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
-        self.gelu = gelu                # GELU approximation: 'tanh' (M3AE) or 'none' (exact, CAV-MAE)
-
-    def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x), approximate=self.gelu))
-
-
-class M3AEBlock(nn.Module):
-    def __init__(self, dim, heads, mlp_ratio, eps=1e-6, gelu="tanh"):
-        super().__init__()
-        self.layer_norm1 = nn.LayerNorm(dim, eps=eps)
-        self.attention = M3AEAttention(dim, heads)
-        self.layer_norm2 = nn.LayerNorm(dim, eps=eps)
-        self.transformer_mlp = M3AEMLP(dim, mlp_ratio * dim, gelu)
-
-    def forward(self, x, keep=None):
-        x = x + self.attention(self.layer_norm1(x), keep)
-        return x + self.transformer_mlp(self.layer_norm2(x))
-
-
-class M3AETransformer(nn.Module):
-    """Pre-norm transformer blocks and a final LayerNorm (M3AE's defaults: eps 1e-6, tanh GELU)."""
-
-    def __init__(self, dim, depth, heads, mlp_ratio, eps=1e-6, gelu="tanh"):
-        super().__init__()
-        self.blocks = nn.ModuleList(M3AEBlock(dim, heads, mlp_ratio, eps, gelu) for _ in range(depth))
-        self.layer_norm = nn.LayerNorm(dim, eps=eps)
-
-    def forward(self, x, keep=None):
-        for block in self.blocks:
-            x = block(x, keep)
-        return self.layer_norm(x)
-
-
-class M3AEEncoder(nn.Module):
-    """One modality of an M3AE-base-shaped encoder (SPEC 4): CLS token + the modality's tokens (linear
-    embedding of 16 x 16 patches, or BERT-vocabulary word embeddings) + fixed sin-cos positions (2-D or
-    1-D) + the modality's type embedding, a pre-norm transformer, then the mean over the tokens (padding
-    left out) -> (B, dim). Image input: (B, 3, H, W); text input: (B, 2, L) = token ids and padding mask."""
-
-    def __init__(self, modality, dim=768, depth=12, heads=12, mlp_ratio=4, patch_size=16, vocab_size=30522):
-        super().__init__()
-        if modality not in ("image", "text"):
-            raise ValueError(f"M3AE modality {modality!r}; expected image or text")
-        if dim % heads or dim % 4:
-            raise ValueError(f"M3AE width {dim} must be a multiple of 4 and of the head count {heads}")
-        self.modality, self.dim, self.patch_size = modality, dim, patch_size
-        self._positions = {}                # (kind, n, device) -> position table, see position_table
-        if modality == "image":
-            self.image_embedding = nn.Linear(patch_size * patch_size * 3, dim)
-            self.encoder_image_type_embedding = nn.Parameter(torch.zeros(1, 1, dim))
-        else:
-            self.text_embedding = nn.Embedding(vocab_size, dim)
-            self.encoder_text_type_embedding = nn.Parameter(torch.zeros(1, 1, dim))
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.encoder = M3AETransformer(dim, depth, heads, mlp_ratio)
-        self.reset_parameters()
-
-    def reset_parameters(self):
-        """M3AE's initialisation: Xavier-uniform linear layers, N(0, 1) word embeddings, N(0, 0.02) CLS
-        and type embeddings."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Embedding):
-                nn.init.normal_(m.weight, 0.0, 1.0)
-        for name, p in self.named_parameters(recurse=False):
-            nn.init.normal_(p, 0.0, 0.02)
-
-    def position_table(self, kind, n, device):
-        """The fixed sin-cos positions of n text tokens or an n x n patch grid, built once per device
-        (a CPU-built table copied to the GPU on every forward would wait for the GPU each time)."""
-        cache = self._positions
-        key = (kind, n, str(device))
-        if key not in cache:
-            table = sincos_2d(self.dim, n) if kind == "image" else sincos_1d(self.dim, torch.arange(n))
-            cache[key] = table.to(device)
-        return cache[key]
-
-    def forward(self, x):
-        if self.modality == "image":
-            patches = patchify(x, self.patch_size)
-            grid = int(round(patches.shape[1] ** 0.5))
-            if grid * grid != patches.shape[1]:
-                raise ValueError(f"M3AE needs square images; got {tuple(x.shape[-2:])}")
-            pos = self.position_table("image", grid, x.device).to(x.dtype)
-            tokens = self.image_embedding(patches) + pos + self.encoder_image_type_embedding
-            keep = None
-        else:
-            ids, pad = x[:, 0], x[:, 1]
-            pos = self.position_table("text", ids.shape[1], x.device)
-            tokens = self.text_embedding(ids) + pos + self.encoder_text_type_embedding
-            keep = F.pad(pad == 0, (1, 0), value=True)                  # the CLS token is always kept
-        h = torch.cat([self.cls_token.expand(len(x), -1, -1), tokens], 1)
-        h = self.encoder(h, keep)
-        if keep is None:
-            return h.mean(1)
-        w = keep.unsqueeze(-1).to(h.dtype)
-        return (h * w).sum(1) / w.sum(1)
-
-
-def _short(keys, n=20):
-    keys = list(keys)
-    return (", ".join(keys[:n]) + (f" ... ({len(keys) - n} more)" if len(keys) > n else "")) or "none"
-
-
-def read_state_dict(path, model):
-    """The state dict (parameter name -> tensor) in the PyTorch file `path`: a training checkpoint's
-    'state_dict'/'model' entry is unwrapped and a 'module.' prefix dropped. `model` names the weights
-    in the error messages."""
-    import pickle
-    path = Path(path)
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise DataError(f"{path}: {model} checkpoint not found; expected a converted PyTorch state dict") from None
-    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as e:
-        raise DataError(f"{path}: not a loadable PyTorch state dict ({str(e)[:200]})") from None
-    while isinstance(sd, dict) and not all(torch.is_tensor(v) for v in sd.values()) and any(
-            isinstance(sd.get(k), dict) for k in ("state_dict", "model")):      # a training checkpoint
-        sd = next(sd[k] for k in ("state_dict", "model") if isinstance(sd.get(k), dict))
-    if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
-        raise DataError(f"{path}: expected a state dict (parameter name -> tensor)")
-    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
-
-
-def load_reported(module, sd, path, model, what, hint):
-    """Load `sd` into `module` (strict=False) once every tensor it shares with the module has the module's
-    shape (else a DataError ending with `hint`); print and return (missing, unexpected) keys."""
-    own = module.state_dict()
-    bad = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in sd.items() if k in own and v.shape != own[k].shape]
-    if bad:
-        raise DataError(f"{path}: {len(bad)} tensors do not fit the {what} (checkpoint vs model: {_short(bad, 4)}); "
-                        f"{hint}")
-    missing, unexpected = module.load_state_dict(sd, strict=False)
-    print(f"{model} {what} <- {path}: {len(sd) - len(unexpected)} tensors loaded; "
-          f"missing keys: {_short(missing)}; unexpected keys: {_short(unexpected)}")
-    return list(missing), list(unexpected)
-
-
-def load_m3ae_checkpoint(encoder, path):
-    """Load a converted M3AE PyTorch state dict (optionally under 'state_dict' or 'model', keys possibly
-    prefixed 'module.') into one M3AEEncoder. The other modality's input layers are not used by this
-    encoder and are left out. Prints and returns (missing, unexpected) keys; a tensor whose shape does
-    not fit (width, depth, patch, vocabulary) is an error."""
-    sd = read_state_dict(path, "M3AE")
-    other = ("text_embedding.", "encoder_text_type_embedding") if encoder.modality == "image" else \
-        ("image_embedding.", "encoder_image_type_embedding")
-    sd = {k: v for k, v in sd.items() if not k.startswith(other)}
-    return load_reported(encoder, sd, path, "M3AE", f"{encoder.modality} encoder",
-                         "set --m3ae_dim/--m3ae_depth/--m3ae_heads/--patch_size/--vocab_size to the checkpoint's")
-
-
-class HFEncoder(nn.Module):
-    """A transformers image or text model (AutoModel from a local folder or hub name) pooled to one
-    vector: the mean of the last hidden states over the tokens (padding left out) or over space for
-    convolutional models, or the model's pooler output (pool='pooler'); then a linear projection to
-    `dim` when that differs from the model's width. Image input: (B, 3, H, W) normalised pixels; text
-    input: (B, 2, L) = token ids and padding mask."""
-
-    def __init__(self, name_or_path, modality, pool="mean", image_size=None):
-        super().__init__()
-        from transformers import AutoModel
-        try:
-            self.model = AutoModel.from_pretrained(str(name_or_path))
-        except (OSError, ValueError) as e:
-            raise DataError(f"{name_or_path}: cannot load a transformers model ({type(e).__name__}: "
-                            f"{str(e)[:200]}); pass a local folder saved with save_pretrained (a hub name "
-                            "needs internet or the Hugging Face cache)") from None
-        cfg = self.model.config
-        width = getattr(cfg, "hidden_size", None) or (getattr(cfg, "hidden_sizes", None) or [None])[-1]
-        if not width:
-            raise DataError(f"{name_or_path}: cannot tell the model's output width from its config")
-        expected = getattr(cfg, "image_size", None)
-        if modality == "image" and image_size and isinstance(expected, int) and expected != image_size:
-            raise DataError(f"{name_or_path}: the model takes {expected} x {expected} images; pass --image_size "
-                            f"{expected}")
-        self.modality, self.pool, self.width, self.dim = modality, pool, width, width
-        self.proj = nn.Identity()
-
-    def project_to(self, dim):
-        """Add a linear projection width -> dim (nothing when they are equal)."""
-        self.dim = dim
-        self.proj = nn.Identity() if dim == self.width else nn.Linear(self.width, dim)
-
-    def forward(self, x):
-        if self.modality == "image":
-            out, keep = self.model(pixel_values=x), None
-        else:
-            keep = x[:, 1] == 0
-            out = self.model(input_ids=x[:, 0], attention_mask=keep.long())
-        if self.pool == "pooler":
-            if getattr(out, "pooler_output", None) is None:
-                raise ValueError("this model has no pooler output; use --hf_pool mean")
-            return self.proj(out.pooler_output.flatten(1))
-        h = out.last_hidden_state
-        if h.dim() == 4:                            # convolutional: (B, C, H, W)
-            return self.proj(h.mean((2, 3)))
-        if keep is None:
-            return self.proj(h.mean(1))
-        w = keep.unsqueeze(-1).to(h.dtype)
-        return self.proj((h * w).sum(1) / w.sum(1).clamp_min(1))
-
-
-def build_it_encoders(args, modalities=("image", "text"), vocab_size=30522):
-    """The image and/or text encoders of args.encoder (m3ae | hf), one per modality, all of one width."""
-    if args.encoder == "m3ae":
-        encoders = [M3AEEncoder(m, args.m3ae_dim, args.m3ae_depth, args.m3ae_heads, args.m3ae_mlp_ratio,
-                                args.patch_size, vocab_size) for m in modalities]
-        if args.m3ae_ckpt:
-            for e in encoders:
-                load_m3ae_checkpoint(e, args.m3ae_ckpt)
-        else:
-            print("WARNING: no --m3ae_ckpt: the M3AE encoders start from RANDOM weights (the paper fine-tunes "
-                  "pretrained M3AE-base; see README for the weights)", file=sys.stderr)
-        return encoders
-    names = {"image": args.image_model, "text": args.text_model}
-    absent = [f"--{m}_model" for m in modalities if not names[m]]
-    if absent:
-        raise DataError(f"--encoder hf needs {' and '.join(absent)} (a local folder or a hub name)")
-    encoders = [HFEncoder(names[m], m, args.hf_pool, args.image_size) for m in modalities]
-    dim = args.proj_dim or max(e.width for e in encoders)
-    for e in encoders:
-        e.project_to(dim)
-    return encoders
-
-
-def add_it_encoder_args(p, defaults):
-    """The image and text encoder flags (M3AE-shaped or transformers models) and their input sizes, shared
-    by train_it.py and train_ait.py; the unset sizes come from the script's DEFAULTS (finish_args)."""
-    a = p.add_argument_group("image and text encoders").add_argument
-    a("--encoder", default="m3ae", choices=["m3ae", "hf"],
-      help="m3ae: M3AE-shaped transformer per modality; hf: transformers models (--image_model, --text_model)")
-    a("--m3ae_ckpt", default=None, help="converted M3AE PyTorch state dict for both encoders (default: random "
-                                        "init, with a warning)")
-    a("--m3ae_dim", type=int, default=None, help=_default_help(defaults, "m3ae_dim", "M3AE width"))
-    a("--m3ae_depth", type=int, default=None, help=_default_help(defaults, "m3ae_depth", "M3AE transformer blocks"))
-    a("--m3ae_heads", type=int, default=None, help=_default_help(defaults, "m3ae_heads", "M3AE attention heads"))
-    a("--m3ae_mlp_ratio", type=int, default=4, help="M3AE MLP hidden width / width")
-    a("--patch_size", type=int, default=None,
-      help=_default_help(defaults, "patch_size", "M3AE image patch side in pixels"))
-    a("--vocab_size", type=int, default=None, help=_default_help(
-        defaults, "vocab_size", "M3AE word embeddings (30522: BERT uncased; None: the tokenizer's)"))
-    a("--image_model", default=None, help="--encoder hf: transformers image model, local folder or hub name")
-    a("--text_model", default=None, help="--encoder hf: transformers text model, local folder or hub name")
-    a("--proj_dim", type=int, default=None, help="--encoder hf: common width (default: the wider model's); "
-                                                 "a narrower model gets a linear projection")
-    a("--hf_pool", default="mean", choices=["mean", "pooler"],
-      help="--encoder hf: mean of the last hidden states (padding left out) or the model's pooler output")
-    a = p.add_argument_group("image and text inputs").add_argument
-    a("--tokenizer", default=None, help="BERT uncased tokenizer for raw text: local folder (a vocab.txt is "
-                                        "enough) or hub name; default bert-base-uncased (m3ae), the text "
-                                        "model's (hf), the generated one (toy)")
-    a("--max_len", type=int, default=None, help=_default_help(defaults, "max_len", "text tokens (cut or padded)"))
-    a("--image_size", type=int, default=None, help=_default_help(defaults, "image_size", "image side after the transforms"))
-
-
-def image_text_encoders(args, raw_text, toy_tokenizer=None):
-    """The image and text encoders of args (build_it_encoders) and ITDataset's text settings: the tokenizer
-    when some text is raw (--tokenizer, else `toy_tokenizer`, else bert-base-uncased for m3ae or the text
-    model's for hf), whether to add special tokens (hf only) and the vocabulary size."""
-    tokenizer = None
-    if raw_text:
-        default = toy_tokenizer or {"m3ae": "bert-base-uncased", "hf": args.text_model}[args.encoder]
-        tokenizer = load_tokenizer(args.tokenizer or default)
-    vocab_size = args.vocab_size or (len(tokenizer) if tokenizer is not None else 30522)
-    encoders = build_it_encoders(args, ("image", "text"), vocab_size)
-    if args.encoder == "hf":
-        vocab_size = getattr(encoders[1].model.config, "vocab_size", None)
-    return encoders, dict(image_size=args.image_size, max_len=args.max_len, tokenizer=tokenizer,
-                          special_tokens=args.encoder == "hf", vocab_size=vocab_size)
-
-
-# ==================================================================================================
-# 4c. Encoders: CAV-MAE audio transformer
-# ==================================================================================================
-# The audio branch of CAV-MAE as the MLA code runs it for IEMOCAP: the fbank turned to (mel bins x frames),
-# 16 x 16 patches by a strided convolution, fixed 2-D sin-cos positions (rows = frequency, columns = time),
-# the audio modality embedding, 11 audio blocks and 1 shared block with its audio LayerNorms, the audio
-# LayerNorm, the mean over the patches (no CLS token). The blocks are section 4b's, with CAV-MAE's LayerNorm
-# eps 1e-5 and exact GELU; the checkpoint loader renames CAV-MAE's keys to them.
-
-class CAVMAEAudioEncoder(nn.Module):
-    """Fbank (B, 1, T, F) -> (B, dim), CAV-MAE's audio branch (SPEC 4); T and F whole multiples of the patch."""
-
-    def __init__(self, dim=768, depth=12, heads=12, mlp_ratio=4, patch_size=16, audio_len=1024, num_mel_bins=128):
-        super().__init__()
-        if audio_len % patch_size or num_mel_bins % patch_size:
-            raise ValueError(f"a {audio_len} x {num_mel_bins} fbank is not a whole number of {patch_size} x "
-                             f"{patch_size} patches")
-        if dim % heads or dim % 4:
-            raise ValueError(f"CAV-MAE width {dim} must be a multiple of 4 and of the head count {heads}")
-        self.dim, self.patch_size = dim, patch_size
-        self.patch_embed = nn.Conv2d(1, dim, patch_size, stride=patch_size)
-        self.register_buffer("pos_embed", sincos_2d(dim, num_mel_bins // patch_size, audio_len // patch_size)[None])
-        self.modality_embedding = nn.Parameter(torch.zeros(1, 1, dim))
-        self.encoder = M3AETransformer(dim, depth, heads, mlp_ratio, eps=1e-5, gelu="none")
-        self.reset_parameters()
-
-    def reset_parameters(self):
-        """CAV-MAE's initialisation: Xavier-uniform linear layers and patch embedding (as a matrix), N(0, 0.02)
-        modality embedding."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-        nn.init.xavier_uniform_(self.patch_embed.weight.view(self.dim, -1))
-        nn.init.normal_(self.modality_embedding, 0.0, 0.02)
-
-    def forward(self, x):
-        h = self.patch_embed(x.transpose(2, 3))                       # (B, dim, F / p, T / p)
-        h = h.flatten(2).transpose(1, 2) + self.pos_embed + self.modality_embedding
-        return self.encoder(h).mean(1)
-
-
-CAVMAE_TOP = {"patch_embed_a.proj.weight": "patch_embed.weight", "patch_embed_a.proj.bias": "patch_embed.bias",
-              "pos_embed_a": "pos_embed", "modality_a": "modality_embedding",
-              "norm_a.weight": "encoder.layer_norm.weight", "norm_a.bias": "encoder.layer_norm.bias"}
-CAVMAE_BLOCK = {"attn.qkv": "attention.qkv_linear", "attn.proj": "attention.fc", "mlp.fc1": "transformer_mlp.fc1",
-                "mlp.fc2": "transformer_mlp.fc2"}
-CAVMAE_NORMS = {"a": {"norm1": "layer_norm1", "norm2": "layer_norm2"},           # audio blocks: their own norms
-                "u": {"norm1_a": "layer_norm1", "norm2_a": "layer_norm2"}}       # shared blocks: the audio norms
-CAVMAE_UNUSED = re.compile(r"(patch_embed_v|pos_embed_v|modality_v|blocks_v\.|norm_v\.|norm\.|blocks_[au]\.\d+\.norm)")
-
-
-def cavmae_name(key, n_audio_blocks):
-    """This encoder's name for a CAV-MAE state dict key; None for a tensor the audio-only path does not use
-    (the visual branch, the unified and visual LayerNorms); any other key as it is. blocks_a.<i> become
-    blocks i, blocks_u.<j> blocks n_audio_blocks + j."""
-    if key in CAVMAE_TOP:
-        return CAVMAE_TOP[key]
-    m = re.fullmatch(r"blocks_([au])\.(\d+)\.(\w+|attn\.\w+|mlp\.\w+)\.(weight|bias)", key)
-    if m:
-        branch, i, part, kind = m.groups()
-        name = CAVMAE_NORMS[branch].get(part) or CAVMAE_BLOCK.get(part)
-        if name:
-            return f"encoder.blocks.{int(i) + (n_audio_blocks if branch == 'u' else 0)}.{name}.{kind}"
-    return None if CAVMAE_UNUSED.match(key) else key
-
-
-def load_cavmae_checkpoint(encoder, path):
-    """Load the audio branch of a CAV-MAE PyTorch checkpoint (pretrained or fine-tuned, as the CAV-MAE code saves
-    it; a 'state_dict'/'model' wrapper and a 'module.' prefix are accepted) into a CAVMAEAudioEncoder; a state
-    dict saved from this encoder loads too. Prints and returns (missing keys, in this encoder's names;
-    unexpected keys, in the checkpoint's); a tensor whose shape does not fit is an error."""
-    sd = read_state_dict(path, "CAV-MAE")
-    n_audio = 1 + max((int(m.group(1)) for k in sd if (m := re.match(r"blocks_a\.(\d+)\.", k))), default=-1)
-    own, renamed = encoder.state_dict(), {}
-    for k, v in sd.items():
-        name = cavmae_name(k, n_audio)
-        if name is not None:
-            renamed[name if name in own else k] = v
-    return load_reported(encoder, renamed, path, "CAV-MAE", "audio encoder", "set --cavmae_dim/--cavmae_depth/"
-                         "--cavmae_heads/--cavmae_patch/--audio_len/--num_mel_bins to the checkpoint's")
-
-
-class Projected(nn.Module):
-    """An encoder followed by a linear map to `dim` (Xavier-normal), to give the modalities one width."""
-
-    def __init__(self, encoder, dim):
-        super().__init__()
-        self.encoder, self.dim = encoder, dim
-        self.proj = nn.Linear(encoder.dim, dim)
-        init_weights(self.proj)
-
-    def forward(self, x):
-        return self.proj(self.encoder(x))
-
-
-def build_ait_audio_encoder(args, dim):
-    """The A-I-T audio encoder of args.audio_encoder (cavmae | resnet18), projected to `dim` when its width differs."""
-    if args.audio_encoder == "resnet18":
-        enc = AudioResNet()
-        enc.apply(init_weights)
-    else:
-        enc = CAVMAEAudioEncoder(args.cavmae_dim, args.cavmae_depth, args.cavmae_heads, args.cavmae_mlp_ratio,
-                                 args.cavmae_patch, args.audio_len, args.num_mel_bins)
-        if args.cavmae_ckpt:
-            load_cavmae_checkpoint(enc, args.cavmae_ckpt)
-        else:
-            print("WARNING: no --cavmae_ckpt: the CAV-MAE audio encoder starts from RANDOM weights (the paper "
-                  "fine-tunes pretrained CAV-MAE; see README for the weights)", file=sys.stderr)
-    return enc if enc.dim == dim else Projected(enc, dim)
-
-
-# ==================================================================================================
-# 5. Methods
-# ==================================================================================================
-# Unimodal accuracy (SPEC 3): methods with a head per modality (sum, late_fusion, qmf, mla) report that
-# head's prediction; methods that fuse features before one head (concat, film, bigated, ogm, ogm_ge)
-# report the fused head's prediction with every other modality's features set to zero.
-
-class Method(nn.Module):
-    def __init__(self, encoders, num_classes, modalities):
-        super().__init__()
-        self.encoders = nn.ModuleList(encoders)
-        self.modalities = list(modalities)
-        self.num_classes = num_classes
-        self.dim = encoders[0].dim
-        widths = [f.dim for f in encoders]
-        if len(set(widths)) > 1:
-            raise ValueError(f"encoders of widths {widths}; the methods expect one width (`dim`) for all: "
-                             "project the others to it, e.g. with common.Projected(encoder, dim)")
-
-    def encode(self, xs):
-        return [f(x) for f, x in zip(self.encoders, xs)]
-
-    def present_logits(self, xs, mask, heads):
-        """Per modality, head(encoder(x)) on the rows where the view is present and zeros on the others:
-        an encoder never sees a missing view."""
-        out = []
-        for f, h, x, present in zip(self.encoders, heads, xs, mask.T):
-            u = x.new_zeros(len(x), self.num_classes)
-            if present.any():
-                u[present] = h(f(x[present]))
-            out.append(u)
-        return out
-
-    # fused-feature methods define fuse(zs); per-head methods override logits()
-    def fuse(self, zs):
-        raise NotImplementedError
-
-    def logits(self, zs):
-        """(fused logits, [unimodal logits per modality])."""
-        fused = self.fuse(zs)
-        unis = [self.fuse([z if j == m else torch.zeros_like(z) for j, z in enumerate(zs)])
-                for m in range(len(zs))]
-        return fused, unis
-
-    def loss(self, fused, unis, y, idx):
-        return F.cross_entropy(fused, y)
-
-    def train_step(self, xs, y, idx, optimizer, progress):
-        fused, unis = self.logits(self.encode(xs))
-        loss = self.loss(fused, unis, y, idx)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        return loss.detach()
-
-    @torch.no_grad()
-    def predict(self, xs):
-        return self.logits(self.encode(xs))
-
-
-class Sum(Method):
-    """One linear head per modality; fused logits are their sum, trained by CE on the sum."""
-
-    def __init__(self, encoders, num_classes, modalities):
-        super().__init__(encoders, num_classes, modalities)
-        self.heads = nn.ModuleList(nn.Linear(self.dim, num_classes) for _ in encoders)
-
-    def unimodal(self, zs):
-        return [h(z) for h, z in zip(self.heads, zs)]
-
-    def logits(self, zs):
-        unis = self.unimodal(zs)
-        return torch.stack(unis).sum(0), unis
-
-
-class Concat(Method):
-    """One linear head on the concatenated features."""
-
-    def __init__(self, encoders, num_classes, modalities):
-        super().__init__(encoders, num_classes, modalities)
-        self.head = nn.Linear(self.dim * len(encoders), num_classes)
-
-    def fuse(self, zs):
-        return self.head(torch.cat(zs, 1))
-
-
-class LateFusion(Sum):
-    """Independent unimodal models, each trained on its own CE; prediction = mean of their logits."""
-
-    def logits(self, zs):
-        unis = self.unimodal(zs)
-        return torch.stack(unis).mean(0), unis
-
-    def loss(self, fused, unis, y, idx):
-        return sum(F.cross_entropy(u, y) for u in unis)
-
-    def train_step(self, xs, y, idx, optimizer, progress, mask=None):
-        """With a mask, each head trains on the samples where its view is present, and only there."""
-        if mask is None:
-            return super().train_step(xs, y, idx, optimizer, progress)
-        unis = self.present_logits(xs, mask, self.heads)
-        loss = sum(F.cross_entropy(u[p], y[p]) for u, p in zip(unis, mask.T) if p.any())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        return loss.detach()
-
-    @torch.no_grad()
-    def predict(self, xs, mask=None):
-        """With a mask, the fused logits are the mean over each sample's present views."""
-        if mask is None:
-            return super().predict(xs)
-        unis = self.present_logits(xs, mask, self.heads)
-        w = mask.to(unis[0].dtype)
-        return sum(w[:, m:m + 1] * u for m, u in enumerate(unis)) / w.sum(1, keepdim=True), unis
-
-
-class FiLM(Method):
-    """The condition modality gives (gamma, beta) = Linear(z_c); every other modality becomes
-    gamma * z_m + beta; the modulated features (concatenated) go through a linear head."""
-
-    def __init__(self, encoders, num_classes, modalities, condition=0):
-        super().__init__(encoders, num_classes, modalities)
-        self.condition = condition
-        self.film = nn.Linear(self.dim, 2 * self.dim)
-        self.head = nn.Linear(self.dim * (len(encoders) - 1), num_classes)
-
-    def fuse(self, zs):
-        gamma, beta = self.film(zs[self.condition]).chunk(2, dim=1)
-        return self.head(torch.cat([gamma * z + beta for m, z in enumerate(zs) if m != self.condition], 1))
-
-
-class BiGated(Method):
-    """u_m = Linear_m(z_m); the gate modality gives g = sigmoid(u_gate); the other hidden states are
-    multiplied by g, concatenated and classified by a linear head."""
-
-    def __init__(self, encoders, num_classes, modalities, condition=0):
-        super().__init__(encoders, num_classes, modalities)
-        self.condition = condition
-        self.hidden = nn.ModuleList(nn.Linear(self.dim, self.dim) for _ in encoders)
-        self.head = nn.Linear(self.dim * (len(encoders) - 1), num_classes)
-
-    def fuse(self, zs):
-        u = [h(z) for h, z in zip(self.hidden, zs)]
-        g = torch.sigmoid(u[self.condition])
-        return self.head(torch.cat([g * v for m, v in enumerate(u) if m != self.condition], 1))
-
-
-def ogm_coefficients(scores, alpha):
-    """OGM-GE modulation coefficients. rho_m = s_m / (sum of the other modalities' scores); the
-    modality with rho_m > 1 (the dominant one) gets 1 - tanh(alpha * rho_m), the others 1.
-    With two modalities this is rho_a = s_a / s_v as in the OGM-GE paper."""
-    s = torch.as_tensor(scores, dtype=torch.float64)
-    rho = s / (s.sum() - s).clamp_min(1e-12)
-    coeff = torch.ones_like(s)
-    dom = rho > 1
-    coeff[dom] = 1 - torch.tanh(alpha * rho[dom])
-    return coeff.tolist()
-
-
-class OGM(Concat):
-    """Concat fusion with on-the-fly gradient modulation (OGM); with ge=True, OGM-GE adds Gaussian
-    noise N(0, std(grad)) to every encoder gradient. Active for epochs starts..ends inclusive."""
-
-    def __init__(self, encoders, num_classes, modalities, alpha=0.3, starts=0, ends=50, ge=False):
-        super().__init__(encoders, num_classes, modalities)
-        self.alpha, self.starts, self.ends, self.ge = alpha, starts, ends, ge
-        self.last_coeffs = None
-
-    def train_step(self, xs, y, idx, optimizer, progress):
-        zs = self.encode(xs)
-        fused = self.fuse(zs)
-        loss = F.cross_entropy(fused, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.starts <= progress["epoch"] <= self.ends:
-            with torch.no_grad():
-                _, unis = self.logits([z.detach() for z in zs])
-                scores = torch.stack([u.softmax(1).gather(1, y[:, None]).sum() for u in unis]).tolist()
-            self.modulate(ogm_coefficients(scores, self.alpha))
-        optimizer.step()
-        return loss.detach()
-
-    @torch.no_grad()
-    def modulate(self, coeffs):
-        self.last_coeffs = coeffs
-        for enc, c in zip(self.encoders, coeffs):
-            for p in enc.parameters():
-                if p.grad is None:
-                    continue
-                # std of the original gradient, kept on the device (no read-back per parameter)
-                std = p.grad.std() if self.ge and p.grad.numel() > 1 else None
-                p.grad.mul_(c)
-                if std is not None:
-                    p.grad.add_(torch.randn_like(p.grad) * std)         # std 0 adds zeros
-
-
-class QMF(Sum):
-    """Quality-aware multimodal fusion on late-fusion heads. Confidence c_m = logsumexp(logits_m)/T,
-    detached in the fusion; loss = CE(fused) + sum CE(logits_m) + lambda * sum rank_m, where rank_m
-    asks a sample whose cumulative training loss (its history) is higher to have lower confidence."""
-
-    def __init__(self, encoders, num_classes, modalities, num_train, temperature=10.0, lam=0.1):
-        super().__init__(encoders, num_classes, modalities)
-        self.temperature, self.lam = temperature, lam
-        self.register_buffer("history", torch.zeros(len(encoders), num_train, dtype=torch.float64))
-
-    def confidence(self, logits):
-        return torch.logsumexp(logits, dim=1) / self.temperature
-
-    def logits(self, zs):
-        unis = self.unimodal(zs)
-        return self.fuse_unimodal(unis), unis
-
-    def fuse_unimodal(self, unis, mask=None):
-        """sum_m c_m * logits_m over the present views (all views without a mask)."""
-        w = [self.confidence(u).detach()[:, None] for u in unis]
-        if mask is not None:
-            w = [c * mask[:, m:m + 1] for m, c in enumerate(w)]
-        return sum(c * u for c, u in zip(w, unis))
-
-    def rank_loss(self, conf, idx, m):
-        """Pairs (i, i+1 mod B); target = sign(h_i - h_j), margin = |normalised h_i - h_j|:
-        max(0, target * (c_i - c_j) + margin) = 0 once the harder sample is less confident by margin."""
-        h = self.history[m]
-        lo, hi = h.min(), h.max()
-        hn = torch.where(hi > lo, (h[idx] - lo) / (hi - lo), 0.0).to(conf.dtype)     # no read-back
-        target = torch.sign(hn - hn.roll(-1))
-        margin = (hn - hn.roll(-1)).abs()
-        return F.relu(target * (conf - conf.roll(-1)) + margin).mean()
-
-    def loss(self, fused, unis, y, idx, mask=None):
-        """With a mask, modality m's CE, ranking loss and history use only the rows where it is present."""
-        loss = F.cross_entropy(fused, y)
-        for m, u in enumerate(unis):
-            rows = slice(None) if mask is None else mask[:, m]
-            if mask is not None and not rows.any():
-                continue
-            u, ym, im = u[rows], y[rows], idx[rows]
-            per_sample = F.cross_entropy(u, ym, reduction="none")
-            loss = loss + per_sample.mean() + self.lam * self.rank_loss(self.confidence(u), im, m)
-            if self.training:
-                self.history[m].index_add_(0, im, per_sample.detach().to(self.history.dtype))
-        return loss
-
-    def train_step(self, xs, y, idx, optimizer, progress, mask=None):
-        if mask is None:
-            return super().train_step(xs, y, idx, optimizer, progress)
-        unis = self.present_logits(xs, mask, self.heads)
-        loss = self.loss(self.fuse_unimodal(unis, mask), unis, y, idx, mask)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        return loss.detach()
-
-    @torch.no_grad()
-    def predict(self, xs, mask=None):
-        if mask is None:
-            return super().predict(xs)
-        unis = self.present_logits(xs, mask, self.heads)
-        return self.fuse_unimodal(unis, mask), unis
-
-
-def fusion_weights(unis, mode="dynamic", fixed=None, mask=None):
-    """MLA test-time fusion weights. dynamic: per sample, lambda_m = softmax_m(-entropy_m) (B, M);
-    dynamic_batch: the official code's variant, entropy of a softmax over the batch axis, one weight
-    per modality per batch (M,); fixed: the given weights (M,). With a mask (B, M) of present views the
-    weights are (B, M), zero for missing views and renormalised over each sample's present ones."""
-    if mode == "dynamic":
-        ent = torch.stack([-(u.softmax(1) * u.log_softmax(1)).sum(1) for u in unis], 1)
-        if mask is not None:
-            ent = ent.masked_fill(~mask, float("inf"))          # weight exp(-inf) = 0
-        return torch.softmax(-ent, dim=1)
-    if mode == "dynamic_batch":
-        if mask is None:
-            ent = torch.stack([-(u.softmax(0) * u.log_softmax(0)).sum() for u in unis])
-        else:                                                   # over the rows where the view is present
-            ent = torch.stack([-(u[p].softmax(0) * u[p].log_softmax(0)).sum() for u, p in zip(unis, mask.T)])
-        w = torch.softmax(-ent, dim=0)
-    elif mode == "fixed":
-        w = torch.as_tensor(fixed, dtype=torch.float32, device=unis[0].device)
-        if w.numel() != len(unis):
-            raise ValueError(f"--fusion_weights has {w.numel()} values; expected {len(unis)}")
-    else:
-        raise ValueError(f"unknown fusion mode {mode!r}; expected dynamic, dynamic_batch or fixed")
-    if mask is None:
-        return w
-    w = w * mask
-    return w / w.sum(1, keepdim=True)
-
-
-class MLA(Method):
-    """Multimodal Learning with Alternating unimodal adaptation (SPEC 2).
-
-    One shared linear head. Each batch, for every modality m in turn: encoder m alone runs forward,
-    CE on head(z_m), backward (other encoders get no gradient at all), the head's weight gradient is
-    projected with P (HGM), one optimizer step. P (d x d, starts at the identity) remembers the
-    head-input directions of all earlier steps. At test time the unimodal logits are fused with
-    entropy-based weights (fusion='dynamic'), the official batch-axis variant, or fixed weights.
-    """
-
-    def __init__(self, encoders, num_classes, modalities, hgm=True, hgm_alpha=None, fusion="dynamic",
-                 fusion_weights=None):
-        super().__init__(encoders, num_classes, modalities)
-        self.head = nn.Linear(self.dim, num_classes)
-        self.hgm, self.hgm_alpha = hgm, hgm_alpha
-        if fusion_weights is None:      # SPEC defaults: 0.5/0.5; audio/image/text 0.35/0.25/0.4
-            fusion_weights = {2: [0.5, 0.5], 3: [0.35, 0.25, 0.4]}.get(len(encoders), [1 / len(encoders)] * len(encoders))
-        self.fusion, self.fixed_weights = fusion, list(fusion_weights)
-        self.register_buffer("P", torch.eye(self.dim))
-
-    @torch.no_grad()
-    def project_head_grad(self, hbar, alpha):
-        """grad_W <- grad_W P (protect earlier steps' directions), then absorb hbar into P:
-        k = P hbar, P <- P - k k^T / (alpha + hbar^T k)."""
-        with torch.autocast(self.P.device.type, enabled=False):    # P stays in full precision under AMP
-            g = self.head.weight.grad
-            g.copy_(g.to(self.P.dtype) @ self.P)
-            k = self.P @ hbar
-            self.P.sub_(torch.outer(k, k) / (alpha + hbar @ k))
-
-    def train_step(self, xs, y, idx, optimizer, progress, mask=None):
-        """With a mask, modality m's step uses only the rows where view m is present (h-bar is their
-        mean) and is skipped when there are none."""
-        alpha = self.hgm_alpha
-        if alpha is None:       # the official schedule: 0.1 ** (1 + i / n) for batch i of n
-            alpha = 0.1 ** (1 + progress["step"] / max(1, progress["steps"]))
-        total, steps = 0.0, 0
-        for m, (f, x) in enumerate(zip(self.encoders, xs)):
-            ym = y
-            if mask is not None:
-                present = mask[:, m]
-                if not present.any():
-                    continue
-                x, ym = x[present], y[present]
-            z = f(x)
-            loss = F.cross_entropy(self.head(z), ym)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if self.hgm:
-                self.project_head_grad(z.detach().to(self.P.dtype).mean(0), alpha)
-            optimizer.step()
-            total, steps = total + loss.detach().double(), steps + 1   # stays on the device: no sync
-        return total / steps if steps else torch.zeros((), dtype=torch.float64, device=y.device)
-
-    def logits(self, zs):
-        unis = [self.head(z) for z in zs]
-        return self.fuse_unimodal(unis), unis
-
-    def fuse_unimodal(self, unis, mask=None):
-        w = fusion_weights(unis, self.fusion, self.fixed_weights, mask)
-        w = w if w.dim() == 2 else w.expand(unis[0].shape[0], -1)
-        return sum(w[:, m:m + 1] * u for m, u in enumerate(unis))
-
-    @torch.no_grad()
-    def predict(self, xs, mask=None):
-        """With a mask, only the present views run; the fusion weights are renormalised over them."""
-        if mask is None:
-            return super().predict(xs)
-        unis = self.present_logits(xs, mask, [self.head] * len(xs))
-        return self.fuse_unimodal(unis, mask), unis
-
-
-METHODS = ["sum", "concat", "late_fusion", "film", "bigated", "ogm", "ogm_ge", "qmf", "mla"]
-
-
-def build_method(name, encoders, num_classes, modalities, args, num_train):
-    """The method object for `name`, configured from the script's args (see train_av.py)."""
-    cond = modalities.index(args.condition) if getattr(args, "condition", None) else 0
-    if name == "sum":
-        return Sum(encoders, num_classes, modalities)
-    if name == "concat":
-        return Concat(encoders, num_classes, modalities)
-    if name == "late_fusion":
-        return LateFusion(encoders, num_classes, modalities)
-    if name == "film":
-        return FiLM(encoders, num_classes, modalities, condition=cond)
-    if name == "bigated":
-        return BiGated(encoders, num_classes, modalities, condition=cond)
-    if name in ("ogm", "ogm_ge"):
-        return OGM(encoders, num_classes, modalities, alpha=args.alpha, starts=args.modulation_starts,
-                   ends=args.modulation_ends, ge=name == "ogm_ge")
-    if name == "qmf":
-        return QMF(encoders, num_classes, modalities, num_train=num_train)
-    if name == "mla":
-        return MLA(encoders, num_classes, modalities, hgm=not args.no_hgm, hgm_alpha=args.hgm_alpha,
-                   fusion=args.fusion, fusion_weights=args.fusion_weights)
-    if name in MISSING_ONLY_METHODS:                 # Table 6 (section 5b)
-        return build_missing_method(name, encoders, num_classes, modalities, args, num_train)
-    raise ValueError(f"unknown method {name!r}; expected one of {METHODS}")
-
-
-# ==================================================================================================
-# 5b. Missing modalities (Table 6): features, mask, methods
-# ==================================================================================================
 # Pre-extracted features of three views (audio, visual, text), a seeded mask of missing views, the
-# per-modality MLP encoder (SPEC 4), and the nine methods that only Table 6 uses. late_fusion, qmf and
+# per-modality MLP encoder, and the nine methods that only Table 6 uses. late_fusion, qmf and
 # mla are the classes of section 5, which take the mask themselves.
 
 FEATURE_MODALITIES = ["audio", "visual", "text"]
+
+
 MMIN_FOLDERS = {"audio": "A", "visual": "V", "text": "L"}
+
+
 MMIN_SPLITS = {"train": "trn", "val": "val", "test": "tst"}
+
+
 FEATURE_LAYOUT_HELP = """accepted layouts:
   features.npz:  arrays audio (N, d_a), visual (N, d_v), text (N, d_t), label (N,) and split (N,) with
                  values train/val/test (val optional: then --val_ratio of train is held out)
@@ -2776,7 +3155,7 @@ def load_mmin(root, fold=1, files=None):
 
 
 def missing_mask(n, num_views, rate, seed, split=0):
-    """(n, M) bool mask, True = view present (SPEC 5). round(rate * n * M) of the n * M entries are
+    """(n, M) bool mask, True = view present (the paper's missing-view protocol). round(rate * n * M) of the n * M entries are
     removed, drawn from (seed, split) alone (so identical for every method), and every sample keeps at
     least one view: one view per sample is drawn first and kept, the removed entries are drawn among
     the others. At most n * (M - 1) entries can go, so a rate above (M - 1) / M removes that many."""
@@ -2836,784 +3215,9 @@ def make_toy_features(path, seed=0, n_train=1000, n_val=200, n_test=400, dims=(3
     return path
 
 
-# ---- shared parts of the Table 6 models
-
-def mlp(sizes):
-    """Linear + ReLU for every consecutive pair of sizes."""
-    layers = []
-    for a, b in zip(sizes[:-1], sizes[1:]):
-        layers += [nn.Linear(a, b), nn.ReLU()]
-    return nn.Sequential(*layers)
-
-
-class MLPEncoder(nn.Module):
-    """The per-modality encoder of Table 6 (SPEC 4): input -> 128 -> 128 -> 128, ReLU after each."""
-
-    def __init__(self, d_in, dim=128, layers=3):
-        super().__init__()
-        self.d_in, self.dim = d_in, dim
-        self.net = mlp([d_in] + [dim] * layers)
-
-    def forward(self, x):
-        return self.net(x)
-
-
-def mlp_decoder(dim, d_out, layers=3):
-    """The mirror of MLPEncoder: dim -> ... -> dim (ReLU) -> d_out (linear)."""
-    return nn.Sequential(mlp([dim] * layers), nn.Linear(dim, d_out))
-
-
-def full_mask(xs):
-    return torch.ones(len(xs[0]), len(xs), dtype=torch.bool, device=xs[0].device)
-
-
-def zero_missing(xs, mask):
-    return [x * mask[:, m:m + 1] for m, x in enumerate(xs)]
-
-
-def view_mse(preds, targets, mask):
-    """Mean over views of the mean squared error on the rows where the view is present in `mask`."""
-    total = 0.0
-    for m, (p, t) in enumerate(zip(preds, targets)):
-        w = mask[:, m].to(p.dtype)
-        total = total + (((p - t) ** 2).mean(1) * w).sum() / w.sum().clamp_min(1)
-    return total / len(preds)
-
-
-def hide_views(mask, p):
-    """Training input of the imputation methods: with probability p, a sample with two or more present
-    views has one of them (drawn uniformly) hidden, so its known value can supervise the imputation."""
-    pick = torch.rand(mask.shape, device=mask.device).masked_fill(~mask, -1).argmax(1)
-    rows = (mask.sum(1) >= 2) & (torch.rand(len(mask), device=mask.device) < p)
-    out = mask.clone()
-    out[rows, pick[rows]] = False
-    return out
-
-
-def collect(loader, device):
-    """The whole (masked) split of a loader as tensors: (xs, mask, y)."""
-    parts = [to_device(b, device, masked=True) for b in loader]
-    xs = [torch.cat([p[0][m] for p in parts]) for m in range(len(parts[0][0]))]
-    return xs, torch.cat([p[3] for p in parts]), torch.cat([p[1] for p in parts])
-
-
-def split_views(z, sizes):
-    return list(torch.split(z, list(sizes), dim=1))
-
-
-def multiset_cca(xs, mask, k, reg=1e-3):
-    """Linear CCA of M views with missing rows (multiset CCA, sum of pairwise correlations): maximise
-    sum_ij w_i' C_ij w_j subject to sum_i w_i' C_ii w_i = 1, i.e. the generalised eigenproblem
-    A w = lambda D w with A = [C_ij] and D = blockdiag(C_ii) (+ reg I on the diagonal blocks).
-    C_ij is computed on the rows where both views are present. For two views lambda = 1 + rho.
-    Returns ([W_m (d_m, k)], [mean_m], top-k eigenvalues); each projection has unit variance."""
-    mk = mask.double()
-    mus = [(x.double() * mk[:, m:m + 1]).sum(0) / mk[:, m].sum().clamp_min(1) for m, x in enumerate(xs)]
-    xc = [(x.double() - mu) * mk[:, m:m + 1] for m, (x, mu) in enumerate(zip(xs, mus))]
-    blocks = []
-    for i in range(len(xs)):
-        row = []
-        for j in range(len(xs)):
-            n_ij = (mask[:, i] & mask[:, j]).sum().item()
-            c = xc[i].T @ xc[j] / max(n_ij - 1, 1)
-            row.append(c + reg * torch.eye(len(c), dtype=c.dtype, device=c.device) if i == j else c)
-        blocks.append(row)
-    A = torch.cat([torch.cat(row, 1) for row in blocks], 0)
-    L = torch.linalg.cholesky(torch.block_diag(*[blocks[i][i] for i in range(len(xs))]))
-    S = torch.linalg.solve_triangular(L, torch.linalg.solve_triangular(L, A, upper=False).T, upper=False)
-    evals, evecs = torch.linalg.eigh((S + S.T) / 2)
-    top = torch.argsort(evals, descending=True)[:k]
-    W = torch.linalg.solve_triangular(L.T, evecs[:, top], upper=True)
-    Ws = torch.split(W, [x.shape[1] for x in xs], dim=0)
-    Ws = [w / torch.sqrt(torch.diag(w.T @ blocks[m][m] @ w)).clamp_min(1e-12) for m, w in enumerate(Ws)]
-    return [w.float() for w in Ws], [mu.float() for mu in mus], evals[top]
-
-
-def store_projection(module, Ws, mus):
-    for m, (w, mu) in enumerate(zip(Ws, mus)):
-        getattr(module, f"W{m}").copy_(w)
-        getattr(module, f"mu{m}").copy_(mu)
-
-
-def mean_projection(module, hs, mask):
-    """Mean over each sample's present views of (h_m - mu_m) W_m (the buffers W<m>, mu<m> of module)."""
-    w = mask.to(hs[0].dtype)
-    proj = [(h - getattr(module, f"mu{m}")) @ getattr(module, f"W{m}") * w[:, m:m + 1] for m, h in enumerate(hs)]
-    return sum(proj) / w.sum(1, keepdim=True)
-
-
-def cca_correlation(h1, h2, k=None, reg=1e-4):
-    """The DCCA objective (Andrew et al. 2013): the sum of the top-k canonical correlations of h1 and h2
-    (n x o), i.e. the top-k singular values of T = S11^-1/2 S12 S22^-1/2 with centred, ridge-
-    regularised covariances. Cholesky factors stand in for the inverse square roots: L1^-1 S12 L2^-T
-    differs from T by orthogonal factors only, so it has the same singular values."""
-    n = h1.shape[0]
-    h1, h2 = h1 - h1.mean(0), h2 - h2.mean(0)
-    eye = lambda h: torch.eye(h.shape[1], dtype=h.dtype, device=h.device)
-    L1 = torch.linalg.cholesky(h1.T @ h1 / (n - 1) + reg * eye(h1))
-    L2 = torch.linalg.cholesky(h2.T @ h2 / (n - 1) + reg * eye(h2))
-    T = torch.linalg.solve_triangular(L1, h1.T @ h2 / (n - 1), upper=False)
-    T = torch.linalg.solve_triangular(L2, T.T, upper=False).T
-    sv = torch.linalg.svdvals(T)
-    return sv[:k].sum() if k else sv.sum()
-
-
-def cmd(a, b, order=5):
-    """Central moment discrepancy (Zellinger et al. 2017) of two samples of features: the distance of
-    the means plus the distances of the central moments of order 2..order (features in a unit range)."""
-    ma, mb = a.mean(0), b.mean(0)
-    total = (ma - mb).norm()
-    for k in range(2, order + 1):
-        total = total + (((a - ma) ** k).mean(0) - ((b - mb) ** k).mean(0)).norm()
-    return total
-
-
-def fit_softmax_classifier(linear, z, y, weight_decay=1e-4, steps=100):
-    """Refit a linear classifier from scratch on fixed features: multinomial logistic regression by
-    full-batch L-BFGS with an L2 penalty."""
-    linear.reset_parameters()
-    opt = torch.optim.LBFGS(linear.parameters(), max_iter=steps, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(linear(z), y) + weight_decay * linear.weight.pow(2).sum()
-        loss.backward()
-        return loss
-
-    with torch.enable_grad():
-        opt.step(closure)
-
-
-class CascadedResidualAE(nn.Module):
-    """A stack of residual autoencoders (CRA, Tran et al. 2017): x_k = x_{k-1} + AE_k(x_{k-1}), each AE
-    d -> widths -> reversed widths -> d; an optional condition c joins every block's encoder input.
-    Returns the last x_k and the concatenated bottlenecks of all blocks."""
-
-    def __init__(self, d, widths=(128, 64, 32), blocks=3, cond_dim=0):
-        super().__init__()
-        widths = list(widths)
-        self.enc = nn.ModuleList(mlp([d + cond_dim] + widths) for _ in range(blocks))
-        self.dec = nn.ModuleList(nn.Sequential(mlp(widths[::-1]), nn.Linear(widths[0], d)) for _ in range(blocks))
-        self.latent_dim = widths[-1] * blocks
-
-    def forward(self, x, cond=None):
-        latents = []
-        for enc, dec in zip(self.enc, self.dec):
-            h = enc(x if cond is None else torch.cat([x, cond], 1))
-            latents.append(h)
-            x = x + dec(h)
-        return x, torch.cat(latents, 1)
-
-
-# ---- the nine Table-6-only methods
-
-class MissingMethod(nn.Module):
-    """Base of the Table-6-only methods. A subclass defines loss(xs, y, idx, mask) for training and
-    classify(xs, mask), the logits from each sample's present views (missing views are zeros in xs).
-    predict() also gives each view's unimodal logits: the prediction from that view alone, on the
-    samples where it is present (zeros elsewhere; evaluate() counts only those samples)."""
-
-    grad_clip = None                           # a maximum gradient norm, for the methods that need one
-
-    def __init__(self, encoders, num_classes, modalities):
-        super().__init__()
-        self.modalities, self.num_classes = list(modalities), num_classes
-        self.dims = [e.d_in for e in encoders]
-
-    def loss(self, xs, y, idx, mask):
-        raise NotImplementedError
-
-    def classify(self, xs, mask):
-        raise NotImplementedError
-
-    def train_step(self, xs, y, idx, optimizer, progress, mask=None):
-        loss = self.loss(xs, y, idx, full_mask(xs) if mask is None else mask)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.grad_clip:
-            nn.utils.clip_grad_norm_(self.parameters(), self.grad_clip)
-        optimizer.step()
-        return loss.detach()
-
-    @torch.no_grad()
-    def predict(self, xs, mask=None):
-        mask = full_mask(xs) if mask is None else mask
-        fused = self.classify(xs, mask)
-        unis = []
-        for m in range(len(xs)):
-            u, rows = torch.zeros_like(fused), mask[:, m]
-            if rows.any():
-                alone = torch.zeros_like(mask[rows])
-                alone[:, m] = True
-                u[rows] = self.classify([x[rows] for x in xs], alone)
-            unis.append(u)
-        return fused, unis
-
-
-class CCA(MissingMethod):
-    """Linear CCA of the three views (multiset_cca), fitted in closed form before training on the
-    training samples where the views are present; a sample is the mean of its present views'
-    projections; a linear classifier on top is what the epochs train."""
-
-    def __init__(self, encoders, num_classes, modalities, dim=32, reg=1e-3):
-        super().__init__(encoders, num_classes, modalities)
-        self.k = min([dim] + self.dims)
-        for m, d in enumerate(self.dims):
-            self.register_buffer(f"W{m}", torch.eye(d, self.k))
-            self.register_buffer(f"mu{m}", torch.zeros(d))
-        self.reg = reg
-        self.classifier = nn.Linear(self.k, num_classes)
-
-    def fit_start(self, loader, device):
-        xs, mask, _ = collect(loader, device)
-        Ws, mus, _ = multiset_cca(xs, mask, self.k, self.reg)
-        store_projection(self, Ws, mus)
-
-    def classify(self, xs, mask):
-        return self.classifier(mean_projection(self, xs, mask))
-
-    def loss(self, xs, y, idx, mask):
-        return F.cross_entropy(self.classify(xs, mask), y)
-
-
-class DCCA(MissingMethod):
-    """Deep CCA (Andrew et al. 2013): per view an MLP encoder and a linear output layer of `dim` units,
-    trained to maximise the total canonical correlation of the outputs (summed over the pairs of views,
-    each pair on the rows of the batch where both are present, and only when there are at least twice
-    as many rows as outputs: fewer make the covariances near-singular). The correlation's gradients
-    through near-singular covariances can be large, so the gradient norm is clipped at 5. After every
-    epoch a linear CCA of the outputs on the training set gives aligned projections, and a linear
-    classifier is fitted on the mean of each sample's present projections."""
-    grad_clip = 5.0
-
-    def __init__(self, encoders, num_classes, modalities, dim=10, reg=1e-3):
-        super().__init__(encoders, num_classes, modalities)
-        self.encoders = nn.ModuleList(encoders)
-        self.outputs = nn.ModuleList(nn.Linear(e.dim, dim) for e in encoders)
-        self.k, self.reg = dim, reg
-        for m in range(len(encoders)):
-            self.register_buffer(f"W{m}", torch.eye(dim))
-            self.register_buffer(f"mu{m}", torch.zeros(dim))
-        self.classifier = nn.Linear(dim, num_classes)
-
-    def features(self, xs):
-        return [g(f(x)) for f, g, x in zip(self.encoders, self.outputs, xs)]
-
-    def correlation_loss(self, hs, mask):
-        loss = sum(h.sum() * 0 for h in hs)      # stays a graph when no pair of views has enough rows
-        for i in range(len(hs)):
-            for j in range(i + 1, len(hs)):
-                both = mask[:, i] & mask[:, j]
-                if both.sum() >= 2 * hs[i].shape[1]:
-                    corr = cca_correlation(hs[i][both].double(), hs[j][both].double(), self.k, self.reg)
-                    loss = loss - corr.to(hs[i].dtype)
-        return loss
-
-    def loss(self, xs, y, idx, mask):
-        return self.correlation_loss(self.features(xs), mask)
-
-    def classify(self, xs, mask):
-        return self.classifier(mean_projection(self, self.features(xs), mask))
-
-    @torch.no_grad()
-    def epoch_end(self, loader, device):
-        was_training = self.training
-        self.eval()
-        xs, mask, y = collect(loader, device)
-        hs = self.features(xs)
-        Ws, mus, _ = multiset_cca(hs, mask, self.k, self.reg)
-        store_projection(self, Ws, mus)
-        fit_softmax_classifier(self.classifier, mean_projection(self, hs, mask), y)
-        self.train(was_training)
-
-
-class DCCAE(DCCA):
-    """DCCA plus per-view decoders from the outputs back to the present views and their reconstruction
-    loss (Wang et al. 2015): loss = -total correlation + recon_weight * reconstruction error."""
-
-    def __init__(self, encoders, num_classes, modalities, dim=10, reg=1e-3, recon_weight=1.0, layers=3):
-        super().__init__(encoders, num_classes, modalities, dim, reg)
-        self.decoders = nn.ModuleList(nn.Sequential(mlp([dim, e.dim]), mlp_decoder(e.dim, e.d_in, layers))
-                                      for e in encoders)
-        self.recon_weight = recon_weight
-
-    def loss(self, xs, y, idx, mask):
-        hs = self.features(xs)
-        recon = view_mse([g(h) for g, h in zip(self.decoders, hs)], xs, mask)
-        return self.correlation_loss(hs, mask) + self.recon_weight * recon
-
-
-class AE(MissingMethod):
-    """An autoencoder over the concatenated views (missing ones zero-filled) and the mask, trained to
-    reconstruct every view whose value is known (with views hidden by hide_views, so it learns to fill
-    them in), jointly with a linear classifier on the bottleneck."""
-
-    def __init__(self, encoders, num_classes, modalities, dim=128, layers=3, recon_weight=1.0, hide_prob=0.5):
-        super().__init__(encoders, num_classes, modalities)
-        d = sum(self.dims)
-        self.encoder = MLPEncoder(d + len(self.dims), dim, layers)
-        self.decoder = mlp_decoder(dim, d, layers)
-        self.classifier = nn.Linear(dim, num_classes)
-        self.recon_weight, self.hide_prob = recon_weight, hide_prob
-
-    def bottleneck(self, xs, mask):
-        return self.encoder(torch.cat(zero_missing(xs, mask) + [mask.to(xs[0].dtype)], 1))
-
-    def impute(self, xs, mask):
-        """Every view as reconstructed from the present ones."""
-        return split_views(self.decoder(self.bottleneck(xs, mask)), self.dims)
-
-    def classify(self, xs, mask):
-        return self.classifier(self.bottleneck(xs, mask))
-
-    def loss(self, xs, y, idx, mask):
-        b = self.bottleneck(xs, hide_views(mask, self.hide_prob))
-        recon = view_mse(split_views(self.decoder(b), self.dims), xs, mask)
-        return F.cross_entropy(self.classifier(b), y) + self.recon_weight * recon
-
-
-class CRA(MissingMethod):
-    """Cascaded residual autoencoder (Tran et al. 2017): a CascadedResidualAE imputes the missing views
-    of the zero-filled concatenated input (trained to output every known view, hidden ones included);
-    the classifier (an MLP encoder and a linear layer) reads the input with its missing views imputed."""
-
-    def __init__(self, encoders, num_classes, modalities, dim=128, layers=3, widths=(128, 64, 32), blocks=3,
-                 recon_weight=1.0, hide_prob=0.5):
-        super().__init__(encoders, num_classes, modalities)
-        self.cra = CascadedResidualAE(sum(self.dims), widths, blocks)
-        self.classifier = nn.Sequential(MLPEncoder(sum(self.dims), dim, layers), nn.Linear(dim, num_classes))
-        self.recon_weight, self.hide_prob = recon_weight, hide_prob
-
-    def impute(self, xs, mask):
-        return split_views(self.cra(torch.cat(zero_missing(xs, mask), 1))[0], self.dims)
-
-    def completed(self, views, xs, mask):
-        return torch.cat([torch.where(mask[:, m:m + 1], x, v) for m, (x, v) in enumerate(zip(xs, views))], 1)
-
-    def classify(self, xs, mask):
-        return self.classifier(self.completed(self.impute(xs, mask), xs, mask))
-
-    def loss(self, xs, y, idx, mask):
-        seen = hide_views(mask, self.hide_prob)
-        views = self.impute(xs, seen)
-        recon = view_mse(views, xs, mask)
-        return F.cross_entropy(self.classifier(self.completed(views, xs, seen)), y) + self.recon_weight * recon
-
-
-class MMIN(MissingMethod):
-    """Missing Modality Imagination Network (Zhao et al. 2021). Per-view MLP encoders (a missing view
-    enters as zeros, as in the paper); a forward CascadedResidualAE imagines the embeddings of all views
-    from the concatenated ones; a backward one maps the imagination back to the input embeddings (cycle
-    consistency); the classifier reads the concatenated bottlenecks of the forward AE. The paper's
-    imagination targets come from encoders pretrained on full-modality data; here the training split
-    has missing views too, so the targets are the model's own (detached) embeddings of the views that
-    are present, with views hidden by hide_views to be imagined."""
-
-    def __init__(self, encoders, num_classes, modalities, widths=(128, 64, 32), blocks=3, recon_weight=1.0,
-                 hide_prob=0.5, cycle=True, cond_dim=0):
-        super().__init__(encoders, num_classes, modalities)
-        self.encoders = nn.ModuleList(encoders)
-        d = sum(e.dim for e in encoders)
-        self.forward_ae = CascadedResidualAE(d, widths, blocks, cond_dim)
-        self.backward_ae = CascadedResidualAE(d, widths, blocks) if cycle else None
-        hidden = encoders[0].dim
-        self.classifier = nn.Sequential(mlp([self.forward_ae.latent_dim, hidden]), nn.Linear(hidden, num_classes))
-        self.recon_weight, self.hide_prob = recon_weight, hide_prob
-
-    def embed(self, xs, mask):
-        return [f(x) for f, x in zip(self.encoders, zero_missing(xs, mask))]
-
-    def imagine(self, es, mask):
-        """(imagined embeddings of all views, forward-AE bottlenecks) from the embeddings es."""
-        return self.forward_ae(torch.cat(es, 1))
-
-    def impute(self, xs, mask):
-        """Every view's embedding as imagined from the present ones."""
-        return split_views(self.imagine(self.embed(xs, mask), mask)[0], [e.dim for e in self.encoders])
-
-    def classify(self, xs, mask):
-        return self.classifier(self.imagine(self.embed(xs, mask), mask)[1])
-
-    def loss(self, xs, y, idx, mask):
-        seen = hide_views(mask, self.hide_prob)
-        es = self.embed(xs, seen)
-        imagined, latent = self.imagine(es, seen)
-        with torch.no_grad():
-            target = self.embed(xs, mask)
-        sizes = [e.dim for e in self.encoders]
-        loss = F.cross_entropy(self.classifier(latent), y)
-        loss = loss + self.recon_weight * view_mse(split_views(imagined, sizes), target, mask)
-        if self.backward_ae is not None:
-            back = self.backward_ae(imagined)[0]
-            loss = loss + self.recon_weight * F.mse_loss(back, torch.cat(es, 1))
-        return loss
-
-
-class IFMMIN(MMIN):
-    """MMIN with invariant features (Zuo et al. 2023): a shared projector maps every view's embedding
-    into an invariant space, pulled together across views by a central-moment-discrepancy loss (pairs
-    of views on the rows where both are present); the mean invariant feature of a sample's present
-    views joins the imagination AE's input and is trained to match the one of all its known views.
-    No backward (cycle) AE, as in the paper."""
-
-    def __init__(self, encoders, num_classes, modalities, widths=(128, 64, 32), blocks=3, recon_weight=1.0,
-                 hide_prob=0.5, cmd_weight=0.1, cmd_order=5):
-        hidden = encoders[0].dim
-        super().__init__(encoders, num_classes, modalities, widths, blocks, recon_weight, hide_prob,
-                         cycle=False, cond_dim=hidden)
-        self.invariant = nn.Sequential(nn.Linear(hidden, hidden), nn.Sigmoid())    # bounded, as CMD assumes
-        self.cmd_weight, self.cmd_order = cmd_weight, cmd_order
-
-    def invariant_mean(self, es, mask):
-        w = mask.to(es[0].dtype)
-        inv = [self.invariant(e) for e in es]
-        return sum(v * w[:, m:m + 1] for m, v in enumerate(inv)) / w.sum(1, keepdim=True), inv
-
-    def imagine(self, es, mask):
-        return self.forward_ae(torch.cat(es, 1), self.invariant_mean(es, mask)[0])
-
-    def loss(self, xs, y, idx, mask):
-        loss = super().loss(xs, y, idx, mask)
-        seen = hide_views(mask, self.hide_prob)
-        inv_seen, _ = self.invariant_mean(self.embed(xs, seen), seen)
-        inv_all, inv = self.invariant_mean(self.embed(xs, mask), mask)
-        loss = loss + self.recon_weight * F.mse_loss(inv_seen, inv_all.detach())
-        for i in range(len(inv)):
-            for j in range(i + 1, len(inv)):
-                both = mask[:, i] & mask[:, j]
-                if both.sum() > 1:
-                    loss = loss + self.cmd_weight * cmd(inv[i][both], inv[j][both], self.cmd_order)
-        return loss
-
-
-class CPMNet(MissingMethod):
-    """Cross Partial Multi-View Networks (Zhang et al. 2019). Every training sample has a latent code h
-    (a buffer, indexed by its data-set index); per-view networks reconstruct each present view from h,
-    and a classification loss acts on h: class scores are s_c(h) = h . (mean training code of class c),
-    loss = max_c (1[c != y] + s_c(h) - s_y(h)). Each step first refines the batch's codes with the
-    networks fixed (code_steps Adam steps on reconstruction + classification), stores them, then takes
-    one optimizer step of the networks. A test sample's code is inferred the same way from its present
-    views by reconstruction alone (from the mean training code), with the networks fixed; its class is
-    argmax_c s_c(h)."""
-
-    def __init__(self, encoders, num_classes, modalities, num_train, dim=128, layers=3, lam=1.0, code_lr=0.05,
-                 code_steps=20):
-        super().__init__(encoders, num_classes, modalities)
-        self.decoders = nn.ModuleList(mlp_decoder(dim, d, layers) for d in self.dims)
-        self.register_buffer("codes", 0.1 * torch.randn(num_train, dim))      # h = 0 is a dead point of ReLU
-        self.register_buffer("labels", torch.full((num_train,), -1, dtype=torch.long))
-        self.lam, self.code_lr, self.code_steps = lam, code_lr, code_steps
-
-    def scores(self, h):
-        known = self.labels >= 0
-        onehot = F.one_hot(self.labels[known], self.num_classes).to(h.dtype)
-        centres = onehot.T @ self.codes[known] / onehot.sum(0)[:, None].clamp_min(1)
-        return h @ centres.T
-
-    def class_loss(self, h, y):
-        s = self.scores(h)
-        margin = 1.0 - F.one_hot(y, self.num_classes).to(s.dtype)
-        return ((s + margin).max(1).values - s.gather(1, y[:, None])[:, 0]).mean()
-
-    def code_loss(self, h, xs, mask, y=None):
-        loss = view_mse([g(h) for g in self.decoders], xs, mask)
-        return loss if y is None else loss + self.lam * self.class_loss(h, y)
-
-    def refine_codes(self, h, xs, mask, y=None):
-        """code_steps Adam steps on the codes alone: the networks get no gradient and do not change."""
-        h = h.detach().clone().requires_grad_(True)
-        opt = torch.optim.Adam([h], lr=self.code_lr)
-        with torch.enable_grad():
-            for _ in range(self.code_steps):
-                h.grad, = torch.autograd.grad(self.code_loss(h, xs, mask, y) * len(h), [h])
-                opt.step()
-        return h.detach()
-
-    def train_step(self, xs, y, idx, optimizer, progress, mask=None):
-        mask = full_mask(xs) if mask is None else mask
-        self.labels[idx] = y
-        self.codes[idx] = self.refine_codes(self.codes[idx], xs, mask, y)
-        loss = self.code_loss(self.codes[idx], xs, mask, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        return loss.detach()
-
-    def infer_codes(self, xs, mask):
-        """Codes of new samples, from the mean training code."""
-        return self.refine_codes(self.codes.mean(0).expand(len(xs[0]), -1), xs, mask)
-
-    def classify(self, xs, mask):
-        return self.scores(self.infer_codes(xs, mask))
-
-
-class TATE(MissingMethod):
-    """Tag-Assisted Transformer Encoder (Zeng et al. 2022). Each present view becomes a token through its
-    MLP encoder (a missing view's token is zeros); a tag token, an embedding of the pattern of missing
-    views (tags()), and learned position embeddings join them; a transformer encoder mixes the tokens;
-    per-view linear decoders reconstruct every known view from its output token (views hidden by
-    hide_views included); a linear classifier reads the mean output token."""
-
-    def __init__(self, encoders, num_classes, modalities, heads=4, layers=2, recon_weight=1.0, hide_prob=0.5):
-        super().__init__(encoders, num_classes, modalities)
-        self.encoders = nn.ModuleList(encoders)
-        d, m = encoders[0].dim, len(encoders)
-        self.tag = nn.Embedding(2 ** m, d)
-        self.position = nn.Parameter(torch.zeros(m + 1, d))
-        layer = nn.TransformerEncoderLayer(d, heads, 2 * d, dropout=0.0, batch_first=True)
-        self.transformer = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
-        self.decoders = nn.ModuleList(nn.Linear(d, e.d_in) for e in encoders)
-        self.classifier = nn.Linear(d, num_classes)
-        self.recon_weight, self.hide_prob = recon_weight, hide_prob
-
-    @staticmethod
-    def tags(mask):
-        """The missing-pattern code of every sample: bit m is set when view m is missing."""
-        bits = 2 ** torch.arange(mask.shape[1], device=mask.device)
-        return ((~mask).long() * bits).sum(1)
-
-    def encode(self, xs, mask):
-        tokens = [f(x) * mask[:, m:m + 1] for m, (f, x) in enumerate(zip(self.encoders, xs))]
-        seq = torch.stack([self.tag(self.tags(mask))] + tokens, 1) + self.position
-        return self.transformer(seq)
-
-    def impute(self, xs, mask):
-        out = self.encode(xs, mask)
-        return [dec(out[:, 1 + m]) for m, dec in enumerate(self.decoders)]
-
-    def classify(self, xs, mask):
-        return self.classifier(self.encode(xs, mask).mean(1))
-
-    def loss(self, xs, y, idx, mask):
-        seen = hide_views(mask, self.hide_prob)
-        out = self.encode(xs, seen)
-        recon = view_mse([dec(out[:, 1 + m]) for m, dec in enumerate(self.decoders)], xs, mask)
-        return F.cross_entropy(self.classifier(out.mean(1)), y) + self.recon_weight * recon
-
-
-MISSING_METHODS = ["late_fusion", "qmf", "cca", "dcca", "dccae", "ae", "cra", "mmin", "if_mmin", "cpm_net",
-                   "tate", "mla"]                    # Table 6, in the paper's order
-MISSING_ONLY_METHODS = [m for m in MISSING_METHODS if m not in METHODS]
-
-
-def build_missing_method(name, encoders, num_classes, modalities, args, num_train):
-    """A Table-6-only method, configured from train_missing.py's args (build_method calls this)."""
-    dim, layers = encoders[0].dim, args.layers
-    rw, hp, ae = args.recon_weight, args.hide_prob, dict(widths=args.ae_widths, blocks=args.ae_blocks)
-    if name == "cca":
-        return CCA(encoders, num_classes, modalities, dim=args.cca_dim, reg=args.cca_reg)
-    if name == "dcca":
-        return DCCA(encoders, num_classes, modalities, dim=args.dcca_dim, reg=args.cca_reg)
-    if name == "dccae":
-        return DCCAE(encoders, num_classes, modalities, dim=args.dcca_dim, reg=args.cca_reg, recon_weight=rw,
-                     layers=layers)
-    if name == "ae":
-        return AE(encoders, num_classes, modalities, dim=dim, layers=layers, recon_weight=rw, hide_prob=hp)
-    if name == "cra":
-        return CRA(encoders, num_classes, modalities, dim=dim, layers=layers, recon_weight=rw, hide_prob=hp, **ae)
-    if name == "mmin":
-        return MMIN(encoders, num_classes, modalities, recon_weight=rw, hide_prob=hp, **ae)
-    if name == "if_mmin":
-        return IFMMIN(encoders, num_classes, modalities, recon_weight=rw, hide_prob=hp, cmd_weight=args.cmd_weight,
-                      cmd_order=args.cmd_order, **ae)
-    if name == "cpm_net":
-        return CPMNet(encoders, num_classes, modalities, num_train, dim=dim, layers=layers, lam=args.cpm_lambda,
-                      code_lr=args.code_lr, code_steps=args.code_steps)
-    if name == "tate":
-        return TATE(encoders, num_classes, modalities, heads=args.tate_heads, layers=args.tate_layers,
-                    recon_weight=rw, hide_prob=hp)
-    raise ValueError(f"unknown method {name!r}; expected one of {MISSING_METHODS}")
-
-
 # ==================================================================================================
-# 5c. CLIP features (Table 7)
+# 3f. Table 7 CLIP features: batched extraction, the on-disk feature cache, the feature data set
 # ==================================================================================================
-# transformers' CLIPModel towers (a local folder or a hub name) as fixed feature extractors: each split's
-# image and text features are computed once and cached on disk, and the Table 7 heads (concat = joint
-# training, mla) train on them. With --finetune the towers themselves are the encoders.
-
-CLIP_FEATURES = ["embeds", "pooled"]
-
-
-class CLIPTower(nn.Module):
-    """One tower of a CLIPModel: pixels (B, 3, S, S) -> image features, or text (B, 2, L) = token ids and
-    padding mask (1 on padding) -> text features. feature='embeds': CLIP's joint embedding (the pooled
-    output through the tower's projection); 'pooled': the pooled output itself (the image's CLS token,
-    the text's end-of-text token, after the final LayerNorm). `dim` is the output width."""
-
-    def __init__(self, model, modality, feature="embeds"):
-        super().__init__()
-        if modality == "image":
-            self.model, self.projection = model.vision_model, model.visual_projection
-            self.image_size = model.config.vision_config.image_size
-        else:
-            self.model, self.projection = model.text_model, model.text_projection
-        self.modality, self.feature = modality, feature
-        self.dim = self.projection.out_features if feature == "embeds" else self.projection.in_features
-
-    def forward(self, x):
-        if self.modality == "image":
-            other_size = tuple(x.shape[-2:]) != (self.image_size, self.image_size)
-            out = self.model(pixel_values=x, interpolate_pos_encoding=other_size)
-        else:
-            out = self.model(input_ids=x[:, 0], attention_mask=(x[:, 1] == 0).long())
-        z = out.pooler_output
-        return self.projection(z) if self.feature == "embeds" else z
-
-
-class CLIPModalityEncoder(nn.Module):
-    """One modality's encoder for the Table 7 methods: features (cached ones, or those of `tower` with
-    --finetune), optionally L2-normalised, then a linear projection to `dim` when that differs from their
-    width (the two modalities must share one width for MLA's head)."""
-
-    def __init__(self, width, dim=None, normalize=False, tower=None):
-        super().__init__()
-        self.tower, self.normalize, self.width, self.dim = tower, normalize, width, dim or width
-        self.proj = nn.Identity() if self.dim == width else nn.Linear(width, self.dim)
-
-    def forward(self, x):
-        z = x if self.tower is None else self.tower(x)
-        if self.normalize:
-            z = F.normalize(z, dim=1)
-        return self.proj(z)
-
-
-def _hash(*parts):
-    import hashlib
-    h = hashlib.sha1()
-    for p in parts:
-        h.update(p if isinstance(p, bytes) else json.dumps(p, sort_keys=True, default=str).encode())
-    return h.hexdigest()
-
-
-def _config_key(d):
-    """A model config as a dict without the entries that do not change what it computes (where it was
-    loaded from, the transformers version, the dtype it was saved in)."""
-    drop = {"_name_or_path", "transformers_version", "dtype", "torch_dtype"}
-    return {k: _config_key(v) if isinstance(v, dict) else v for k, v in d.items() if k not in drop}
-
-
-class CLIPBundle:
-    """A CLIPModel with its image processor and tokenizer: the inputs they make, the towers, and the keys
-    of the feature cache (model = its config and a hash of its weights; data = each item's image file
-    (path, size, modification time) or text; preprocessing = the processor's settings, the tokenizer's
-    vocabulary, special tokens and behaviour, max_len, the feature kind)."""
-    VERSION = 1     # bump when the extraction code changes
-
-    def __init__(self, model, processor, tokenizer, name, max_len=None, image_size=None, feature="embeds"):
-        positions = model.config.text_config.max_position_embeddings
-        max_len = max_len or positions
-        if max_len > positions:
-            raise DataError(f"{name}: --max_len {max_len} is longer than the model's {positions} text positions")
-        if image_size and processor.crop_size.get("height") != image_size:
-            processor = type(processor).from_dict({**processor.to_dict(), "size": {"shortest_edge": image_size},
-                                                   "crop_size": {"height": image_size, "width": image_size}})
-        self.model, self.processor, self.tokenizer = model.eval(), processor, tokenizer
-        self.name, self.max_len, self.feature = str(name), max_len, feature
-        self._fingerprint = None
-
-    def tower(self, modality):
-        return CLIPTower(self.model, modality, self.feature)
-
-    def fingerprint(self):
-        """sha1 of the model's config and of every weight tensor (name, dtype, shape, bytes)."""
-        if self._fingerprint is None:
-            import hashlib
-            h = hashlib.sha1(_hash(_config_key(self.model.config.to_dict())).encode())
-            for k, t in self.model.state_dict().items():
-                t = t.detach().cpu().contiguous()
-                h.update(f"{k}|{t.dtype}|{tuple(t.shape)}".encode())
-                h.update(t.view(-1).view(torch.uint8).numpy().data if t.numel() else b"")
-            self._fingerprint = h.hexdigest()
-        return self._fingerprint
-
-    def preprocessing(self, modality):
-        if modality == "image":
-            return {"processor": self.processor.to_dict()}
-        tok = self.tokenizer
-        return {"tokenizer": type(tok).__name__, "vocab": _hash(sorted(tok.get_vocab().items())),
-                "special": tok.all_special_ids, "max_len": self.max_len, "padding_side": tok.padding_side,
-                "truncation_side": tok.truncation_side,
-                "probe": tok("A Crème-Brûlée, 2 TACOS & naïve ramen!!")["input_ids"]}
-
-    def cache_key(self, modality, pairs):
-        """16 hex digits naming the features of `pairs` for `modality`."""
-        if modality == "image":
-            items = []
-            for p in pairs:
-                s = os.stat(p.image)
-                items.append(f"{p.image}|{s.st_size}|{s.st_mtime_ns}")
-        else:
-            items = [p.text for p in pairs]
-        return _hash({"version": self.VERSION, "model": self.fingerprint(), "modality": modality,
-                      "feature": self.feature, "preprocessing": self.preprocessing(modality)}, items)[:16]
-
-
-def load_clip(name_or_path, tokenizer=None, max_len=None, image_size=None, feature="embeds"):
-    """A CLIPBundle from a local folder written by save_pretrained or a hub name (which needs internet or
-    the Hugging Face cache). The image processor is the folder's (CLIP's standard one for the model's
-    image size when the folder has none); the tokenizer is the folder's or `tokenizer`'s."""
-    from transformers import CLIPImageProcessor, CLIPModel
-    try:
-        model = CLIPModel.from_pretrained(str(name_or_path))
-    except (OSError, ValueError) as e:
-        raise DataError(f"{name_or_path}: cannot load a CLIP model ({type(e).__name__}: {str(e)[:200]}); pass "
-                        "--clip_model a local folder written by save_pretrained (a hub name such as "
-                        "openai/clip-vit-base-patch32 needs internet or the Hugging Face cache)") from None
-    try:
-        processor = CLIPImageProcessor.from_pretrained(str(name_or_path))
-    except (OSError, ValueError):
-        side = model.config.vision_config.image_size
-        print(f"{name_or_path}: no image processor settings (preprocessor_config.json); using CLIP's standard "
-              f"ones: bicubic resize of the short side to {side}, centre crop, CLIP mean and std")
-        processor = CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
-    return CLIPBundle(model, processor, load_tokenizer(tokenizer or name_or_path), name_or_path, max_len,
-                      image_size, feature)
-
-
-def toy_clip(tokenizer, image_size=32, patch_size=8, width=32, layers=2, heads=2, max_len=16, seed=0,
-             feature="embeds"):
-    """A tiny randomly initialised CLIP built in memory from a CLIPConfig (no download), for the toy set:
-    the text tower's vocabulary and special tokens are `tokenizer`'s (the toy's BERT vocabulary, [CLS]
-    first, pooled at [SEP]); the image processor is CLIP's at `image_size`. Its weights depend only on
-    `seed`."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
-    sizes = dict(hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers, num_attention_heads=heads)
-    config = CLIPConfig(
-        text_config=dict(vocab_size=len(tokenizer), max_position_embeddings=max_len, pad_token_id=tokenizer.pad_token_id,
-                         bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id, **sizes),
-        vision_config=dict(image_size=image_size, patch_size=patch_size, **sizes), projection_dim=width)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = CLIPModel(config)
-    processor = CLIPImageProcessor(size={"shortest_edge": image_size},
-                                   crop_size={"height": image_size, "width": image_size})
-    return CLIPBundle(model, processor, tokenizer, "toy-clip", max_len, None, feature)
-
-
-def pretrain_toy_clip(clip, pairs, epochs=15, batch_size=64, lr=2e-3, seed=0):
-    """Stand-in for CLIP's pretraining, for the toy CLIP: CLIP's own contrastive loss (CLIPModel with
-    return_loss=True: symmetric cross-entropy of the image-text similarities of a batch) on `pairs` (the
-    toy's training pairs; labels are not used), AdamW, seeded. A random CLIP's features are unaligned and
-    its image features barely above chance; after this they are aligned and informative."""
-    g = torch.Generator()
-    g.manual_seed(seed)
-    loader = torch.utils.data.DataLoader(CLIPInputs(pairs, clip), batch_size=batch_size, shuffle=True, generator=g)
-    optimizer = torch.optim.AdamW(clip.model.parameters(), lr=lr)
-    clip.model.train()
-    for epoch in range(epochs):
-        for pixels, text, _, _ in loader:
-            loss = clip.model(input_ids=text[:, 0], attention_mask=(text[:, 1] == 0).long(), pixel_values=pixels,
-                              return_loss=True).loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        print(f"toy CLIP: contrastive pretraining on {len(pairs)} pairs, epoch {epoch + 1}/{epochs}, loss {loss.item():.3f}",
-              flush=True)
-    clip.model.eval()
-    clip._fingerprint = None            # the weights changed
-    return clip
-
 
 class CLIPInputs(torch.utils.data.Dataset):
     """Pairs as CLIP's inputs: (pixels (3, S, S) made by the image processor, text (2, max_len) = token ids
@@ -3697,8 +3301,118 @@ class CLIPFeatureDataset(torch.utils.data.Dataset):
 
 
 # ==================================================================================================
-# 6. Evaluation, training loop, sweeps and the run record
+# 4. Training helpers: seeding, the loader, one epoch, evaluation, checkpoints, the run record
 # ==================================================================================================
+
+class DiskFull(OSError):
+    """A file could not be written because its disk is full. Written files are replaced atomically, so
+    the previous version of the file (a checkpoint, say) is still there."""
+
+    def __init__(self, message):
+        super().__init__(errno.ENOSPC, message)
+
+
+def free_bytes(folder):
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def mb(n):
+    return "?" if n is None else f"{n / 2**20:,.0f} MB"
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def torch_threads(n):
+    """torch uses `n` CPU threads inside the block (0 or None: unchanged); the previous count is restored."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def seed_worker(_worker_id):
+    # DataLoader gives every worker its own torch seed; derive numpy's and random's from it.
+    s = torch.initial_seed() % 2**32
+    np.random.seed(s)
+    random.seed(s)
+
+
+def atomic_write(path, write):
+    """Write a file so that a crash at any moment leaves either the old file or the new one:
+    write(f) into a temporary file beside it, flush and fsync, then rename over the old one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        # torch.save reports a short write as a RuntimeError ("unexpected pos ..."), not as ENOSPC
+        free = free_bytes(path.parent) if isinstance(e, (OSError, RuntimeError)) else None
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        if (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or (free is not None
+                                                                                   and free < 2**20):
+            kept = f"the previous {path.name} is kept" if path.exists() else "nothing was written"
+            raise DiskFull(f"could not write {path}: its disk is full ({mb(free)} free; {type(e).__name__}: "
+                           f"{e}); {kept}. Free some space, or write elsewhere (--out_dir, --cache_dir), and "
+                           "rerun the same command (with --resume a run continues after its last finished epoch)"
+                           ) from e
+        raise
+
+
+def atomic_torch_save(obj, path):
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_json_dump(obj, path):
+    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=1) + "\n").encode()))
+
+
+def code_version():
+    """Git commit of this code ('+dirty' when tracked files differ from it), or 'unknown'."""
+    try:
+        rev = subprocess.run(["git", "-C", str(HERE), "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=10)
+        if rev.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(["git", "-C", str(HERE), "diff", "--quiet", "HEAD"],
+                               capture_output=True, timeout=10).returncode != 0
+        return rev.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def make_loader(dataset, batch_size, train, seed=0, num_workers=0, device="cpu"):
+    """A DataLoader (shuffled from a generator seeded with `seed` when training), or on CUDA, for a data
+    set that can read whole batches (`gatherable`, e.g. the cache with crops on the GPU), a GatherLoader
+    with `num_workers` threads."""
+    g = torch.Generator()
+    g.manual_seed(seed)
+    drop_last = train and len(dataset) % batch_size == 1      # BatchNorm cannot train on 1 sample
+    if str(device).startswith("cuda") and getattr(dataset, "gatherable", False):
+        return GatherLoader(dataset, batch_size, train, g, num_workers, drop_last, pin=True)
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=train, generator=g, num_workers=num_workers,
+        worker_init_fn=seed_worker, pin_memory=str(device).startswith("cuda"), drop_last=drop_last,
+        # training workers start afresh each epoch, seeded from the generator, so a resumed run draws
+        # the same augmentations as an uninterrupted one
+        persistent_workers=num_workers > 0 and not train)
+
 
 def to_device(batch, device, masked=False):
     """A batch (*xs, y, idx) -> (xs, y, idx) on the device. With masked=True (the data set has
@@ -3711,6 +3425,656 @@ def to_device(batch, device, masked=False):
         *xs, y, idx = batch
     out = [x.to(device, non_blocking=nb) for x in xs], y.to(device, non_blocking=nb), idx.to(device, non_blocking=nb)
     return (*out, mask.to(device, non_blocking=nb)) if masked else out
+
+
+def is_masked(loader):
+    return getattr(loader.dataset, "masked", False)
+
+
+@torch.no_grad()
+def evaluate(method, loader, device, amp=False):
+    """Accuracy in percent of every modality alone and of the fused prediction. With missing views
+    (a masked data set) a modality's accuracy counts only the samples where its view is present, and
+    is None when no sample of the split has that view."""
+    method.eval()
+    masked = is_masked(loader)
+    n = len(method.modalities) + 1
+    correct = torch.zeros(n, dtype=torch.long, device=device)     # counted on the device: no sync per batch
+    count = torch.zeros(n, dtype=torch.long, device=device)
+    for xs, y, _, mask in device_batches(loader, device, False, masked):
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=amp):
+            fused, unis = method.predict(xs, mask=mask) if masked else method.predict(xs)
+        fused, unis = fused.float(), [u.float() for u in unis]
+        mask = mask if masked else torch.ones(len(y), len(unis), dtype=torch.bool, device=y.device)
+        for m, u in enumerate(unis):
+            correct[m] += ((u.argmax(1) == y) & mask[:, m]).sum()
+            count[m] += mask[:, m].sum()
+        correct[-1] += (fused.argmax(1) == y).sum()
+        count[-1] += len(y)
+    correct, count = correct.tolist(), count.tolist()
+    return {name: round(100.0 * c / n, 4) if n else None          # None: no sample had this view
+            for name, c, n in zip(method.modalities + ["multi"], correct, count)}
+
+
+def train_one_epoch(method, loader, optimizer, epoch, device, amp=False, scheduler=None, checkpoint=None,
+                    check_every=None):
+    """One pass over the loader, then one step of the (per-epoch) scheduler; returns (mean batch loss,
+    the epoch's learning rate). Before each step the method's schedule(epoch, step, steps) runs when it
+    has one; methods with uses_index get the batch's sample indices (idx=), masked data sets' batches
+    their mask. With amp, forward passes run under bf16 autocast (bf16 needs no loss scaling). A
+    non-finite batch loss raises FloatingPointError naming its epoch and step and whether `checkpoint`
+    (the last.pt a --resume continues from) is there. Losses are read back every `check_every` steps
+    (default: every step on the CPU, every 25 on a GPU, where each read waits for the GPU)."""
+    from tqdm import tqdm
+    method.train()
+    masked, uses_index = is_masked(loader), getattr(method, "uses_index", False)
+    steps, lr = len(loader), float(f"{optimizer.param_groups[0]['lr']:.6g}") if optimizer else None
+    check_every = check_every or (25 if torch.device(device).type == "cuda" else 1)
+    bar = tqdm(total=steps, desc=f"epoch {epoch + 1}", leave=False, dynamic_ncols=True,
+               disable=not sys.stderr.isatty())
+    total, unread = 0.0, []
+
+    def read_back():
+        nonlocal total
+        for step, loss in unread:
+            loss = float(loss)
+            if not math.isfinite(loss):
+                kept = ("no epoch had finished" if checkpoint is None or not Path(checkpoint).is_file() else
+                        f"the last good checkpoint, {checkpoint} (after epoch {epoch}), is kept: fix the cause "
+                        "(e.g. a lower --lr) and rerun with --resume")
+                raise FloatingPointError(f"non-finite loss ({loss}) at epoch {epoch + 1}, step {step + 1} of "
+                                         f"{steps}; {kept}")
+            total += loss
+        if unread:
+            bar.set_postfix(loss=f"{loss:.3f}")
+        unread.clear()
+
+    try:
+        for step, (xs, y, idx, mask) in enumerate(device_batches(loader, device, True, masked)):
+            if hasattr(method, "schedule"):
+                method.schedule(epoch, step, steps)
+            extra = ({"mask": mask} if masked else {}) | ({"idx": idx} if uses_index else {})
+            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=amp):
+                unread.append((step, method.train_step(xs, y, optimizer, **extra)))
+            if len(unread) >= check_every:
+                read_back()
+            bar.update()
+        read_back()
+    finally:
+        bar.close()
+    if scheduler is not None:
+        scheduler.step()
+    return total / max(steps, 1), lr
+
+
+def val_split(items, labels, ratio, seed):
+    """(train, val): a seeded stratified share `ratio` of items held out for validation (val None at 0)."""
+    if ratio <= 0:
+        return items, None
+    keep, held = stratified_split(labels, ratio, seed)
+    return [items[i] for i in keep], [items[i] for i in held]
+
+
+def train_val_test(data, val_ratio, seed, name, what):
+    """{"train", "val", "test"}: the items of a loaded data set (load_av_splits, load_it_splits, ...) to
+    train, select and test on. val is the data's dev split when it has one (and val_ratio > 0), else a
+    seeded stratified share val_ratio of train (None at 0). Prints what --skip_bad skipped and the sizes."""
+    if data["skipped"]:
+        print(f"skipped {data['skipped']} {what} with missing files (--skip_bad)")
+    dev = bool(val_ratio > 0 and data.get("dev"))
+    train, val = (data["train"], data["dev"]) if dev else val_split(data["train"], [x.label for x in data["train"]],
+                                                                      val_ratio, seed)
+    print(f"{name} ({data['layout']}): {len(data['classes'])} classes, train {len(train)}, val {len(val or [])}"
+          f"{' (dev split)' if dev else ''}, test {len(data['test'])}")
+    return {"train": train, "val": val, "test": data["test"]}
+
+
+def evaluate_epoch(method, loaders, select_on, device, amp=False):
+    """(validation accuracies or None, test accuracies when the epoch is selected on the test set, else None)."""
+    val = evaluate(method, loaders["val"], device, amp) if loaders.get("val") else None
+    return val, evaluate(method, loaders["test"], device, amp) if select_on == "test" else None
+
+
+def start_run(select_on, epochs, has_val):
+    """The state of a new run, saved in last.pt: the epoch log, the selection so far, the clock."""
+    if select_on == "val" and not has_val:
+        raise ValueError("--select_on val needs a validation split (--val_ratio > 0)")
+    if select_on == "test":
+        print("NOTE: selecting the epoch on the TEST set (--select_on test, the official protocol); "
+              "the reported test accuracy is optimistic.")
+    return {"log": [], "best_epoch": None, "best_score": -1.0, "next_epoch": 0, "elapsed": 0.0,
+            "select_on": select_on, "epochs": epochs, "start": time.time(), "tick": time.time()}
+
+
+def log_epoch(run, epoch, loss, lr, val, test):
+    """Add the epoch to the run's log and print its line; True when it is the selected epoch so far."""
+    entry = {"epoch": epoch, "lr": lr, "train_loss": round(loss, 6), "val": val}
+    if run["select_on"] == "test":
+        entry["test"] = test
+    run["log"].append(entry)
+    shown = test if run["select_on"] == "test" else val
+    print(f"epoch {epoch + 1:3d}/{run['epochs']}  loss {loss:.4f}  {'test' if run['select_on'] == 'test' else 'val'}: "
+          f"{fmt_acc(shown) if shown else '-'}  ({time.time() - run['tick']:.1f}s)", flush=True)
+    score = {"val": (val or {}).get("multi"), "test": (test or {}).get("multi"), "last": epoch}[run["select_on"]]
+    score = -1 if score is None else score
+    if score > run["best_score"]:
+        run["best_score"], run["best_epoch"] = score, epoch
+        return True
+    return False
+
+
+def save_best(path, method, settings, epoch):
+    """best.pt: the selected epoch's weights (with the run's settings and modalities)."""
+    atomic_torch_save({"method": settings["method"], "epoch": epoch, "args": settings,
+                       "modalities": method.modalities, "state_dict": method.state_dict()}, path)
+
+
+def save_checkpoint(path, run, settings, method, optimizer, scheduler, train_loader):
+    """last.pt, written atomically after every epoch: all a --resume needs to continue exactly as an
+    uninterrupted run (model incl. MLA's P and QMF's histories, optimizer, scheduler, every RNG state and
+    the training loader's generator, the epoch log and the selection so far)."""
+    epoch = run["log"][-1]["epoch"]
+    atomic_torch_save({"method": settings["method"], "seed": settings["seed"], "epoch": epoch, "args": settings,
+                       "state_dict": method.state_dict(), "optimizer": optimizer.state_dict(),
+                       "scheduler": scheduler.state_dict(), "rng": rng_states(train_loader), "log": run["log"],
+                       "best_epoch": run["best_epoch"], "best_score": run["best_score"],
+                       "elapsed": run["elapsed"] + time.time() - run["start"]}, path)
+    run["tick"] = time.time()
+
+
+def resume_run(path, run, settings, method, optimizer, scheduler, train_loader):
+    """--resume: continue `run` from last.pt (restores the model, optimizer, scheduler, RNG states and the
+    log). Only --lr (applied from the next epoch) and --epochs may differ from the checkpoint's settings."""
+    if not Path(path).is_file():
+        print(f"--resume: no {path}, starting from the first epoch", flush=True)
+        return False
+    # on the CPU: the RNG states must stay CPU tensors (load_state_dict moves the rest to the device)
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if (state["method"], state["seed"]) != (settings["method"], settings["seed"]):
+        raise ValueError(f"{path}: a checkpoint of {state['method']} seed {state['seed']}; expected "
+                         f"{settings['method']} seed {settings['seed']}")
+    shown = other_settings(state["args"], settings, free={"lr", "epochs"})
+    if shown:
+        raise DataError(f"{path}: a checkpoint of a run with other settings ({shown}); --resume continues "
+                        "a run with its own settings (only --lr and --epochs may change): rerun with them, "
+                        "or without --resume to start over")
+    method.load_state_dict(state["state_dict"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    run.update(log=state["log"], best_epoch=state["best_epoch"], best_score=state["best_score"],
+               next_epoch=state["epoch"] + 1, elapsed=state["elapsed"])
+    set_rng_states(state["rng"], train_loader)
+    print(f"resuming from {path}: {run['next_epoch']} of {run['epochs']} epochs done", flush=True)
+    if state["args"].get("lr") not in (None, settings["lr"]):
+        resume_lr(optimizer, scheduler, state["args"]["lr"], settings["lr"])
+        print(f"--lr {settings['lr']} replaces {state['args']['lr']} from epoch {run['next_epoch'] + 1} on (each "
+              "epoch's lr is in the record's epoch log)", flush=True)
+    return True
+
+
+def load_best(path, method, device):
+    """Load best.pt's weights into the method."""
+    method.load_state_dict(torch.load(path, map_location=device, weights_only=False)["state_dict"])
+
+
+RECORD_KEYS = ("script", "dataset", "method", "seed", "args", "modalities", "epochs", "select_on",
+               "best_epoch", "test", "wall_time_s", "version")
+
+
+def write_record(folder, script, settings, method, run, test):
+    """<folder>/record.json: the settings, the epoch log, the selected epoch and its test accuracies (the
+    run is then finished: last.pt is removed). Returns the record."""
+    record = {"script": script, "dataset": settings["dataset"], "method": settings["method"],
+              "seed": settings["seed"], "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in settings.items()},
+              "modalities": method.modalities, "epochs": run["log"], "select_on": run["select_on"],
+              "best_epoch": run["best_epoch"], "test": test,
+              "wall_time_s": round(run["elapsed"] + time.time() - run["start"], 2), "version": code_version()}
+    assert tuple(record) == RECORD_KEYS
+    atomic_json_dump(record, Path(folder) / "record.json")
+    (Path(folder) / "last.pt").unlink(missing_ok=True)
+    chosen = "selected on TEST" if run["select_on"] == "test" else f"epoch {run['best_epoch'] + 1} by {run['select_on']}"
+    print(f"test ({chosen}): {fmt_acc(test)}\nrecord: {Path(folder) / 'record.json'}", flush=True)
+    return record
+
+
+def run_dir(out_dir, dataset, script, method, seed, *extra):
+    """<out_dir>/<dataset>/<method>/seed<k>[/extra...]: where a run writes record.json and best.pt.
+    A toy set's folder is named after its script (toy_av, toy_it, toy_missing, ...), so the toy runs
+    of different scripts never share a folder."""
+    if dataset == "toy":
+        dataset = "toy_" + Path(script).stem.removeprefix("train_")
+    return Path(out_dir, dataset, method, f"seed{seed}", *extra)
+
+
+def parse_methods(spec, known):
+    """'mla', 'concat,mla' or 'all' -> a list of method names (ValueError naming an unknown one)."""
+    names = list(known) if spec == "all" else [m.strip() for m in spec.split(",") if m.strip()]
+    bad = [m for m in names if m not in known]
+    if bad or not names:
+        raise ValueError(f"unknown method {bad[0] if bad else spec!r}; expected one of {', '.join(known)}, "
+                         "a comma list of them, or 'all'")
+    return names
+
+
+def sweep_runs(args, known_methods, grid=None):
+    """The runs a command asks for: a copy of args per (seed, method) of args.method (name, comma list or
+    'all') x args.seeds (comma list; default args.seed), seed by seed; `grid` ({arg name: [values]},
+    e.g. {"missing_rate": [0.1, 0.3]}) adds outer loops. Each copy's `label` names it."""
+    import copy
+    methods = parse_methods(args.method, known_methods)
+    seeds = [int(s) for s in str(args.seeds).split(",")] if getattr(args, "seeds", None) else [args.seed]
+    grid = grid or {}
+    runs = []
+    for vals in itertools.product(*grid.values()):
+        for seed, method in itertools.product(seeds, methods):
+            a = copy.copy(args)
+            a.method, a.seed = method, seed
+            for name, v in zip(grid, vals):
+                setattr(a, name, v)
+            runs.append((f"{method} seed {seed}" + "".join(f" {n} {v}" for n, v in zip(grid, vals)), a))
+    return runs
+
+
+def finished_record(path, settings, sweep):
+    """The record at `path` when a sweep (sweep=True) finished that run before with these settings (it is
+    then skipped), else None. A run never goes into the folder of a finished run of other settings."""
+    if not Path(path).is_file():
+        return None
+    old = json.loads(Path(path).read_text())
+    shown = other_settings(old.get("args", {}), settings)
+    if shown:
+        raise DataError(f"{path}: a finished run with other settings ({shown}); expected the same settings "
+                        "in one run folder: pass another --out_dir, or delete that run to redo it")
+    return old if sweep else None
+
+
+def sweep_line(k, n, label, record, skipped):
+    """The line a sweep prints after run k of n (nothing for a single run)."""
+    if n > 1 and skipped:
+        print(f"[{k}/{n}] {label}: skipped, its record.json exists", flush=True)
+    elif n > 1:
+        print(f"[{k}/{n}] {label}: test {fmt_acc(record['test'])} (epoch {record['best_epoch'] + 1} by "
+              f"{record['select_on']}, {record['wall_time_s']:.0f}s)", flush=True)
+
+
+# flags that change how a run executes, not what it computes (or which runs a sweep lists)
+RUN_ONLY_ARGS = {"resume", "device", "num_workers", "cpu_threads", "amp", "compile", "cache_dir", "out_dir",
+                 "seeds", "missing_rates"}
+
+
+def other_settings(recorded, settings, free=()):
+    """The flags (known to both, execution-only ones and `free` aside) whose recorded value differs from
+    the settings now, as '--k A there, B now', or '' when there are none."""
+    recorded = json.loads(json.dumps(recorded, default=str))
+    now = json.loads(json.dumps(settings, default=str))
+    differ = [k for k in sorted(set(recorded) & set(now) - RUN_ONLY_ARGS - set(free)) if recorded[k] != now[k]]
+    return ", ".join(f"--{k} {recorded[k]} there, {now[k]} now" for k in differ[:4])
+
+
+def resume_lr(optimizer, scheduler, old_lr, new_lr):
+    """Scale the learning rate of a resumed optimizer and StepLR from old_lr to new_lr, keeping the
+    schedule's position (a run that diverged continues with a lower --lr)."""
+    scale = new_lr / old_lr
+    for g in optimizer.param_groups:
+        g["lr"] *= scale
+        if "initial_lr" in g:
+            g["initial_lr"] *= scale
+    scheduler.base_lrs = [b * scale for b in scheduler.base_lrs]
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+
+
+def fmt_acc(acc):
+    return "  ".join(f"{k} {v:5.1f}" if v is not None else f"{k}   n/a" for k, v in acc.items())
+
+
+def rng_states(train_loader):
+    """Every random state a run draws from: Python, NumPy, torch (CPU and CUDA) and the training
+    loader's generator (its shuffle order and its workers' seeds)."""
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "loader": train_loader.generator.get_state() if train_loader.generator is not None else None}
+
+
+def set_rng_states(state, train_loader):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"].cpu())
+    if state["cuda"] is not None and torch.cuda.is_available():    # as many GPUs as both runs have
+        for i, s in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(s.cpu(), i)
+    if state["loader"] is not None:
+        train_loader.generator.set_state(state["loader"].cpu())
+
+
+# ==================================================================================================
+# 5. Speed: the preprocessed A-V cache, batched reads, the GPU input path, torch.compile
+# ==================================================================================================
+
+def default_cache_dir(root):
+    """<data root>/.mla_cache when the data root is writable, else ~/.cache/mla (or $XDG_CACHE_HOME/mla)."""
+    root = Path(root)
+    if os.access(root, os.W_OK):
+        return root / ".mla_cache"
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mla"
+
+
+def short_side_size(h, w, side):
+    """(h, w) scaled so that the short side is `side`."""
+    if w >= h:
+        return side, max(side, round(side * w / h))
+    return max(side, round(side * h / w)), side
+
+
+def frame_cache_size(clips, image_size, train):
+    """Stored frame size: test-time frames exactly as the test transform makes them (S x S); the canvas of
+    training frames: short side = S, the aspect ratio of the data's first frame (see fit_frame)."""
+    if not train:
+        return image_size, image_size
+    paths = list_frames(clips[0].frames)
+    if not paths:
+        raise DataError(f"{clips[0].frames}: no frames (clip at {clips[0].src}); expected .jpg files")
+    w, h = load_image(paths[0], clips[0].src).size
+    return short_side_size(h, w, image_size)
+
+
+def fit_frame(image, canvas, side):
+    """A training frame for the cache: resized with its own aspect ratio to short side `side` (or, when
+    that overflows the canvas, as large as fits), at the top left of a uint8 canvas (3, H, W) whose
+    rest repeats the last row and column (so bilinear sampling at the frame's edge reads the edge).
+    Returns (canvas, (h, w) of the frame in it)."""
+    from torchvision.transforms import v2 as T
+    H, W = canvas
+    h, w = short_side_size(image.height, image.width, side)
+    if h > H or w > W:
+        s = min(H / h, W / w)
+        h, w = max(1, min(H, round(h * s))), max(1, min(W, round(w * s)))
+    x = T.Resize((h, w), antialias=True)(T.ToImage()(image))
+    out = torch.empty((3, H, W), dtype=torch.uint8)
+    out[:, :h, :w] = x
+    out[:, :h, w:] = x[:, :, -1:]
+    out[:, h:, :] = out[:, h - 1:h, :]
+    return out, (h, w)
+
+
+class _CacheBuild(torch.utils.data.Dataset):
+    """One clip decoded once: (fbank float16 (T, F), picked frames uint8 (K, 3, H, W), each frame's
+    (h, w) in its canvas (K, 2)). Test frames are resized to exactly S x S, as the test transform does;
+    training frames keep their aspect ratio (fit_frame)."""
+
+    def __init__(self, clips, size, frames, audio_len, num_mel_bins, train, image_size):
+        from torchvision.transforms import v2 as T
+        self.av = AVDataset(clips, False, size[0], frames, audio_len, num_mel_bins)
+        self.size, self.train, self.image_size = size, train, image_size
+        self.resize = T.Compose([T.ToImage(), T.Resize(size, antialias=True)])
+
+    def __len__(self):
+        return len(self.av)
+
+    def __getitem__(self, i):
+        clip = self.av.clips[i]
+        fb = self.av.load_audio(clip)[0].numpy().astype(np.float16)
+        paths = list_frames(clip.frames)
+        if not paths:
+            raise DataError(f"{clip.frames}: no frames (clip at {clip.src}); expected .jpg files")
+        images = [load_image(paths[k], clip.src) for k in pick_even(len(paths), self.av.frames)]
+        if self.train:
+            fr, hw = zip(*(fit_frame(im, self.size, self.image_size) for im in images))
+        else:
+            fr, hw = [self.resize(im) for im in images], [self.size] * len(images)
+        return fb, torch.stack(fr).numpy(), np.array(hw, dtype=np.int32)
+
+
+CACHE_ELSEWHERE = "give --cache_dir a folder on a larger disk, or pass --no_cache to decode every epoch"
+
+
+def reserve(path, folder):
+    """Allocate every block of a file that a memory map created sparse: a full disk is then an error
+    here, not a SIGBUS at some later write through the map."""
+    if not hasattr(os, "posix_fallocate"):          # macOS, Windows: the free-space check alone
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFull(f"{folder}: no room on its disk for the cache's {path.name} "
+                           f"({mb(os.fstat(fd).st_size)}); {CACHE_ELSEWHERE}") from e
+        # a file system without fallocate (EOPNOTSUPP, EINVAL): go on as before
+    finally:
+        os.close(fd)
+
+
+class CachedAVDataset(torch.utils.data.Dataset):
+    """The clips of one split preprocessed once into memory-mapped arrays under `cache_dir`:
+    fbank.npy (N, audio_len, mel_bins) float16, frames.npy (N, frames, 3, H, W) uint8 and extents.npy
+    (N, frames, 2) int32: the (h, w) each training frame fills at the top left of its H x W canvas (its own
+    aspect ratio kept; the crops are drawn inside it).
+
+    The folder name is a hash of every preprocessing parameter and of each clip's files (path, size,
+    modification time), so a change rebuilds it instead of reading stale data. A build writes to a
+    temporary folder and renames it, so two runs building at once cannot corrupt it. Items are
+    (audio float16 (1, T, F), frames uint8 (K, 3, H, W), label, index); `device_transform` turns a
+    batch into float32 audio and normalised float frames on the training device. Training crops and flips are drawn per
+    frame in the loader workers with torchvision (augment_on='workers', best on a CPU), or for the
+    whole batch at once on the device (augment_on='device', for a GPU; bilinear without antialias).
+    """
+    VERSION = 2     # bump when the preprocessing code changes (2: training frames keep their aspect ratio)
+
+    def __init__(self, clips, train, image_size=224, frames=3, audio_len=1024, num_mel_bins=128,
+                 cache_dir=None, num_workers=0, augment_on="workers"):
+        from torchvision.transforms import v2 as T
+        self.clips, self.train, self.image_size = list(clips), train, image_size
+        self.augment_on = augment_on
+        self.crop = T.Compose([T.RandomResizedCrop(image_size, antialias=True), T.RandomHorizontalFlip()])
+        size = frame_cache_size(self.clips, image_size, train)
+        params = {"version": self.VERSION, "train": train, "size": size, "frames": frames,
+                  "audio_len": audio_len, "num_mel_bins": num_mel_bins}
+        self.folder = Path(cache_dir) / f"{'train' if train else 'eval'}-{self.key(params)}"
+        if not (self.folder / "meta.json").is_file():
+            self.build(params, size, num_workers)
+        self._arrays = None
+        self.extents = torch.from_numpy(np.load(self.folder / "extents.npy"))     # small: kept in memory
+        if len(self.fbank) != len(self.clips):
+            raise DataError(f"{self.folder}: cache holds {len(self.fbank)} clips; expected {len(self.clips)} "
+                            "(delete the folder to rebuild it)")
+
+    def key(self, params):
+        import hashlib
+        h = hashlib.sha1(json.dumps(params, sort_keys=True).encode())
+        for c in self.clips:
+            a, f = os.stat(c.audio), os.stat(c.frames)
+            h.update(f"{c.id}|{c.label}|{c.audio}|{a.st_size}|{a.st_mtime_ns}|{c.frames}|{f.st_mtime_ns}".encode())
+            # a frame rewritten in place leaves its folder's mtime alone; the names listed by resolve_clips
+            paths = [Path(c.frames) / n for n in c.frame_names] or list_frames(c.frames)
+            for k in pick_even(len(paths), params["frames"]) if paths else []:
+                s = os.stat(paths[k])
+                h.update(f"|{paths[k].name}|{s.st_size}|{s.st_mtime_ns}".encode())
+            h.update(b"\n")
+        return h.hexdigest()[:16]
+
+    def build(self, params, size, num_workers):
+        from tqdm import tqdm
+        self.folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=self.folder.parent, prefix=f".{self.folder.name}.building."))
+        try:
+            n = len(self.clips)
+            need = n * (2 * params["audio_len"] * params["num_mel_bins"] + params["frames"] * 3 * size[0] * size[1])
+            free = free_bytes(tmp)
+            if free is not None and need > free:
+                raise DiskFull(f"{self.folder}: the cache needs {mb(need)} and its disk has {mb(free)} free; "
+                               f"{CACHE_ELSEWHERE}")
+            fb = np.lib.format.open_memmap(tmp / "fbank.npy", "w+", np.float16,
+                                           (n, params["audio_len"], params["num_mel_bins"]))
+            fr = np.lib.format.open_memmap(tmp / "frames.npy", "w+", np.uint8, (n, params["frames"], 3, *size))
+            for f in ("fbank.npy", "frames.npy"):
+                reserve(tmp / f, self.folder)
+            hw = np.zeros((n, params["frames"], 2), np.int32)
+            src = _CacheBuild(self.clips, size, params["frames"], params["audio_len"], params["num_mel_bins"],
+                              self.train, self.image_size)
+            # its own generator: building must not draw from the global RNG, or a run that builds the
+            # cache would train differently from one that finds it built
+            loader = torch.utils.data.DataLoader(src, batch_size=None, num_workers=num_workers,
+                                                 generator=torch.Generator().manual_seed(0))
+            for i, (a, v, e) in enumerate(tqdm(loader, total=n, desc=f"caching {self.folder.name}", unit="clip",
+                                               disable=not sys.stderr.isatty())):
+                fb[i], fr[i], hw[i] = a, v, e
+            fb.flush()
+            fr.flush()
+            del fb, fr
+            np.save(tmp / "extents.npy", hw)
+            atomic_json_dump({**params, "clips": [c.id for c in self.clips]}, tmp / "meta.json")
+            try:
+                os.rename(tmp, self.folder)
+            except OSError:             # another run finished the same cache first: use theirs
+                if not (self.folder / "meta.json").is_file():
+                    raise
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    # the memory maps are opened in each process that reads them, and never pickled (a pickled memmap
+    # would copy the whole array into every loader worker started with 'spawn', as on macOS)
+    def _open(self):
+        if self._arrays is None:
+            self._arrays = (np.load(self.folder / "fbank.npy", mmap_mode="r"),
+                            np.load(self.folder / "frames.npy", mmap_mode="r"))
+        return self._arrays
+
+    @property
+    def fbank(self):
+        return self._open()[0]
+
+    @property
+    def frames(self):
+        return self._open()[1]
+
+    def __getstate__(self):
+        return {**self.__dict__, "_arrays": None}
+
+    def __len__(self):
+        return len(self.clips)
+
+    @property
+    def gatherable(self):
+        """True when an item is only a read (no crop in the loader workers): see `gather`."""
+        return not (self.train and self.augment_on == "workers")
+
+    def gather(self, indices, pin=False):
+        """The batch a DataLoader would collate from these items, read in one go from the memory maps
+        straight into (pinned, with pin=True) tensors; for `gatherable` data sets. numpy's take does
+        not hold the GIL, so several threads can gather batches at once (see GatherLoader)."""
+        idx = np.asarray(indices, dtype=np.int64)
+        fb, fr = self._open()
+        audio = torch.empty((len(idx), 1, *fb.shape[1:]), dtype=torch.float16, pin_memory=pin)
+        video = torch.empty((len(idx), *fr.shape[1:]), dtype=torch.uint8, pin_memory=pin)
+        np.take(fb, idx, axis=0, out=audio.numpy()[:, 0], mode="clip")   # indices come from a sampler
+        np.take(fr, idx, axis=0, out=video.numpy(), mode="clip")
+        labels = torch.tensor([self.clips[i].label for i in idx])
+        index = torch.from_numpy(idx)
+        if pin:
+            labels, index = labels.pin_memory(), index.pin_memory()
+        return audio, video, labels, index
+
+    def __getitem__(self, i):
+        audio = torch.from_numpy(np.array(self.fbank[i])).unsqueeze(0)         # float16 until the device
+        video = torch.from_numpy(np.array(self.frames[i]))
+        if self.train and self.augment_on == "workers":
+            video = torch.stack([self.crop(f[:, :h, :w]) for f, (h, w) in zip(video, self.extents[i].tolist())])
+        return audio, video, self.clips[i].label, i
+
+    def device_transform(self, xs, train, index=None):
+        """On the batch, on its device: uint8 frames -> (training, augment_on='device') random resized
+        crop + flip inside each frame's extent (`index`: the batch's item indices, on the CPU) -> float,
+        ImageNet-normalised (B, K, 3, S, S)."""
+        audio, video = xs
+        audio = audio.float()
+        b, k = video.shape[:2]
+        v = video.flatten(0, 1)
+        if train and self.augment_on == "device":
+            extents = None if index is None else self.extents[index].flatten(0, 1)
+            v = random_resized_crop_flip(v, self.image_size, extents=extents)
+        else:
+            v = v.float()
+        # built on the CPU and sent without waiting (torch.tensor(..., device=cuda) would sync)
+        nb = v.device.type == "cuda"
+        mean = (torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255).to(v.device, non_blocking=nb)
+        std = (torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255).to(v.device, non_blocking=nb)
+        v = ((v - mean) / std).view(b, k, 3, *v.shape[-2:])
+        return [audio, v]
+
+
+def random_resized_crop_flip(images, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), extents=None):
+    """RandomResizedCrop + RandomHorizontalFlip for a whole batch of uint8 images (N, 3, H, W) in one
+    grid_sample (bilinear). Crop boxes are drawn as torchvision draws them (area share in `scale`,
+    log-uniform aspect in `ratio`, ten tries, then a centre crop), inside each image's (h, w) at the top
+    left (`extents`, (N, 2) on the CPU; default the whole image); returns float (N, 3, size, size)."""
+    n, _, H, W = images.shape
+    dev = images.device
+    hw = torch.tensor([[H, W]] * n) if extents is None else extents
+    h, w = hw[:, 0].double(), hw[:, 1].double()
+    area = (h * w)[:, None] * torch.empty(n, 10).uniform_(*scale)
+    logr = torch.empty(n, 10).uniform_(math.log(ratio[0]), math.log(ratio[1]))
+    cw = torch.sqrt(area * torch.exp(logr)).round()
+    ch = torch.sqrt(area / torch.exp(logr)).round()
+    ok = (cw > 0) & (cw <= w[:, None]) & (ch > 0) & (ch <= h[:, None])
+    first = torch.where(ok.any(1), ok.float().argmax(1), torch.full((n,), -1))
+    pick = first.clamp_min(0)
+    cw, ch = cw[torch.arange(n), pick], ch[torch.arange(n), pick]
+    # no try fitted: the whole image, cut to the nearest allowed aspect ratio, centred
+    fw = torch.where(w / h > ratio[1], torch.round(h * ratio[1]), w)
+    fh = torch.where(w / h < ratio[0], torch.round(w / ratio[0]), h)
+    bad = first < 0
+    cw, ch = torch.where(bad, fw, cw), torch.where(bad, fh, ch)
+    x0 = torch.floor(torch.rand(n) * (w - cw + 1))
+    y0 = torch.floor(torch.rand(n) * (h - ch + 1))
+    x0, y0 = torch.where(bad, torch.floor((w - fw) / 2), x0), torch.where(bad, torch.floor((h - fh) / 2), y0)
+    flip = torch.where(torch.rand(n) < 0.5, -1.0, 1.0)
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0] = cw / W * flip
+    theta[:, 0, 2] = (2 * x0 + cw) / W - 1
+    theta[:, 1, 1] = ch / H
+    theta[:, 1, 2] = (2 * y0 + ch) / H - 1
+    grid = F.affine_grid(theta.to(dev, non_blocking=dev.type == "cuda"), (n, 3, size, size), align_corners=False)
+    return F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+class GatherLoader:
+    """Batches of a data set with `gather(indices, pin)`, read by `threads` threads (0: in the caller)
+    straight into pinned memory, a few batches ahead. The order is drawn from `generator` as a shuffled
+    DataLoader draws it. No worker processes: nothing to start each epoch and no second copy into
+    pinned memory, which is what limits a DataLoader fed from memory-mapped arrays."""
+
+    def __init__(self, dataset, batch_size, train, generator, threads=4, drop_last=False, pin=True):
+        self.dataset, self.generator, self.threads, self.pin = dataset, generator, threads, pin
+        sampler = (torch.utils.data.RandomSampler(dataset, generator=generator) if train
+                   else torch.utils.data.SequentialSampler(dataset))
+        self.batch_sampler = torch.utils.data.BatchSampler(sampler, batch_size, drop_last)
+
+    def __len__(self):
+        return len(self.batch_sampler)
+
+    def __iter__(self):
+        from concurrent.futures import ThreadPoolExecutor
+        # a DataLoader first draws its workers' base seed from the generator, then the order: the same
+        # draws here give the same order for the same generator state
+        torch.empty((), dtype=torch.int64).random_(generator=self.generator)
+        batches = iter(list(self.batch_sampler))
+        if self.threads == 0:
+            for b in batches:
+                yield self.dataset.gather(b, self.pin)
+            return
+        pool = ThreadPoolExecutor(self.threads, thread_name_prefix="gather")
+        try:
+            ahead = collections.deque(pool.submit(self.dataset.gather, b, self.pin)
+                                      for b in itertools.islice(batches, self.threads + 2))
+            while ahead:
+                batch = ahead.popleft().result()
+                following = next(batches, None)
+                if following is not None:
+                    ahead.append(pool.submit(self.dataset.gather, following, self.pin))
+                yield batch
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 def device_batches(loader, device, train, masked=False):
@@ -3754,397 +4118,17 @@ def device_batches(loader, device, train, masked=False):
         yield ready(staged)
 
 
-def is_masked(loader):
-    return getattr(loader.dataset, "masked", False)
-
-
-@torch.no_grad()
-def evaluate(method, loader, device, amp=False):
-    """Accuracy in percent of every modality alone and of the fused prediction. With missing views
-    (a masked data set) a modality's accuracy counts only the samples where its view is present, and
-    is None when no sample of the split has that view."""
-    method.eval()
-    masked = is_masked(loader)
-    n = len(method.modalities) + 1
-    correct = torch.zeros(n, dtype=torch.long, device=device)     # counted on the device: no sync per batch
-    count = torch.zeros(n, dtype=torch.long, device=device)
-    for xs, y, _, mask in device_batches(loader, device, False, masked):
-        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=amp):
-            fused, unis = method.predict(xs, mask=mask) if masked else method.predict(xs)
-        fused, unis = fused.float(), [u.float() for u in unis]
-        mask = mask if masked else torch.ones(len(y), len(unis), dtype=torch.bool, device=y.device)
-        for m, u in enumerate(unis):
-            correct[m] += ((u.argmax(1) == y) & mask[:, m]).sum()
-            count[m] += mask[:, m].sum()
-        correct[-1] += (fused.argmax(1) == y).sum()
-        count[-1] += len(y)
-    correct, count = correct.tolist(), count.tolist()
-    return {name: round(100.0 * c / n, 4) if n else None          # None: no sample had this view
-            for name, c, n in zip(method.modalities + ["multi"], correct, count)}
-
-
-def train_one_epoch(method, loader, optimizer, epoch, device, desc="", amp=False, check_every=None):
-    """One pass over the loader; returns the mean batch loss. With amp, forward passes run under bf16
-    autocast (no loss scaling is needed for bf16). A non-finite batch loss raises FloatingPointError
-    naming its epoch and step. Losses are read back every `check_every` steps (default: every step on
-    the CPU, every 25 on a GPU, where each read waits for the GPU to catch up) and at the end."""
-    from tqdm import tqdm
-    method.train()
-    masked = is_masked(loader)
-    steps = len(loader)
-    if check_every is None:
-        check_every = 25 if torch.device(device).type == "cuda" else 1
-    bar = tqdm(total=steps, desc=desc, leave=False, dynamic_ncols=True, disable=not sys.stderr.isatty())
-    total, unread = 0.0, []
-
-    def read_back():
-        nonlocal total
-        for step, loss in unread:
-            loss = float(loss)
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss ({loss}) at epoch {epoch + 1}, step {step + 1} of {steps}")
-            total += loss
-        if unread:
-            bar.set_postfix(loss=f"{loss:.3f}")
-        unread.clear()
-
-    try:
-        for step, (xs, y, idx, mask) in enumerate(device_batches(loader, device, True, masked)):
-            progress = {"epoch": epoch, "step": step, "steps": steps}
-            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=amp):
-                if masked:
-                    loss = method.train_step(xs, y, idx, optimizer, progress, mask=mask)
-                else:
-                    loss = method.train_step(xs, y, idx, optimizer, progress)
-            unread.append((step, loss))
-            if len(unread) >= check_every:
-                read_back()
-            bar.update()
-        read_back()
-    finally:
-        bar.close()
-    return total / max(steps, 1)
-
-
-RECORD_KEYS = ("script", "dataset", "method", "seed", "args", "modalities", "epochs", "select_on",
-               "best_epoch", "test", "wall_time_s", "version")
-
-
-def _default_help(defaults, key, text=""):
-    paper, toy = defaults["paper"].get(key), defaults["toy"].get(key)
-    return (text + "; " if text else "") + f"paper {paper}; toy {toy}"
-
-
-def add_common_args(p, methods, defaults, modalities=None, condition=None):
-    """The flags every train_*.py shares, declared once: the run (--method, --seed, --seeds), SGD and
-    StepLR (defaults None: the script's DEFAULTS['paper'] or ['toy'], filled by finish_args), MLA's,
-    OGM's and FiLM/BiGated's (when `condition` names the default conditioning modality) and the
-    protocol (--select_on, --val_ratio, --out_dir, --device)."""
-    g = p.add_argument_group("run")
-    g.add_argument("--method", default="mla", help=f"one of {', '.join(methods)}; a comma list; or 'all' (a sweep)")
-    g.add_argument("--seed", type=int, default=0, help="seeds Python, NumPy, torch and the data order")
-    g.add_argument("--seeds", default=None, help="comma list of seeds to sweep, e.g. 0,1,2 (overrides --seed)")
-    g = p.add_argument_group("optimisation (SGD, StepLR)")
-    g.add_argument("--epochs", type=int, default=None, help=_default_help(defaults, "epochs"))
-    g.add_argument("--batch_size", type=int, default=None, help=_default_help(defaults, "batch_size"))
-    g.add_argument("--lr", type=float, default=None, help=_default_help(defaults, "lr", "learning rate"))
-    g.add_argument("--momentum", type=float, default=0.9)
-    g.add_argument("--weight_decay", type=float, default=1e-4)
-    g.add_argument("--lr_decay_step", type=int, default=None, help=_default_help(defaults, "lr_decay_step", "epochs"))
-    g.add_argument("--lr_decay_ratio", type=float, default=None, help=_default_help(defaults, "lr_decay_ratio"))
-    g = p.add_argument_group("MLA")
-    g.add_argument("--fusion", default="dynamic", choices=["dynamic", "fixed", "dynamic_batch"],
-                   help="test-time fusion: per-sample entropy weights; fixed weights; or the official code's "
-                        "batch-axis entropy (one weight per batch)")
-    g.add_argument("--fusion_weights", type=float, nargs="+", default=None,
-                   help="weights for --fusion fixed (default 0.5 0.5; audio, image, text 0.35 0.25 0.4)")
-    g.add_argument("--no_hgm", action="store_true",
-                   help="no head-gradient projection (what the official code effectively runs)")
-    g.add_argument("--hgm_alpha", type=float, default=None,
-                   help="HGM alpha; default: 0.1 ** (1 + i/n) for batch i of n")
-    if condition:
-        g = p.add_argument_group("OGM / OGM-GE, FiLM / BiGated")
-        g.add_argument("--alpha", type=float, default=0.3, help="OGM modulation strength")
-        g.add_argument("--modulation_starts", type=int, default=0, help="first epoch with OGM modulation")
-        g.add_argument("--modulation_ends", type=int, default=50, help="last epoch with OGM modulation")
-        g.add_argument("--condition", default=condition, choices=modalities, help="FiLM/BiGated conditioning modality")
-    g = p.add_argument_group("protocol and output")
-    g.add_argument("--select_on", default="val", choices=["val", "test", "last"],
-                   help="epoch selection: validation split (default), test set (the official protocol) or last epoch")
-    g.add_argument("--val_ratio", type=float, default=0.1,
-                   help="seeded stratified share of train used for validation when the data has no dev split; "
-                        "0: no validation split (then --select_on test or last)")
-    g.add_argument("--out_dir", default="runs")
-    g.add_argument("--resume", action="store_true",
-                   help="continue an interrupted run from <run folder>/last.pt (saved after every epoch)")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-
-
-def finish_args(p, args, methods, defaults):
-    """Check the shared flags and fill the unset ones from DEFAULTS['toy' or 'paper']."""
-    if args.epochs is not None and args.epochs < 1:
-        p.error("--epochs must be at least 1")
-    if not 0 <= args.val_ratio < 1:
-        p.error("--val_ratio must be in [0, 1)")
-    if args.val_ratio == 0 and args.select_on == "val":
-        p.error("--val_ratio 0 leaves no validation split to select the epoch on: add --select_on test or last")
-    try:
-        parse_methods(args.method, methods)
-        [int(s) for s in args.seeds.split(",")] if args.seeds else None
-    except ValueError as e:
-        p.error(str(e))
-    for k, v in defaults["toy" if args.dataset == "toy" else "paper"].items():
-        if getattr(args, k, None) is None:
-            setattr(args, k, v)
-    if hasattr(args, "amp"):                    # scripts with --amp: on by default on CUDA, never on the CPU
-        cuda = str(args.device).startswith("cuda")
-        if args.amp is None:                    # bf16 in hardware (Ampere and later); emulated, it is slower
-            args.amp = cuda and torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
-        if args.amp and not cuda:
-            p.error("--amp needs a CUDA device (CPU runs stay in float32)")
-    return args
-
-
-def script_main(main):
-    """Run a script's main() and turn the failures a user can act on into one clear line and a
-    non-zero exit: bad data, a non-finite loss, Ctrl-C (the run can continue with --resume)."""
-    try:
-        main()
-    except DataError as e:
-        text = str(e)
-        if "Original Traceback" in text:        # re-raised from a DataLoader worker: drop the traceback
-            text = text.rsplit("DataError: ", 1)[-1].strip()
-        sys.exit(f"error: {text}")
-    except FloatingPointError as e:
-        sys.exit(f"error: {e}")
-    except DiskFull as e:
-        sys.exit(f"error: {e.strerror}")
-    except KeyboardInterrupt:
-        sys.exit("interrupted: rerun the same command with --resume to continue from the last finished epoch")
-
-
-def run_dir(args, *extra):
-    """<out_dir>/<dataset>/<method>/seed<k>[/extra...]: where a run writes record.json and best.pt.
-    A toy set's folder is named after its script (toy_av, toy_it, toy_missing, ...), so the toy runs
-    of different scripts never share a folder."""
-    dataset = args.dataset
-    if dataset == "toy" and getattr(args, "script", None):
-        dataset = "toy_" + Path(args.script).stem.removeprefix("train_")
-    return Path(args.out_dir, dataset, args.method, f"seed{args.seed}", *extra)
-
-
-def parse_methods(spec, known):
-    """'mla', 'concat,mla' or 'all' -> a list of method names (ValueError naming an unknown one)."""
-    names = list(known) if spec == "all" else [m.strip() for m in spec.split(",") if m.strip()]
-    bad = [m for m in names if m not in known]
-    if bad or not names:
-        raise ValueError(f"unknown method {bad[0] if bad else spec!r}; expected one of {', '.join(known)}, "
-                         "a comma list of them, or 'all'")
-    return names
-
-
-def sweep(args, run_one, known_methods, record_path=None, grid=None):
-    """Run every (seed, method) of args.method (name, comma list or 'all') x args.seeds (comma list;
-    default args.seed), seed by seed, one after another in this process. `grid` ({arg name: [values]},
-    e.g. {"missing_rate": [0.1, 0.3]}) adds outer loops over more arguments. In a sweep a run whose
-    record.json exists is skipped, so a killed sweep continues where it stopped; a single run always
-    runs. Returns the records, in sweep order."""
-    import copy
-    import itertools
-    methods = parse_methods(args.method, known_methods)
-    seeds = [int(s) for s in str(args.seeds).split(",")] if getattr(args, "seeds", None) else [args.seed]
-    grid = grid or {}
-    runs = [(dict(zip(grid, vals)), s, m) for vals in itertools.product(*grid.values())
-            for s in seeds for m in methods]
-    record_path = record_path or (lambda a: run_dir(a) / "record.json")
-    records = []
-    for k, (extra, seed, method) in enumerate(runs, 1):
-        a = copy.copy(args)
-        a.method, a.seed = method, seed
-        for name, v in extra.items():
-            setattr(a, name, v)
-        label = f"{method} seed {seed}" + "".join(f" {name} {v}" for name, v in extra.items())
-        path = record_path(a)
-        if path.is_file():
-            old = json.loads(path.read_text())
-            check_same_settings(path, old.get("args", {}), a)
-        if len(runs) > 1 and path.is_file():
-            print(f"[{k}/{len(runs)}] {label}: skipped, {path} exists", flush=True)
-            records.append(old)
-            continue
-        rec = run_one(a)
-        if len(runs) > 1:
-            print(f"[{k}/{len(runs)}] {label}: test {fmt_acc(rec['test'])} "
-                  f"(epoch {rec['best_epoch'] + 1} by {rec['select_on']}, {rec['wall_time_s']:.0f}s)", flush=True)
-        records.append(rec)
-    return records
-
-
-# flags that change how a run executes, not what it computes (or which runs a sweep lists)
-RUN_ONLY_ARGS = {"resume", "device", "num_workers", "cpu_threads", "amp", "compile", "cache_dir", "out_dir",
-                 "seeds", "missing_rates"}
-
-
-def other_settings(recorded, args, free=()):
-    """The flags (known to both, execution-only ones and `free` aside) whose recorded value differs from
-    args, as '--k A there, B now', or '' when there are none."""
-    recorded = json.loads(json.dumps(recorded, default=str))
-    now = json.loads(json.dumps(vars(args), default=str))
-    differ = [k for k in sorted(set(recorded) & set(now) - RUN_ONLY_ARGS - set(free)) if recorded[k] != now[k]]
-    return ", ".join(f"--{k} {recorded[k]} there, {now[k]} now" for k in differ[:4])
-
-
-def check_same_settings(path, recorded, args):
-    """A run goes into the folder of a finished one (a sweep skips it, a single run redoes it) only if that
-    run had the settings asked for now (flags known to both, execution-only ones aside); otherwise it
-    stops rather than reuse or replace a run of other settings."""
-    shown = other_settings(recorded, args)
-    if shown:
-        raise DataError(f"{path}: a finished run with other settings ({shown}); expected the same settings "
-                        "in one run folder: pass another --out_dir, or delete that run to redo it")
-
-
-def resume_lr(optimizer, scheduler, old_lr, new_lr):
-    """Scale the learning rate of a resumed optimizer and StepLR from old_lr to new_lr, keeping the
-    schedule's position (a run that diverged continues with a lower --lr)."""
-    scale = new_lr / old_lr
-    for g in optimizer.param_groups:
-        g["lr"] *= scale
-        if "initial_lr" in g:
-            g["initial_lr"] *= scale
-    scheduler.base_lrs = [b * scale for b in scheduler.base_lrs]
-    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
-
-
-def fmt_acc(acc):
-    return "  ".join(f"{k} {v:5.1f}" if v is not None else f"{k}   n/a" for k, v in acc.items())
-
-
-def rng_states(train_loader):
-    """Every random state a run draws from: Python, NumPy, torch (CPU and CUDA) and the training
-    loader's generator (its shuffle order and its workers' seeds)."""
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            "loader": train_loader.generator.get_state() if train_loader.generator is not None else None}
-
-
-def set_rng_states(state, train_loader):
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"].cpu())
-    if state["cuda"] is not None and torch.cuda.is_available():    # as many GPUs as both runs have
-        for i, s in enumerate(state["cuda"][:torch.cuda.device_count()]):
-            torch.cuda.set_rng_state(s.cpu(), i)
-    if state["loader"] is not None:
-        train_loader.generator.set_state(state["loader"].cpu())
-
-
-def fit(method, optimizer, scheduler, loaders, args, out, script, device):
-    """Train for args.epochs, select an epoch (args.select_on: val | test | last), checkpoint it to
-    out/best.pt, evaluate it on the test split and write out/record.json. Returns the record.
-
-    After every epoch the whole state (model incl. MLA's P and QMF's histories, optimizer, scheduler,
-    every RNG state and the training loader's generator, the epoch log, the selection so far) is
-    written atomically to out/last.pt; with args.resume a run continues from it and ends with the
-    record an uninterrupted run would have written. Only --lr (applied from the next epoch; the log
-    records each epoch's lr) and --epochs may differ from the checkpoint's settings on resume.
-    last.pt is removed once the record is written.
-    A non-finite loss stops the run (FloatingPointError naming the epoch and step) and leaves the
-    last good last.pt in place. wall_time_s counts from the call (not data discovery), resumed parts
-    included."""
-    start = time.time()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    last = out / "last.pt"
-    if args.select_on == "val" and loaders.get("val") is None:
-        raise ValueError("--select_on val needs a validation split (--val_ratio > 0)")
-    if args.select_on == "test":
-        print("NOTE: selecting the epoch on the TEST set (--select_on test, the official protocol); "
-              "the reported test accuracy is optimistic.")
-    log, best_epoch, best_score, first, elapsed = [], None, -1.0, 0, 0.0
-    amp = bool(getattr(args, "amp", False))
-    # optional hooks of methods with a step outside the mini-batch updates (the Table 6 CCA family):
-    # fit_start(train_loader, device) before the first epoch, epoch_end(train_loader, device) after each
-    hook = lambda name: getattr(method, name, None) or (lambda loader, device: None)
-    if getattr(args, "resume", False) and last.is_file():
-        # on the CPU: the RNG states must stay CPU tensors (load_state_dict moves the rest to the device)
-        state = torch.load(last, map_location="cpu", weights_only=False)
-        if (state["method"], state["seed"]) != (args.method, args.seed):
-            raise ValueError(f"{last}: a checkpoint of {state['method']} seed {state['seed']}; expected "
-                             f"{args.method} seed {args.seed}")
-        shown = other_settings(state["args"], args, free={"lr", "epochs"})
-        if shown:
-            raise DataError(f"{last}: a checkpoint of a run with other settings ({shown}); --resume continues "
-                            "a run with its own settings (only --lr and --epochs may change): rerun with them, "
-                            "or without --resume to start over")
-        method.load_state_dict(state["state_dict"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        log, best_epoch, best_score = state["log"], state["best_epoch"], state["best_score"]
-        first, elapsed = state["epoch"] + 1, state["elapsed"]
-        set_rng_states(state["rng"], loaders["train"])
-        print(f"resuming from {last}: {first} of {args.epochs} epochs done", flush=True)
-        if state["args"].get("lr") not in (None, args.lr):
-            resume_lr(optimizer, scheduler, state["args"]["lr"], args.lr)
-            print(f"--lr {args.lr} replaces {state['args']['lr']} from epoch {first + 1} on (each epoch's lr "
-                  "is in the record's epoch log)", flush=True)
-    else:
-        if getattr(args, "resume", False):
-            print(f"--resume: no {last}, starting from the first epoch", flush=True)
-        hook("fit_start")(loaders["train"], device)
-    for epoch in range(first, args.epochs):
-        t0 = time.time()
-        lr = float(f"{optimizer.param_groups[0]['lr']:.6g}")
-        try:
-            loss = train_one_epoch(method, loaders["train"], optimizer, epoch, device,
-                                   desc=f"epoch {epoch + 1}/{args.epochs}", amp=amp)
-        except FloatingPointError as e:
-            kept = (f"the last good checkpoint, {last} (after epoch {epoch}), is kept: fix the cause (e.g. a "
-                    "lower --lr) and rerun with --resume") if last.is_file() else "no epoch had finished"
-            raise FloatingPointError(f"{e}; {kept}") from None
-        hook("epoch_end")(loaders["train"], device)
-        scheduler.step()
-        entry = {"epoch": epoch, "lr": lr, "train_loss": round(loss, 6),
-                 "val": evaluate(method, loaders["val"], device, amp) if loaders.get("val") else None}
-        if args.select_on == "test":
-            entry["test"] = evaluate(method, loaders["test"], device, amp)
-        log.append(entry)
-        shown = entry.get("test") if args.select_on == "test" else entry["val"]
-        print(f"epoch {epoch + 1:3d}/{args.epochs}  loss {loss:.4f}  "
-              f"{'test' if args.select_on == 'test' else 'val'}: {fmt_acc(shown) if shown else '-'}"
-              f"  ({time.time() - t0:.1f}s)", flush=True)
-        score = {"val": (entry["val"] or {}).get("multi"), "test": (entry.get("test") or {}).get("multi"),
-                 "last": epoch}[args.select_on]
-        score = -1 if score is None else score
-        if score > best_score:
-            best_score, best_epoch = score, epoch
-            atomic_torch_save({"method": args.method, "epoch": epoch, "args": vars(args),
-                               "modalities": method.modalities, "state_dict": method.state_dict()},
-                              out / "best.pt")
-        atomic_torch_save({"method": args.method, "seed": args.seed, "epoch": epoch, "args": vars(args),
-                           "state_dict": method.state_dict(), "optimizer": optimizer.state_dict(),
-                           "scheduler": scheduler.state_dict(), "rng": rng_states(loaders["train"]),
-                           "log": log, "best_epoch": best_epoch, "best_score": best_score,
-                           "elapsed": elapsed + time.time() - start}, last)
-    state = torch.load(out / "best.pt", map_location=device, weights_only=False)
-    method.load_state_dict(state["state_dict"])
-    test = evaluate(method, loaders["test"], device, amp)
-    record = {"script": script, "dataset": args.dataset, "method": args.method, "seed": args.seed,
-              "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-              "modalities": method.modalities, "epochs": log, "select_on": args.select_on,
-              "best_epoch": best_epoch, "test": test, "wall_time_s": round(elapsed + time.time() - start, 2),
-              "version": code_version()}
-    assert tuple(record) == RECORD_KEYS
-    atomic_json_dump(record, out / "record.json")
-    last.unlink(missing_ok=True)
-    chosen = "selected on TEST" if args.select_on == "test" else f"epoch {best_epoch + 1} by {args.select_on}"
-    print(f"test ({chosen}): {fmt_acc(test)}\nrecord: {out / 'record.json'}", flush=True)
-    return record
+def compile_encoders(method):
+    """torch.compile each encoder of `method` in place, so state_dict keys stay those of the eager module.
+    dynamic=False: one static graph per input shape (the full batch, a short last batch, eval mode)
+    instead of one shape-generic graph for every batch after the first short one."""
+    for encoder in method.encoders:
+        encoder.compile(dynamic=False)
 
 
 # ==================================================================================================
-# 7. Report and curves:  python common.py report RUNS_DIR [--paper] [--format md|csv]
-#                        python common.py plot RUNS_DIR --out curves.png
+# 6. Report, plot, command line:  python common.py report RUNS_DIR [--paper] [--format md|csv]
+#                                 python common.py plot RUNS_DIR --out curves.png
 # ==================================================================================================
 
 # The paper's Tables 5, 6 and 7 (mean±std of test accuracy over three seeds; std missing where the
@@ -4205,12 +4189,21 @@ PAPER_RESULTS = """
 7 food101 clip_mla image=72.22±0.1 text=85.34±0.06 multi=93.47±0.04
 """
 
+
 # Rows in the paper's order; the data set the toy sets stand in for; Table 7's name for CLIP + MLA.
 TABLE_METHODS = {5: METHODS, 6: MISSING_METHODS, 7: ["clip", "mla"]}
+
+
 SCRIPT_TABLE = {"train_av.py": 5, "train_it.py": 5, "train_ait.py": 5, "train_missing.py": 6, "train_clip.py": 7}
+
+
 TOY_STANDS_FOR = {"train_av.py": "cremad", "train_it.py": "food101", "train_ait.py": "iemocap",
                   "train_missing.py": "iemocap", "train_clip.py": "food101"}
+
+
 PAPER_DATASET = {"features": "iemocap", "mmin": "iemocap"}
+
+
 PAPER_METHOD = {7: {"mla": "clip_mla"}}
 
 
@@ -4396,6 +4389,146 @@ def plot_curves(runs_dir, out):
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def _default_help(defaults, key, text=""):
+    paper, toy = defaults["paper"].get(key), defaults["toy"].get(key)
+    return (text + "; " if text else "") + f"paper {paper}; toy {toy}"
+
+
+def add_common_args(p, methods, defaults, modalities=None, condition=None):
+    """The flags every train_*.py shares, declared once: the run (--method, --seed, --seeds), SGD and
+    StepLR (defaults None: the script's DEFAULTS['paper'] or ['toy'], filled by finish_args), MLA's,
+    OGM's and FiLM/BiGated's (when `condition` names the default conditioning modality) and the
+    protocol (--select_on, --val_ratio, --out_dir, --device)."""
+    g = p.add_argument_group("run")
+    g.add_argument("--method", default="mla", help=f"one of {', '.join(methods)}; a comma list; or 'all' (a sweep)")
+    g.add_argument("--seed", type=int, default=0, help="seeds Python, NumPy, torch and the data order")
+    g.add_argument("--seeds", default=None, help="comma list of seeds to sweep, e.g. 0,1,2 (overrides --seed)")
+    g = p.add_argument_group("optimisation (SGD, StepLR)")
+    g.add_argument("--epochs", type=int, default=None, help=_default_help(defaults, "epochs"))
+    g.add_argument("--batch_size", type=int, default=None, help=_default_help(defaults, "batch_size"))
+    g.add_argument("--lr", type=float, default=None, help=_default_help(defaults, "lr", "learning rate"))
+    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--weight_decay", type=float, default=1e-4)
+    g.add_argument("--lr_decay_step", type=int, default=None, help=_default_help(defaults, "lr_decay_step", "epochs"))
+    g.add_argument("--lr_decay_ratio", type=float, default=None, help=_default_help(defaults, "lr_decay_ratio"))
+    g = p.add_argument_group("MLA")
+    g.add_argument("--fusion", default="dynamic", choices=["dynamic", "fixed", "dynamic_batch"],
+                   help="test-time fusion: per-sample entropy weights; fixed weights; or the official code's "
+                        "batch-axis entropy (one weight per batch)")
+    g.add_argument("--fusion_weights", type=float, nargs="+", default=None,
+                   help="weights for --fusion fixed (default 0.5 0.5; audio, image, text 0.35 0.25 0.4)")
+    g.add_argument("--no_hgm", action="store_true",
+                   help="no head-gradient projection (what the official code effectively runs)")
+    g.add_argument("--hgm_alpha", type=float, default=None,
+                   help="HGM alpha; default: 0.1 ** (1 + i/n) for batch i of n")
+    if condition:
+        g = p.add_argument_group("OGM / OGM-GE, FiLM / BiGated")
+        g.add_argument("--alpha", type=float, default=0.3, help="OGM modulation strength")
+        g.add_argument("--modulation_starts", type=int, default=0, help="first epoch with OGM modulation")
+        g.add_argument("--modulation_ends", type=int, default=50, help="last epoch with OGM modulation")
+        g.add_argument("--condition", default=condition, choices=modalities, help="FiLM/BiGated conditioning modality")
+    g = p.add_argument_group("protocol and output")
+    g.add_argument("--select_on", default="val", choices=["val", "test", "last"],
+                   help="epoch selection: validation split (default), test set (the official protocol) or last epoch")
+    g.add_argument("--val_ratio", type=float, default=0.1,
+                   help="seeded stratified share of train used for validation when the data has no dev split; "
+                        "0: no validation split (then --select_on test or last)")
+    g.add_argument("--out_dir", default="runs")
+    g.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from <run folder>/last.pt (saved after every epoch)")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def add_it_encoder_args(p, defaults):
+    """The image and text encoder flags (M3AE-shaped or transformers models) and their input sizes, shared
+    by train_it.py and train_ait.py; the unset sizes come from the script's DEFAULTS (finish_args)."""
+    a = p.add_argument_group("image and text encoders").add_argument
+    a("--encoder", default="m3ae", choices=["m3ae", "hf"],
+      help="m3ae: M3AE-shaped transformer per modality; hf: transformers models (--image_model, --text_model)")
+    a("--m3ae_ckpt", default=None, help="converted M3AE PyTorch state dict for both encoders (default: random "
+                                        "init, with a warning)")
+    a("--m3ae_dim", type=int, default=None, help=_default_help(defaults, "m3ae_dim", "M3AE width"))
+    a("--m3ae_depth", type=int, default=None, help=_default_help(defaults, "m3ae_depth", "M3AE transformer blocks"))
+    a("--m3ae_heads", type=int, default=None, help=_default_help(defaults, "m3ae_heads", "M3AE attention heads"))
+    a("--m3ae_mlp_ratio", type=int, default=4, help="M3AE MLP hidden width / width")
+    a("--patch_size", type=int, default=None,
+      help=_default_help(defaults, "patch_size", "M3AE image patch side in pixels"))
+    a("--vocab_size", type=int, default=None, help=_default_help(
+        defaults, "vocab_size", "M3AE word embeddings (30522: BERT uncased; None: the tokenizer's)"))
+    a("--image_model", default=None, help="--encoder hf: transformers image model, local folder or hub name")
+    a("--text_model", default=None, help="--encoder hf: transformers text model, local folder or hub name")
+    a("--proj_dim", type=int, default=None, help="--encoder hf: common width (default: the wider model's); "
+                                                 "a narrower model gets a linear projection")
+    a("--hf_pool", default="mean", choices=["mean", "pooler"],
+      help="--encoder hf: mean of the last hidden states (padding left out) or the model's pooler output")
+    a = p.add_argument_group("image and text inputs").add_argument
+    a("--tokenizer", default=None, help="BERT uncased tokenizer for raw text: local folder (a vocab.txt is "
+                                        "enough) or hub name; default bert-base-uncased (m3ae), the text "
+                                        "model's (hf), the generated one (toy)")
+    a("--max_len", type=int, default=None, help=_default_help(defaults, "max_len", "text tokens (cut or padded)"))
+    a("--image_size", type=int, default=None, help=_default_help(defaults, "image_size", "image side after the transforms"))
+
+
+def method_options(args):
+    """build_method's keywords from the method flags of add_common_args (OGM's and the conditioning
+    modality where the script declares them)."""
+    options = dict(mla=dict(hgm=not args.no_hgm, hgm_alpha=args.hgm_alpha, fusion=args.fusion,
+                            fusion_weights=args.fusion_weights))
+    if "condition" in vars(args):
+        options.update(condition=args.condition, ogm=(args.alpha, args.modulation_starts, args.modulation_ends))
+    return options
+
+
+def it_encoder_options(args):
+    """build_it_encoders' keywords from the image and text encoder flags (add_it_encoder_args)."""
+    return dict(m3ae=(args.m3ae_dim, args.m3ae_depth, args.m3ae_heads, args.m3ae_mlp_ratio, args.patch_size),
+                m3ae_ckpt=args.m3ae_ckpt, models={"image": args.image_model, "text": args.text_model},
+                pool=args.hf_pool, proj_dim=args.proj_dim)
+
+
+def finish_args(p, args, methods, defaults):
+    """Check the shared flags and fill the unset ones from DEFAULTS['toy' or 'paper']."""
+    if args.epochs is not None and args.epochs < 1:
+        p.error("--epochs must be at least 1")
+    if not 0 <= args.val_ratio < 1:
+        p.error("--val_ratio must be in [0, 1)")
+    if args.val_ratio == 0 and args.select_on == "val":
+        p.error("--val_ratio 0 leaves no validation split to select the epoch on: add --select_on test or last")
+    try:
+        parse_methods(args.method, methods)
+        [int(s) for s in args.seeds.split(",")] if args.seeds else None
+    except ValueError as e:
+        p.error(str(e))
+    for k, v in defaults["toy" if args.dataset == "toy" else "paper"].items():
+        if getattr(args, k, None) is None:       # the paper's 8 loader workers, but never more than the cores
+            setattr(args, k, min(v, os.cpu_count() or 1) if k == "num_workers" else v)
+    if hasattr(args, "amp"):                    # scripts with --amp: on by default on CUDA, never on the CPU
+        cuda = str(args.device).startswith("cuda")
+        if args.amp is None:                    # bf16 in hardware (Ampere and later); emulated, it is slower
+            args.amp = cuda and torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+        if args.amp and not cuda:
+            p.error("--amp needs a CUDA device (CPU runs stay in float32)")
+    return args
+
+
+def script_main(main):
+    """Run a script's main() and turn the failures a user can act on into one clear line and a
+    non-zero exit: bad data, a non-finite loss, Ctrl-C (the run can continue with --resume)."""
+    try:
+        main()
+    except DataError as e:
+        text = str(e)
+        if "Original Traceback" in text:        # re-raised from a DataLoader worker: drop the traceback
+            text = text.rsplit("DataError: ", 1)[-1].strip()
+        sys.exit(f"error: {text}")
+    except FloatingPointError as e:
+        sys.exit(f"error: {e}")
+    except DiskFull as e:
+        sys.exit(f"error: {e.strerror}")
+    except KeyboardInterrupt:
+        sys.exit("interrupted: rerun the same command with --resume to continue from the last finished epoch")
 
 
 def _cli(argv=None):

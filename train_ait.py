@@ -9,14 +9,12 @@
 Writes <out_dir>/<dataset>/<method>/seed<k>/record.json and best.pt (the selected epoch).
 """
 import argparse
-import tempfile
-from pathlib import Path
 
 import torch
 
 import common as C
 
-# Paper settings (SPEC 4, 6) for real data; the toy set has its own small defaults.
+# The paper's settings for real data; the toy set has its own small defaults.
 DEFAULTS = {
     "paper": dict(epochs=100, batch_size=64, lr=1e-3, lr_decay_step=70, lr_decay_ratio=0.1, image_size=256,
                   max_len=256, m3ae_dim=768, m3ae_depth=12, m3ae_heads=12, patch_size=16, vocab_size=30522,
@@ -74,7 +72,6 @@ def get_args(argv=None):
     a("--toy_dev", type=int, default=200, help="toy: validation (dev) utterances")
     a("--toy_test", type=int, default=400, help="toy: test utterances")
     a("--toy_seed", type=int, default=0, help="toy: seed of the generated data (fixed across --seed)")
-    p.set_defaults(script="train_ait.py")      # names the toy runs' folder (common.run_dir)
     args = C.finish_args(p, p.parse_args(argv), C.METHODS, DEFAULTS)
     if args.encoder == "m3ae" and args.image_size % args.patch_size:
         p.error(f"--image_size {args.image_size} is not a multiple of --patch_size {args.patch_size}")
@@ -88,74 +85,75 @@ def get_args(argv=None):
     return args
 
 
+def run_folder(args):
+    return C.run_dir(args.out_dir, args.dataset, "train_ait.py", args.method, args.seed)
+
+
 def main(argv=None):
     """Parse the command line and run every requested (seed, method); returns their records."""
     args = get_args(argv)
-    return C.sweep(args, run, C.METHODS)
+    runs, records = C.sweep_runs(args, C.METHODS), []
+    for k, (label, a) in enumerate(runs, 1):           # a sweep skips the runs it finished before
+        done = C.finished_record(run_folder(a) / "record.json", vars(a), sweep=len(runs) > 1)
+        records.append(done or run(a))
+        C.sweep_line(k, len(runs), label, records[-1], done is not None)
+    return records
 
 
 def run(args):
     """One training run of args.method with args.seed; returns its record."""
-    with C.torch_threads(args.cpu_threads):
-        return train(args)
-
-
-def train(args):
     C.seed_everything(args.seed)
-    device = torch.device(args.device)
+    with C.data_root(args.dataset, args.data_root, "mla_toy_ait_") as root, C.torch_threads(args.cpu_threads):
+        return train(args, root, torch.device(args.device))
 
-    # ---- data
-    tmp = None
+
+def train(args, root, device):
+    # ---- data: the utterances of each split; validation: the dev split, else a stratified share of train
     if args.dataset == "toy":
-        if args.data_root is None:
-            tmp = tempfile.TemporaryDirectory(prefix="mla_toy_ait_")
-            root = Path(tmp.name)
-        else:
-            root = Path(args.data_root)
         C.ensure_toy(root, "my_train_iemo.txt", C.make_toy_ait, seed=args.toy_seed, n_train=args.toy_train,
                      n_dev=args.toy_dev, n_test=args.toy_test, frames=args.audio_len, mel_bins=args.num_mel_bins)
-    else:
-        root = Path(args.data_root or f"data/{args.dataset}")
     data = C.load_iemocap_splits(root, args.split_seed, args.audio_dir, args.image_dir, args.num_mel_bins,
                                  args.skip_bad)
-    if data["skipped"]:
-        print(f"skipped {data['skipped']} utterances with missing files (--skip_bad)")
-    classes, train_utts, val_utts = data["classes"], data["train"], None
-    if args.val_ratio > 0 and data["dev"]:
-        val_utts = data["dev"]
-    elif args.val_ratio > 0:
-        keep, held = C.stratified_split([u.label for u in train_utts], args.val_ratio, args.seed)
-        train_utts, val_utts = [train_utts[i] for i in keep], [train_utts[i] for i in held]
-    print(f"{args.dataset} ({data['layout']}): {len(classes)} classes, train {len(train_utts)}, "
-          f"val {len(val_utts or [])}{' (dev split)' if val_utts is data['dev'] and val_utts else ''}, "
-          f"test {len(data['test'])}")
+    splits = C.train_val_test(data, args.val_ratio, args.seed, args.dataset, "utterances")
     raw_text = any(not u.tokens for split in ("train", "dev", "test") for u in data[split] or [])
-
-    # ---- model, method, optimiser
-    image_text, text = C.image_text_encoders(args, raw_text, root / "tokenizer" if args.dataset == "toy" else None)
-    encoders = [C.build_ait_audio_encoder(args, image_text[0].dim), *image_text]
+    tokenizer = args.tokenizer or (root / "tokenizer" if args.dataset == "toy" else None)
+    image_text, text = C.image_text_encoders(args.encoder, raw_text, tokenizer, args.vocab_size, args.image_size,
+                                             args.max_len, **C.it_encoder_options(args))
+    audio = C.build_ait_audio_encoder(args.audio_encoder, image_text[0].dim, (args.cavmae_dim, args.cavmae_depth,
+                                      args.cavmae_heads, args.cavmae_mlp_ratio, args.cavmae_patch), args.audio_len,
+                                      args.num_mel_bins, args.cavmae_ckpt)
     sizes = dict(audio_len=args.audio_len, num_mel_bins=args.num_mel_bins, fbank_mean=args.fbank_mean,
                  fbank_std=args.fbank_std, **text)
-    loaders = {
-        "train": C.make_loader(C.AITDataset(train_utts, True, **sizes), args.batch_size, True, args.seed,
-                               args.num_workers, device),
-        "val": val_utts and C.make_loader(C.AITDataset(val_utts, False, **sizes), args.batch_size, False,
-                                          args.seed, args.num_workers, device),
-        "test": C.make_loader(C.AITDataset(data["test"], False, **sizes), args.batch_size, False, args.seed,
-                              args.num_workers, device),
-    }
-    method = C.build_method(args.method, encoders, len(classes), MODALITIES, args, len(train_utts))
+    loaders = {split: items and C.make_loader(C.AITDataset(items, split == "train", **sizes), args.batch_size,
+                                              split == "train", args.seed, args.num_workers, device)
+               for split, items in splits.items()}
+
+    # ---- method: the heads over CAV-MAE (or ResNet-18) audio and M3AE-shaped image and text encoders
+    method = C.build_method(args.method, [audio, *image_text], len(data["classes"]), MODALITIES, len(splits["train"]),
+                            **C.method_options(args))
     C.init_heads(method)                            # encoders keep their own weights
     method.to(device, memory_format=torch.channels_last if args.amp else torch.contiguous_format)
     optimizer = torch.optim.SGD(method.parameters(), lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_decay_step, args.lr_decay_ratio)
 
-    # ---- train, select, test, record
-    record = C.fit(method, optimizer, scheduler, loaders, args, C.run_dir(args), "train_ait.py", device)
-    if tmp is not None:
-        tmp.cleanup()
-    return record
+    # ---- train: evaluate every epoch, keep the selected one (best.pt) and all that --resume needs (last.pt)
+    out, settings = run_folder(args), vars(args)
+    out.mkdir(parents=True, exist_ok=True)
+    run = C.start_run(args.select_on, args.epochs, loaders["val"] is not None)
+    if args.resume:
+        C.resume_run(out / "last.pt", run, settings, method, optimizer, scheduler, loaders["train"])
+    for epoch in range(run["next_epoch"], args.epochs):
+        loss, lr = C.train_one_epoch(method, loaders["train"], optimizer, epoch, device, args.amp, scheduler,
+                                     out / "last.pt")
+        if C.log_epoch(run, epoch, loss, lr, *C.evaluate_epoch(method, loaders, args.select_on, device, args.amp)):
+            C.save_best(out / "best.pt", method, settings, epoch)
+        C.save_checkpoint(out / "last.pt", run, settings, method, optimizer, scheduler, loaders["train"])
+
+    # ---- test the selected epoch, write the record
+    C.load_best(out / "best.pt", method, device)
+    return C.write_record(out, "train_ait.py", settings, method, run, C.evaluate(method, loaders["test"], device,
+                                                                                 args.amp))
 
 
 if __name__ == "__main__":

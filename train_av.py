@@ -8,14 +8,15 @@
 Writes <out_dir>/<dataset>/<method>/seed<k>/record.json and best.pt (the selected epoch).
 """
 import argparse
-import tempfile
 from pathlib import Path
 
 import torch
 
 import common as C
 
-# Paper settings (SPEC 6) for real data; the toy set has its own small defaults.
+MODALITIES = ["audio", "video"]
+
+# The paper's settings for real data; the toy set has its own small defaults.
 DEFAULTS = {
     "paper": dict(epochs=100, batch_size=64, lr=1e-3, lr_decay_step=70, lr_decay_ratio=0.1,
                   image_size=224, frames=3, audio_len=1024, num_mel_bins=128, num_workers=8),
@@ -62,14 +63,22 @@ def get_args(argv=None):
     a("--toy_train", type=int, default=600, help="toy: training clips (before the validation split)")
     a("--toy_test", type=int, default=240, help="toy: test clips")
     a("--toy_seed", type=int, default=0, help="toy: seed of the generated data (fixed across --seed)")
-    p.set_defaults(script="train_av.py")      # names the toy runs' folder (common.run_dir)
     return C.finish_args(p, p.parse_args(argv), C.METHODS, DEFAULTS)
+
+
+def run_folder(args):
+    return C.run_dir(args.out_dir, args.dataset, "train_av.py", args.method, args.seed)
 
 
 def main(argv=None):
     """Parse the command line and run every requested (seed, method); returns their records."""
     args = get_args(argv)
-    return C.sweep(args, run, C.METHODS)
+    runs, records = C.sweep_runs(args, C.METHODS), []
+    for k, (label, a) in enumerate(runs, 1):           # a sweep skips the runs it finished before
+        done = C.finished_record(run_folder(a) / "record.json", vars(a), sweep=len(runs) > 1)
+        records.append(done or run(a))
+        C.sweep_line(k, len(runs), label, records[-1], done is not None)
+    return records
 
 
 def run(args):
@@ -78,57 +87,42 @@ def run(args):
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    with C.data_root(args.dataset, args.data_root, "mla_toy_av_") as root, C.torch_threads(args.cpu_threads):
+        return train(args, root, device)
 
-    # ---- data
-    tmp = None
+
+def train(args, root, device):
+    # ---- data: the clips of each split; the validation split a seeded stratified share of train
     if args.dataset == "toy":
-        if args.data_root is None:
-            tmp = tempfile.TemporaryDirectory(prefix="mla_toy_av_")
-            root = Path(tmp.name)
-        else:
-            root = Path(args.data_root)
         C.ensure_toy(root, "train.csv", C.make_toy_av, seed=args.toy_seed, n_train=args.toy_train,
                      n_test=args.toy_test, frames=max(3, args.frames))
         data = C.load_av_splits("cremad", root, num_mel_bins=args.num_mel_bins)
     else:
-        root = Path(args.data_root or f"data/{args.dataset}")
         data = C.load_av_splits(args.dataset, root, split_seed=args.split_seed, actor_split=args.actor_split,
                                 audio_format=args.audio_format, audio_dir=args.audio_dir,
                                 frames_dir=args.frames_dir, skip_bad=args.skip_bad, num_mel_bins=args.num_mel_bins)
-    if data["skipped"]:
-        print(f"skipped {data['skipped']} clips with missing files (--skip_bad)")
-    classes, train_clips = data["classes"], data["train"]
-    val_clips = None
-    if args.val_ratio > 0:
-        keep, held = C.stratified_split([c.label for c in train_clips], args.val_ratio, args.seed)
-        train_clips, val_clips = [train_clips[i] for i in keep], [train_clips[i] for i in held]
-    print(f"{args.dataset} ({data['layout']}): {len(classes)} classes, train {len(train_clips)}, "
-          f"val {len(val_clips or [])}, test {len(data['test'])}")
+    splits = C.train_val_test(data, args.val_ratio, args.seed, args.dataset, "clips")
     few = [c for c in data["train"] + data["test"] if 0 < c.n_frames < args.frames]
     if few:
         print(f"note: {len(few)} clips have fewer than --frames {args.frames} frames (e.g. {few[0].frames}/ has "
               f"{few[0].n_frames}); some of their frames are used twice")
     sizes = dict(image_size=args.image_size, frames=args.frames, audio_len=args.audio_len,
                  num_mel_bins=args.num_mel_bins)
-    if args.no_cache or tmp is not None:
+    if args.no_cache or (args.dataset == "toy" and args.data_root is None):      # a temporary toy set: no cache
         dataset = lambda clips, train: C.AVDataset(clips, train, **sizes)
-    else:
+    else:                                                   # the preprocessed cache (common.py, section 5)
         cache_dir = Path(args.cache_dir) if args.cache_dir else C.default_cache_dir(root)
         dataset = lambda clips, train: C.CachedAVDataset(
             clips, train, **sizes, cache_dir=cache_dir, num_workers=args.num_workers,
             augment_on="device" if device.type == "cuda" else "workers")
-    loaders = {
-        "train": C.make_loader(dataset(train_clips, True), args.batch_size, True, args.seed, args.num_workers, device),
-        "val": val_clips and C.make_loader(dataset(val_clips, False), args.batch_size, False, args.seed,
-                                           args.num_workers, device),
-        "test": C.make_loader(dataset(data["test"], False), args.batch_size, False, args.seed,
-                              args.num_workers, device),
-    }
+    loaders = {split: clips and C.make_loader(dataset(clips, split == "train"), args.batch_size, split == "train",
+                                              args.seed, args.num_workers, device)
+               for split, clips in splits.items()}
 
-    # ---- model, method, optimiser
-    modalities = ["audio", "video"]
+    # ---- model and method: a ResNet-18 per modality, the method's heads; the paper's SGD and StepLR
     encoders = [C.AudioResNet(), C.VideoResNet()]
-    method = C.build_method(args.method, encoders, len(classes), modalities, args, len(train_clips))
+    method = C.build_method(args.method, encoders, len(data["classes"]), MODALITIES, len(splits["train"]),
+                            **C.method_options(args))
     method.apply(C.init_weights)
     method.to(device, memory_format=torch.channels_last if args.amp else torch.contiguous_format)
     if args.compile:
@@ -137,12 +131,23 @@ def run(args):
                                 weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_decay_step, args.lr_decay_ratio)
 
-    # ---- train, select, test, record
-    with C.torch_threads(args.cpu_threads):
-        record = C.fit(method, optimizer, scheduler, loaders, args, C.run_dir(args), "train_av.py", device)
-    if tmp is not None:
-        tmp.cleanup()
-    return record
+    # ---- train: evaluate every epoch, keep the selected one (best.pt) and all that --resume needs (last.pt)
+    out, settings = run_folder(args), vars(args)
+    out.mkdir(parents=True, exist_ok=True)
+    run = C.start_run(args.select_on, args.epochs, loaders["val"] is not None)
+    if args.resume:
+        C.resume_run(out / "last.pt", run, settings, method, optimizer, scheduler, loaders["train"])
+    for epoch in range(run["next_epoch"], args.epochs):
+        loss, lr = C.train_one_epoch(method, loaders["train"], optimizer, epoch, device, args.amp, scheduler,
+                                     out / "last.pt")
+        if C.log_epoch(run, epoch, loss, lr, *C.evaluate_epoch(method, loaders, args.select_on, device, args.amp)):
+            C.save_best(out / "best.pt", method, settings, epoch)
+        C.save_checkpoint(out / "last.pt", run, settings, method, optimizer, scheduler, loaders["train"])
+
+    # ---- test the selected epoch, write the record
+    C.load_best(out / "best.pt", method, device)
+    return C.write_record(out, "train_av.py", settings, method, run, C.evaluate(method, loaders["test"], device,
+                                                                                 args.amp))
 
 
 if __name__ == "__main__":

@@ -10,8 +10,6 @@ The CLIP towers run once per split: their features are cached under --cache_dir 
 best.pt (the selected epoch).
 """
 import argparse
-import contextlib
-import tempfile
 from pathlib import Path
 
 import torch
@@ -21,7 +19,7 @@ import common as C
 METHODS = ["clip", "mla"]          # clip: joint training of one concat head on both modalities (Table 7's "CLIP")
 MODALITIES = ["image", "text"]
 
-# Paper settings (SPEC 4, 6) for real data; the toy set has its own small defaults.
+# The paper's settings for real data; the toy set has its own small defaults.
 DEFAULTS = {
     "paper": dict(epochs=100, batch_size=64, lr=1e-3, lr_decay_step=70, lr_decay_ratio=0.1, image_size=None,
                   max_len=None, num_workers=8, cpu_threads=0),
@@ -80,7 +78,6 @@ def get_args(argv=None):
                                                           "training pairs (0: random towers)")
     a("--toy_pretrain_lr", type=float, default=2e-3, help="toy CLIP: AdamW learning rate of the pretraining")
     a("--toy_pretrain_batch", type=int, default=64, help="toy CLIP: batch size of the pretraining")
-    p.set_defaults(script="train_clip.py")      # names the toy runs' folder (common.run_dir)
     args = C.finish_args(p, p.parse_args(argv), METHODS, DEFAULTS)
     if args.dataset != "toy" and args.clip_model is None:
         p.error(f"--clip_model is needed for --dataset {args.dataset}: a local CLIP folder or a hub name such as "
@@ -90,35 +87,54 @@ def get_args(argv=None):
     return args
 
 
+def run_folder(args):
+    return C.run_dir(args.out_dir, args.dataset, "train_clip.py", args.method, args.seed)
+
+
 def main(argv=None):
     """Parse the command line and run every requested (seed, method); returns their records."""
     args = get_args(argv)
-    return C.sweep(args, run, METHODS)
+    runs, records = C.sweep_runs(args, METHODS), []
+    for k, (label, a) in enumerate(runs, 1):           # a sweep skips the runs it finished before
+        done = C.finished_record(run_folder(a) / "record.json", vars(a), sweep=len(runs) > 1)
+        records.append(done or run(a))
+        C.sweep_line(k, len(runs), label, records[-1], done is not None)
+    return records
 
 
 def run(args):
     """One training run of args.method with args.seed; returns its record."""
-    threads = torch.get_num_threads()
-    if args.cpu_threads:
-        torch.set_num_threads(args.cpu_threads)
-    toy_tmp = (tempfile.TemporaryDirectory(prefix="mla_toy_clip_") if args.dataset == "toy" and args.data_root is None
-               else contextlib.nullcontext())
-    try:
-        with toy_tmp as tmp:
-            C.seed_everything(args.seed)
-            device = torch.device(args.device)
-            loaders, encoders, classes, num_train = data_and_encoders(args, Path(tmp or args.data_root or
-                                                                                 f"data/{args.dataset}"), device)
-            method = C.build_method("concat" if args.method == "clip" else args.method, encoders, len(classes),
-                                    MODALITIES, args, num_train)
-            C.init_heads(method)                            # encoders keep their own weights
-            method.to(device)
-            optimizer = torch.optim.SGD(method.parameters(), lr=args.lr, momentum=args.momentum,
-                                        weight_decay=args.weight_decay)
-            scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_decay_step, args.lr_decay_ratio)
-            return C.fit(method, optimizer, scheduler, loaders, args, C.run_dir(args), "train_clip.py", device)
-    finally:
-        torch.set_num_threads(threads)
+    with C.data_root(args.dataset, args.data_root, "mla_toy_clip_") as root, C.torch_threads(args.cpu_threads):
+        C.seed_everything(args.seed)
+        device = torch.device(args.device)
+        loaders, encoders, classes, num_train = data_and_encoders(args, root, device)
+
+        # ---- method: "clip" is joint training of one concat head; mla the alternating heads
+        method = C.build_method("concat" if args.method == "clip" else args.method, encoders, len(classes),
+                                MODALITIES, num_train, **C.method_options(args))
+        C.init_heads(method)                            # encoders keep their own weights
+        method.to(device)
+        optimizer = torch.optim.SGD(method.parameters(), lr=args.lr, momentum=args.momentum,
+                                    weight_decay=args.weight_decay)
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_decay_step, args.lr_decay_ratio)
+
+        # ---- train: evaluate every epoch, keep the selected one (best.pt) and all that --resume needs (last.pt)
+        out, settings = run_folder(args), vars(args)
+        out.mkdir(parents=True, exist_ok=True)
+        run = C.start_run(args.select_on, args.epochs, loaders["val"] is not None)
+        if args.resume:
+            C.resume_run(out / "last.pt", run, settings, method, optimizer, scheduler, loaders["train"])
+        for epoch in range(run["next_epoch"], args.epochs):
+            loss, lr = C.train_one_epoch(method, loaders["train"], optimizer, epoch, device, args.amp, scheduler,
+                                         out / "last.pt")
+            if C.log_epoch(run, epoch, loss, lr, *C.evaluate_epoch(method, loaders, args.select_on, device, args.amp)):
+                C.save_best(out / "best.pt", method, settings, epoch)
+            C.save_checkpoint(out / "last.pt", run, settings, method, optimizer, scheduler, loaders["train"])
+
+        # ---- test the selected epoch, write the record
+        C.load_best(out / "best.pt", method, device)
+        return C.write_record(out, "train_clip.py", settings, method, run, C.evaluate(method, loaders["test"],
+                                                                                       device, args.amp))
 
 
 def data_and_encoders(args, root, device):

@@ -5,21 +5,19 @@
     python train_missing.py --dataset mmin --data_root data/IEMOCAP_features_2021 --fold 1 --method mmin
     python train_missing.py --method all --seeds 0,1,2 --missing_rates 0.1,0.3,0.5,0.7   # a sweep
 
-Missing views (SPEC 5): a fraction --missing_rate of the (sample, view) entries is removed, drawn from
+Missing views (the paper's protocol): a fraction --missing_rate of the (sample, view) entries is removed, drawn from
 the seed alone (the same for every method), every sample keeping at least one view, on train, val and
 test alike. Writes <out_dir>/<dataset>/<method>/seed<k>/missing<rate>/record.json, best.pt and
 missing_mask.npz (the masks of the run).
 """
 import argparse
-import tempfile
-from pathlib import Path
 
 import numpy as np
 import torch
 
 import common as C
 
-# Paper settings (SPEC 6) for real data; the toy set has its own small defaults.
+# The paper's settings for real data; the toy set has its own small defaults.
 DEFAULTS = {
     "paper": dict(epochs=100, batch_size=64, lr=1e-3, lr_decay_step=70, lr_decay_ratio=0.1),
     "toy": dict(epochs=15, batch_size=64, lr=1e-2, lr_decay_step=70, lr_decay_ratio=0.1),
@@ -40,7 +38,7 @@ def get_args(argv=None):
     a("--missing_rates", default=None, help="comma list of rates to sweep, e.g. 0.1,0.3,0.5,0.7 "
                                             "(overrides --missing_rate)")
     C.add_common_args(p, C.MISSING_METHODS, DEFAULTS)
-    a = p.add_argument_group("model sizes (SPEC 4: 3 layers of 128 per modality, classifier 128 -> C)").add_argument
+    a = p.add_argument_group("model sizes (the paper's: 3 layers of 128 per modality, classifier 128 -> C)").add_argument
     a("--hidden", type=int, default=128, help="width of the per-modality MLP encoders (and codes, tokens)")
     a("--layers", type=int, default=3, help="linear layers per MLP encoder (and decoder)")
     a = p.add_argument_group("Table-6-only methods").add_argument
@@ -68,7 +66,6 @@ def get_args(argv=None):
     a("--toy_dims", type=lambda s: [int(v) for v in s.split(",")], default=[32, 48, 64],
       help="toy: widths of audio, visual, text (comma list)")
     a("--toy_seed", type=int, default=0, help="toy: seed of the generated data (fixed across --seed)")
-    p.set_defaults(script="train_missing.py")      # names the toy runs' folder (common.run_dir)
     args = C.finish_args(p, p.parse_args(argv), C.MISSING_METHODS, DEFAULTS)
     try:
         rates = parse_rates(args.missing_rates) if args.missing_rates else [args.missing_rate]
@@ -90,32 +87,35 @@ def parse_rates(spec):
         raise ValueError(f"--missing_rates {spec!r}: expected a comma list of fractions, e.g. 0.1,0.3") from None
 
 
-def run_path(args):
+def run_folder(args):
     """<out_dir>/<dataset>/<method>/seed<k>[/fold<f> for mmin]/missing<rate>: where a run writes its files."""
     fold = [f"fold{args.fold}"] if args.dataset == "mmin" else []
-    return C.run_dir(args, *fold, f"missing{args.missing_rate}")
+    return C.run_dir(args.out_dir, args.dataset, "train_missing.py", args.method, args.seed, *fold,
+                     f"missing{args.missing_rate}")
 
 
 def main(argv=None):
     """Parse the command line and run every requested (rate, seed, method); returns their records."""
     args = get_args(argv)
     rates = parse_rates(args.missing_rates) if args.missing_rates else [args.missing_rate]
-    return C.sweep(args, run, C.MISSING_METHODS, record_path=lambda a: run_path(a) / "record.json",
-                   grid={"missing_rate": rates})
+    runs, records = C.sweep_runs(args, C.MISSING_METHODS, grid={"missing_rate": rates}), []
+    for k, (label, a) in enumerate(runs, 1):           # a sweep skips the runs it finished before
+        done = C.finished_record(run_folder(a) / "record.json", vars(a), sweep=len(runs) > 1)
+        records.append(done or run(a))
+        C.sweep_line(k, len(runs), label, records[-1], done is not None)
+    return records
 
 
 def load_data(args):
-    if args.dataset == "toy":
-        with tempfile.TemporaryDirectory(prefix="mla_toy_missing_") as tmp:
-            root = Path(args.data_root or tmp)
+    with C.data_root(args.dataset, args.data_root, "mla_toy_missing_") as root:
+        if args.dataset == "toy":
             C.ensure_toy(root, "features.npz", lambda r, **k: C.make_toy_features(r / "features.npz", **k),
                          seed=args.toy_seed, n_train=args.toy_train, n_val=args.toy_val, n_test=args.toy_test,
                          dims=args.toy_dims)
             return C.load_features_npz(root / "features.npz")
-    root = Path(args.data_root or f"data/{args.dataset}")
-    if args.dataset == "features":
-        return C.load_features_npz(root)
-    return C.load_mmin(root, args.fold, args.mmin_files.split(",") if args.mmin_files else None)
+        if args.dataset == "features":
+            return C.load_features_npz(root)
+        return C.load_mmin(root, args.fold, args.mmin_files.split(",") if args.mmin_files else None)
 
 
 def run(args):
@@ -139,21 +139,42 @@ def run(args):
     loaders = {s: C.make_loader(C.FeatureDataset(data[s][0], masks[s], data[s][1]), args.batch_size, s == "train",
                                 args.seed, 0, device) if s in masks else None
                for s in ("train", "val", "test")}
-    run_dir = run_path(args)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    np.savez(run_dir / "missing_mask.npz", **masks)
+    out = run_folder(args)
+    out.mkdir(parents=True, exist_ok=True)
+    np.savez(out / "missing_mask.npz", **masks)
 
-    # ---- model, method, optimiser
+    # ---- model and method: an MLP encoder per view, the method's heads; the paper's SGD and StepLR
     encoders = [C.MLPEncoder(x.shape[1], args.hidden, args.layers) for x in data["train"][0]]
-    method = C.build_method(args.method, encoders, len(classes), modalities, args, len(data["train"][1]))
+    table6 = {k: getattr(args, k) for k in ("layers", "recon_weight", "hide_prob", "ae_widths", "ae_blocks", "cca_dim",
+                                            "dcca_dim", "cca_reg", "cmd_weight", "cmd_order", "cpm_lambda", "code_lr",
+                                            "code_steps", "tate_layers", "tate_heads")}
+    method = C.build_method(args.method, encoders, len(classes), modalities, len(data["train"][1]), table6=table6,
+                            **C.method_options(args))
     method.apply(C.init_weights)
     method.to(device)
     optimizer = torch.optim.SGD(method.parameters(), lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_decay_step, args.lr_decay_ratio)
 
-    # ---- train, select, test, record
-    return C.fit(method, optimizer, scheduler, loaders, args, run_dir, "train_missing.py", device)
+    # ---- train: evaluate every epoch, keep the selected one (best.pt) and all that --resume needs (last.pt);
+    # the CCA family fits its projections in closed form before the first epoch and after each one
+    settings = vars(args)
+    run = C.start_run(args.select_on, args.epochs, loaders["val"] is not None)
+    if not (args.resume and C.resume_run(out / "last.pt", run, settings, method, optimizer, scheduler,
+                                         loaders["train"])) and hasattr(method, "fit_start"):
+        method.fit_start(loaders["train"], device)
+    for epoch in range(run["next_epoch"], args.epochs):
+        loss, lr = C.train_one_epoch(method, loaders["train"], optimizer, epoch, device, checkpoint=out / "last.pt")
+        if hasattr(method, "epoch_end"):
+            method.epoch_end(loaders["train"], device)
+        scheduler.step()
+        if C.log_epoch(run, epoch, loss, lr, *C.evaluate_epoch(method, loaders, args.select_on, device)):
+            C.save_best(out / "best.pt", method, settings, epoch)
+        C.save_checkpoint(out / "last.pt", run, settings, method, optimizer, scheduler, loaders["train"])
+
+    # ---- test the selected epoch, write the record
+    C.load_best(out / "best.pt", method, device)
+    return C.write_record(out, "train_missing.py", settings, method, run, C.evaluate(method, loaders["test"], device))
 
 
 if __name__ == "__main__":

@@ -69,3 +69,13 @@ def toy_root(tmp_path_factory):
 
 TINY = ["--image_size", "16", "--frames", "2", "--audio_len", "32", "--num_mel_bins", "16",
         "--batch_size", "16", "--epochs", "1"]
+
+
+def step(method, xs, y, idx, optimizer, epoch=0, batch=0, steps=1, mask=None):
+    """One training step as common.train_one_epoch takes it: the method's schedule(epoch, batch, steps)
+    when it has one, then train_step with the mask (if any) and, for methods with uses_index, the
+    batch's sample indices."""
+    if hasattr(method, "schedule"):
+        method.schedule(epoch, batch, steps)
+    extra = ({"mask": mask} if mask is not None else {}) | ({"idx": idx} if getattr(method, "uses_index", False) else {})
+    return method.train_step(xs, y, optimizer, **extra)

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import common as C
+from conftest import step
 
 MODS = ["audio", "video"]
 
@@ -48,7 +49,7 @@ def test_mla_step_moves_only_its_own_encoder(tiny_encoders):
     opt = SpyOptimizer(m, lr=0.1, momentum=0.9, weight_decay=1e-2)   # momentum and decay would leak
     for s in range(3):
         xs, y, idx = batch(seed=s)
-        m.train_step(xs, y, idx, opt, {"epoch": 0, "step": s, "steps": 3})
+        step(m, xs, y, idx, opt, epoch=0, batch=s, steps=3)
     assert len(opt.log) == 6                                           # two steps per batch
     for i, (had_grad, moved) in enumerate(opt.log):
         mod = i % 2
@@ -71,7 +72,7 @@ def test_mla_projection_protects_earlier_direction(tiny_encoders):
         orig(hbar, alpha)
 
     m.project_head_grad = spy
-    m.train_step(xs, y, idx, opt, {"epoch": 0, "step": 0, "steps": 1})
+    step(m, xs, y, idx, opt, epoch=0, batch=0, steps=1)
     dW1, dW2 = Ws[1] - Ws[0], m.head.weight.detach() - Ws[1]
     # first step of the run: P is the identity, the gradient is unchanged
     assert torch.allclose(dW1, -0.5 * grads[0], atol=1e-6)
@@ -90,7 +91,7 @@ def test_mla_P_symmetric_finite_and_never_renormalised(tiny_encoders):
     opt = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
     for s in range(20):
         xs, y, idx = batch(seed=s)
-        m.train_step(xs, y, idx, opt, {"epoch": 0, "step": s, "steps": 20})
+        step(m, xs, y, idx, opt, epoch=0, batch=s, steps=20)
     P = m.P
     assert torch.isfinite(P).all()
     assert torch.equal(P, P.T)
@@ -121,7 +122,7 @@ def test_mla_no_hgm_leaves_gradient(tiny_encoders):
     ref = copy.deepcopy(m)
     opt = torch.optim.SGD(m.parameters(), lr=0.5)
     xs, y, idx = batch()
-    m.train_step(xs, y, idx, opt, {"epoch": 0, "step": 0, "steps": 1})
+    step(m, xs, y, idx, opt, epoch=0, batch=0, steps=1)
     # reference: the same two plain CE steps by hand
     W = ref.head.weight.detach().clone()
     for f, x in zip(ref.encoders, xs):
@@ -197,7 +198,7 @@ def test_ogm_scales_damped_encoder_only(tiny_encoders):
     assert coeff[0] < 1 and coeff[1] == 1.0
     orig = grads_after_plain_backward(m, xs, y)
     opt = torch.optim.SGD(m.parameters(), lr=0.0)
-    m.train_step(xs, y, idx, opt, {"epoch": 0, "step": 0, "steps": 1})
+    step(m, xs, y, idx, opt, epoch=0, batch=0, steps=1)
     for e, (enc, g0) in enumerate(zip(m.encoders, orig)):
         for p, g in zip(enc.parameters(), g0):
             assert torch.allclose(p.grad, coeff[e] * g, atol=1e-7), f"encoder {e}"
@@ -208,7 +209,7 @@ def test_ogm_inactive_outside_modulation_epochs(tiny_encoders):
     m = C.OGM(tiny_encoders(5, 7), 4, MODS, alpha=0.8, starts=2, ends=3)
     xs, y, idx = batch()
     orig = grads_after_plain_backward(m, xs, y)
-    m.train_step(xs, y, idx, torch.optim.SGD(m.parameters(), lr=0.0), {"epoch": 4, "step": 0, "steps": 1})
+    step(m, xs, y, idx, torch.optim.SGD(m.parameters(), lr=0.0), epoch=4, batch=0, steps=1)
     assert all(torch.equal(p.grad, g) for e, g0 in zip(m.encoders, orig) for p, g in zip(e.parameters(), g0))
 
 
@@ -219,7 +220,7 @@ def test_ogm_ge_noise_has_gradient_std(tiny_encoders):
     xs, y, idx = batch(n=64)
     coeff = ogm_reference(m, xs, y)
     orig = grads_after_plain_backward(m, xs, y)
-    m.train_step(xs, y, idx, torch.optim.SGD(m.parameters(), lr=0.0), {"epoch": 0, "step": 0, "steps": 1})
+    step(m, xs, y, idx, torch.optim.SGD(m.parameters(), lr=0.0), epoch=0, batch=0, steps=1)
     for e, (enc, g0) in enumerate(zip(m.encoders, orig)):
         w, g = enc.net[2].weight, g0[2]                       # a 64 x 16 weight: 1024 noise draws
         noise = w.grad - coeff[e] * g
@@ -277,7 +278,7 @@ def test_qmf_history_accumulates_across_epochs(tiny_encoders):
     with torch.no_grad():
         per = [F.cross_entropy(u, y, reduction="none").double() for u in m.logits(m.encode(xs))[1]]
     for epoch in range(3):
-        m.train_step(xs, y, idx, opt, {"epoch": epoch, "step": 0, "steps": 1})
+        step(m, xs, y, idx, opt, epoch=epoch, batch=0, steps=1)
         for k in range(2):
             assert torch.allclose(m.history[k, idx], (epoch + 1) * per[k], atol=1e-6)
     others = torch.ones(20, dtype=torch.bool)
@@ -295,15 +296,14 @@ def test_late_fusion_branches_independent(tiny_encoders):
     grads = []
     for v in (xs[1], 100 * torch.randn_like(xs[1])):
         mm = copy.deepcopy(m)
-        mm.train_step([xs[0], v], y, idx, torch.optim.SGD(mm.parameters(), lr=0.0), {"epoch": 0})
+        step(mm, [xs[0], v], y, idx, torch.optim.SGD(mm.parameters(), lr=0.0), epoch=0)
         grads.append([p.grad.clone() for p in list(mm.encoders[0].parameters()) + list(mm.heads[0].parameters())])
     assert all(torch.equal(a, b) for a, b in zip(*grads))
 
 
 @pytest.mark.parametrize("name", ["concat", "film", "bigated", "ogm"])
 def test_fused_feature_methods_unimodal_zeroes_others(name, tiny_encoders):
-    args = type("A", (), dict(alpha=0.3, modulation_starts=0, modulation_ends=50, condition=None))()
-    m = C.build_method(name, tiny_encoders(5, 7), 4, MODS, args, 12)
+    m = C.build_method(name, tiny_encoders(5, 7), 4, MODS, 12, condition=None, ogm=(0.3, 0, 50))
     xs, _, _ = batch()
     zs = m.encode(xs)
     fused, (ua, uv) = m.predict(xs)

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import common as C
+from conftest import step
 from test_methods import SpyOptimizer, grads_after_plain_backward, params, same
 
 MODS = ["audio", "image", "text"]
@@ -34,7 +35,7 @@ def test_ogm_three_modalities_damps_the_dominant_encoder_by_hand_computed_coeffi
     assert rho[2] > 1 and rho[0] < 1 and rho[1] < 1
     coeff = [1.0, 1.0, 1 - math.tanh(0.8 * rho[2])]
     orig = grads_after_plain_backward(m, xs, y)
-    m.train_step(xs, y, idx, torch.optim.SGD(m.parameters(), lr=0.0), {"epoch": 0, "step": 0, "steps": 1})
+    step(m, xs, y, idx, torch.optim.SGD(m.parameters(), lr=0.0), epoch=0, batch=0, steps=1)
     assert m.last_coeffs == pytest.approx(coeff)
     for e, (enc, g0) in enumerate(zip(m.encoders, orig)):
         for p, g in zip(enc.parameters(), g0):
@@ -49,18 +50,18 @@ def test_mla_three_steps_each_move_only_their_own_encoder_and_the_head(tiny_enco
     m = C.MLA(tiny_encoders(*D_IN), 4, MODS)
     opt = SpyOptimizer(m, lr=0.1, momentum=0.9, weight_decay=1e-2)        # momentum and decay would leak
     heads, Ps = [], []
-    step = opt.step
+    real_step = opt.step
 
     def spy_step(closure=None):
         before = params(m.head)
-        step(closure)
+        real_step(closure)
         heads.append(not same(before, params(m.head)))
         Ps.append(m.P.clone())
 
     opt.step = spy_step
     for s in range(2):
         xs, y, idx = batch(seed=s)
-        m.train_step(xs, y, idx, opt, {"epoch": 0, "step": s, "steps": 2})
+        step(m, xs, y, idx, opt, epoch=0, batch=s, steps=2)
     assert len(opt.log) == 6                                  # three steps per batch
     for i, (had_grad, moved) in enumerate(opt.log):
         mod = i % 3
@@ -85,7 +86,7 @@ def test_mla_projection_protects_the_features_of_both_earlier_steps(tiny_encoder
         orig(hbar, alpha)
 
     m.project_head_grad = spy
-    m.train_step(xs, y, idx, opt, {"epoch": 0, "step": 0, "steps": 1})
+    step(m, xs, y, idx, opt, epoch=0, batch=0, steps=1)
     h1, h2 = hbars[0], hbars[1]
     dW2, dW3 = Ws[2] - Ws[1], m.head.weight.detach() - Ws[2]
     rel = lambda dW, h: ((dW @ h).norm() / (dW.norm() * h.norm())).item()
@@ -108,7 +109,7 @@ def test_fusion_weights_over_three_modalities(tiny_encoders):
     lam = torch.exp(e.max(1, keepdim=True).values - e)
     assert torch.allclose(w, lam / lam.sum(1, keepdim=True))
     assert C.fusion_weights([a, i, t], "dynamic_batch").shape == (3,)
-    # fixed: the SPEC's audio / image / text weights by default, or the given ones
+    # fixed: the paper's audio / image / text weights by default, or the given ones
     m = C.MLA(tiny_encoders(*D_IN), 4, MODS, fusion="fixed")
     xs, _, _ = batch()
     fused, (ua, ui, ut) = m.predict(xs)
@@ -122,14 +123,14 @@ def test_fusion_weights_over_three_modalities(tiny_encoders):
 
 
 def test_film_and_bigated_condition_on_audio_and_modulate_both_others(tiny_encoders):
-    args = type("A", (), dict(condition="audio", alpha=0.3, modulation_starts=0, modulation_ends=50))()
+    args = dict(condition="audio", ogm=(0.3, 0, 50))
     xs, _, _ = batch()
-    film = C.build_method("film", tiny_encoders(*D_IN), 4, MODS, args, 12)
+    film = C.build_method("film", tiny_encoders(*D_IN), 4, MODS, 12, **args)
     za, zi, zt = film.encode(xs)
     gamma, beta = film.film(za).chunk(2, 1)
     assert film.condition == 0 and film.head.in_features == 16
     assert torch.allclose(film.fuse([za, zi, zt]), film.head(torch.cat([gamma * zi + beta, gamma * zt + beta], 1)))
-    gated = C.build_method("bigated", tiny_encoders(*D_IN), 4, MODS, args, 12)
+    gated = C.build_method("bigated", tiny_encoders(*D_IN), 4, MODS, 12, **args)
     za, zi, zt = gated.encode(xs)
     g = torch.sigmoid(gated.hidden[0](za))
     expected = gated.head(torch.cat([g * gated.hidden[1](zi), g * gated.hidden[2](zt)], 1))
@@ -138,8 +139,7 @@ def test_film_and_bigated_condition_on_audio_and_modulate_both_others(tiny_encod
 
 @pytest.mark.parametrize("name", ["concat", "film", "bigated", "ogm"])
 def test_fused_feature_methods_unimodal_zeroes_the_two_others(name, tiny_encoders):
-    args = type("A", (), dict(alpha=0.3, modulation_starts=0, modulation_ends=50, condition="audio"))()
-    m = C.build_method(name, tiny_encoders(*D_IN), 4, MODS, args, 12)
+    m = C.build_method(name, tiny_encoders(*D_IN), 4, MODS, 12, condition="audio", ogm=(0.3, 0, 50))
     xs, _, _ = batch()
     zs = m.encode(xs)
     fused, unis = m.predict(xs)
@@ -159,7 +159,7 @@ def test_per_head_methods_fuse_three_heads(tiny_encoders):
     assert torch.allclose(fused, (unis[0] + unis[1] + unis[2]) / 3)
     q = C.QMF(tiny_encoders(*D_IN), 4, MODS, num_train=12)
     assert q.history.shape == (3, 12)
-    q.train_step(xs, y, idx, torch.optim.SGD(q.parameters(), lr=0.0), {"epoch": 0, "step": 0, "steps": 1})
+    step(q, xs, y, idx, torch.optim.SGD(q.parameters(), lr=0.0), epoch=0, batch=0, steps=1)
     assert (q.history > 0).all(), "every modality's history grows"
     fused, unis = q.predict(xs)
     conf = [torch.logsumexp(u, 1, keepdim=True) / 10 for u in unis]
@@ -173,6 +173,6 @@ def test_late_fusion_three_branches_independent(tiny_encoders):
     grads = []
     for noise in (xs[2], 100 * torch.randn_like(xs[2])):       # another text changes nothing for the audio
         mm = copy.deepcopy(m)
-        mm.train_step([xs[0], xs[1], noise], y, idx, torch.optim.SGD(mm.parameters(), lr=0.0), {"epoch": 0})
+        step(mm, [xs[0], xs[1], noise], y, idx, torch.optim.SGD(mm.parameters(), lr=0.0), epoch=0)
         grads.append([p.grad.clone() for p in list(mm.encoders[0].parameters()) + list(mm.heads[0].parameters())])
     assert all(torch.equal(a, b) for a, b in zip(*grads))

@@ -13,7 +13,7 @@ import torch.nn as nn
 
 import common as C
 import train_missing
-from conftest import ROOT
+from conftest import step, ROOT
 
 MODS = ["audio", "visual", "text"]
 TINY = ["--toy_train", "64", "--toy_val", "32", "--toy_test", "32", "--toy_dims", "6,7,8", "--hidden", "16",
@@ -223,10 +223,10 @@ def toy_features(tmp_path_factory):
 
 
 def build(name, encoders, num_train=800):
-    args = types.SimpleNamespace(layers=2, recon_weight=1.0, hide_prob=0.5, ae_widths=[32, 16], ae_blocks=2,
-                                 cca_dim=4, dcca_dim=3, cca_reg=1e-3, cmd_weight=1.0, cmd_order=3, cpm_lambda=1.0,
-                                 code_lr=0.05, code_steps=5, tate_heads=2, tate_layers=1)
-    return C.build_method(name, encoders, 4, MODS, args, num_train)
+    table6 = dict(layers=2, recon_weight=1.0, hide_prob=0.5, ae_widths=[32, 16], ae_blocks=2, cca_dim=4, dcca_dim=3,
+                  cca_reg=1e-3, cmd_weight=1.0, cmd_order=3, cpm_lambda=1.0, code_lr=0.05, code_steps=5, tate_heads=2,
+                  tate_layers=1)
+    return C.build_method(name, encoders, 4, MODS, num_train, table6=table6)
 
 
 @pytest.mark.parametrize("name", ["ae", "cra", "mmin"])
@@ -239,7 +239,7 @@ def test_imputation_beats_zero_filling(name, toy_features):
     opt = torch.optim.Adam(m.parameters(), lr=2e-3)
     for epoch in range(25):
         for b in torch.randperm(len(y)).split(64):
-            m.train_step([x[b] for x in xs], y[b], b, opt, {"epoch": epoch}, mask=mask[b])
+            step(m, [x[b] for x in xs], y[b], b, opt, epoch=epoch, mask=mask[b])
     m.eval()
     hidden = torch.ones(len(test[0]), 3, dtype=torch.bool)
     hidden[:, 0] = False                                            # audio planted missing, the others present
@@ -259,7 +259,7 @@ def test_cpm_net_infers_test_codes_with_networks_frozen(toy_features):
     m = build("cpm_net", [C.MLPEncoder(x.shape[1], 32, 2) for x in xs])
     opt = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
     for b in torch.arange(len(y)).split(100):
-        m.train_step([x[b] for x in xs], y[b], b, opt, {"epoch": 0})
+        step(m, [x[b] for x in xs], y[b], b, opt, epoch=0)
     m.zero_grad(set_to_none=True)
     before = {k: v.clone() for k, v in m.state_dict().items()}
     mask = torch.from_numpy(C.missing_mask(len(test[0]), 3, 0.5, seed=1))
@@ -313,11 +313,10 @@ def nan_batch(n=24, seed=0):
 def test_encoders_never_see_a_missing_view(name):
     torch.manual_seed(0)
     spies = [Spy(C.MLPEncoder(d, 8, 2)) for d in (3, 4, 5)]
-    args = types.SimpleNamespace(no_hgm=False, hgm_alpha=None, fusion="dynamic", fusion_weights=None, condition=None)
-    m = C.build_method(name, spies, 4, MODS, args, 24)
+    m = C.build_method(name, spies, 4, MODS, 24, mla=dict(hgm=True, hgm_alpha=None, fusion="dynamic"))
     opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
     xs, y, idx, mask = nan_batch()
-    loss = m.train_step(xs, y, idx, opt, {"epoch": 0, "step": 0, "steps": 1}, mask=mask)
+    loss = step(m, xs, y, idx, opt, epoch=0, batch=0, steps=1, mask=mask)
     fused, unis = m.predict(xs, mask=mask)
     assert torch.isfinite(loss) and torch.isfinite(fused).all()
     assert all(torch.isfinite(p).all() for p in m.parameters())
@@ -345,8 +344,7 @@ def test_mla_skips_a_modality_absent_from_the_batch():
     mask[:, 1] = False
     mask[:, 0] = True
     before = [p.clone() for p in m.encoders[1].parameters()]
-    m.train_step(xs, y, idx, torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2),
-                 {"epoch": 0, "step": 0, "steps": 1}, mask=mask)
+    m.train_step(xs, y, torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2), mask=mask)
     assert all(torch.equal(a, b) for a, b in zip(before, m.encoders[1].parameters()))
     assert all(p.grad is None for p in m.encoders[1].parameters())
 
@@ -433,7 +431,7 @@ def test_bad_data_is_one_clear_line(tmp_path):
 
 
 def test_mmin_runs_of_each_fold_have_their_own_folder():
-    path = lambda *a: train_missing.run_path(train_missing.get_args(["--data_root", "somewhere", *a]))
+    path = lambda *a: train_missing.run_folder(train_missing.get_args(["--data_root", "somewhere", *a]))
     assert path("--dataset", "mmin", "--fold", "3", "--missing_rate", "0.3").parts[-4:] == \
         ("mla", "seed0", "fold3", "missing0.3")
     assert path("--dataset", "features", "--missing_rate", "0.3").parts[-3:] == ("mla", "seed0", "missing0.3")

@@ -26,7 +26,7 @@ def test_every_method_trains_one_toy_epoch_and_writes_record(method, toy_root, t
     rec = run(toy_root, tmp_path, "--method", method)
     run_dir = tmp_path / "toy_av" / method / "seed0"
     on_disk = json.loads((run_dir / "record.json").read_text())
-    assert tuple(on_disk) == C.RECORD_KEYS                   # exactly the SPEC keys, in order
+    assert tuple(on_disk) == C.RECORD_KEYS                   # exactly the record's keys, in order
     assert on_disk == json.loads(json.dumps(rec))
     assert on_disk["script"] == "train_av.py" and on_disk["dataset"] == "toy" and on_disk["method"] == method
     assert on_disk["modalities"] == ["audio", "video"] and on_disk["select_on"] == "val"
@@ -115,8 +115,8 @@ def test_autocast_keeps_P_in_full_precision(tiny_encoders):
                                           torch.arange(32))
     loader = torch.utils.data.DataLoader(data, batch_size=8)
     opt = torch.optim.SGD(m.parameters(), lr=0.05)
-    loss = C.train_one_epoch(m, loader, opt, 0, "cpu", amp=True)
-    assert math.isfinite(loss)
+    loss, lr = C.train_one_epoch(m, loader, opt, 0, "cpu", amp=True)
+    assert math.isfinite(loss) and lr == 0.05
     assert m.P.dtype == torch.float32 and torch.equal(m.P, m.P.T) and torch.isfinite(m.P).all()
     assert set(C.evaluate(m, loader, "cpu", amp=True)) == {"audio", "video", "multi"}
 
@@ -131,14 +131,17 @@ def test_losses_read_back_late_still_name_the_first_non_finite_step():
             super().__init__()
             self.bad_step = bad_step
 
-        def train_step(self, xs, y, idx, optimizer, progress):
-            return torch.tensor(float("nan") if progress["step"] == self.bad_step else float(progress["step"]))
+        def schedule(self, epoch, step, steps):
+            self.step = step
+
+        def train_step(self, xs, y, optimizer):
+            return torch.tensor(float("nan") if self.step == self.bad_step else float(self.step))
 
     ds = torch.utils.data.TensorDataset(torch.zeros(6, 2), torch.zeros(6, dtype=torch.long), torch.arange(6))
     loader = torch.utils.data.DataLoader(ds, batch_size=2)
     with pytest.raises(FloatingPointError, match=r"non-finite loss \(nan\) at epoch 4, step 2 of 3"):
         C.train_one_epoch(Stub(1), loader, None, 3, "cpu", check_every=10)
-    assert C.train_one_epoch(Stub(None), loader, None, 0, "cpu", check_every=2) == 1.0     # (0 + 1 + 2) / 3
+    assert C.train_one_epoch(Stub(None), loader, None, 0, "cpu", check_every=2) == (1.0, None)   # (0 + 1 + 2) / 3
 
 
 def test_compile_flag_compiles_each_encoder_in_place(toy_root, tmp_path, monkeypatch):

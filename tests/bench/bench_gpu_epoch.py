@@ -77,11 +77,9 @@ class Bench:
         self.cached, self.n_batches = cached, len(C.make_loader(cached, args.batch_size, True))
         if self.amp:
             torch.backends.cudnn.benchmark = True
-        hp = argparse.Namespace(no_hgm=False, hgm_alpha=None, fusion="dynamic", fusion_weights=None,
-                                alpha=0.1, modulation_starts=0, modulation_ends=50, condition=None)
         torch.manual_seed(0)
-        self.method = C.build_method(args.method, [C.AudioResNet(), C.VideoResNet()], 6, ["audio", "video"], hp,
-                                     len(clips))
+        self.method = C.build_method(args.method, [C.AudioResNet(), C.VideoResNet()], 6, ["audio", "video"],
+                                     len(clips), ogm=(0.1, 0, 50))
         self.method.apply(C.init_weights)
         self.method.to(self.dev, memory_format=torch.channels_last if self.amp else torch.contiguous_format)
         if args.compile:
@@ -102,8 +100,11 @@ class Bench:
             self.method.train()
             for step in range(self.n_batches):
                 xs, y, idx = self.ready[step % len(self.ready)]
+                if hasattr(self.method, "schedule"):
+                    self.method.schedule(0, step, self.n_batches)
+                extra = {"idx": idx} if getattr(self.method, "uses_index", False) else {}
                 with torch.autocast(self.dev.type, dtype=torch.bfloat16, enabled=self.amp):
-                    self.method.train_step(xs, y, idx, self.opt, {"epoch": 0, "step": step, "steps": self.n_batches})
+                    self.method.train_step(xs, y, self.opt, **extra)
         else:
             C.train_one_epoch(self.method, self.loaders[name], self.opt, 0, self.dev, amp=self.amp)
         self.sync()

@@ -37,11 +37,10 @@ def main():
     data = [([torch.randn(b, 1, args.audio_len, args.num_mel_bins, device=dev),
               torch.randn(b, args.frames, 3, args.image_size, args.image_size, device=dev)],
              torch.randint(0, 6, (b,), device=dev), torch.arange(b, device=dev)) for _ in range(args.batches)]
-    hp = argparse.Namespace(no_hgm=False, hgm_alpha=None, fusion="dynamic", fusion_weights=None)
 
     def make(name):
         torch.manual_seed(0)
-        m = C.build_method(name, [C.AudioResNet(), C.VideoResNet()], 6, ["audio", "video"], hp, b)
+        m = C.build_method(name, [C.AudioResNet(), C.VideoResNet()], 6, ["audio", "video"], b)
         m.apply(C.init_weights)
         m.to(dev).train()
         return m, torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
@@ -54,7 +53,9 @@ def main():
         if dev.type == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
-        m.train_step(xs, y, idx, opt, {"epoch": 0, "step": i, "steps": len(data)})
+        if hasattr(m, "schedule"):
+            m.schedule(0, i, len(data))
+        m.train_step(xs, y, opt)
         if dev.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - t

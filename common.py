@@ -1,33 +1,22 @@
-"""Shared pieces of the MLA reference implementation.
+"""What the train_*.py scripts share: the methods, the encoders, the data, the training helpers.
 
-Sections (search for the banner lines):
-  1. Utilities ........ seeding, errors, atomic writes, code version
-  2. Data: signals .... WAV reading, resampling, fbank, frame selection, transforms, splits
-  3. Data: A-V sets ... CREMA-D (three layouts), Kinetics-Sounds, the toy set, loaders
-  3b. Data: I-T sets .. Food-101 and MVSA-Single (jsonl and MLA layouts), text tokens, the toy I-T set
-  3c. Data: IEMOCAP ... the MLA list layout (audio fbank, face image, text), the A-I-T data set, the toy A-I-T set
-  4. Encoders ......... torchvision ResNet-18 for audio and video, the init
-  4b. Transformers .... M3AE-shaped image/text encoders and their checkpoint loader, transformers models
-  4c. CAV-MAE audio ... CAV-MAE's audio branch and its checkpoint loader, the A-I-T audio encoder
-  5. Methods .......... sum, concat, late_fusion, film, bigated, ogm, ogm_ge, qmf, mla
-                        (late_fusion, qmf and mla also take a mask of missing views)
-  5b. Missing modalities (Table 6) ... features.npz and MMIN loaders, the missing mask, the MLP
-                        encoder, cca, dcca, dccae, ae, cra, mmin, if_mmin, cpm_net, tate, the toy features
-  5c. CLIP features (Table 7) ... CLIP towers (transformers CLIPModel) as encoders, batched feature
-                        extraction, the on-disk feature cache, the feature data set, the tiny toy CLIP
-  6. Evaluation, training loop, sweeps and the run record
-  7. Report and curves ... `python common.py report RUNS_DIR [--paper]`, `python common.py plot RUNS_DIR`
+Contents (each part starts at a '# ======== N.' line):
+  1. Methods ........ 1a MLA and its test-time fusion (copy that block out: it needs only torch);
+                      1b the Table 5 baselines; 1c the Table 6 methods; build_method picks one
+  2. Encoders ....... ResNet-18 audio/video, M3AE-shaped and transformers image/text, CAV-MAE audio,
+                      the Table 6 MLP, CLIP towers
+  3. Data ........... WAV, fbank, frames; a part per family (A-V, I-T, IEMOCAP, Table 6 features, CLIP
+                      features), each with its layouts, its data set and its toy generator
+  4. Training ....... seeding, the loader, train_one_epoch, evaluate, the run (start_run, log_epoch,
+                      save_best, save_checkpoint, resume_run, write_record), sweeps
+  5. Speed .......... the preprocessed A-V cache, batched reads, the GPU input path, torch.compile
+  6. Report ......... `python common.py report RUNS_DIR [--paper]`, `plot RUNS_DIR`; the shared flags
 
-Every method is an ``nn.Module`` that owns its encoders and heads and exposes
-``train_step(xs, y, idx, optimizer, progress) -> loss`` (a detached 0-dim tensor, left on the device
-so that a step never waits for the GPU) and ``predict(xs) -> (fused, [unimodal])``, where ``xs`` is a
-list with one input tensor per modality, in the order of ``modalities``.
-With missing views (Table 6) both also take ``mask``, a (B, M) bool tensor, True = view present
-(None = all present); a batch is then ``(*xs, mask, y, idx)`` and its data set has ``masked = True``.
+A batch is (xs, y, idx[, mask]): xs one tensor per modality, in the order of `modalities`; mask (B, M)
+bool, True = view present, for the Table 6 data sets (their `masked = True`).
 """
-
-
 from __future__ import annotations
+
 import collections
 import contextlib
 import csv
@@ -48,6 +37,7 @@ import time
 import wave
 from dataclasses import dataclass
 from pathlib import Path
+
 import numpy as np
 import torch
 import torch.nn as nn
@@ -57,9 +47,7 @@ import torch.nn.functional as F
 HERE = Path(__file__).resolve().parent
 
 
-# ==================================================================================================
-# 1. Methods.  1a. MLA: the alternating unimodal update and its test-time fusion (needs only torch)
-# ==================================================================================================
+# ======== 1. Methods.  1a. MLA: the alternating unimodal update and its test-time fusion (needs only torch) ====
 
 def fusion_weights(unis, mode="dynamic", fixed=None, mask=None):
     """MLA's test-time fusion weights from the unimodal logits (M tensors (B, C)). dynamic: per sample,
@@ -163,9 +151,7 @@ class MLA(nn.Module):
         return self.fuse_unimodal(unis, mask), unis
 
 
-# ==================================================================================================
-# 1b. The Table 5 baselines: sum, concat, late_fusion, film, bigated, ogm, ogm_ge, qmf
-# ==================================================================================================
+# ======== 1b. The Table 5 baselines: sum, concat, late_fusion, film, bigated, ogm, ogm_ge, qmf ======
 
 # Every method is an nn.Module with `modalities`, train_step(xs, y, optimizer[, mask]) -> loss (a detached
 # 0-dim tensor left on the device, so that a step never waits for the GPU) and predict(xs[, mask]) ->
@@ -462,9 +448,7 @@ def build_method(name, encoders, num_classes, modalities, num_train=0, condition
     raise ValueError(f"unknown method {name!r}; expected one of {METHODS + MISSING_ONLY_METHODS}")
 
 
-# ==================================================================================================
-# 1c. The Table 6 methods: cca, dcca, dccae, ae, cra, mmin, if_mmin, cpm_net, tate
-# ==================================================================================================
+# ======== 1c. The Table 6 methods: cca, dcca, dccae, ae, cra, mmin, if_mmin, cpm_net, tate ========
 
 def mlp_decoder(dim, d_out, layers=3):
     """The mirror of MLPEncoder: dim -> ... -> dim (ReLU) -> d_out (linear)."""
@@ -1003,8 +987,6 @@ class TATE(MissingMethod):
 
 MISSING_METHODS = ["late_fusion", "qmf", "cca", "dcca", "dccae", "ae", "cra", "mmin", "if_mmin", "cpm_net",
                    "tate", "mla"]                    # Table 6, in the paper's order
-
-
 MISSING_ONLY_METHODS = [m for m in MISSING_METHODS if m not in METHODS]
 
 
@@ -1039,9 +1021,7 @@ def build_missing_method(name, encoders, num_classes, modalities, num_train, lay
     raise ValueError(f"unknown method {name!r}; expected one of {MISSING_METHODS}")
 
 
-# ==================================================================================================
-# 2. Encoders.  2a. torchvision ResNet-18 for audio and video, the initialisation
-# ==================================================================================================
+# ======== 2. Encoders.  2a. torchvision ResNet-18 for audio and video, the initialisation =========
 
 def init_weights(module):
     """The paper's init: Kaiming-normal (fan_out) convs, Xavier-normal linear layers, zero biases."""
@@ -1097,15 +1077,27 @@ class VideoResNet(AudioResNet):
         return self.net(x.flatten(0, 1)).view(b, t, -1).mean(1)
 
 
-# ==================================================================================================
-# 2b. Transformers for image and text: M3AE-shaped encoders and their checkpoint loader, transformers models
-# ==================================================================================================
+# ======== 2b. Image and text transformers: M3AE-shaped encoders, their checkpoints, transformers models
 
 # M3AE-shaped encoder in plain PyTorch. Parameter names follow the official conversion of the M3AE JAX
 # weights to PyTorch (cls_token, image_embedding, text_embedding, encoder_{image,text}_type_embedding,
 # encoder.blocks.<i>.{layer_norm1, attention.qkv_linear, attention.fc, layer_norm2, transformer_mlp.fc1,
 # transformer_mlp.fc2}, encoder.layer_norm), so such a state dict loads as it is. As in the JAX model:
 # LayerNorm eps 1e-6, tanh-approximated GELU, patches flattened as (row, column, channel).
+
+def xavier_init(module, embedding_std=None):
+    """The transformers' initialisation, in module order: Xavier-uniform linear layers with zero biases,
+    LayerNorms at (1, 0), and embeddings N(0, embedding_std) when one is given."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif embedding_std is not None and isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, 0.0, embedding_std)
+
 
 def sincos_1d(dim, positions):
     """Fixed position embedding (len, dim): [sin(p * w_i), cos(p * w_i)], w_i = 10000^(-i / (dim/2))."""
@@ -1211,15 +1203,7 @@ class M3AEEncoder(nn.Module):
     def reset_parameters(self):
         """M3AE's initialisation: Xavier-uniform linear layers, N(0, 1) word embeddings, N(0, 0.02) CLS
         and type embeddings."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Embedding):
-                nn.init.normal_(m.weight, 0.0, 1.0)
+        xavier_init(self, embedding_std=1.0)
         for name, p in self.named_parameters(recurse=False):
             nn.init.normal_(p, 0.0, 0.02)
 
@@ -1400,9 +1384,7 @@ def image_text_encoders(kind, raw_text, tokenizer=None, vocab_size=None, image_s
                           vocab_size=vocab_size)
 
 
-# ==================================================================================================
-# 2c. CAV-MAE's audio transformer and its checkpoint loader; the A-I-T audio encoder
-# ==================================================================================================
+# ======== 2c. CAV-MAE's audio transformer and its checkpoint loader; the A-I-T audio encoder ======
 
 # The audio branch of CAV-MAE as the MLA code runs it for IEMOCAP: the fbank turned to (mel bins x frames),
 # 16 x 16 patches by a strided convolution, fixed 2-D sin-cos positions (rows = frequency, columns = time),
@@ -1430,13 +1412,7 @@ class CAVMAEAudioEncoder(nn.Module):
     def reset_parameters(self):
         """CAV-MAE's initialisation: Xavier-uniform linear layers and patch embedding (as a matrix), N(0, 0.02)
         modality embedding."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        xavier_init(self)
         nn.init.xavier_uniform_(self.patch_embed.weight.view(self.dim, -1))
         nn.init.normal_(self.modality_embedding, 0.0, 0.02)
 
@@ -1449,16 +1425,10 @@ class CAVMAEAudioEncoder(nn.Module):
 CAVMAE_TOP = {"patch_embed_a.proj.weight": "patch_embed.weight", "patch_embed_a.proj.bias": "patch_embed.bias",
               "pos_embed_a": "pos_embed", "modality_a": "modality_embedding",
               "norm_a.weight": "encoder.layer_norm.weight", "norm_a.bias": "encoder.layer_norm.bias"}
-
-
 CAVMAE_BLOCK = {"attn.qkv": "attention.qkv_linear", "attn.proj": "attention.fc", "mlp.fc1": "transformer_mlp.fc1",
                 "mlp.fc2": "transformer_mlp.fc2"}
-
-
 CAVMAE_NORMS = {"a": {"norm1": "layer_norm1", "norm2": "layer_norm2"},           # audio blocks: their own norms
                 "u": {"norm1_a": "layer_norm1", "norm2_a": "layer_norm2"}}       # shared blocks: the audio norms
-
-
 CAVMAE_UNUSED = re.compile(r"(patch_embed_v|pos_embed_v|modality_v|blocks_v\.|norm_v\.|norm\.|blocks_[au]\.\d+\.norm)")
 
 
@@ -1523,9 +1493,7 @@ def build_ait_audio_encoder(kind, dim, cavmae=(768, 12, 12, 4, 16), audio_len=10
     return enc if enc.dim == dim else Projected(enc, dim)
 
 
-# ==================================================================================================
-# 2d. The MLP encoder of the Table 6 features; CLIP towers (transformers CLIPModel) and the toy CLIP
-# ==================================================================================================
+# ======== 2d. The MLP encoder of the Table 6 features; CLIP towers and the toy CLIP ===========
 
 # ---- shared parts of the Table 6 models
 
@@ -1736,9 +1704,7 @@ def pretrain_toy_clip(clip, pairs, epochs=15, batch_size=64, lr=2e-3, seed=0):
     return clip
 
 
-# ==================================================================================================
-# 3. Data.  3a. Errors, files, WAV and fbank, frames, transforms, splits
-# ==================================================================================================
+# ======== 3. Data.  3a. Errors, files, WAV and fbank, frames, transforms, splits ==================
 
 class DataError(Exception):
     """Bad or missing input data. The message names the file (and line) and what was expected."""
@@ -1935,6 +1901,21 @@ def stratified_split(labels, ratio, seed):
     return sorted(keep), sorted(held)
 
 
+def blob_image(rng, px, colour, clutter_blobs, class_blobs, radius=(2, 5)):
+    """A toy set's px x px image: a random background, `clutter_blobs` blobs of random colours and
+    `class_blobs` blobs of one jittered `colour` (None: none), drawn in a random order from `rng`."""
+    from PIL import Image, ImageDraw
+    im = Image.new("RGB", (px, px), tuple(int(v) for v in rng.randint(60, 190, 3)))
+    draw = ImageDraw.Draw(im)
+    blobs = [tuple(int(v) for v in rng.randint(0, 256, 3)) for _ in range(clutter_blobs)]
+    if colour is not None:
+        blobs += [tuple(int(np.clip(c + rng.randint(-25, 26), 0, 255)) for c in colour)] * class_blobs
+    for fill in [blobs[j] for j in rng.permutation(len(blobs))]:
+        x0, y0, r = rng.randint(0, px), rng.randint(0, px), rng.randint(*radius)
+        draw.ellipse([x0 - r, y0 - r, x0 + r, y0 + r], fill=fill)
+    return im
+
+
 @contextlib.contextmanager
 def data_root(dataset, root, toy_prefix):
     """The data folder: `root` (--data_root), else data/<dataset>; the toy set without a root is generated
@@ -1964,9 +1945,7 @@ def ensure_toy(root, first_file, make, **params):
     atomic_json_dump(params, marker)
 
 
-# ==================================================================================================
-# 3b. Audio-video sets: CREMA-D (three layouts), Kinetics-Sounds, the toy A-V set
-# ==================================================================================================
+# ======== 3b. Audio-video sets: CREMA-D (three layouts), Kinetics-Sounds, the toy A-V set =========
 
 @dataclass
 class Clip:
@@ -2027,13 +2006,9 @@ class AVDataset(torch.utils.data.Dataset):
 # Where the peer repositories keep audio and frames, relative to the data root ({split} = train/test).
 AUDIO_DIRS = ["audio/{split}_fbank", "{split}_fbank", "audio/{split}_spec", "{split}_spec", "AudioWAV",
               "audio/{split}", "{split}_wav/{split}", "{split}_wav", "audio", "wav", "."]
-
-
 FRAME_DIRS = ["visual/{split}_imgs/Image-01-FPS", "{split}_imgs/Image-01-FPS", "Image-01-FPS",
               "visual/Image-01-FPS", "visual/{split}_imgs", "{split}_imgs", "visual/{split}",
               "frames/{split}", "{split}_frames", "frames", "visual"]
-
-
 LAYOUT_HELP = """accepted layouts:
   CREMA-D, MLA layout:     my_train_cre.txt, my_test_cre.txt ('1085_IWL_SAD_XX.flv Sad'), stat_cre.txt,
                            audio/{train,test}_fbank/<clip>.npy, visual/{train,test}_imgs/Image-01-FPS/<clip>/*.jpg
@@ -2045,24 +2020,24 @@ LAYOUT_HELP = """accepted layouts:
                            audio as <clip>.wav or <clip>.npy (fbank) in e.g. audio/{split}/ or {split}_fbank/,
                            frames in e.g. Image-01-FPS/<clip>/ or visual/{split}_imgs/Image-01-FPS/<clip>/
   --audio_dir / --frames_dir override where audio and frames are looked for."""
-
-
 CREMAD_DEFAULT_ORDER = ["NEU", "HAP", "SAD", "FEA", "DIS", "ANG"]
+
+
+def best_dir(folders, names, has):
+    """The folder that holds the most of the first 25 `names` (has(folder, name)), None if none holds any."""
+    best, best_hits = None, 0
+    for d in folders:
+        if d.is_dir():
+            hits = sum(1 for n in names[:25] if has(d, n))
+            if hits > best_hits:
+                best, best_hits = d, hits
+    return best
 
 
 def _find_dir(root, override, templates, split, entries, is_match, what, layout_help=LAYOUT_HELP):
     """The folder (from `templates`) holding the most of the first clips of a list."""
-    if override:
-        cands = [Path(override.format(split=split))]
-    else:
-        cands = [root / t.format(split=split) for t in templates]
-    probe = entries[:25]
-    best, best_hits = None, 0
-    for d in cands:
-        if d.is_dir():
-            hits = sum(1 for e in probe if is_match(d, e[0]))
-            if hits > best_hits:
-                best, best_hits = d, hits
+    cands = [Path(override.format(split=split))] if override else [root / t.format(split=split) for t in templates]
+    probe, best, best_hits = entries[:25], best_dir(cands, [e[0] for e in entries], is_match), 0
     if best is None and not override:          # not in a usual place: search the tree (4 levels)
         for dirpath, dirnames, _ in os.walk(root):
             d = Path(dirpath)
@@ -2343,7 +2318,6 @@ def make_toy_av(root, seed=0, n_train=600, n_test=240, rate=8000, seconds=0.7, f
     `clutter_blobs` random ones: slower to learn, but it holds what audio lacks. Joint training
     leans on audio and leaves video under-trained, as on CREMA-D.
     """
-    from PIL import Image, ImageDraw
     root = Path(root)
     rng = np.random.RandomState(seed)
     (root / "AudioWAV").mkdir(parents=True, exist_ok=True)
@@ -2369,14 +2343,7 @@ def make_toy_av(root, seed=0, n_train=600, n_test=240, rate=8000, seconds=0.7, f
             d = root / "Image-01-FPS" / clip
             d.mkdir(exist_ok=True)
             for k in range(frames):
-                im = Image.new("RGB", (px, px), tuple(int(v) for v in rng.randint(60, 190, 3)))
-                dr = ImageDraw.Draw(im)
-                blobs = [tuple(int(v) for v in rng.randint(0, 256, 3)) for _ in range(clutter_blobs)]
-                blobs += [tuple(int(np.clip(c + rng.randint(-25, 26), 0, 255)) for c in palette[y])] * class_blobs
-                for colour in [blobs[j] for j in rng.permutation(len(blobs))]:
-                    x0, y0, r = rng.randint(0, px), rng.randint(0, px), rng.randint(2, 5)
-                    dr.ellipse([x0 - r, y0 - r, x0 + r, y0 + r], fill=colour)
-                im.save(d / f"frame_{k + 1:05d}.jpg", quality=90)
+                blob_image(rng, px, palette[y], clutter_blobs, class_blobs).save(d / f"frame_{k + 1:05d}.jpg", quality=90)
             rows[split].append(f"{clip},{classes[y]}")
     for split in rows:
         (root / f"{split}.csv").write_text("\n".join(rows[split]) + "\n")
@@ -2384,9 +2351,7 @@ def make_toy_av(root, seed=0, n_train=600, n_test=240, rate=8000, seconds=0.7, f
     return root
 
 
-# ==================================================================================================
-# 3c. Image-text sets: Food-101 and MVSA-Single (jsonl and MLA layouts), text tokens, the toy I-T set
-# ==================================================================================================
+# ======== 3c. Image-text sets: Food-101 and MVSA-Single (jsonl and MLA layouts), the toy I-T set =====
 
 @dataclass
 class Pair:
@@ -2399,8 +2364,6 @@ class Pair:
 
 
 IT_TAGS = {"food101": "food", "mvsa": "mvsa", "toy": "toy"}      # the MLA layout's file-name tag
-
-
 IT_LAYOUT_HELP = """accepted layouts (<tag>: food for Food-101, mvsa for MVSA-Single):
   MMBT/QMF jsonl: train.jsonl, dev.jsonl (the validation split), test.jsonl; one JSON object a line,
                   {"id": ..., "label": ..., "text": ..., "img": <image path relative to the data root>}
@@ -2410,17 +2373,9 @@ IT_LAYOUT_HELP = """accepted layouts (<tag>: food for Food-101, mvsa for MVSA-Si
                   text/{split}/<stem>.txt
   Class names come from stat_<tag>.txt or classes.txt when present (sorted, as the official code does),
   else from the sorted labels of the training split."""
-
-
 JSONL_EXAMPLE = '{"id": "apple_pie_0", "label": "apple_pie", "text": "...", "img": "images/train/apple_pie_0.jpg"}'
-
-
 IT_IMAGE_DIRS = ["visual/{split}_imgs", "{split}_imgs", "visual/{split}", "images/{split}", "images", "visual", "."]
-
-
 IT_TOKEN_DIRS = ["text_token/{split}_token", "{split}_token", "text_token/{split}", "text_token"]
-
-
 IT_TEXT_DIRS = ["text/{split}", "text/{split}_text", "{split}_text", "text"]
 
 
@@ -2476,18 +2431,6 @@ def it_classes(root, tag, train_labels, train_path):
     return classes, f"the labels of {train_path}"
 
 
-def _best_dir(root, templates, split, names, has):
-    """The candidate folder that holds the most of the first listed names (None if none holds any)."""
-    best, best_hits = None, 0
-    for t in templates:
-        d = root / t.format(split=split)
-        if d.is_dir():
-            hits = sum(1 for n in names[:25] if has(d, n))
-            if hits > best_hits:
-                best, best_hits = d, hits
-    return best
-
-
 def read_text_file(path, src):
     try:
         return " ".join(s for _, s in read_text_lines(path))
@@ -2523,12 +2466,13 @@ def _mla_dirs(root, split, rows):
     """(image folder, token folder or None, raw-text folder or None) of one MLA split."""
     files = [r[0] for r in rows]
     stems = [os.path.splitext(f)[0] for f in files]
-    idir = _best_dir(root, IT_IMAGE_DIRS, split, files, lambda d, f: (d / f).is_file())
+    idir = best_dir([root / t.format(split=split) for t in IT_IMAGE_DIRS], files, lambda d, f: (d / f).is_file())
     if idir is None:
         tried = ", ".join(str(root / t.format(split=split)) for t in IT_IMAGE_DIRS)
         raise DataError(f"{rows[0][2]}: image '{files[0]}' not found; looked in {tried}\n{IT_LAYOUT_HELP}")
-    tdir = _best_dir(root, IT_TOKEN_DIRS, split, stems, lambda d, s: (d / f"{s}_token.npy").is_file())
-    xdir = None if tdir else _best_dir(root, IT_TEXT_DIRS, split, stems, lambda d, s: (d / f"{s}.txt").is_file())
+    folders = lambda templates: [root / t.format(split=split) for t in templates]
+    tdir = best_dir(folders(IT_TOKEN_DIRS), stems, lambda d, s: (d / f"{s}_token.npy").is_file())
+    xdir = None if tdir else best_dir(folders(IT_TEXT_DIRS), stems, lambda d, s: (d / f"{s}.txt").is_file())
     if tdir is None and xdir is None:
         raise DataError(f"{rows[0][2]}: text of '{files[0]}' not found: expected "
                         f"{root / f'text_token/{split}_token/{stems[0]}_token.npy'} (and _pm.npy) or "
@@ -2680,7 +2624,6 @@ def make_toy_it(root, seed=0, n_train=600, n_dev=120, n_test=240, px=32, cue=0.8
     `class_blobs` small blobs among `clutter_blobs` random ones: slower to learn, but it holds what
     the text lacks. Joint training leans on the text and leaves the image under-trained, as on Food-101.
     """
-    from PIL import Image, ImageDraw
     root = Path(root)
     rng = np.random.RandomState(seed)
     pair_words = ["dessert", "salad", "soup"]
@@ -2706,23 +2649,15 @@ def make_toy_it(root, seed=0, n_train=600, n_dev=120, n_test=240, px=32, cue=0.8
             caption += [filler[j] for j in rng.randint(0, len(filler), fillers)]
             order = [0] + (1 + rng.permutation(len(caption) - 1)).tolist()        # opener first, rest shuffled
             text = " ".join(caption[j] for j in order)
-            im = Image.new("RGB", (px, px), tuple(int(v) for v in rng.randint(60, 190, 3)))
-            dr = ImageDraw.Draw(im)
-            blobs = [tuple(int(v) for v in rng.randint(0, 256, 3)) for _ in range(clutter_blobs)]
-            blobs += [tuple(int(np.clip(c + rng.randint(-25, 26), 0, 255)) for c in palette[y])] * class_blobs
-            for colour in [blobs[j] for j in rng.permutation(len(blobs))]:
-                x0, y0, r = rng.randint(0, px), rng.randint(0, px), rng.randint(2, 5)
-                dr.ellipse([x0 - r, y0 - r, x0 + r, y0 + r], fill=colour)
-            im.save(root / "images" / split / f"{pid}.jpg", quality=90)
+            blob_image(rng, px, palette[y], clutter_blobs, class_blobs).save(root / "images" / split / f"{pid}.jpg",
+                                                                             quality=90)
             lines.append(json.dumps({"id": pid, "label": TOY_IT_CLASSES[y], "text": text,
                                      "img": f"images/{split}/{pid}.jpg"}))
         (root / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
     return root
 
 
-# ==================================================================================================
-# 3d. IEMOCAP (audio fbank, face image, text) in the MLA list layout, the toy A-I-T set
-# ==================================================================================================
+# ======== 3d. IEMOCAP (audio fbank, face image, text) in the MLA list layout, the toy A-I-T set ====
 
 # The MLA code's IEMOCAP layout: list lines '<utt>.mp4 [split|sign] <text> [split|sign] <Label>', a
 # fbank .npy per utterance, a folder of face images per utterance, text pre-tokenised or in the line.
@@ -2739,19 +2674,11 @@ class Utterance:
 
 
 IEMO_SEP = "[split|sign]"
-
-
 IEMO_EXAMPLE = "Ses01F_impro01_F000.mp4 [split|sign] Excuse me. [split|sign] Neutral"
-
-
 IEMO_AUDIO_DIRS = ["audio/{split}_fbank", "{split}_fbank", "audio/{split}", "audio/fbank", "fbank", "audio",
                    "subaudio", "."]
-
-
 IEMO_IMAGE_DIRS = ["visual/{split}_imgs", "{split}_imgs", "visual/{split}", "faces/{split}", "images/{split}",
                    "faces", "visual", "images"]
-
-
 IEMO_LAYOUT_HELP = """accepted layout (the MLA code's IEMOCAP layout):
   lists:  my_train_iemo.txt and my_test_iemo.txt (optional my_dev_iemo.txt: the validation split), or a single
           list, my_iemo.txt or Session1.txt ... Session5.txt, split 60/20/20 (train/dev/test, seeded, stratified);
@@ -2838,7 +2765,8 @@ def iemocap_split(root, split, rows, classes, class_src, audio_dir=None, image_d
     has_audio = lambda d, u: (d / f"{u}.npy").is_file() or (d / f"{u}.wav").is_file()
     adir = _find_dir(root, audio_dir, IEMO_AUDIO_DIRS, split, entries, has_audio, "audio (.npy/.wav)", IEMO_LAYOUT_HELP)
     idir = _find_dir(root, image_dir, IEMO_IMAGE_DIRS, split, entries, _has_face, "face image", IEMO_LAYOUT_HELP)
-    tdir = _best_dir(root, IT_TOKEN_DIRS, split, [r[0] for r in rows], lambda d, u: (d / f"{u}_token.npy").is_file())
+    tdir = best_dir([root / t.format(split=split) for t in IT_TOKEN_DIRS], [r[0] for r in rows],
+                    lambda d, u: (d / f"{u}_token.npy").is_file())
     out = []
     for utt, label, src, text in rows:
         y = _label_index(label, classes, src, class_src)
@@ -2910,8 +2838,6 @@ class AITDataset(torch.utils.data.Dataset):
 
 
 TOY_AIT_CLASSES = ["Neutral", "Angry", "Sad", "Happy"]
-
-
 CAVMAE_FBANK_MEAN, CAVMAE_FBANK_STD = -5.081, 4.4849      # the fbank statistics CAV-MAE normalises with
 
 
@@ -2932,7 +2858,6 @@ def make_toy_ait(root, seed=0, n_train=1000, n_dev=200, n_test=400, frames=64, m
     image_cue + (1 - image_cue) / 4 (defaults: 77.5, 66, 62.5 %), and together they hold more than any one.
     Text dominates, audio is middling and the image is weakest, as on IEMOCAP.
     """
-    from PIL import Image, ImageDraw
     root = Path(root)
     rng = np.random.RandomState(seed)
     arousal_words = [["calm", "quiet", "slowly"], ["wow", "loud", "hey"]]      # low (y even), high (y odd)
@@ -2975,37 +2900,20 @@ def make_toy_ait(root, seed=0, n_train=1000, n_dev=200, n_test=400, frames=64, m
             d.mkdir(parents=True, exist_ok=True)
             shows = rng.rand() < image_cue
             for k in range(faces):
-                im = Image.new("RGB", (px, px), tuple(int(v) for v in rng.randint(60, 190, 3)))
-                dr = ImageDraw.Draw(im)
-                blobs = [tuple(int(v) for v in rng.randint(0, 256, 3)) for _ in range(clutter_blobs)]
-                if shows:
-                    blobs += [tuple(int(np.clip(v + rng.randint(-25, 26), 0, 255)) for v in palette[y])] * class_blobs
-                for colour in [blobs[j] for j in rng.permutation(len(blobs))]:
-                    x0, y0, r = rng.randint(0, px), rng.randint(0, px), rng.randint(3, 6)
-                    dr.ellipse([x0 - r, y0 - r, x0 + r, y0 + r], fill=colour)
-                im.save(d / f"frame_{k + 1:05d}.jpg", quality=90)
+                blob_image(rng, px, palette[y] if shows else None, clutter_blobs, class_blobs,
+                           radius=(3, 6)).save(d / f"frame_{k + 1:05d}.jpg", quality=90)
             lines.append(f"{utt}.mp4 {IEMO_SEP} {text} {IEMO_SEP} {TOY_AIT_CLASSES[y]}")
         (root / f"my_{split}_iemo.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return root
 
 
-# ==================================================================================================
-# 3e. Table 6 features (features.npz, the MMIN layout), the missing-view mask, the toy features
-# ==================================================================================================
+# ======== 3e. Table 6 features (features.npz, the MMIN layout), the missing-view mask, the toy features ====
 
-# Pre-extracted features of three views (audio, visual, text), a seeded mask of missing views, the
-# per-modality MLP encoder, and the nine methods that only Table 6 uses. late_fusion, qmf and
-# mla are the classes of section 5, which take the mask themselves.
+# Pre-extracted features of three views (audio, visual, text) and a seeded mask of missing views.
 
 FEATURE_MODALITIES = ["audio", "visual", "text"]
-
-
 MMIN_FOLDERS = {"audio": "A", "visual": "V", "text": "L"}
-
-
 MMIN_SPLITS = {"train": "trn", "val": "val", "test": "tst"}
-
-
 FEATURE_LAYOUT_HELP = """accepted layouts:
   features.npz:  arrays audio (N, d_a), visual (N, d_v), text (N, d_t), label (N,) and split (N,) with
                  values train/val/test (val optional: then --val_ratio of train is held out)
@@ -3215,9 +3123,7 @@ def make_toy_features(path, seed=0, n_train=1000, n_val=200, n_test=400, dims=(3
     return path
 
 
-# ==================================================================================================
-# 3f. Table 7 CLIP features: batched extraction, the on-disk feature cache, the feature data set
-# ==================================================================================================
+# ======== 3f. Table 7 CLIP features: batched extraction, the on-disk feature cache, the feature data set ====
 
 class CLIPInputs(torch.utils.data.Dataset):
     """Pairs as CLIP's inputs: (pixels (3, S, S) made by the image processor, text (2, max_len) = token ids
@@ -3300,9 +3206,7 @@ class CLIPFeatureDataset(torch.utils.data.Dataset):
         return self.image[i], self.text[i], self.labels[i], i
 
 
-# ==================================================================================================
-# 4. Training helpers: seeding, the loader, one epoch, evaluation, checkpoints, the run record
-# ==================================================================================================
+# ======== 4. Training helpers: seeding, the loader, one epoch, evaluation, checkpoints, the run record ====
 
 class DiskFull(OSError):
     """A file could not be written because its disk is full. Written files are replaced atomically, so
@@ -3427,17 +3331,13 @@ def to_device(batch, device, masked=False):
     return (*out, mask.to(device, non_blocking=nb)) if masked else out
 
 
-def is_masked(loader):
-    return getattr(loader.dataset, "masked", False)
-
-
 @torch.no_grad()
 def evaluate(method, loader, device, amp=False):
     """Accuracy in percent of every modality alone and of the fused prediction. With missing views
     (a masked data set) a modality's accuracy counts only the samples where its view is present, and
     is None when no sample of the split has that view."""
     method.eval()
-    masked = is_masked(loader)
+    masked = getattr(loader.dataset, "masked", False)
     n = len(method.modalities) + 1
     correct = torch.zeros(n, dtype=torch.long, device=device)     # counted on the device: no sync per batch
     count = torch.zeros(n, dtype=torch.long, device=device)
@@ -3467,7 +3367,7 @@ def train_one_epoch(method, loader, optimizer, epoch, device, amp=False, schedul
     (default: every step on the CPU, every 25 on a GPU, where each read waits for the GPU)."""
     from tqdm import tqdm
     method.train()
-    masked, uses_index = is_masked(loader), getattr(method, "uses_index", False)
+    masked, uses_index = getattr(loader.dataset, "masked", False), getattr(method, "uses_index", False)
     steps, lr = len(loader), float(f"{optimizer.param_groups[0]['lr']:.6g}") if optimizer else None
     check_every = check_every or (25 if torch.device(device).type == "cuda" else 1)
     bar = tqdm(total=steps, desc=f"epoch {epoch + 1}", leave=False, dynamic_ncols=True,
@@ -3507,14 +3407,6 @@ def train_one_epoch(method, loader, optimizer, epoch, device, amp=False, schedul
     return total / max(steps, 1), lr
 
 
-def val_split(items, labels, ratio, seed):
-    """(train, val): a seeded stratified share `ratio` of items held out for validation (val None at 0)."""
-    if ratio <= 0:
-        return items, None
-    keep, held = stratified_split(labels, ratio, seed)
-    return [items[i] for i in keep], [items[i] for i in held]
-
-
 def train_val_test(data, val_ratio, seed, name, what):
     """{"train", "val", "test"}: the items of a loaded data set (load_av_splits, load_it_splits, ...) to
     train, select and test on. val is the data's dev split when it has one (and val_ratio > 0), else a
@@ -3522,8 +3414,10 @@ def train_val_test(data, val_ratio, seed, name, what):
     if data["skipped"]:
         print(f"skipped {data['skipped']} {what} with missing files (--skip_bad)")
     dev = bool(val_ratio > 0 and data.get("dev"))
-    train, val = (data["train"], data["dev"]) if dev else val_split(data["train"], [x.label for x in data["train"]],
-                                                                      val_ratio, seed)
+    train, val = (data["train"], data["dev"]) if dev else (data["train"], None)
+    if val_ratio > 0 and not dev:
+        keep, held = stratified_split([x.label for x in train], val_ratio, seed)
+        train, val = [train[i] for i in keep], [train[i] for i in held]
     print(f"{name} ({data['layout']}): {len(data['classes'])} classes, train {len(train)}, val {len(val or [])}"
           f"{' (dev split)' if dev else ''}, test {len(data['test'])}")
     return {"train": train, "val": val, "test": data["test"]}
@@ -3535,59 +3429,31 @@ def evaluate_epoch(method, loaders, select_on, device, amp=False):
     return val, evaluate(method, loaders["test"], device, amp) if select_on == "test" else None
 
 
-def start_run(select_on, epochs, has_val):
-    """The state of a new run, saved in last.pt: the epoch log, the selection so far, the clock."""
-    if select_on == "val" and not has_val:
+def start_run(folder, script, settings, method, optimizer, scheduler, loaders):
+    """The state of a run writing into `folder` (made here): its settings (vars(args)), the epoch log, the
+    selection so far, the clock; saved in last.pt after every epoch. With settings["resume"] the run
+    continues from folder/last.pt when there is one (resume_run)."""
+    if settings["select_on"] == "val" and not loaders.get("val"):
         raise ValueError("--select_on val needs a validation split (--val_ratio > 0)")
-    if select_on == "test":
+    if settings["select_on"] == "test":
         print("NOTE: selecting the epoch on the TEST set (--select_on test, the official protocol); "
               "the reported test accuracy is optimistic.")
-    return {"log": [], "best_epoch": None, "best_score": -1.0, "next_epoch": 0, "elapsed": 0.0,
-            "select_on": select_on, "epochs": epochs, "start": time.time(), "tick": time.time()}
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    run = {"folder": Path(folder), "last": Path(folder) / "last.pt", "script": script, "settings": settings,
+           "log": [], "best_epoch": None, "best_score": -1.0, "next_epoch": 0, "elapsed": 0.0,
+           "start": time.time(), "tick": time.time()}
+    if settings.get("resume"):
+        resume_run(run, method, optimizer, scheduler, loaders["train"])
+    return run
 
 
-def log_epoch(run, epoch, loss, lr, val, test):
-    """Add the epoch to the run's log and print its line; True when it is the selected epoch so far."""
-    entry = {"epoch": epoch, "lr": lr, "train_loss": round(loss, 6), "val": val}
-    if run["select_on"] == "test":
-        entry["test"] = test
-    run["log"].append(entry)
-    shown = test if run["select_on"] == "test" else val
-    print(f"epoch {epoch + 1:3d}/{run['epochs']}  loss {loss:.4f}  {'test' if run['select_on'] == 'test' else 'val'}: "
-          f"{fmt_acc(shown) if shown else '-'}  ({time.time() - run['tick']:.1f}s)", flush=True)
-    score = {"val": (val or {}).get("multi"), "test": (test or {}).get("multi"), "last": epoch}[run["select_on"]]
-    score = -1 if score is None else score
-    if score > run["best_score"]:
-        run["best_score"], run["best_epoch"] = score, epoch
-        return True
-    return False
-
-
-def save_best(path, method, settings, epoch):
-    """best.pt: the selected epoch's weights (with the run's settings and modalities)."""
-    atomic_torch_save({"method": settings["method"], "epoch": epoch, "args": settings,
-                       "modalities": method.modalities, "state_dict": method.state_dict()}, path)
-
-
-def save_checkpoint(path, run, settings, method, optimizer, scheduler, train_loader):
-    """last.pt, written atomically after every epoch: all a --resume needs to continue exactly as an
-    uninterrupted run (model incl. MLA's P and QMF's histories, optimizer, scheduler, every RNG state and
-    the training loader's generator, the epoch log and the selection so far)."""
-    epoch = run["log"][-1]["epoch"]
-    atomic_torch_save({"method": settings["method"], "seed": settings["seed"], "epoch": epoch, "args": settings,
-                       "state_dict": method.state_dict(), "optimizer": optimizer.state_dict(),
-                       "scheduler": scheduler.state_dict(), "rng": rng_states(train_loader), "log": run["log"],
-                       "best_epoch": run["best_epoch"], "best_score": run["best_score"],
-                       "elapsed": run["elapsed"] + time.time() - run["start"]}, path)
-    run["tick"] = time.time()
-
-
-def resume_run(path, run, settings, method, optimizer, scheduler, train_loader):
-    """--resume: continue `run` from last.pt (restores the model, optimizer, scheduler, RNG states and the
+def resume_run(run, method, optimizer, scheduler, train_loader):
+    """--resume: continue `run` from its last.pt (restores the model, optimizer, scheduler, RNG states and the
     log). Only --lr (applied from the next epoch) and --epochs may differ from the checkpoint's settings."""
-    if not Path(path).is_file():
+    path, settings = run["last"], run["settings"]
+    if not path.is_file():
         print(f"--resume: no {path}, starting from the first epoch", flush=True)
-        return False
+        return
     # on the CPU: the RNG states must stay CPU tensors (load_state_dict moves the rest to the device)
     state = torch.load(path, map_location="cpu", weights_only=False)
     if (state["method"], state["seed"]) != (settings["method"], settings["seed"]):
@@ -3604,36 +3470,74 @@ def resume_run(path, run, settings, method, optimizer, scheduler, train_loader):
     run.update(log=state["log"], best_epoch=state["best_epoch"], best_score=state["best_score"],
                next_epoch=state["epoch"] + 1, elapsed=state["elapsed"])
     set_rng_states(state["rng"], train_loader)
-    print(f"resuming from {path}: {run['next_epoch']} of {run['epochs']} epochs done", flush=True)
+    print(f"resuming from {path}: {run['next_epoch']} of {settings['epochs']} epochs done", flush=True)
     if state["args"].get("lr") not in (None, settings["lr"]):
         resume_lr(optimizer, scheduler, state["args"]["lr"], settings["lr"])
         print(f"--lr {settings['lr']} replaces {state['args']['lr']} from epoch {run['next_epoch'] + 1} on (each "
               "epoch's lr is in the record's epoch log)", flush=True)
-    return True
 
 
-def load_best(path, method, device):
-    """Load best.pt's weights into the method."""
-    method.load_state_dict(torch.load(path, map_location=device, weights_only=False)["state_dict"])
+def log_epoch(run, epoch, loss, lr, val, test):
+    """Add the epoch to the run's log and print its line; True when it is the selected epoch so far."""
+    select_on = run["settings"]["select_on"]
+    entry = {"epoch": epoch, "lr": lr, "train_loss": round(loss, 6), "val": val}
+    if select_on == "test":
+        entry["test"] = test
+    run["log"].append(entry)
+    shown = test if select_on == "test" else val
+    print(f"epoch {epoch + 1:3d}/{run['settings']['epochs']}  loss {loss:.4f}  {'test' if select_on == 'test' else 'val'}: "
+          f"{fmt_acc(shown) if shown else '-'}  ({time.time() - run['tick']:.1f}s)", flush=True)
+    score = {"val": (val or {}).get("multi"), "test": (test or {}).get("multi"), "last": epoch}[select_on]
+    score = -1 if score is None else score
+    if score > run["best_score"]:
+        run["best_score"], run["best_epoch"] = score, epoch
+        return True
+    return False
+
+
+def save_best(run, method, epoch):
+    """best.pt: the selected epoch's weights (with the run's settings and modalities)."""
+    atomic_torch_save({"method": run["settings"]["method"], "epoch": epoch, "args": run["settings"],
+                       "modalities": method.modalities, "state_dict": method.state_dict()}, run["folder"] / "best.pt")
+
+
+def save_checkpoint(run, method, optimizer, scheduler, train_loader):
+    """last.pt, written atomically after every epoch: all a --resume needs to continue exactly as an
+    uninterrupted run (model incl. MLA's P and QMF's histories, optimizer, scheduler, every RNG state and
+    the training loader's generator, the epoch log and the selection so far)."""
+    settings = run["settings"]
+    atomic_torch_save({"method": settings["method"], "seed": settings["seed"], "epoch": run["log"][-1]["epoch"],
+                       "args": settings, "state_dict": method.state_dict(), "optimizer": optimizer.state_dict(),
+                       "scheduler": scheduler.state_dict(), "rng": rng_states(train_loader), "log": run["log"],
+                       "best_epoch": run["best_epoch"], "best_score": run["best_score"],
+                       "elapsed": run["elapsed"] + time.time() - run["start"]}, run["last"])
+    run["tick"] = time.time()
+
+
+def load_best(run, method, device):
+    """Load the run's best.pt (the selected epoch) into the method."""
+    state = torch.load(run["folder"] / "best.pt", map_location=device, weights_only=False)
+    method.load_state_dict(state["state_dict"])
 
 
 RECORD_KEYS = ("script", "dataset", "method", "seed", "args", "modalities", "epochs", "select_on",
                "best_epoch", "test", "wall_time_s", "version")
 
 
-def write_record(folder, script, settings, method, run, test):
-    """<folder>/record.json: the settings, the epoch log, the selected epoch and its test accuracies (the
-    run is then finished: last.pt is removed). Returns the record."""
-    record = {"script": script, "dataset": settings["dataset"], "method": settings["method"],
-              "seed": settings["seed"], "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in settings.items()},
-              "modalities": method.modalities, "epochs": run["log"], "select_on": run["select_on"],
+def write_record(run, method, test):
+    """record.json: the settings, the epoch log, the selected epoch and its test accuracies `test`; the run
+    is then finished (last.pt is removed). Returns the record."""
+    s, path = run["settings"], run["folder"] / "record.json"
+    record = {"script": run["script"], "dataset": s["dataset"], "method": s["method"], "seed": s["seed"],
+              "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in s.items()},
+              "modalities": method.modalities, "epochs": run["log"], "select_on": s["select_on"],
               "best_epoch": run["best_epoch"], "test": test,
               "wall_time_s": round(run["elapsed"] + time.time() - run["start"], 2), "version": code_version()}
     assert tuple(record) == RECORD_KEYS
-    atomic_json_dump(record, Path(folder) / "record.json")
-    (Path(folder) / "last.pt").unlink(missing_ok=True)
-    chosen = "selected on TEST" if run["select_on"] == "test" else f"epoch {run['best_epoch'] + 1} by {run['select_on']}"
-    print(f"test ({chosen}): {fmt_acc(test)}\nrecord: {Path(folder) / 'record.json'}", flush=True)
+    atomic_json_dump(record, path)
+    run["last"].unlink(missing_ok=True)
+    chosen = "selected on TEST" if s["select_on"] == "test" else f"epoch {run['best_epoch'] + 1} by {s['select_on']}"
+    print(f"test ({chosen}): {fmt_acc(test)}\nrecord: {path}", flush=True)
     return record
 
 
@@ -3657,9 +3561,10 @@ def parse_methods(spec, known):
 
 
 def sweep_runs(args, known_methods, grid=None):
-    """The runs a command asks for: a copy of args per (seed, method) of args.method (name, comma list or
-    'all') x args.seeds (comma list; default args.seed), seed by seed; `grid` ({arg name: [values]},
-    e.g. {"missing_rate": [0.1, 0.3]}) adds outer loops. Each copy's `label` names it."""
+    """The runs a command asks for, as (label, args copy): one per (seed, method) of args.method (name, comma
+    list or 'all') x args.seeds (comma list; default args.seed), seed by seed; `grid` ({arg name:
+    [values]}, e.g. {"missing_rate": [0.1, 0.3]}) adds outer loops. label: '[k/n] mla seed 0 ...' in
+    a sweep (n > 1), None for a single run."""
     import copy
     methods = parse_methods(args.method, known_methods)
     seeds = [int(s) for s in str(args.seeds).split(",")] if getattr(args, "seeds", None) else [args.seed]
@@ -3672,29 +3577,33 @@ def sweep_runs(args, known_methods, grid=None):
             for name, v in zip(grid, vals):
                 setattr(a, name, v)
             runs.append((f"{method} seed {seed}" + "".join(f" {n} {v}" for n, v in zip(grid, vals)), a))
-    return runs
+    return [(f"[{k}/{len(runs)}] {label}" if len(runs) > 1 else None, a) for k, (label, a) in enumerate(runs, 1)]
 
 
-def finished_record(path, settings, sweep):
-    """The record at `path` when a sweep (sweep=True) finished that run before with these settings (it is
-    then skipped), else None. A run never goes into the folder of a finished run of other settings."""
-    if not Path(path).is_file():
+def finished_record(folder, args, label):
+    """In a sweep (label not None): the record of the run in `folder` when it finished before with these
+    settings (the sweep skips it); else None. A run never goes into the folder of a finished run of other
+    settings."""
+    path = Path(folder) / "record.json"
+    if not path.is_file():
         return None
-    old = json.loads(Path(path).read_text())
-    shown = other_settings(old.get("args", {}), settings)
+    old = json.loads(path.read_text())
+    shown = other_settings(old.get("args", {}), vars(args))
     if shown:
         raise DataError(f"{path}: a finished run with other settings ({shown}); expected the same settings "
                         "in one run folder: pass another --out_dir, or delete that run to redo it")
-    return old if sweep else None
+    if label is None:
+        return None
+    print(f"{label}: skipped, {path} exists", flush=True)
+    return old
 
 
-def sweep_line(k, n, label, record, skipped):
-    """The line a sweep prints after run k of n (nothing for a single run)."""
-    if n > 1 and skipped:
-        print(f"[{k}/{n}] {label}: skipped, its record.json exists", flush=True)
-    elif n > 1:
-        print(f"[{k}/{n}] {label}: test {fmt_acc(record['test'])} (epoch {record['best_epoch'] + 1} by "
-              f"{record['select_on']}, {record['wall_time_s']:.0f}s)", flush=True)
+def announce(record, label):
+    """Print a sweep's line for a finished run (nothing for a single run, label None); returns the record."""
+    if label is not None:
+        print(f"{label}: test {fmt_acc(record['test'])} (epoch {record['best_epoch'] + 1} by {record['select_on']}, "
+              f"{record['wall_time_s']:.0f}s)", flush=True)
+    return record
 
 
 # flags that change how a run executes, not what it computes (or which runs a sweep lists)
@@ -3746,9 +3655,7 @@ def set_rng_states(state, train_loader):
         train_loader.generator.set_state(state["loader"].cpu())
 
 
-# ==================================================================================================
-# 5. Speed: the preprocessed A-V cache, batched reads, the GPU input path, torch.compile
-# ==================================================================================================
+# ======== 5. Speed: the preprocessed A-V cache, batched reads, the GPU input path, torch.compile ====
 
 def default_cache_dir(root):
     """<data root>/.mla_cache when the data root is writable, else ~/.cache/mla (or $XDG_CACHE_HOME/mla)."""
@@ -4126,84 +4033,26 @@ def compile_encoders(method):
         encoder.compile(dynamic=False)
 
 
-# ==================================================================================================
-# 6. Report, plot, command line:  python common.py report RUNS_DIR [--paper] [--format md|csv]
-#                                 python common.py plot RUNS_DIR --out curves.png
-# ==================================================================================================
+# ======== 6. Report, plot, command line: python common.py report RUNS_DIR | plot RUNS_DIR ==============
 
 # The paper's Tables 5, 6 and 7 (mean±std of test accuracy over three seeds; std missing where the
-# source is garbled). Line: table, data set, method, then column=mean±std (Table 6: missing rate %).
+# source is garbled). A line per table and data set: then per method, after " | ", its name and
+# column=mean±std (Table 6: missing rate %).
 PAPER_RESULTS = """
-5 cremad concat audio=55.65±0.82 video=18.68±0.76 multi=61.56±0.91
-5 cremad late_fusion audio=52.17±1.12 video=55.48±0.71 multi=66.32±1.08
-5 cremad film audio=53.89±0.75 video=18.67±1.21 multi=60.07±1.25
-5 cremad bigated audio=51.49±1.28 video=17.34±1.11 multi=59.21±1.14
-5 cremad ogm_ge audio=53.76±0.98 video=28.09±1.17 multi=68.14±0.79
-5 cremad qmf audio=59.41±0.71 video=39.11±1.03 multi=63.71±1.12
-5 cremad mla audio=59.27±1.23 video=64.91±1.1 multi=79.7±0.87
-5 ks sum audio=48.77±0.95 video=24.53±1.12 multi=64.72±0.97
-5 ks concat audio=49.18±0.76 video=24.67±1.07 multi=64.84±1.05
-5 ks late_fusion audio=47.87±1.1 video=46.76±0.85 multi=65.53±0.89
-5 ks film audio=48.67±0.83 video=23.15±0.98 multi=63.33±0.76
-5 ks bigated audio=49.96±1.21 video=23.77±1.14 multi=63.72±1.13
-5 ks ogm_ge audio=48.87±1.05 video=29.73±1.06 multi=65.74±1.08
-5 ks qmf audio=51.57±1.03 video=32.19±0.92 multi=65.78±0.97
-5 ks mla audio=54.67±0.92 video=51.03±1.09 multi=71.35±1.22
-5 food101 sum image=4.57±0.88 text=85.63±1.14 multi=86.19±0.86
-5 food101 concat image=3.51±1.22 text=86.02±1.05 multi=86.32±1.18
-5 food101 late_fusion image=58.46±1.03 text=85.19±1.21 multi=90.21±1.02
-5 food101 film image=4.68±0.97 text=85.84±0.92 multi=87.21±1.05
-5 food101 bigated image=14.2±1.18 text=85.79±1.1 multi=88.87±0.88
-5 food101 ogm_ge image=22.35±1.27 text=85.17±1.09 multi=87.54±1.03
-5 food101 qmf image=45.74±1.09 text=84.13±1.27 multi=92.87±1.01
-5 food101 mla image=69.6±0.89 text=86.47±0.86 multi=93.33±0.92
-5 mvsa sum text=73.33±1.03 image=28.46±1.12 multi=76.19±1.01
-5 mvsa concat text=75.22±0.92 image=27.32±1.09 multi=76.25±0.95
-5 mvsa late_fusion text=72.15±1.07 image=45.24±0.97 multi=76.88±0.82
-5 mvsa film text=74.85±0.98 image=27.12±1.18 multi=75.34±1.07
-5 mvsa bigated text=73.13±1.08 image=28.15±0.88 multi=75.94±0.88
-5 mvsa ogm_ge text=74.76±0.87 image=31.98±1.03 multi=76.37±0.98
-5 mvsa qmf text=74.87±1.15 image=32.99±1.09 multi=77.96±1.06
-5 mvsa mla text=75.72±0.79 image=54.99±1.12 multi=79.94±0.97
-5 iemocap sum audio=39.79±1.08 image=29.44±0.97 text=65.16±0.88 multi=74.18±1.03
-5 iemocap concat audio=41.93±0.89 image=30.0±0.88 text=67.84±0.97 multi=75.91±0.92
-5 iemocap late_fusion audio=43.12 image=32.38±0.97 text=68.79±1.07 multi=74.96±0.97
-5 iemocap film audio=41.64±1.06 image=29.85±1.06 text=66.37±0.95 multi=74.32±1.12
-5 iemocap bigated audio=42.23±0.88 image=27.45±1.08 text=65.16±1.08 multi=73.34±1.05
-5 iemocap ogm_ge audio=41.38±1.13 image=30.24±1.02 text=70.79±1.03 multi=76.17±1.01
-5 iemocap qmf audio=42.98±0.95 image=31.22±1.07 text=75.03±0.79 multi=76.17±0.95
-5 iemocap mla audio=46.29±1.02 image=37.63±0.78 text=73.22±1.09 multi=78.92±1.07
-6 iemocap late_fusion 10=72.95±1.12 20=69.06±0.88 30=64.89±1.25 40=61.09±0.99 50=56.48±1.18 60=52.41±1.01 70=45.07±1.21
-6 iemocap qmf 10=73.49±1.1 20=71.33±1.27 30=65.89±0.78 40=62.27±0.95 50=57.94±1.07 60=55.6±0.84 70=50.25±1.09
-6 iemocap cca 10=65.19±0.95 20=62.6±1.19 30=59.35±0.88 40=55.25±1.23 50=51.38±1.05 60=45.73±1.27 70=30.61±1.1
-6 iemocap dcca 10=57.25±1.28 20=51.74±1.01 30=42.53±1.29 40=36.54±1.18 50=34.82±0.79 60=33.65±1.07 70=41.09±1.24
-6 iemocap dccae 10=61.66±1.13 20=57.67±1.22 30=54.95±1.06 40=51.08±1.01 50=45.71±0.87 60=39.07±0.98 70=41.42±1.28
-6 iemocap ae 10=71.36±0.94 20=67.4±0.79 30=62.02±1.18 40=57.24±0.94 50=50.56±0.77 60=43.04±0.96 70=39.86±0.82
-6 iemocap cra 10=71.28±1.19 20=67.34±1.04 30=62.24±1.03 40=57.04±0.92 50=49.86±1.15 60=43.22±0.99 70=38.56±1.22
-6 iemocap mmin 10=71.84±0.97 20=69.36±1.05 30=66.34±1.11 40=63.3±1.1 50=60.54±1.17 60=57.52±1.13 70=55.44±1.06
-6 iemocap if_mmin 10=71.32±0.78 20=68.29±0.98 30=64.17±1.01 40=60.13±1.19 50=57.45±1.12 60=53.26±1.22 70=52.04±0.91
-6 iemocap cpm_net 10=55.29±0.83 20=53.65±0.96 30=52.52±1.29 40=51.01±0.94 50=49.09±1.04 60=47.38±1.25 70=44.76±0.88
-6 iemocap tate 10=67.84±1.02 20=63.22±1.08 30=62.19±0.98 40=60.36±1.06 50=58.74±1.21 60=57.99±1.03 70=54.35±1.07
-6 iemocap mla 10=75.07±1.04 20=72.33±1.16 30=68.47±1.22 40=67.0±0.98 50=63.48±0.87 60=59.17±0.92 70=55.89±1.03
-7 food101 clip image=63.07±0.12 text=83.98±0.08 multi=93.07±0.08
-7 food101 clip_mla image=72.22±0.1 text=85.34±0.06 multi=93.47±0.04
+5 cremad | concat audio=55.65±0.82 video=18.68±0.76 multi=61.56±0.91 | late_fusion audio=52.17±1.12 video=55.48±0.71 multi=66.32±1.08 | film audio=53.89±0.75 video=18.67±1.21 multi=60.07±1.25 | bigated audio=51.49±1.28 video=17.34±1.11 multi=59.21±1.14 | ogm_ge audio=53.76±0.98 video=28.09±1.17 multi=68.14±0.79 | qmf audio=59.41±0.71 video=39.11±1.03 multi=63.71±1.12 | mla audio=59.27±1.23 video=64.91±1.1 multi=79.7±0.87
+5 ks | sum audio=48.77±0.95 video=24.53±1.12 multi=64.72±0.97 | concat audio=49.18±0.76 video=24.67±1.07 multi=64.84±1.05 | late_fusion audio=47.87±1.1 video=46.76±0.85 multi=65.53±0.89 | film audio=48.67±0.83 video=23.15±0.98 multi=63.33±0.76 | bigated audio=49.96±1.21 video=23.77±1.14 multi=63.72±1.13 | ogm_ge audio=48.87±1.05 video=29.73±1.06 multi=65.74±1.08 | qmf audio=51.57±1.03 video=32.19±0.92 multi=65.78±0.97 | mla audio=54.67±0.92 video=51.03±1.09 multi=71.35±1.22
+5 food101 | sum image=4.57±0.88 text=85.63±1.14 multi=86.19±0.86 | concat image=3.51±1.22 text=86.02±1.05 multi=86.32±1.18 | late_fusion image=58.46±1.03 text=85.19±1.21 multi=90.21±1.02 | film image=4.68±0.97 text=85.84±0.92 multi=87.21±1.05 | bigated image=14.2±1.18 text=85.79±1.1 multi=88.87±0.88 | ogm_ge image=22.35±1.27 text=85.17±1.09 multi=87.54±1.03 | qmf image=45.74±1.09 text=84.13±1.27 multi=92.87±1.01 | mla image=69.6±0.89 text=86.47±0.86 multi=93.33±0.92
+5 mvsa | sum text=73.33±1.03 image=28.46±1.12 multi=76.19±1.01 | concat text=75.22±0.92 image=27.32±1.09 multi=76.25±0.95 | late_fusion text=72.15±1.07 image=45.24±0.97 multi=76.88±0.82 | film text=74.85±0.98 image=27.12±1.18 multi=75.34±1.07 | bigated text=73.13±1.08 image=28.15±0.88 multi=75.94±0.88 | ogm_ge text=74.76±0.87 image=31.98±1.03 multi=76.37±0.98 | qmf text=74.87±1.15 image=32.99±1.09 multi=77.96±1.06 | mla text=75.72±0.79 image=54.99±1.12 multi=79.94±0.97
+5 iemocap | sum audio=39.79±1.08 image=29.44±0.97 text=65.16±0.88 multi=74.18±1.03 | concat audio=41.93±0.89 image=30.0±0.88 text=67.84±0.97 multi=75.91±0.92 | late_fusion audio=43.12 image=32.38±0.97 text=68.79±1.07 multi=74.96±0.97 | film audio=41.64±1.06 image=29.85±1.06 text=66.37±0.95 multi=74.32±1.12 | bigated audio=42.23±0.88 image=27.45±1.08 text=65.16±1.08 multi=73.34±1.05 | ogm_ge audio=41.38±1.13 image=30.24±1.02 text=70.79±1.03 multi=76.17±1.01 | qmf audio=42.98±0.95 image=31.22±1.07 text=75.03±0.79 multi=76.17±0.95 | mla audio=46.29±1.02 image=37.63±0.78 text=73.22±1.09 multi=78.92±1.07
+6 iemocap | late_fusion 10=72.95±1.12 20=69.06±0.88 30=64.89±1.25 40=61.09±0.99 50=56.48±1.18 60=52.41±1.01 70=45.07±1.21 | qmf 10=73.49±1.1 20=71.33±1.27 30=65.89±0.78 40=62.27±0.95 50=57.94±1.07 60=55.6±0.84 70=50.25±1.09 | cca 10=65.19±0.95 20=62.6±1.19 30=59.35±0.88 40=55.25±1.23 50=51.38±1.05 60=45.73±1.27 70=30.61±1.1 | dcca 10=57.25±1.28 20=51.74±1.01 30=42.53±1.29 40=36.54±1.18 50=34.82±0.79 60=33.65±1.07 70=41.09±1.24 | dccae 10=61.66±1.13 20=57.67±1.22 30=54.95±1.06 40=51.08±1.01 50=45.71±0.87 60=39.07±0.98 70=41.42±1.28 | ae 10=71.36±0.94 20=67.4±0.79 30=62.02±1.18 40=57.24±0.94 50=50.56±0.77 60=43.04±0.96 70=39.86±0.82 | cra 10=71.28±1.19 20=67.34±1.04 30=62.24±1.03 40=57.04±0.92 50=49.86±1.15 60=43.22±0.99 70=38.56±1.22 | mmin 10=71.84±0.97 20=69.36±1.05 30=66.34±1.11 40=63.3±1.1 50=60.54±1.17 60=57.52±1.13 70=55.44±1.06 | if_mmin 10=71.32±0.78 20=68.29±0.98 30=64.17±1.01 40=60.13±1.19 50=57.45±1.12 60=53.26±1.22 70=52.04±0.91 | cpm_net 10=55.29±0.83 20=53.65±0.96 30=52.52±1.29 40=51.01±0.94 50=49.09±1.04 60=47.38±1.25 70=44.76±0.88 | tate 10=67.84±1.02 20=63.22±1.08 30=62.19±0.98 40=60.36±1.06 50=58.74±1.21 60=57.99±1.03 70=54.35±1.07 | mla 10=75.07±1.04 20=72.33±1.16 30=68.47±1.22 40=67.0±0.98 50=63.48±0.87 60=59.17±0.92 70=55.89±1.03
+7 food101 | clip image=63.07±0.12 text=83.98±0.08 multi=93.07±0.08 | clip_mla image=72.22±0.1 text=85.34±0.06 multi=93.47±0.04
 """
-
-
 # Rows in the paper's order; the data set the toy sets stand in for; Table 7's name for CLIP + MLA.
 TABLE_METHODS = {5: METHODS, 6: MISSING_METHODS, 7: ["clip", "mla"]}
-
-
 SCRIPT_TABLE = {"train_av.py": 5, "train_it.py": 5, "train_ait.py": 5, "train_missing.py": 6, "train_clip.py": 7}
-
-
 TOY_STANDS_FOR = {"train_av.py": "cremad", "train_it.py": "food101", "train_ait.py": "iemocap",
                   "train_missing.py": "iemocap", "train_clip.py": "food101"}
-
-
 PAPER_DATASET = {"features": "iemocap", "mmin": "iemocap"}
-
-
 PAPER_METHOD = {7: {"mla": "clip_mla"}}
 
 
@@ -4211,10 +4060,13 @@ def paper_results():
     """{(table, dataset, method): {column: (mean, std or None)}} from PAPER_RESULTS."""
     out = {}
     for line in PAPER_RESULTS.strip().splitlines():
-        table, dataset, method, *cells = line.split()
-        out[int(table), dataset, method] = {
-            k: (float(v.split("±")[0]), float(v.split("±")[1]) if "±" in v else None)
-            for k, v in (c.split("=") for c in cells)}
+        head, *rows = line.split(" | ")
+        table, dataset = head.split()
+        for row in rows:
+            method, *cells = row.split()
+            out[int(table), dataset, method] = {
+                k: (float(v.split("±")[0]), float(v.split("±")[1]) if "±" in v else None)
+                for k, v in (c.split("=") for c in cells)}
     return out
 
 
@@ -4469,6 +4321,19 @@ def add_it_encoder_args(p, defaults):
                                         "model's (hf), the generated one (toy)")
     a("--max_len", type=int, default=None, help=_default_help(defaults, "max_len", "text tokens (cut or padded)"))
     a("--image_size", type=int, default=None, help=_default_help(defaults, "image_size", "image side after the transforms"))
+
+
+def add_toy_args(p, what, train, test, dev=None, dev_flag="dev", seed_help="the generated data (fixed across --seed)",
+                 title="toy data set"):
+    """The toy set's flags every script has: --toy_train, --toy_<dev_flag> (when `dev` is given), --toy_test
+    and --toy_seed; returns their group's add_argument for the script's own toy flags."""
+    a = p.add_argument_group(title).add_argument
+    a("--toy_train", type=int, default=train, help=f"toy: training {what}")
+    if dev is not None:
+        a(f"--toy_{dev_flag}", type=int, default=dev, help=f"toy: validation ({dev_flag}) {what}")
+    a("--toy_test", type=int, default=test, help=f"toy: test {what}")
+    a("--toy_seed", type=int, default=0, help=f"toy: seed of {seed_help}")
+    return a
 
 
 def method_options(args):

@@ -67,11 +67,7 @@ def get_args(argv=None):
     a("--cpu_threads", type=int, default=None, help=C._default_help(
         DEFAULTS, "cpu_threads", "torch CPU threads, 0 = torch's default; the toy's tiny layers gain nothing from "
                                  "threads, which stall on a busy CPU"))
-    a = p.add_argument_group("toy data set").add_argument
-    a("--toy_train", type=int, default=1000, help="toy: training utterances")
-    a("--toy_dev", type=int, default=200, help="toy: validation (dev) utterances")
-    a("--toy_test", type=int, default=400, help="toy: test utterances")
-    a("--toy_seed", type=int, default=0, help="toy: seed of the generated data (fixed across --seed)")
+    C.add_toy_args(p, "utterances", 1000, 400, dev=200)
     args = C.finish_args(p, p.parse_args(argv), C.METHODS, DEFAULTS)
     if args.encoder == "m3ae" and args.image_size % args.patch_size:
         p.error(f"--image_size {args.image_size} is not a multiple of --patch_size {args.patch_size}")
@@ -90,13 +86,9 @@ def run_folder(args):
 
 
 def main(argv=None):
-    """Parse the command line and run every requested (seed, method); returns their records."""
-    args = get_args(argv)
-    runs, records = C.sweep_runs(args, C.METHODS), []
-    for k, (label, a) in enumerate(runs, 1):           # a sweep skips the runs it finished before
-        done = C.finished_record(run_folder(a) / "record.json", vars(a), sweep=len(runs) > 1)
-        records.append(done or run(a))
-        C.sweep_line(k, len(runs), label, records[-1], done is not None)
+    args, records = get_args(argv), []
+    for label, a in C.sweep_runs(args, C.METHODS):     # a sweep skips the runs it finished before
+        records.append(C.finished_record(run_folder(a), a, label) or C.announce(run(a), label))
     return records
 
 
@@ -133,27 +125,21 @@ def train(args, root, device):
                             **C.method_options(args))
     C.init_heads(method)                            # encoders keep their own weights
     method.to(device, memory_format=torch.channels_last if args.amp else torch.contiguous_format)
-    optimizer = torch.optim.SGD(method.parameters(), lr=args.lr, momentum=args.momentum,
-                                weight_decay=args.weight_decay)
+    optimizer = torch.optim.SGD(method.parameters(), args.lr, args.momentum, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_decay_step, args.lr_decay_ratio)
 
     # ---- train: evaluate every epoch, keep the selected one (best.pt) and all that --resume needs (last.pt)
-    out, settings = run_folder(args), vars(args)
-    out.mkdir(parents=True, exist_ok=True)
-    run = C.start_run(args.select_on, args.epochs, loaders["val"] is not None)
-    if args.resume:
-        C.resume_run(out / "last.pt", run, settings, method, optimizer, scheduler, loaders["train"])
+    run = C.start_run(run_folder(args), "train_ait.py", vars(args), method, optimizer, scheduler, loaders)
     for epoch in range(run["next_epoch"], args.epochs):
         loss, lr = C.train_one_epoch(method, loaders["train"], optimizer, epoch, device, args.amp, scheduler,
-                                     out / "last.pt")
+                                     run["last"])
         if C.log_epoch(run, epoch, loss, lr, *C.evaluate_epoch(method, loaders, args.select_on, device, args.amp)):
-            C.save_best(out / "best.pt", method, settings, epoch)
-        C.save_checkpoint(out / "last.pt", run, settings, method, optimizer, scheduler, loaders["train"])
+            C.save_best(run, method, epoch)                 # the selected epoch so far
+        C.save_checkpoint(run, method, optimizer, scheduler, loaders["train"])
 
     # ---- test the selected epoch, write the record
-    C.load_best(out / "best.pt", method, device)
-    return C.write_record(out, "train_ait.py", settings, method, run, C.evaluate(method, loaders["test"], device,
-                                                                                 args.amp))
+    C.load_best(run, method, device)
+    return C.write_record(run, method, C.evaluate(method, loaders["test"], device, args.amp))
 
 
 if __name__ == "__main__":

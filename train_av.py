@@ -59,10 +59,7 @@ def get_args(argv=None):
     a("--compile", action="store_true",
       help="torch.compile the encoders (fused kernels; the first epoch pays about a minute per encoder to "
            "compile; checkpoints are unchanged)")
-    a = p.add_argument_group("toy data set").add_argument
-    a("--toy_train", type=int, default=600, help="toy: training clips (before the validation split)")
-    a("--toy_test", type=int, default=240, help="toy: test clips")
-    a("--toy_seed", type=int, default=0, help="toy: seed of the generated data (fixed across --seed)")
+    C.add_toy_args(p, "clips (before the validation split)", 600, 240)
     return C.finish_args(p, p.parse_args(argv), C.METHODS, DEFAULTS)
 
 
@@ -71,13 +68,9 @@ def run_folder(args):
 
 
 def main(argv=None):
-    """Parse the command line and run every requested (seed, method); returns their records."""
-    args = get_args(argv)
-    runs, records = C.sweep_runs(args, C.METHODS), []
-    for k, (label, a) in enumerate(runs, 1):           # a sweep skips the runs it finished before
-        done = C.finished_record(run_folder(a) / "record.json", vars(a), sweep=len(runs) > 1)
-        records.append(done or run(a))
-        C.sweep_line(k, len(runs), label, records[-1], done is not None)
+    args, records = get_args(argv), []
+    for label, a in C.sweep_runs(args, C.METHODS):     # a sweep skips the runs it finished before
+        records.append(C.finished_record(run_folder(a), a, label) or C.announce(run(a), label))
     return records
 
 
@@ -127,27 +120,21 @@ def train(args, root, device):
     method.to(device, memory_format=torch.channels_last if args.amp else torch.contiguous_format)
     if args.compile:
         C.compile_encoders(method)
-    optimizer = torch.optim.SGD(method.parameters(), lr=args.lr, momentum=args.momentum,
-                                weight_decay=args.weight_decay)
+    optimizer = torch.optim.SGD(method.parameters(), args.lr, args.momentum, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_decay_step, args.lr_decay_ratio)
 
     # ---- train: evaluate every epoch, keep the selected one (best.pt) and all that --resume needs (last.pt)
-    out, settings = run_folder(args), vars(args)
-    out.mkdir(parents=True, exist_ok=True)
-    run = C.start_run(args.select_on, args.epochs, loaders["val"] is not None)
-    if args.resume:
-        C.resume_run(out / "last.pt", run, settings, method, optimizer, scheduler, loaders["train"])
+    run = C.start_run(run_folder(args), "train_av.py", vars(args), method, optimizer, scheduler, loaders)
     for epoch in range(run["next_epoch"], args.epochs):
         loss, lr = C.train_one_epoch(method, loaders["train"], optimizer, epoch, device, args.amp, scheduler,
-                                     out / "last.pt")
+                                     run["last"])
         if C.log_epoch(run, epoch, loss, lr, *C.evaluate_epoch(method, loaders, args.select_on, device, args.amp)):
-            C.save_best(out / "best.pt", method, settings, epoch)
-        C.save_checkpoint(out / "last.pt", run, settings, method, optimizer, scheduler, loaders["train"])
+            C.save_best(run, method, epoch)                 # the selected epoch so far
+        C.save_checkpoint(run, method, optimizer, scheduler, loaders["train"])
 
     # ---- test the selected epoch, write the record
-    C.load_best(out / "best.pt", method, device)
-    return C.write_record(out, "train_av.py", settings, method, run, C.evaluate(method, loaders["test"], device,
-                                                                                 args.amp))
+    C.load_best(run, method, device)
+    return C.write_record(run, method, C.evaluate(method, loaders["test"], device, args.amp))
 
 
 if __name__ == "__main__":

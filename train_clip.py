@@ -65,11 +65,8 @@ def get_args(argv=None):
       help="bf16 autocast of the training steps on CUDA, i.e. of the towers with --finetune (default: on with a "
            "bf16 CUDA GPU; CPU runs never use it); the cached features are always extracted in float32")
     a("--cpu_threads", type=int, default=None, help="torch CPU threads, 0 = torch's default (paper); toy 1")
-    a = p.add_argument_group("toy data set and toy CLIP").add_argument
-    a("--toy_train", type=int, default=600, help="toy: training pairs")
-    a("--toy_dev", type=int, default=120, help="toy: validation (dev) pairs")
-    a("--toy_test", type=int, default=240, help="toy: test pairs")
-    a("--toy_seed", type=int, default=0, help="toy: seed of the generated data and of the toy CLIP's weights")
+    a = C.add_toy_args(p, "pairs", 600, 240, dev=120, seed_help="the generated data and of the toy CLIP's weights",
+                       title="toy data set and toy CLIP")
     a("--toy_width", type=int, default=32, help="toy CLIP: width of both towers and of the joint embedding")
     a("--toy_layers", type=int, default=2, help="toy CLIP: transformer blocks per tower")
     a("--toy_heads", type=int, default=2, help="toy CLIP: attention heads")
@@ -92,13 +89,9 @@ def run_folder(args):
 
 
 def main(argv=None):
-    """Parse the command line and run every requested (seed, method); returns their records."""
-    args = get_args(argv)
-    runs, records = C.sweep_runs(args, METHODS), []
-    for k, (label, a) in enumerate(runs, 1):           # a sweep skips the runs it finished before
-        done = C.finished_record(run_folder(a) / "record.json", vars(a), sweep=len(runs) > 1)
-        records.append(done or run(a))
-        C.sweep_line(k, len(runs), label, records[-1], done is not None)
+    args, records = get_args(argv), []
+    for label, a in C.sweep_runs(args, METHODS):     # a sweep skips the runs it finished before
+        records.append(C.finished_record(run_folder(a), a, label) or C.announce(run(a), label))
     return records
 
 
@@ -114,27 +107,21 @@ def run(args):
                                 MODALITIES, num_train, **C.method_options(args))
         C.init_heads(method)                            # encoders keep their own weights
         method.to(device)
-        optimizer = torch.optim.SGD(method.parameters(), lr=args.lr, momentum=args.momentum,
-                                    weight_decay=args.weight_decay)
+        optimizer = torch.optim.SGD(method.parameters(), args.lr, args.momentum, weight_decay=args.weight_decay)
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_decay_step, args.lr_decay_ratio)
 
         # ---- train: evaluate every epoch, keep the selected one (best.pt) and all that --resume needs (last.pt)
-        out, settings = run_folder(args), vars(args)
-        out.mkdir(parents=True, exist_ok=True)
-        run = C.start_run(args.select_on, args.epochs, loaders["val"] is not None)
-        if args.resume:
-            C.resume_run(out / "last.pt", run, settings, method, optimizer, scheduler, loaders["train"])
+        run = C.start_run(run_folder(args), "train_clip.py", vars(args), method, optimizer, scheduler, loaders)
         for epoch in range(run["next_epoch"], args.epochs):
             loss, lr = C.train_one_epoch(method, loaders["train"], optimizer, epoch, device, args.amp, scheduler,
-                                         out / "last.pt")
+                                     run["last"])
             if C.log_epoch(run, epoch, loss, lr, *C.evaluate_epoch(method, loaders, args.select_on, device, args.amp)):
-                C.save_best(out / "best.pt", method, settings, epoch)
-            C.save_checkpoint(out / "last.pt", run, settings, method, optimizer, scheduler, loaders["train"])
+                C.save_best(run, method, epoch)                 # the selected epoch so far
+            C.save_checkpoint(run, method, optimizer, scheduler, loaders["train"])
 
         # ---- test the selected epoch, write the record
-        C.load_best(out / "best.pt", method, device)
-        return C.write_record(out, "train_clip.py", settings, method, run, C.evaluate(method, loaders["test"],
-                                                                                       device, args.amp))
+        C.load_best(run, method, device)
+        return C.write_record(run, method, C.evaluate(method, loaders["test"], device, args.amp))
 
 
 def data_and_encoders(args, root, device):

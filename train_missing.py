@@ -59,13 +59,9 @@ def get_args(argv=None):
     a("--code_steps", type=int, default=20, help="cpm_net: code refinement steps per batch and at test time")
     a("--tate_layers", type=int, default=2, help="tate: transformer encoder layers")
     a("--tate_heads", type=int, default=4, help="tate: attention heads")
-    a = p.add_argument_group("toy data set").add_argument
-    a("--toy_train", type=int, default=1000, help="toy: training samples")
-    a("--toy_val", type=int, default=200, help="toy: validation samples")
-    a("--toy_test", type=int, default=400, help="toy: test samples")
+    a = C.add_toy_args(p, "samples", 1000, 400, dev=200, dev_flag="val")
     a("--toy_dims", type=lambda s: [int(v) for v in s.split(",")], default=[32, 48, 64],
       help="toy: widths of audio, visual, text (comma list)")
-    a("--toy_seed", type=int, default=0, help="toy: seed of the generated data (fixed across --seed)")
     args = C.finish_args(p, p.parse_args(argv), C.MISSING_METHODS, DEFAULTS)
     try:
         rates = parse_rates(args.missing_rates) if args.missing_rates else [args.missing_rate]
@@ -95,14 +91,10 @@ def run_folder(args):
 
 
 def main(argv=None):
-    """Parse the command line and run every requested (rate, seed, method); returns their records."""
-    args = get_args(argv)
+    args, records = get_args(argv), []
     rates = parse_rates(args.missing_rates) if args.missing_rates else [args.missing_rate]
-    runs, records = C.sweep_runs(args, C.MISSING_METHODS, grid={"missing_rate": rates}), []
-    for k, (label, a) in enumerate(runs, 1):           # a sweep skips the runs it finished before
-        done = C.finished_record(run_folder(a) / "record.json", vars(a), sweep=len(runs) > 1)
-        records.append(done or run(a))
-        C.sweep_line(k, len(runs), label, records[-1], done is not None)
+    for label, a in C.sweep_runs(args, C.MISSING_METHODS, grid={"missing_rate": rates}):   # skips finished runs
+        records.append(C.finished_record(run_folder(a), a, label) or C.announce(run(a), label))
     return records
 
 
@@ -152,29 +144,26 @@ def run(args):
                             **C.method_options(args))
     method.apply(C.init_weights)
     method.to(device)
-    optimizer = torch.optim.SGD(method.parameters(), lr=args.lr, momentum=args.momentum,
-                                weight_decay=args.weight_decay)
+    optimizer = torch.optim.SGD(method.parameters(), args.lr, args.momentum, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_decay_step, args.lr_decay_ratio)
 
     # ---- train: evaluate every epoch, keep the selected one (best.pt) and all that --resume needs (last.pt);
     # the CCA family fits its projections in closed form before the first epoch and after each one
-    settings = vars(args)
-    run = C.start_run(args.select_on, args.epochs, loaders["val"] is not None)
-    if not (args.resume and C.resume_run(out / "last.pt", run, settings, method, optimizer, scheduler,
-                                         loaders["train"])) and hasattr(method, "fit_start"):
+    run = C.start_run(out, "train_missing.py", vars(args), method, optimizer, scheduler, loaders)
+    if run["next_epoch"] == 0 and hasattr(method, "fit_start"):
         method.fit_start(loaders["train"], device)
     for epoch in range(run["next_epoch"], args.epochs):
-        loss, lr = C.train_one_epoch(method, loaders["train"], optimizer, epoch, device, checkpoint=out / "last.pt")
+        loss, lr = C.train_one_epoch(method, loaders["train"], optimizer, epoch, device, checkpoint=run["last"])
         if hasattr(method, "epoch_end"):
             method.epoch_end(loaders["train"], device)
         scheduler.step()
         if C.log_epoch(run, epoch, loss, lr, *C.evaluate_epoch(method, loaders, args.select_on, device)):
-            C.save_best(out / "best.pt", method, settings, epoch)
-        C.save_checkpoint(out / "last.pt", run, settings, method, optimizer, scheduler, loaders["train"])
+            C.save_best(run, method, epoch)                 # the selected epoch so far
+        C.save_checkpoint(run, method, optimizer, scheduler, loaders["train"])
 
     # ---- test the selected epoch, write the record
-    C.load_best(out / "best.pt", method, device)
-    return C.write_record(out, "train_missing.py", settings, method, run, C.evaluate(method, loaders["test"], device))
+    C.load_best(run, method, device)
+    return C.write_record(run, method, C.evaluate(method, loaders["test"], device))
 
 
 if __name__ == "__main__":

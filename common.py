@@ -426,16 +426,10 @@ def build_method(name, encoders, num_classes, modalities, num_train=0, condition
     ogm, OGM's (alpha, first epoch, last epoch); mla, MLA's keyword arguments; table6, the keyword
     arguments of build_missing_method (the Table 6 methods' settings)."""
     cond = modalities.index(condition) if condition else 0
-    if name == "sum":
-        return Sum(encoders, num_classes, modalities)
-    if name == "concat":
-        return Concat(encoders, num_classes, modalities)
-    if name == "late_fusion":
-        return LateFusion(encoders, num_classes, modalities)
-    if name == "film":
-        return FiLM(encoders, num_classes, modalities, condition=cond)
-    if name == "bigated":
-        return BiGated(encoders, num_classes, modalities, condition=cond)
+    if name in ("sum", "concat", "late_fusion"):
+        return {"sum": Sum, "concat": Concat, "late_fusion": LateFusion}[name](encoders, num_classes, modalities)
+    if name in ("film", "bigated"):
+        return (FiLM if name == "film" else BiGated)(encoders, num_classes, modalities, condition=cond)
     if name in ("ogm", "ogm_ge"):
         alpha, starts, ends = ogm
         return OGM(encoders, num_classes, modalities, alpha=alpha, starts=starts, ends=ends, ge=name == "ogm_ge")
@@ -3356,19 +3350,17 @@ def evaluate(method, loader, device, amp=False):
             for name, c, n in zip(method.modalities + ["multi"], correct, count)}
 
 
-def train_one_epoch(method, loader, optimizer, epoch, device, amp=False, scheduler=None, checkpoint=None,
-                    check_every=None):
-    """One pass over the loader, then one step of the (per-epoch) scheduler; returns (mean batch loss,
-    the epoch's learning rate). Before each step the method's schedule(epoch, step, steps) runs when it
-    has one; methods with uses_index get the batch's sample indices (idx=), masked data sets' batches
-    their mask. With amp, forward passes run under bf16 autocast (bf16 needs no loss scaling). A
+def train_one_epoch(method, loader, optimizer, epoch, device, amp=False, checkpoint=None, check_every=None):
+    """One pass over the loader; returns the mean batch loss. Before each step the method's
+    schedule(epoch, step, steps) runs when it has one; methods with uses_index get the batch's sample
+    indices (idx=), masked data sets' batches their mask. With amp, forward passes run under bf16 autocast (bf16 needs no loss scaling). A
     non-finite batch loss raises FloatingPointError naming its epoch and step and whether `checkpoint`
     (the last.pt a --resume continues from) is there. Losses are read back every `check_every` steps
     (default: every step on the CPU, every 25 on a GPU, where each read waits for the GPU)."""
     from tqdm import tqdm
     method.train()
     masked, uses_index = getattr(loader.dataset, "masked", False), getattr(method, "uses_index", False)
-    steps, lr = len(loader), float(f"{optimizer.param_groups[0]['lr']:.6g}") if optimizer else None
+    steps = len(loader)
     check_every = check_every or (25 if torch.device(device).type == "cuda" else 1)
     bar = tqdm(total=steps, desc=f"epoch {epoch + 1}", leave=False, dynamic_ncols=True,
                disable=not sys.stderr.isatty())
@@ -3402,9 +3394,7 @@ def train_one_epoch(method, loader, optimizer, epoch, device, amp=False, schedul
         read_back()
     finally:
         bar.close()
-    if scheduler is not None:
-        scheduler.step()
-    return total / max(steps, 1), lr
+    return total / max(steps, 1)
 
 
 def train_val_test(data, val_ratio, seed, name, what):
@@ -3444,6 +3434,9 @@ def start_run(folder, script, settings, method, optimizer, scheduler, loaders):
            "start": time.time(), "tick": time.time()}
     if settings.get("resume"):
         resume_run(run, method, optimizer, scheduler, loaders["train"])
+    elif run["last"].is_file():
+        print(f"note: {run['last']} holds an unfinished run; it is started over (rerun with --resume to continue "
+              "it instead)", flush=True)
     return run
 
 
@@ -3477,9 +3470,11 @@ def resume_run(run, method, optimizer, scheduler, train_loader):
               "epoch's lr is in the record's epoch log)", flush=True)
 
 
-def log_epoch(run, epoch, loss, lr, val, test):
-    """Add the epoch to the run's log and print its line; True when it is the selected epoch so far."""
+def log_epoch(run, epoch, loss, optimizer, val, test):
+    """Add the epoch (its loss, learning rate and accuracies) to the run's log and print its line; returns
+    True when it is the selected epoch so far (call it before the scheduler steps)."""
     select_on = run["settings"]["select_on"]
+    lr = float(f"{optimizer.param_groups[0]['lr']:.6g}")
     entry = {"epoch": epoch, "lr": lr, "train_loss": round(loss, 6), "val": val}
     if select_on == "test":
         entry["test"] = test
@@ -3560,14 +3555,14 @@ def parse_methods(spec, known):
     return names
 
 
-def sweep_runs(args, known_methods, grid=None):
+def list_runs(args, known_methods, grid=None):
     """The runs a command asks for, as (label, args copy): one per (seed, method) of args.method (name, comma
     list or 'all') x args.seeds (comma list; default args.seed), seed by seed; `grid` ({arg name:
     [values]}, e.g. {"missing_rate": [0.1, 0.3]}) adds outer loops. label: '[k/n] mla seed 0 ...' in
     a sweep (n > 1), None for a single run."""
     import copy
     methods = parse_methods(args.method, known_methods)
-    seeds = [int(s) for s in str(args.seeds).split(",")] if getattr(args, "seeds", None) else [args.seed]
+    seeds = [int(s) for s in str(args.seeds).split(",")] if args.seeds else [args.seed]
     grid = grid or {}
     runs = []
     for vals in itertools.product(*grid.values()):
@@ -4357,6 +4352,8 @@ def finish_args(p, args, methods, defaults):
     """Check the shared flags and fill the unset ones from DEFAULTS['toy' or 'paper']."""
     if args.epochs is not None and args.epochs < 1:
         p.error("--epochs must be at least 1")
+    if args.lr is not None and not args.lr >= 0:
+        p.error("--lr must not be negative")
     if not 0 <= args.val_ratio < 1:
         p.error("--val_ratio must be in [0, 1)")
     if args.val_ratio == 0 and args.select_on == "val":
@@ -4365,7 +4362,8 @@ def finish_args(p, args, methods, defaults):
         parse_methods(args.method, methods)
         [int(s) for s in args.seeds.split(",")] if args.seeds else None
     except ValueError as e:
-        p.error(str(e))
+        p.error(f"--seeds {args.seeds}: expected a comma list of whole numbers, e.g. 0,1,2" if "int()" in str(e)
+                else str(e))
     for k, v in defaults["toy" if args.dataset == "toy" else "paper"].items():
         if getattr(args, k, None) is None:       # the paper's 8 loader workers, but never more than the cores
             setattr(args, k, min(v, os.cpu_count() or 1) if k == "num_workers" else v)

@@ -87,8 +87,9 @@ def run_folder(args):
 
 def main(argv=None):
     args, records = get_args(argv), []
-    for label, a in C.sweep_runs(args, C.METHODS):     # a sweep skips the runs it finished before
-        records.append(C.finished_record(run_folder(a), a, label) or C.announce(run(a), label))
+    for label, a in C.list_runs(args, C.METHODS):
+        done = C.finished_record(run_folder(a), a, label)        # a sweep skips a run it finished before
+        records.append(done or C.announce(run(a), label))
     return records
 
 
@@ -129,17 +130,18 @@ def train(args, root, device):
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_decay_step, args.lr_decay_ratio)
 
     # ---- train: evaluate every epoch, keep the selected one (best.pt) and all that --resume needs (last.pt)
-    run = C.start_run(run_folder(args), "train_ait.py", vars(args), method, optimizer, scheduler, loaders)
-    for epoch in range(run["next_epoch"], args.epochs):
-        loss, lr = C.train_one_epoch(method, loaders["train"], optimizer, epoch, device, args.amp, scheduler,
-                                     run["last"])
-        if C.log_epoch(run, epoch, loss, lr, *C.evaluate_epoch(method, loaders, args.select_on, device, args.amp)):
-            C.save_best(run, method, epoch)                 # the selected epoch so far
-        C.save_checkpoint(run, method, optimizer, scheduler, loaders["train"])
+    state = C.start_run(run_folder(args), "train_ait.py", vars(args), method, optimizer, scheduler, loaders)
+    for epoch in range(state["next_epoch"], args.epochs):
+        loss = C.train_one_epoch(method, loaders["train"], optimizer, epoch, device, args.amp, state["last"])
+        val, test = C.evaluate_epoch(method, loaders, args.select_on, device, args.amp)
+        if C.log_epoch(state, epoch, loss, optimizer, val, test):      # prints the epoch; True: the best so far
+            C.save_best(state, method, epoch)
+        scheduler.step()
+        C.save_checkpoint(state, method, optimizer, scheduler, loaders["train"])
 
     # ---- test the selected epoch, write the record
-    C.load_best(run, method, device)
-    return C.write_record(run, method, C.evaluate(method, loaders["test"], device, args.amp))
+    C.load_best(state, method, device)
+    return C.write_record(state, method, C.evaluate(method, loaders["test"], device, args.amp))
 
 
 if __name__ == "__main__":

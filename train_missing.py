@@ -93,8 +93,9 @@ def run_folder(args):
 def main(argv=None):
     args, records = get_args(argv), []
     rates = parse_rates(args.missing_rates) if args.missing_rates else [args.missing_rate]
-    for label, a in C.sweep_runs(args, C.MISSING_METHODS, grid={"missing_rate": rates}):   # skips finished runs
-        records.append(C.finished_record(run_folder(a), a, label) or C.announce(run(a), label))
+    for label, a in C.list_runs(args, C.MISSING_METHODS, grid={"missing_rate": rates}):
+        done = C.finished_record(run_folder(a), a, label)        # a sweep skips a run it finished before
+        records.append(done or C.announce(run(a), label))
     return records
 
 
@@ -149,21 +150,22 @@ def run(args):
 
     # ---- train: evaluate every epoch, keep the selected one (best.pt) and all that --resume needs (last.pt);
     # the CCA family fits its projections in closed form before the first epoch and after each one
-    run = C.start_run(out, "train_missing.py", vars(args), method, optimizer, scheduler, loaders)
-    if run["next_epoch"] == 0 and hasattr(method, "fit_start"):
+    state = C.start_run(out, "train_missing.py", vars(args), method, optimizer, scheduler, loaders)
+    if state["next_epoch"] == 0 and hasattr(method, "fit_start"):
         method.fit_start(loaders["train"], device)
-    for epoch in range(run["next_epoch"], args.epochs):
-        loss, lr = C.train_one_epoch(method, loaders["train"], optimizer, epoch, device, checkpoint=run["last"])
+    for epoch in range(state["next_epoch"], args.epochs):
+        loss = C.train_one_epoch(method, loaders["train"], optimizer, epoch, device, checkpoint=state["last"])
         if hasattr(method, "epoch_end"):
             method.epoch_end(loaders["train"], device)
+        val, test = C.evaluate_epoch(method, loaders, args.select_on, device)
+        if C.log_epoch(state, epoch, loss, optimizer, val, test):      # prints the epoch; True: the best so far
+            C.save_best(state, method, epoch)
         scheduler.step()
-        if C.log_epoch(run, epoch, loss, lr, *C.evaluate_epoch(method, loaders, args.select_on, device)):
-            C.save_best(run, method, epoch)                 # the selected epoch so far
-        C.save_checkpoint(run, method, optimizer, scheduler, loaders["train"])
+        C.save_checkpoint(state, method, optimizer, scheduler, loaders["train"])
 
     # ---- test the selected epoch, write the record
-    C.load_best(run, method, device)
-    return C.write_record(run, method, C.evaluate(method, loaders["test"], device))
+    C.load_best(state, method, device)
+    return C.write_record(state, method, C.evaluate(method, loaders["test"], device))
 
 
 if __name__ == "__main__":

@@ -115,8 +115,8 @@ def test_autocast_keeps_P_in_full_precision(tiny_encoders):
                                           torch.arange(32))
     loader = torch.utils.data.DataLoader(data, batch_size=8)
     opt = torch.optim.SGD(m.parameters(), lr=0.05)
-    loss, lr = C.train_one_epoch(m, loader, opt, 0, "cpu", amp=True)
-    assert math.isfinite(loss) and lr == 0.05
+    loss = C.train_one_epoch(m, loader, opt, 0, "cpu", amp=True)
+    assert math.isfinite(loss)
     assert m.P.dtype == torch.float32 and torch.equal(m.P, m.P.T) and torch.isfinite(m.P).all()
     assert set(C.evaluate(m, loader, "cpu", amp=True)) == {"audio", "video", "multi"}
 
@@ -141,7 +141,7 @@ def test_losses_read_back_late_still_name_the_first_non_finite_step():
     loader = torch.utils.data.DataLoader(ds, batch_size=2)
     with pytest.raises(FloatingPointError, match=r"non-finite loss \(nan\) at epoch 4, step 2 of 3"):
         C.train_one_epoch(Stub(1), loader, None, 3, "cpu", check_every=10)
-    assert C.train_one_epoch(Stub(None), loader, None, 0, "cpu", check_every=2) == (1.0, None)   # (0 + 1 + 2) / 3
+    assert C.train_one_epoch(Stub(None), loader, None, 0, "cpu", check_every=2) == 1.0     # (0 + 1 + 2) / 3
 
 
 def test_compile_flag_compiles_each_encoder_in_place(toy_root, tmp_path, monkeypatch):
@@ -198,3 +198,21 @@ def test_cpu_threads_sets_torchs_threads_for_the_run_only(toy_root, tmp_path, mo
     [rec] = train_av.main(toy_argv(toy_root, tmp_path, "--method", "sum", "--cpu_threads", "1"))
     assert seen == [1] and rec["args"]["cpu_threads"] == 1
     assert torch.get_num_threads() == before
+
+
+def test_a_run_without_resume_over_an_unfinished_one_says_it_starts_over(toy_root, tmp_path, capsys):
+    folder = tmp_path / "toy_av" / "sum" / "seed0"
+    folder.mkdir(parents=True)
+    (folder / "last.pt").write_bytes(b"an interrupted run")
+    run(toy_root, tmp_path, "--method", "sum")
+    assert f"note: {folder / 'last.pt'} holds an unfinished run; it is started over (rerun with --resume" in \
+        capsys.readouterr().out
+    assert not (folder / "last.pt").exists() and (folder / "record.json").is_file()
+
+
+@pytest.mark.parametrize("argv, message", [(["--lr", "-1"], "--lr must not be negative"),
+                                           (["--seeds", "0,x"], "--seeds 0,x: expected a comma list of whole numbers")])
+def test_bad_shared_flags_are_usage_errors_naming_the_flag(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        train_av.get_args(argv)
+    assert message in capsys.readouterr().err

@@ -3470,18 +3470,21 @@ def resume_run(run, method, optimizer, scheduler, train_loader):
               "epoch's lr is in the record's epoch log)", flush=True)
 
 
-def log_epoch(run, epoch, loss, optimizer, val, test):
-    """Add the epoch (its loss, learning rate and accuracies) to the run's log and print its line; returns
+def log_epoch(run, epoch, loss, optimizer, val, test, method):
+    """Log the epoch (loss, lr, accuracies; MLA's hgm_p_trace = trace(P)/dim, None without HGM) and print it;
     True when it is the selected epoch so far (call it before the scheduler steps)."""
     select_on = run["settings"]["select_on"]
-    lr = float(f"{optimizer.param_groups[0]['lr']:.6g}")
-    entry = {"epoch": epoch, "lr": lr, "train_loss": round(loss, 6), "val": val}
+    entry = {"epoch": epoch, "lr": float(f"{optimizer.param_groups[0]['lr']:.6g}"), "train_loss": round(loss, 6)}
+    entry["val"], trace = val, ""
+    if isinstance(method, MLA):
+        entry["hgm_p_trace"] = round(float(torch.trace(method.P)) / method.dim, 6) if method.hgm else None
+        trace = f"  P trace {entry['hgm_p_trace']:.3f}" if method.hgm else ""
     if select_on == "test":
         entry["test"] = test
     run["log"].append(entry)
     shown = test if select_on == "test" else val
     print(f"epoch {epoch + 1:3d}/{run['settings']['epochs']}  loss {loss:.4f}  {'test' if select_on == 'test' else 'val'}: "
-          f"{fmt_acc(shown) if shown else '-'}  ({time.time() - run['tick']:.1f}s)", flush=True)
+          f"{fmt_acc(shown) if shown else '-'}{trace}  ({time.time() - run['tick']:.1f}s)", flush=True)
     score = {"val": (val or {}).get("multi"), "test": (test or {}).get("multi"), "last": epoch}[select_on]
     score = -1 if score is None else score
     if score > run["best_score"]:

@@ -134,7 +134,7 @@ def train(args, root, device):
     for epoch in range(state["next_epoch"], args.epochs):
         loss = C.train_one_epoch(method, loaders["train"], optimizer, epoch, device, args.amp, state["last"])
         val, test = C.evaluate_epoch(method, loaders, args.select_on, device, args.amp)
-        if C.log_epoch(state, epoch, loss, optimizer, val, test):      # prints the epoch; True: the best so far
+        if C.log_epoch(state, epoch, loss, optimizer, val, test, method):     # prints it; True: best so far
             C.save_best(state, method, epoch)
         scheduler.step()
         C.save_checkpoint(state, method, optimizer, scheduler, loaders["train"])

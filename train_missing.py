@@ -158,7 +158,7 @@ def run(args):
         if hasattr(method, "epoch_end"):
             method.epoch_end(loaders["train"], device)
         val, test = C.evaluate_epoch(method, loaders, args.select_on, device)
-        if C.log_epoch(state, epoch, loss, optimizer, val, test):      # prints the epoch; True: the best so far
+        if C.log_epoch(state, epoch, loss, optimizer, val, test, method):     # prints it; True: best so far
             C.save_best(state, method, epoch)
         scheduler.step()
         C.save_checkpoint(state, method, optimizer, scheduler, loaders["train"])

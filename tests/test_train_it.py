@@ -38,7 +38,7 @@ def test_every_method_trains_one_toy_epoch_and_writes_record(method, it_root, tm
     assert on_disk["modalities"] == ["image", "text"] and on_disk["select_on"] == "val"
     assert set(on_disk["args"]) == set(vars(train_it.get_args([])))
     assert on_disk["args"]["condition"] == "text" and on_disk["args"]["encoder"] == "m3ae"
-    assert [set(e) for e in on_disk["epochs"]] == [{"epoch", "lr", "train_loss", "val"}]
+    assert [set(e) for e in on_disk["epochs"]] == [{"epoch", "lr", "train_loss", "val"} | ({"hgm_p_trace"} if method == "mla" else set())]
     assert set(on_disk["epochs"][0]["val"]) == {"image", "text", "multi"}
     assert set(on_disk["test"]) == {"image", "text", "multi"}
     assert all(0 <= v <= 100 for v in on_disk["test"].values())
@@ -113,3 +113,17 @@ def test_missing_data_root_is_a_clear_error(tmp_path):
     assert r.stderr.startswith("error: data/mvsa: data root not found") and "Traceback" not in r.stderr
     with pytest.raises(SystemExit):
         train_it.get_args(["--image_size", "20", "--patch_size", "8"])
+
+
+def test_mla_epochs_record_the_trace_of_P(it_root, tmp_path, capsys):
+    """Each MLA epoch entry carries hgm_p_trace = trace(P)/dim (it falls as P absorbs directions, within
+    (0, 1]); None with --no_hgm; other methods' entries have no such key."""
+    rec = run(it_root, tmp_path / "hgm", "--method", "mla", "--epochs", "3")
+    traces = [e["hgm_p_trace"] for e in rec["epochs"]]
+    assert all(0 < t <= 1 for t in traces) and traces == sorted(traces, reverse=True) and traces[0] > traces[-1]
+    P = torch.load(tmp_path / "hgm" / "toy_it" / "mla" / "seed0" / "best.pt", weights_only=False)["state_dict"]["P"]
+    assert abs(traces[rec["best_epoch"]] - float(torch.trace(P)) / P.shape[0]) < 1e-5
+    assert f"P trace {traces[-1]:.3f}" in capsys.readouterr().out
+    off = run(it_root, tmp_path / "off", "--method", "mla", "--no_hgm", "--epochs", "2")
+    assert [e["hgm_p_trace"] for e in off["epochs"]] == [None, None]
+    assert all("hgm_p_trace" not in e for e in run(it_root, tmp_path / "sum", "--method", "sum")["epochs"])

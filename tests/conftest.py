@@ -77,5 +77,7 @@ def step(method, xs, y, idx, optimizer, epoch=0, batch=0, steps=1, mask=None):
     batch's sample indices."""
     if hasattr(method, "schedule"):
         method.schedule(epoch, batch, steps)
-    extra = ({"mask": mask} if mask is not None else {}) | ({"idx": idx} if getattr(method, "uses_index", False) else {})
+    extra = {"mask": mask} if mask is not None else {}
+    if getattr(method, "uses_index", False):
+        extra["idx"] = idx
     return method.train_step(xs, y, optimizer, **extra)

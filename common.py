@@ -2031,7 +2031,8 @@ def best_dir(folders, names, has):
 def _find_dir(root, override, templates, split, entries, is_match, what, layout_help=LAYOUT_HELP):
     """The folder (from `templates`) holding the most of the first clips of a list."""
     cands = [Path(override.format(split=split))] if override else [root / t.format(split=split) for t in templates]
-    probe, best, best_hits = entries[:25], best_dir(cands, [e[0] for e in entries], is_match), 0
+    probe, best_hits = entries[:25], 0
+    best = best_dir(cands, [e[0] for e in probe], is_match)
     if best is None and not override:          # not in a usual place: search the tree (4 levels)
         for dirpath, dirnames, _ in os.walk(root):
             d = Path(dirpath)
@@ -3369,13 +3370,12 @@ def train_one_epoch(method, loader, optimizer, epoch, device, amp=False, checkpo
     def read_back():
         nonlocal total
         for step, loss in unread:
-            loss = float(loss)
-            if not math.isfinite(loss):
-                kept = ("no epoch had finished" if checkpoint is None or not Path(checkpoint).is_file() else
-                        f"the last good checkpoint, {checkpoint} (after epoch {epoch}), is kept: fix the cause "
-                        "(e.g. a lower --lr) and rerun with --resume")
+            if not math.isfinite(loss := float(loss)):
+                kept = "" if checkpoint is None else "; no epoch had finished" if not Path(checkpoint).is_file() \
+                    else (f"; the last good checkpoint, {checkpoint} (after epoch {epoch}), is kept: fix the cause "
+                          "(e.g. a lower --lr) and rerun with --resume")
                 raise FloatingPointError(f"non-finite loss ({loss}) at epoch {epoch + 1}, step {step + 1} of "
-                                         f"{steps}; {kept}")
+                                         f"{steps}{kept}")
             total += loss
         if unread:
             bar.set_postfix(loss=f"{loss:.3f}")

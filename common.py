@@ -56,8 +56,7 @@ def fusion_weights(unis, mode="dynamic", fixed=None, mask=None):
     zero for missing views, renormalised over each row's present ones."""
     if mode == "dynamic":
         ent = torch.stack([-(u.softmax(1) * u.log_softmax(1)).sum(1) for u in unis], 1)
-        if mask is not None:
-            ent = ent.masked_fill(~mask, float("inf"))          # weight exp(-inf) = 0
+        ent = ent if mask is None else ent.masked_fill(~mask, float("inf"))          # weight exp(-inf) = 0
         return torch.softmax(-ent, dim=1)
     if mode == "dynamic_batch":
         rows = [slice(None)] * len(unis) if mask is None else mask.T      # the rows where each view is present
@@ -69,10 +68,7 @@ def fusion_weights(unis, mode="dynamic", fixed=None, mask=None):
             raise ValueError(f"--fusion_weights has {w.numel()} values; expected {len(unis)}")
     else:
         raise ValueError(f"unknown fusion mode {mode!r}; expected dynamic, dynamic_batch or fixed")
-    if mask is None:
-        return w
-    w = w * mask
-    return w / w.sum(1, keepdim=True)
+    return w if mask is None else (w * mask) / (w * mask).sum(1, keepdim=True)
 
 
 class MLA(nn.Module):
@@ -83,7 +79,7 @@ class MLA(nn.Module):
     `alpha` is HGM's alpha of the next step (schedule() sets it). Test: entropy-weighted fusion."""
 
     def __init__(self, encoders, num_classes, modalities=None, hgm=True, hgm_alpha=None, fusion="dynamic",
-                 fusion_weights=None):
+                 fusion_weights=None, hgm_alpha_scale=False, hgm_forget=1.0):
         super().__init__()
         self.encoders = nn.ModuleList(encoders)
         self.modalities = list(modalities or [f"m{i}" for i in range(len(encoders))])
@@ -92,26 +88,30 @@ class MLA(nn.Module):
             raise ValueError(f"encoders of widths {[f.dim for f in encoders]}; the methods expect one width (`dim`) "
                              "for all: project the others to it, e.g. with common.Projected(encoder, dim)")
         self.head = nn.Linear(self.dim, num_classes)
-        self.hgm, self.hgm_alpha = hgm, hgm_alpha
+        self.hgm, self.hgm_alpha, self.hgm_alpha_scale, self.hgm_forget = hgm, hgm_alpha, hgm_alpha_scale, hgm_forget
         self.alpha = 0.1 if hgm_alpha is None else hgm_alpha
-        if fusion_weights is None:      # the paper's: 0.5/0.5; audio/image/text 0.35/0.25/0.4
-            fusion_weights = {2: [0.5, 0.5], 3: [0.35, 0.25, 0.4]}.get(len(encoders), [1 / len(encoders)] * len(encoders))
-        self.fusion, self.fixed_weights = fusion, list(fusion_weights)
+        paper = {2: [0.5, 0.5], 3: [0.35, 0.25, 0.4]}.get(len(encoders), [1 / len(encoders)] * len(encoders))
+        self.fusion, self.fixed_weights = fusion, list(paper if fusion_weights is None else fusion_weights)
         self.register_buffer("P", torch.eye(self.dim))
+        if hgm_alpha_scale:             # per modality, the running mean (momentum 0.1) of hbar^T hbar
+            self.register_buffer("hbar_sq", torch.zeros(len(encoders)))
 
     def schedule(self, epoch, step, steps):
         """Set alpha for batch `step` of `steps`: the official 0.1 ** (1 + step / steps), or hgm_alpha."""
         self.alpha = 0.1 ** (1 + step / max(1, steps)) if self.hgm_alpha is None else self.hgm_alpha
 
     @torch.no_grad()
-    def project_head_grad(self, hbar, alpha):
-        """grad_W <- grad_W P (protect earlier steps' directions), then absorb hbar into P:
-        k = P hbar, P <- P - k k^T / (alpha + hbar^T k)."""
+    def project_head_grad(self, hbar, alpha, m=0):
+        """grad_W <- grad_W P (keep earlier steps' directions); absorb hbar: k = P hbar, P <- (P - k k^T /
+        (a + hbar^T k)) / hgm_forget, a = alpha (with hgm_alpha_scale: times modality m's mean hbar^T hbar)."""
         with torch.autocast(self.P.device.type, enabled=False):    # P stays in full precision under AMP
             g = self.head.weight.grad
             g.copy_(g.to(self.P.dtype) @ self.P)
+            if self.hgm_alpha_scale:            # the running mean: the first value, then momentum 0.1
+                self.hbar_sq[m] = (hbar @ hbar).lerp(self.hbar_sq[m], 0.9 * (self.hbar_sq[m] > 0))
+                alpha = alpha * self.hbar_sq[m]
             k = self.P @ hbar
-            self.P.sub_(torch.outer(k, k) / (alpha + hbar @ k))
+            self.P.sub_(torch.outer(k, k) / (alpha + hbar @ k)).div_(self.hgm_forget)
 
     def train_step(self, xs, y, optimizer, mask=None):
         """One alternating step per modality; returns the mean of their losses (a 0-dim tensor left on the
@@ -127,7 +127,7 @@ class MLA(nn.Module):
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if self.hgm:
-                self.project_head_grad(z.detach().to(self.P.dtype).mean(0), self.alpha)
+                self.project_head_grad(z.detach().to(self.P.dtype).mean(0), self.alpha, m)
             optimizer.step()
             total, steps = total + loss.detach().double(), steps + 1   # stays on the device: no sync
         return total / steps if steps else torch.zeros((), dtype=torch.float64, device=y.device)
@@ -2904,14 +2904,15 @@ def make_toy_ait(root, seed=0, n_train=1000, n_dev=200, n_test=400, frames=64, m
 
 # ======== 3e. Table 6 features (features.npz, the MMIN layout), the missing-view mask, the toy features ====
 
-# Pre-extracted features of three views (audio, visual, text) and a seeded mask of missing views.
+# Pre-extracted features of two or more views (IEMOCAP's: audio, visual, text) and a seeded mask of missing views.
 
 FEATURE_MODALITIES = ["audio", "visual", "text"]
 MMIN_FOLDERS = {"audio": "A", "visual": "V", "text": "L"}
 MMIN_SPLITS = {"train": "trn", "val": "val", "test": "tst"}
 FEATURE_LAYOUT_HELP = """accepted layouts:
-  features.npz:  arrays audio (N, d_a), visual (N, d_v), text (N, d_t), label (N,) and split (N,) with
-                 values train/val/test (val optional: then --val_ratio of train is held out)
+  features.npz:  label (N,), split (N,) with values train/val/test (val optional: then --val_ratio of train
+                 is held out) and one (N, d) array per view, e.g. audio, visual, text: every other array,
+                 in the file's order (or the ones --modalities names)
   MMIN layout:   A/<name>.h5, V/<name>.h5, L/<name>.h5 (one dataset per utterance, (d,) or (T, d),
                  averaged over T), target/<fold>/{trn,val,tst}_label.npy (indices or one-hot) and
                  target/<fold>/{trn,val,tst}_int2name.npy (utterance names); reading .h5 needs h5py"""
@@ -2921,9 +2922,10 @@ def _split_data(xs, y, rows):
     return [x[rows] for x in xs], y[rows]
 
 
-def load_features_npz(path):
+def load_features_npz(path, modalities=None):
     """features.npz -> dict(classes, modalities, layout, train=(xs, y), val=(xs, y) or None, test=(xs, y));
-    xs is a list of float32 (n, d) arrays in the order of FEATURE_MODALITIES, y int64 labels."""
+    xs is a list of float32 (n, d) arrays, one per view: `modalities`, or every array other than label and
+    split in the file's order; y int64 labels."""
     path = Path(path)
     if path.suffix != ".npz":                    # a folder holding features.npz
         path = path / "features.npz"
@@ -2933,12 +2935,16 @@ def load_features_npz(path):
         data = np.load(path, allow_pickle=False)
         arrays = {k: data[k] for k in data.files}
     except (OSError, ValueError) as e:
-        raise DataError(f"{path}: unreadable .npz ({e}); expected arrays audio, visual, text, label, split "
+        raise DataError(f"{path}: unreadable .npz ({e}); expected arrays label, split and one per view "
                         "(string arrays as fixed-width unicode, not objects)") from None
-    missing = [k for k in FEATURE_MODALITIES + ["label", "split"] if k not in arrays]
+    views = list(modalities or [k for k in arrays if k not in ("label", "split")])
+    missing = [k for k in views + ["label", "split"] if k not in arrays]
     if missing:
         raise DataError(f"{path}: no array {', '.join(missing)}; found {', '.join(sorted(arrays))}\n"
                         f"{FEATURE_LAYOUT_HELP}")
+    if len(views) < 2:
+        raise DataError(f"{path}: views {', '.join(views) or '(none)'}; the missing-view methods need two or more "
+                        f"(arrays besides label and split)\n{FEATURE_LAYOUT_HELP}")
     label = arrays["label"]
     label = label.argmax(1) if label.ndim == 2 and label.shape[1] > 1 else label.reshape(-1)    # one-hot or indices
     split = np.char.strip(arrays["split"].astype(str).reshape(-1))
@@ -2946,12 +2952,13 @@ def load_features_npz(path):
     if len(split) != n:
         raise DataError(f"{path}: split has {len(split)} entries but label has {n}; expected one per sample")
     xs = []
-    for name in FEATURE_MODALITIES:
+    for name in views:
         x = arrays[name]
         if x.ndim != 2 or len(x) != n:
             raise DataError(f"{path}: array {name} has shape {x.shape}; expected ({n}, width), one row per label")
         if not np.issubdtype(x.dtype, np.number) or not np.isfinite(x).all():
-            raise DataError(f"{path}: array {name} holds non-numeric or non-finite values; expected finite numbers")
+            raise DataError(f"{path}: array {name} holds non-numeric or non-finite values; expected finite numbers "
+                            "(a view), or name the views with --modalities")
         xs.append(x.astype(np.float32))
     bad = sorted(set(split.tolist()) - {"train", "val", "test"})
     if bad:
@@ -2966,7 +2973,7 @@ def load_features_npz(path):
         names = np.char.strip(label.astype(str))
         classes = sorted(set(names.tolist()), key=natural_key)           # '2' before '10'
         y = np.array([classes.index(c) for c in names.tolist()], dtype=np.int64)
-    out = {"classes": classes, "modalities": list(FEATURE_MODALITIES), "layout": "features.npz"}
+    out = {"classes": classes, "modalities": views, "layout": "features.npz"}
     for s in ("train", "val", "test"):
         rows = np.flatnonzero(split == s)
         if not len(rows) and s != "val":
@@ -3085,6 +3092,25 @@ class FeatureDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         return (*[x[i] for x in self.xs], self.mask[i], self.y[i], i)
+
+
+class FeatureNorm(nn.Module):
+    """Standardise each view with the mean and std of the training rows where it is present (a constant
+    feature keeps std 1), as --feature_norm train does. train_missing.py attaches it to the method
+    (method.feature_norm), so best.pt carries the statistics: standardise new features with them."""
+
+    def __init__(self, xs, mask):
+        super().__init__()
+        for m, x in enumerate(xs):
+            rows = np.asarray(x, np.float64)[np.asarray(mask)[:, m]]
+            mean, std = (rows.mean(0), rows.std(0)) if len(rows) else (np.zeros(x.shape[1]), np.ones(x.shape[1]))
+            self.register_buffer(f"mean{m}", torch.as_tensor(mean, dtype=torch.float32))
+            self.register_buffer(f"std{m}", torch.as_tensor(np.where(std > 1e-8, std, 1.0), dtype=torch.float32))
+
+    def forward(self, xs):
+        """Standardised copies of the views xs (numpy (n, d_m) arrays)."""
+        return [((torch.as_tensor(x, dtype=torch.float32) - getattr(self, f"mean{m}").cpu())
+                 / getattr(self, f"std{m}").cpu()).numpy() for m, x in enumerate(xs)]
 
 
 def make_toy_features(path, seed=0, n_train=1000, n_val=200, n_test=400, dims=(32, 48, 64), num_classes=4,
@@ -4246,6 +4272,9 @@ def _default_help(defaults, key, text=""):
     return (text + "; " if text else "") + f"paper {paper}; toy {toy}"
 
 
+HGM_DEFAULT = True      # --method mla's head-gradient projection: the paper's
+
+
 def add_common_args(p, methods, defaults, modalities=None, condition=None):
     """The flags every train_*.py shares, declared once: the run (--method, --seed, --seeds), SGD and
     StepLR (defaults None: the script's DEFAULTS['paper'] or ['toy'], filled by finish_args), MLA's,
@@ -4269,10 +4298,20 @@ def add_common_args(p, methods, defaults, modalities=None, condition=None):
                         "batch-axis entropy (one weight per batch)")
     g.add_argument("--fusion_weights", type=float, nargs="+", default=None,
                    help="weights for --fusion fixed (default 0.5 0.5; audio, image, text 0.35 0.25 0.4)")
-    g.add_argument("--no_hgm", action="store_true",
-                   help="no head-gradient projection (what the official code effectively runs)")
+    g.add_argument("--hgm", dest="hgm", action="store_true", default=HGM_DEFAULT,
+                   help="head-gradient projection (HGM) on" + (" (default)" if HGM_DEFAULT else ""))
+    g.add_argument("--no_hgm", dest="hgm", action="store_false",
+                   help="HGM off (what the official code effectively runs)" + ("" if HGM_DEFAULT else " (default)"))
     g.add_argument("--hgm_alpha", type=float, default=None,
-                   help="HGM alpha; default: 0.1 ** (1 + i/n) for batch i of n")
+                   help="HGM alpha, a constant; default: 0.1 ** (1 + i/n) for batch i of n. A step absorbs the "
+                        "share hbar'P hbar / (alpha + hbar'P hbar) of its direction: an alpha comparable to "
+                        "hbar'P hbar absorbs it partly, so P fills up more slowly")
+    g.add_argument("--hgm_alpha_scale", action="store_true",
+                   help="alpha times the running mean of hbar'hbar (per modality): the share absorbed no longer "
+                        "depends on the features' units")
+    g.add_argument("--hgm_forget", type=float, default=1.0,
+                   help="forgetting factor L in (0, 1] as in recursive least squares: P <- (P - k k' / (alpha + "
+                        "hbar'k)) / L, so absorbed directions come back (1: the paper's)")
     if condition:
         g = p.add_argument_group("OGM / OGM-GE, FiLM / BiGated")
         g.add_argument("--alpha", type=float, default=0.3, help="OGM modulation strength")
@@ -4337,8 +4376,9 @@ def add_toy_args(p, what, train, test, dev=None, dev_flag="dev", seed_help="the 
 def method_options(args):
     """build_method's keywords from the method flags of add_common_args (OGM's and the conditioning
     modality where the script declares them)."""
-    options = dict(mla=dict(hgm=not args.no_hgm, hgm_alpha=args.hgm_alpha, fusion=args.fusion,
-                            fusion_weights=args.fusion_weights))
+    options = dict(mla=dict(hgm=args.hgm, hgm_alpha=args.hgm_alpha, fusion=args.fusion,
+                            fusion_weights=args.fusion_weights, hgm_alpha_scale=args.hgm_alpha_scale,
+                            hgm_forget=args.hgm_forget))
     if "condition" in vars(args):
         options.update(condition=args.condition, ogm=(args.alpha, args.modulation_starts, args.modulation_ends))
     return options
@@ -4357,6 +4397,8 @@ def finish_args(p, args, methods, defaults):
         p.error("--epochs must be at least 1")
     if args.lr is not None and not args.lr >= 0:
         p.error("--lr must not be negative")
+    if not 0 < args.hgm_forget <= 1:
+        p.error("--hgm_forget must be in (0, 1]")
     if not 0 <= args.val_ratio < 1:
         p.error("--val_ratio must be in [0, 1)")
     if args.val_ratio == 0 and args.select_on == "val":

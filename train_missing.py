@@ -34,6 +34,11 @@ def get_args(argv=None):
     a("--fold", type=int, default=1, help="mmin: the cross-validation fold, target/<fold>/")
     a("--mmin_files", default=None, help="mmin: the .h5 names in A/, V/, L/ as a comma list (e.g. "
                                          "comparE,denseface,bert_large); default: the only .h5 in each")
+    a("--modalities", default=None, help="features: the views to read, a comma list of the file's array names "
+                                         "(default: every array but label and split, in the file's order)")
+    a("--feature_norm", default="train", choices=["train", "none"],
+      help="train: standardise every feature with the training split's mean and std (present views only; kept "
+           "in best.pt, used for val and test), so features at any scale train; none: as they are")
     a("--missing_rate", type=float, default=0.5, help="fraction of (sample, view) entries removed")
     a("--missing_rates", default=None, help="comma list of rates to sweep, e.g. 0.1,0.3,0.5,0.7 "
                                             "(overrides --missing_rate)")
@@ -69,6 +74,8 @@ def get_args(argv=None):
         p.error(str(e))
     if any(not 0 <= r < 1 for r in rates):
         p.error("missing rates must be in [0, 1)")
+    if args.modalities and args.dataset != "features":
+        p.error("--modalities names the views of a features.npz (--dataset features)")
     if args.mmin_files and len(args.mmin_files.split(",")) != 3:
         p.error("--mmin_files takes three names: audio, visual, text")
     if len(args.toy_dims) != 3:
@@ -107,7 +114,7 @@ def load_data(args):
                          dims=args.toy_dims)
             return C.load_features_npz(root / "features.npz")
         if args.dataset == "features":
-            return C.load_features_npz(root)
+            return C.load_features_npz(root, args.modalities.split(",") if args.modalities else None)
         return C.load_mmin(root, args.fold, args.mmin_files.split(",") if args.mmin_files else None)
 
 
@@ -125,10 +132,14 @@ def run(args):
         data["train"], data["val"] = ([x[keep] for x in xs], y[keep]), ([x[held] for x in xs], y[held])
     masks = {s: C.missing_mask(len(data[s][1]), len(modalities), args.missing_rate, args.seed, split=k)
              for k, s in enumerate(("train", "val", "test")) if data[s] is not None}
+    norm = C.FeatureNorm(data["train"][0], masks["train"]) if args.feature_norm == "train" else None
+    if norm is not None:                       # the training split's statistics, for every split
+        data.update({s: (norm(data[s][0]), data[s][1]) for s in masks})
     removed = {s: round(100 * (1 - m.mean()), 1) for s, m in masks.items()}
     print(f"{args.dataset} ({data['layout']}): {len(classes)} classes, widths "
           f"{', '.join(f'{m} {x.shape[1]}' for m, x in zip(modalities, data['train'][0]))}; "
-          + ", ".join(f"{s} {len(data[s][1])} ({removed[s]}% of views missing)" for s in masks))
+          + ", ".join(f"{s} {len(data[s][1])} ({removed[s]}% of views missing)" for s in masks)
+          + ("; standardised with the training split's statistics" if norm is not None else ""))
     loaders = {s: C.make_loader(C.FeatureDataset(data[s][0], masks[s], data[s][1]), args.batch_size, s == "train",
                                 args.seed, 0, device) if s in masks else None
                for s in ("train", "val", "test")}
@@ -144,6 +155,8 @@ def run(args):
     method = C.build_method(args.method, encoders, len(classes), modalities, len(data["train"][1]), table6=table6,
                             **C.method_options(args))
     method.apply(C.init_weights)
+    if norm is not None:
+        method.feature_norm = norm             # its statistics go into best.pt and last.pt with the weights
     method.to(device)
     optimizer = torch.optim.SGD(method.parameters(), args.lr, args.momentum, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_decay_step, args.lr_decay_ratio)

@@ -65,11 +65,11 @@ def test_mla_projection_protects_earlier_direction(tiny_encoders):
     hbars, grads, Ws = [], [], []
     orig = m.project_head_grad
 
-    def spy(hbar, alpha):            # called inside each modality's step, before its optimizer step
+    def spy(hbar, alpha, mod=0):     # called inside each modality's step, before its optimizer step
         hbars.append(hbar.clone())
         grads.append(m.head.weight.grad.clone())
         Ws.append(m.head.weight.detach().clone())
-        orig(hbar, alpha)
+        orig(hbar, alpha, mod)
 
     m.project_head_grad = spy
     step(m, xs, y, idx, opt, epoch=0, batch=0, steps=1)
@@ -114,6 +114,48 @@ def test_mla_absorb_formula():
     assert torch.allclose(m.head.weight.grad, g0 @ P0)                  # projected with the old P
     k = P0 @ h
     assert torch.allclose(m.P, P0 - torch.outer(k, k) / (alpha + h @ k))
+
+
+def linear_mla(**kw):
+    enc = [torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)]
+    for e in enc:
+        e.dim = 4
+    return C.MLA(enc, 3, MODS, **kw)
+
+
+def test_mla_forgetting_factor_divides_the_absorbed_P():
+    m = linear_mla(hgm_forget=0.9)
+    m.head.weight.grad = torch.randn(3, 4)
+    P0 = torch.eye(4) - 0.1 * torch.ones(4, 4)
+    m.P.copy_(P0)
+    h, alpha = torch.tensor([1.0, 2.0, 0.5, -1.0]), 0.3
+    m.project_head_grad(h, alpha)
+    k = P0 @ h
+    assert torch.allclose(m.P, (P0 - torch.outer(k, k) / (alpha + h @ k)) / 0.9)
+
+
+def test_mla_alpha_scale_absorbs_the_same_share_at_any_feature_scale():
+    """With hgm_alpha_scale, alpha is multiplied by the running mean of hbar'hbar (the first value, then
+    momentum 0.1): features 1000 times larger give the same P; with a plain alpha they do not."""
+    g = torch.Generator().manual_seed(0)
+    hs = [torch.randn(4, generator=g) for _ in range(5)]
+    Ps = {}
+    for scaled in (False, True):
+        for unit in (1.0, 1000.0):
+            m = linear_mla(hgm_alpha_scale=scaled)
+            for i, h in enumerate(hs):
+                m.head.weight.grad = torch.ones(3, 4)
+                m.project_head_grad(unit * h, 0.1, i % 2)
+            Ps[scaled, unit] = m.P.clone()
+            if scaled:           # modality 0 saw hs[0], hs[2], hs[4]
+                r = (unit * hs[0]).square().sum()
+                for h in (hs[2], hs[4]):
+                    r = 0.9 * r + 0.1 * (unit * h).square().sum()
+                assert torch.allclose(m.hbar_sq[0], r, rtol=1e-5)
+    assert torch.allclose(Ps[True, 1.0], Ps[True, 1000.0], atol=1e-5)
+    assert not torch.allclose(Ps[False, 1.0], Ps[False, 1000.0], atol=1e-3)
+    assert "hbar_sq" in linear_mla(hgm_alpha_scale=True).state_dict()      # resumed with the model
+    assert "hbar_sq" not in linear_mla().state_dict()                      # the paper's checkpoints unchanged
 
 
 def test_mla_no_hgm_leaves_gradient(tiny_encoders):

@@ -96,8 +96,24 @@ def test_features_npz_bad_input_names_file_and_expectation(tmp_path, override, m
 
 def test_features_npz_missing_array(tmp_path):
     np.savez(tmp_path / "features.npz", audio=np.zeros((2, 2)), label=np.zeros(2))
-    with pytest.raises(C.DataError, match="features.npz: no array visual, text, split"):
+    with pytest.raises(C.DataError, match="features.npz: no array split"):
         C.load_features_npz(tmp_path)
+    with pytest.raises(C.DataError, match="features.npz: no array face, split; found audio, label"):
+        C.load_features_npz(tmp_path, ["audio", "face"])
+    np.savez(tmp_path / "features.npz", audio=np.zeros((2, 2)), label=np.zeros(2), split=np.array(["train", "test"]))
+    with pytest.raises(C.DataError, match="features.npz: views audio; the missing-view methods need two or more"):
+        C.load_features_npz(tmp_path)
+
+
+def test_features_npz_views_are_the_other_arrays_in_file_order(tmp_path):
+    rng = np.random.RandomState(0)
+    split = np.array(["train"] * 12 + ["test"] * 8)
+    np.savez(tmp_path / "features.npz", visual=rng.randn(20, 4), label=np.arange(20) % 2, audio=rng.randn(20, 3),
+             split=split)
+    d = C.load_features_npz(tmp_path)
+    assert d["modalities"] == ["visual", "audio"] and [x.shape[1] for x in d["train"][0]] == [4, 3]
+    picked = C.load_features_npz(tmp_path, ["audio", "visual"])
+    assert picked["modalities"] == ["audio", "visual"] and [x.shape[1] for x in picked["test"][0]] == [3, 4]
 
 
 def mmin_fixture(root):

@@ -373,9 +373,9 @@ class QMF(LateFusion):
     confidence."""
     uses_index = True
 
-    def __init__(self, encoders, num_classes, modalities, num_train, temperature=10.0, lam=0.1):
+    def __init__(self, encoders, num_classes, modalities, num_train, temperature=10.0, lam=0.1, rank="paper"):
         super().__init__(encoders, num_classes, modalities)
-        self.temperature, self.lam = temperature, lam
+        self.temperature, self.lam, self.margin_sign = temperature, lam, {"paper": 1.0, "code": -1.0}[rank]
         self.register_buffer("history", torch.zeros(len(encoders), num_train, dtype=torch.float64))
 
     def confidence(self, logits):
@@ -394,13 +394,15 @@ class QMF(LateFusion):
 
     def rank_loss(self, conf, idx, m):
         """Pairs (i, i+1 mod B); target = sign(h_i - h_j), margin = |normalised h_i - h_j|:
-        max(0, target * (c_i - c_j) + margin) = 0 once the harder sample is less confident by margin."""
+        max(0, target * (c_i - c_j) + margin) = 0 once the harder sample is less confident by margin (the
+        confidence-ranking loss); rank="code": - margin, the authors' code (zero until the harder
+        sample is more confident by more than the margin)."""
         h = self.history[m]
         lo, hi = h.min(), h.max()
         hn = torch.where(hi > lo, (h[idx] - lo) / (hi - lo), 0.0).to(conf.dtype)     # no read-back
         target = torch.sign(hn - hn.roll(-1))
         margin = (hn - hn.roll(-1)).abs()
-        return F.relu(target * (conf - conf.roll(-1)) + margin).mean()
+        return F.relu(target * (conf - conf.roll(-1)) + self.margin_sign * margin).mean()
 
     def loss(self, fused, unis, y, mask=None, idx=None):
         """With a mask, modality m's CE, ranking loss and history use only the rows where it is present."""
@@ -421,10 +423,10 @@ METHODS = ["sum", "concat", "late_fusion", "film", "bigated", "ogm", "ogm_ge", "
 
 
 def build_method(name, encoders, num_classes, modalities, num_train=0, condition=None, ogm=(0.3, 0, 50),
-                 mla=None, table6=None):
+                 mla=None, table6=None, qmf_rank="paper"):
     """The method object `name`: condition, the FiLM/BiGated conditioning modality (a name in modalities);
     ogm, OGM's (alpha, first epoch, last epoch); mla, MLA's keyword arguments; table6, the keyword
-    arguments of build_missing_method (the Table 6 methods' settings)."""
+    arguments of build_missing_method (the Table 6 methods' settings); qmf_rank, QMF's ranking margin."""
     cond = modalities.index(condition) if condition else 0
     if name in ("sum", "concat", "late_fusion"):
         return {"sum": Sum, "concat": Concat, "late_fusion": LateFusion}[name](encoders, num_classes, modalities)
@@ -434,7 +436,7 @@ def build_method(name, encoders, num_classes, modalities, num_train=0, condition
         alpha, starts, ends = ogm
         return OGM(encoders, num_classes, modalities, alpha=alpha, starts=starts, ends=ends, ge=name == "ogm_ge")
     if name == "qmf":
-        return QMF(encoders, num_classes, modalities, num_train=num_train)
+        return QMF(encoders, num_classes, modalities, num_train=num_train, rank=qmf_rank)
     if name == "mla":
         return MLA(encoders, num_classes, modalities, **(mla or {}))
     if name in MISSING_ONLY_METHODS:
@@ -571,24 +573,34 @@ def fit_softmax_classifier(linear, z, y, weight_decay=1e-4, steps=100):
 
 
 class CascadedResidualAE(nn.Module):
-    """A stack of residual autoencoders (CRA, Tran et al. 2017): x_k = x_{k-1} + AE_k(x_{k-1}), each AE
-    d -> widths -> reversed widths -> d; an optional condition c joins every block's encoder input.
-    Returns the last x_k and the concatenated bottlenecks of all blocks."""
+    """MMIN's ResidualAE (AIM3-RUC/MMIN, the cascaded residual autoencoder of Tran et al. 2017): block k's
+    encoder d -> widths (LeakyReLU 0.01 between layers, a linear bottleneck), its decoder back to d (ReLU
+    between layers, linear out); block k reads x plus the sum of the earlier blocks' outputs, or, with
+    `add` (IF-MMIN's invariant feature, width d), x + k * add; returns transition(x_last + out_last)
+    (Linear, ReLU, Linear) and the concatenated bottlenecks."""
 
-    def __init__(self, d, widths=(128, 64, 32), blocks=3, cond_dim=0):
+    def __init__(self, d, widths=(128, 64, 32), blocks=3):
         super().__init__()
-        widths = list(widths)
-        self.enc = nn.ModuleList(mlp([d + cond_dim] + widths) for _ in range(blocks))
-        self.dec = nn.ModuleList(nn.Sequential(mlp(widths[::-1]), nn.Linear(widths[0], d)) for _ in range(blocks))
-        self.latent_dim = widths[-1] * blocks
+        sizes = [d] + list(widths)
 
-    def forward(self, x, cond=None):
-        latents = []
+        def encoder():
+            layers = [nn.Linear(sizes[0], sizes[1])]
+            for i, o in zip(sizes[1:-1], sizes[2:]):
+                layers += [nn.LeakyReLU(0.01), nn.Linear(i, o)]
+            return nn.Sequential(*layers)
+
+        self.enc = nn.ModuleList(encoder() for _ in range(blocks))
+        self.dec = nn.ModuleList(nn.Sequential(mlp(sizes[:0:-1]), nn.Linear(sizes[1], d)) for _ in range(blocks))
+        self.transition = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, d))
+        self.latent_dim = sizes[-1] * blocks
+
+    def forward(self, x, add=None):
+        latents, out = [], torch.zeros_like(x)
         for enc, dec in zip(self.enc, self.dec):
-            h = enc(x if cond is None else torch.cat([x, cond], 1))
-            latents.append(h)
-            x = x + dec(h)
-        return x, torch.cat(latents, 1)
+            x = x + (out if add is None else add)
+            latents.append(enc(x))
+            out = dec(latents[-1])
+        return self.transition(x + out), torch.cat(latents, 1)
 
 
 # ---- the nine Table-6-only methods
@@ -788,21 +800,21 @@ class CRA(MissingMethod):
 
 
 class MMIN(MissingMethod):
-    """Missing Modality Imagination Network (Zhao et al. 2021). Per-view MLP encoders (a missing view
-    enters as zeros, as in the paper); a forward CascadedResidualAE imagines the embeddings of all views
-    from the concatenated ones; a backward one maps the imagination back to the input embeddings (cycle
-    consistency); the classifier reads the concatenated bottlenecks of the forward AE. The paper's
-    imagination targets come from encoders pretrained on full-modality data; here the training split
-    has missing views too, so the targets are the model's own (detached) embeddings of the views that
-    are present, with views hidden by hide_views to be imagined."""
+    """Missing Modality Imagination Network (Zhao et al. 2021; AIM3-RUC/MMIN). Per-view MLP encoders (a
+    missing view enters as zeros); a forward CascadedResidualAE imagines the embeddings of all views from
+    the concatenated ones; a backward one maps the imagination back to the input embeddings, its target
+    detached (the cycle loss); the classifier reads the concatenated bottlenecks of the forward AE. The
+    paper's imagination targets come from encoders pretrained on full-modality data; here the training
+    split has missing views too, so the targets are the model's own (detached) embeddings of the views
+    that are present, with views hidden by hide_views to be imagined."""
 
     def __init__(self, encoders, num_classes, modalities, widths=(128, 64, 32), blocks=3, recon_weight=1.0,
-                 hide_prob=0.5, cycle=True, cond_dim=0):
+                 hide_prob=0.5, cycle=True):
         super().__init__(encoders, num_classes, modalities)
         self.encoders = nn.ModuleList(encoders)
-        d = sum(e.dim for e in encoders)
-        self.forward_ae = CascadedResidualAE(d, widths, blocks, cond_dim)
-        self.backward_ae = CascadedResidualAE(d, widths, blocks) if cycle else None
+        self.sizes = [e.dim for e in encoders]
+        self.forward_ae = CascadedResidualAE(sum(self.sizes), widths, blocks)
+        self.backward_ae = CascadedResidualAE(sum(self.sizes), widths, blocks) if cycle else None
         hidden = encoders[0].dim
         self.classifier = nn.Sequential(mlp([self.forward_ae.latent_dim, hidden]), nn.Linear(hidden, num_classes))
         self.recon_weight, self.hide_prob = recon_weight, hide_prob
@@ -816,112 +828,122 @@ class MMIN(MissingMethod):
 
     def impute(self, xs, mask):
         """Every view's embedding as imagined from the present ones."""
-        return split_views(self.imagine(self.embed(xs, mask), mask)[0], [e.dim for e in self.encoders])
+        return split_views(self.imagine(self.embed(xs, mask), mask)[0], self.sizes)
 
     def classify(self, xs, mask):
         return self.classifier(self.imagine(self.embed(xs, mask), mask)[1])
 
     def loss(self, xs, y, mask):
-        seen = hide_views(mask, self.hide_prob)
+        return self.imagination_loss(xs, y, mask, hide_views(mask, self.hide_prob))[0]
+
+    def imagination_loss(self, xs, y, mask, seen):
+        """CE on the bottlenecks of the input with views hidden (`seen`), the imagination's MSE to the
+        known views' embeddings and, with the backward AE, the cycle loss; also returns what was embedded."""
         es = self.embed(xs, seen)
         imagined, latent = self.imagine(es, seen)
         with torch.no_grad():
             target = self.embed(xs, mask)
-        sizes = [e.dim for e in self.encoders]
         loss = F.cross_entropy(self.classifier(latent), y)
-        loss = loss + self.recon_weight * view_mse(split_views(imagined, sizes), target, mask)
-        if self.backward_ae is not None:
-            back = self.backward_ae(imagined)[0]
-            loss = loss + self.recon_weight * F.mse_loss(back, torch.cat(es, 1))
-        return loss
+        loss = loss + self.recon_weight * view_mse(split_views(imagined, self.sizes), target, mask)
+        if self.backward_ae is not None:         # the official code: mse(feat_fusion_miss.detach(), recon_cycle)
+            loss = loss + self.recon_weight * F.mse_loss(self.backward_ae(imagined)[0], torch.cat(es, 1).detach())
+        return loss, es, target
 
 
 class IFMMIN(MMIN):
-    """MMIN with invariant features (Zuo et al. 2023): a shared projector maps every view's embedding
-    into an invariant space, pulled together across views by a central-moment-discrepancy loss (pairs
-    of views on the rows where both are present); the mean invariant feature of a sample's present
-    views joins the imagination AE's input and is trained to match the one of all its known views.
-    No backward (cycle) AE, as in the paper."""
+    """MMIN with invariant features (Zuo et al. 2023; ZhuoYulang/IF-MMIN). One projector shared by the
+    views (Linear, LeakyReLU, Linear, LeakyReLU) maps each view's embedding into an invariant space; the
+    concatenated invariant features of the input (the hidden views' embeddings of zeros included) are added
+    to every block's input of the imagination AE, and trained to match those of all the known views
+    (detached: the authors' frozen teacher, which needs full-modality data, is not available here). The
+    views' invariant features are pulled together by the central moment discrepancy, averaged over the
+    pairs of views (rows where both are present); the authors apply it in their pretraining stage. No
+    backward (cycle) AE, as in the paper."""
 
     def __init__(self, encoders, num_classes, modalities, widths=(128, 64, 32), blocks=3, recon_weight=1.0,
                  hide_prob=0.5, cmd_weight=0.1, cmd_order=5):
+        super().__init__(encoders, num_classes, modalities, widths, blocks, recon_weight, hide_prob, cycle=False)
         hidden = encoders[0].dim
-        super().__init__(encoders, num_classes, modalities, widths, blocks, recon_weight, hide_prob,
-                         cycle=False, cond_dim=hidden)
-        self.invariant = nn.Sequential(nn.Linear(hidden, hidden), nn.Sigmoid())    # bounded, as CMD assumes
+        self.invariant = nn.Sequential(nn.Linear(hidden, hidden), nn.LeakyReLU(0.01), nn.Linear(hidden, hidden),
+                                       nn.LeakyReLU(0.01))
         self.cmd_weight, self.cmd_order = cmd_weight, cmd_order
 
-    def invariant_mean(self, es, mask):
-        w = mask.to(es[0].dtype)
-        inv = [self.invariant(e) for e in es]
-        return sum(v * w[:, m:m + 1] for m, v in enumerate(inv)) / w.sum(1, keepdim=True), inv
-
     def imagine(self, es, mask):
-        return self.forward_ae(torch.cat(es, 1), self.invariant_mean(es, mask)[0])
+        return self.forward_ae(torch.cat(es, 1), torch.cat([self.invariant(e) for e in es], 1))
 
     def loss(self, xs, y, mask):
-        loss = super().loss(xs, y, mask)
         seen = hide_views(mask, self.hide_prob)
-        inv_seen, _ = self.invariant_mean(self.embed(xs, seen), seen)
-        inv_all, inv = self.invariant_mean(self.embed(xs, mask), mask)
-        loss = loss + self.recon_weight * F.mse_loss(inv_seen, inv_all.detach())
-        for i in range(len(inv)):
-            for j in range(i + 1, len(inv)):
-                both = mask[:, i] & mask[:, j]
-                if both.sum() > 1:
-                    loss = loss + self.cmd_weight * cmd(inv[i][both], inv[j][both], self.cmd_order)
+        loss, es, target = self.imagination_loss(xs, y, mask, seen)
+        inv = [self.invariant(e) for e in es]
+        with torch.no_grad():                               # of the known views' embeddings
+            known = torch.cat([self.invariant(e) for e in target], 1)
+        loss = loss + self.recon_weight * F.mse_loss(torch.cat(inv, 1), known)
+        pairs = [(i, j) for i in range(len(inv)) for j in range(i + 1, len(inv))]
+        for i, j in pairs:
+            both = seen[:, i] & seen[:, j]
+            if both.sum() > 1:
+                loss = loss + self.cmd_weight * cmd(inv[i][both], inv[j][both], self.cmd_order) / len(pairs)
         return loss
 
 
 class CPMNet(MissingMethod):
-    """Cross Partial Multi-View Networks (Zhang et al. 2019). Every training sample has a latent code h
-    (a buffer, indexed by its data-set index); per-view networks reconstruct each present view from h,
-    and a classification loss acts on h: class scores are s_c(h) = h . (mean training code of class c),
-    loss = max_c (1[c != y] + s_c(h) - s_y(h)). Each step first refines the batch's codes with the
-    networks fixed (code_steps Adam steps on reconstruction + classification), stores them, then takes
-    one optimizer step of the networks. A test sample's code is inferred the same way from its present
-    views by reconstruction alone (from the mean training code), with the networks fixed; its class is
-    argmax_c s_c(h)."""
+    """Cross Partial Multi-View Networks (Zhang et al. 2019; hanmenghan/CPM_Nets). Every training sample has
+    a latent code h (a buffer, indexed by its data-set index); per view a linear network (dim -> dim ->
+    d_v, dropout 0.1 on its output, as the authors') reconstructs the present view from h. The loss per
+    sample is the squared error summed over its present views' dimensions plus lam times the authors'
+    classification loss on h: class scores s_c(h_i) = h_i . (mean stored code of class c, the sample's own
+    code left out), loss_i = 1[argmax_c s_c != y_i] + max_c s_c - s_y (0 when the prediction is right);
+    a batch takes the mean over its samples (the authors sum over the full training set). Each step
+    first refines the batch's codes with the networks fixed (code_steps Adam steps), stores them, then
+    takes one optimizer step of the networks. A test sample's code is inferred from its present views by
+    reconstruction alone (from the mean training code), the networks fixed; its class is argmax_c s_c(h)
+    with the class means of all stored codes."""
     uses_index = True
 
     def __init__(self, encoders, num_classes, modalities, num_train, dim=128, layers=3, lam=1.0, code_lr=0.05,
                  code_steps=20):
         super().__init__(encoders, num_classes, modalities)
-        self.decoders = nn.ModuleList(mlp_decoder(dim, d, layers) for d in self.dims)
-        self.register_buffer("codes", 0.1 * torch.randn(num_train, dim))      # h = 0 is a dead point of ReLU
+        self.decoders = nn.ModuleList(nn.Sequential(nn.Linear(dim, dim), nn.Linear(dim, d), nn.Dropout(0.1))
+                                      for d in self.dims)
+        self.register_buffer("codes", 0.1 * torch.randn(num_train, dim))
         self.register_buffer("labels", torch.full((num_train,), -1, dtype=torch.long))
         self.lam, self.code_lr, self.code_steps = lam, code_lr, code_steps
 
-    def scores(self, h):
+    def scores(self, h, idx=None):
+        """h . class means of the stored codes (B, C); with idx, sample i's own stored code left out."""
         known = self.labels >= 0
         onehot = F.one_hot(self.labels[known], self.num_classes).to(h.dtype)
-        centres = onehot.T @ self.codes[known] / onehot.sum(0)[:, None].clamp_min(1)
-        return h @ centres.T
+        sums, counts = onehot.T @ self.codes[known], onehot.sum(0)
+        if idx is None:
+            return h @ sums.T / counts.clamp_min(1)
+        own = F.one_hot(self.labels[idx], self.num_classes).to(h.dtype) * (self.labels[idx] >= 0)[:, None]
+        return (h @ sums.T - own * (h * self.codes[idx]).sum(1, keepdim=True)) / (counts - own).clamp_min(1)
 
-    def class_loss(self, h, y):
-        s = self.scores(h)
-        margin = 1.0 - F.one_hot(y, self.num_classes).to(s.dtype)
-        return ((s + margin).max(1).values - s.gather(1, y[:, None])[:, 0]).mean()
+    def class_loss(self, h, y, idx=None):
+        s = self.scores(h, idx)
+        wrong = (s.argmax(1) != y).to(s.dtype)
+        return wrong + s.max(1).values - s.gather(1, y[:, None])[:, 0]
 
-    def code_loss(self, h, xs, mask, y=None):
-        loss = view_mse([g(h) for g in self.decoders], xs, mask)
-        return loss if y is None else loss + self.lam * self.class_loss(h, y)
+    def code_loss(self, h, xs, mask, y=None, idx=None):
+        """Per sample: the squared error summed over its present views' dimensions (+ lam * class loss)."""
+        loss = sum(((g(h) - x) ** 2).sum(1) * mask[:, m] for m, (g, x) in enumerate(zip(self.decoders, xs)))
+        return loss if y is None else loss + self.lam * self.class_loss(h, y, idx)
 
-    def refine_codes(self, h, xs, mask, y=None):
+    def refine_codes(self, h, xs, mask, y=None, idx=None):
         """code_steps Adam steps on the codes alone: the networks get no gradient and do not change."""
         h = h.detach().clone().requires_grad_(True)
         opt = torch.optim.Adam([h], lr=self.code_lr)
         with torch.enable_grad():
             for _ in range(self.code_steps):
-                h.grad, = torch.autograd.grad(self.code_loss(h, xs, mask, y) * len(h), [h])
+                h.grad, = torch.autograd.grad(self.code_loss(h, xs, mask, y, idx).sum(), [h])
                 opt.step()
         return h.detach()
 
     def train_step(self, xs, y, optimizer, mask=None, idx=None):
         mask = full_mask(xs) if mask is None else mask
         self.labels[idx] = y
-        self.codes[idx] = self.refine_codes(self.codes[idx], xs, mask, y)
-        loss = self.code_loss(self.codes[idx], xs, mask, y)
+        self.codes[idx] = self.refine_codes(self.codes[idx], xs, mask, y, idx)
+        loss = self.code_loss(self.codes[idx], xs, mask, y, idx).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -1858,11 +1880,12 @@ def pick_even(n, k):
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-def frame_transform(image_size, train):
-    """The paper's frames: train = RandomResizedCrop + horizontal flip, test = resize; ImageNet normalisation."""
+def frame_transform(image_size, train, crop_scale=0.08):
+    """The paper's frames: train = RandomResizedCrop (area share in [crop_scale, 1]; torchvision's and the
+    paper's 0.08) + horizontal flip, test (and train=False) = resize; ImageNet normalisation."""
     from torchvision.transforms import v2 as T
-    head = ([T.RandomResizedCrop(image_size, antialias=True), T.RandomHorizontalFlip()] if train
-            else [T.Resize((image_size, image_size), antialias=True)])
+    head = ([T.RandomResizedCrop(image_size, scale=(crop_scale, 1.0), antialias=True), T.RandomHorizontalFlip()]
+            if train else [T.Resize((image_size, image_size), antialias=True)])
     return T.Compose([T.ToImage(), *head, T.ToDtype(torch.float32, scale=True),
                       T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
@@ -1956,12 +1979,14 @@ class Clip:
 
 
 class AVDataset(torch.utils.data.Dataset):
-    """Returns (audio [1, audio_len, mel_bins], video [frames, 3, S, S], label, index)."""
+    """Returns (audio [1, audio_len, mel_bins], video [frames, 3, S, S], label, index). Training frames are
+    cropped (area share in [crop_scale, 1]) and flipped; augment=False: resized as at test time."""
 
-    def __init__(self, clips, train, image_size=224, frames=3, audio_len=1024, num_mel_bins=128):
-        self.clips, self.train = list(clips), train
+    def __init__(self, clips, train, image_size=224, frames=3, audio_len=1024, num_mel_bins=128, crop_scale=0.08,
+                 augment=True):
+        self.clips, self.train = list(clips), train and augment
         self.frames, self.audio_len, self.num_mel_bins = frames, audio_len, num_mel_bins
-        self.transform = frame_transform(image_size, train)
+        self.transform = frame_transform(image_size, self.train, crop_scale)
 
     def __len__(self):
         return len(self.clips)
@@ -3792,11 +3817,13 @@ class CachedAVDataset(torch.utils.data.Dataset):
     VERSION = 2     # bump when the preprocessing code changes (2: training frames keep their aspect ratio)
 
     def __init__(self, clips, train, image_size=224, frames=3, audio_len=1024, num_mel_bins=128,
-                 cache_dir=None, num_workers=0, augment_on="workers"):
+                 cache_dir=None, num_workers=0, augment_on="workers", crop_scale=0.08, augment=True):
         from torchvision.transforms import v2 as T
+        train = train and augment               # augment=False: training clips stored and read as test clips
         self.clips, self.train, self.image_size = list(clips), train, image_size
-        self.augment_on = augment_on
-        self.crop = T.Compose([T.RandomResizedCrop(image_size, antialias=True), T.RandomHorizontalFlip()])
+        self.augment_on, self.crop_scale = augment_on, crop_scale
+        self.crop = T.Compose([T.RandomResizedCrop(image_size, scale=(crop_scale, 1.0), antialias=True),
+                               T.RandomHorizontalFlip()])
         size = frame_cache_size(self.clips, image_size, train)
         params = {"version": self.VERSION, "train": train, "size": size, "frames": frames,
                   "audio_len": audio_len, "num_mel_bins": num_mel_bins}
@@ -3921,9 +3948,9 @@ class CachedAVDataset(torch.utils.data.Dataset):
         audio = audio.float()
         b, k = video.shape[:2]
         v = video.flatten(0, 1)
-        if train and self.augment_on == "device":
+        if train and self.train and self.augment_on == "device":
             extents = None if index is None else self.extents[index].flatten(0, 1)
-            v = random_resized_crop_flip(v, self.image_size, extents=extents)
+            v = random_resized_crop_flip(v, self.image_size, (self.crop_scale, 1.0), extents=extents)
         else:
             v = v.float()
         # built on the CPU and sent without waiting (torch.tensor(..., device=cuda) would sync)
@@ -4312,6 +4339,10 @@ def add_common_args(p, methods, defaults, modalities=None, condition=None):
     g.add_argument("--hgm_forget", type=float, default=1.0,
                    help="forgetting factor L in (0, 1] as in recursive least squares: P <- (P - k k' / (alpha + "
                         "hbar'k)) / L, so absorbed directions come back (1: the paper's)")
+    p.add_argument_group("QMF").add_argument(
+        "--qmf_rank", default="paper", choices=["paper", "code"],
+        help="ranking loss: relu(t (c_i - c_j) + margin), the confidence-ranking loss QMF builds on; code: "
+             "- margin, as the authors' code computes it")
     if condition:
         g = p.add_argument_group("OGM / OGM-GE, FiLM / BiGated")
         g.add_argument("--alpha", type=float, default=0.3, help="OGM modulation strength")
@@ -4378,7 +4409,7 @@ def method_options(args):
     modality where the script declares them)."""
     options = dict(mla=dict(hgm=args.hgm, hgm_alpha=args.hgm_alpha, fusion=args.fusion,
                             fusion_weights=args.fusion_weights, hgm_alpha_scale=args.hgm_alpha_scale,
-                            hgm_forget=args.hgm_forget))
+                            hgm_forget=args.hgm_forget), qmf_rank=args.qmf_rank)
     if "condition" in vars(args):
         options.update(condition=args.condition, ogm=(args.alpha, args.modulation_starts, args.modulation_ends))
     return options

@@ -34,6 +34,11 @@ def get_args(argv=None):
     a = p.add_argument_group("inputs").add_argument
     a("--image_size", type=int, default=None, help="frame crop size; paper 224; toy 32")
     a("--frames", type=int, default=None, help="frames per clip, taken evenly in sorted order; paper 3")
+    a("--crop_scale", type=float, default=0.08,
+      help="training crop: RandomResizedCrop's smallest area share (0.08: the paper's and torchvision's); "
+           "raise it (e.g. 0.5) when small or centred frames lose their content to the crop")
+    a("--no_augment", action="store_true",
+      help="training frames resized as at test time (no crop, no flip), e.g. for small lip-region frames")
     a("--audio_len", type=int, default=None, help="fbank frames (10 ms each); paper 1024")
     a("--num_mel_bins", type=int, default=None, help="mel bins; paper 128")
     a("--audio_format", default="auto", choices=["auto", "npy", "wav"],
@@ -60,7 +65,10 @@ def get_args(argv=None):
       help="torch.compile the encoders (fused kernels; the first epoch pays about a minute per encoder to "
            "compile; checkpoints are unchanged)")
     C.add_toy_args(p, "clips (before the validation split)", 600, 240)
-    return C.finish_args(p, p.parse_args(argv), C.METHODS, DEFAULTS)
+    args = C.finish_args(p, p.parse_args(argv), C.METHODS, DEFAULTS)
+    if not 0 < args.crop_scale <= 1:
+        p.error("--crop_scale must be in (0, 1]")
+    return args
 
 
 def run_folder(args):
@@ -101,7 +109,7 @@ def train(args, root, device):
         print(f"note: {len(few)} clips have fewer than --frames {args.frames} frames (e.g. {few[0].frames}/ has "
               f"{few[0].n_frames}); some of their frames are used twice")
     sizes = dict(image_size=args.image_size, frames=args.frames, audio_len=args.audio_len,
-                 num_mel_bins=args.num_mel_bins)
+                 num_mel_bins=args.num_mel_bins, crop_scale=args.crop_scale, augment=not args.no_augment)
     if args.no_cache or (args.dataset == "toy" and args.data_root is None):      # a temporary toy set: no cache
         dataset = lambda clips, train: C.AVDataset(clips, train, **sizes)
     else:                                                   # the preprocessed cache (common.py, section 5)

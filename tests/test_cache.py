@@ -228,3 +228,65 @@ def test_training_frames_keep_their_aspect_ratio(tmp_path, monkeypatch):
     assert len(seen) == 2
     items = C.CachedAVDataset(clips, True, **SIZES, cache_dir=tmp_path / "cache")    # crops in the workers
     assert items[3][1].shape == (3, 3, 8, 8)
+
+
+def ramp_clips(tmp_path):
+    """Six training clips whose every frame is a 64 x 64 ramp: red = 4 x column, green = 4 x row, so a
+    crop's output tells which part of the frame it covers."""
+    from PIL import Image
+    (tmp_path / "data").mkdir()
+    root = ogm_layout(tmp_path / "data", crema_rows(6), crema_rows(2, 10))
+    ramp = np.zeros((64, 64, 3), dtype=np.uint8)
+    ramp[..., 0], ramp[..., 1] = np.arange(64)[None, :] * 4, np.arange(64)[:, None] * 4
+    for row in crema_rows(6):
+        for f in C.list_frames(root / "Image-01-FPS" / row[0]):
+            Image.fromarray(ramp).save(f, "PNG")
+    return C.load_av_splits("cremad", root)["train"]
+
+
+def area_shares(video):
+    """Per output frame (K, 3, S, S) in pixel units, the share of the frame its crop covers (about)."""
+    span = lambda c: (c.amax((1, 2)) - c.amin((1, 2))) / 252
+    return (span(video[:, 0]) * span(video[:, 1])).tolist()
+
+
+def unnormalise(v):
+    return v * torch.tensor(C.IMAGENET_STD).view(3, 1, 1) * 255 + torch.tensor(C.IMAGENET_MEAN).view(3, 1, 1) * 255
+
+
+@pytest.mark.parametrize("crop_scale", [0.08, 0.6])
+def test_crop_scale_acts_alike_on_the_cpu_cached_and_device_paths(crop_scale, tmp_path):
+    clips = ramp_clips(tmp_path)
+    sizes = {**SIZES, "image_size": 16, "crop_scale": crop_scale}
+    plain = C.AVDataset(clips, True, **sizes)
+    workers = C.CachedAVDataset(clips, True, **sizes, cache_dir=tmp_path / "cache")
+    device = C.CachedAVDataset(clips, True, **sizes, cache_dir=tmp_path / "cache", augment_on="device")
+    shares = {"cpu": [], "cached": [], "device": []}
+    torch.manual_seed(0)
+    for _ in range(4):
+        for i in range(len(clips)):
+            shares["cpu"] += area_shares(unnormalise(plain[i][1]))
+            shares["cached"] += area_shares(workers[i][1].float())
+            _, v = device.device_transform([workers[i][0][None], device[i][1][None]], True, torch.tensor([i]))
+            shares["device"] += area_shares(unnormalise(v[0]))
+    means = {k: sum(v) / len(v) for k, v in shares.items()}
+    if crop_scale == 0.6:
+        assert all(min(v) > 0.6 * 0.75 for v in shares.values()), {k: min(v) for k, v in shares.items()}
+    else:
+        assert all(min(v) < 0.3 for v in shares.values())           # small crops happen on every path
+    assert max(means.values()) - min(means.values()) < 0.1, means
+
+
+def test_no_augment_trains_on_the_test_time_frames(tmp_path):
+    clips = ramp_clips(tmp_path)
+    plain, test = C.AVDataset(clips, True, **SIZES, augment=False), C.AVDataset(clips, False, **SIZES)
+    assert all(torch.equal(plain[i][1], test[i][1]) for i in range(len(clips)))
+    for on in ("workers", "device"):
+        train = C.CachedAVDataset(clips, True, **SIZES, cache_dir=tmp_path / "c", augment_on=on, augment=False)
+        ref = C.CachedAVDataset(clips, False, **SIZES, cache_dir=tmp_path / "c", augment_on=on)
+        for i in range(len(clips)):
+            a, v = train.device_transform([train[i][0][None], train[i][1][None]], True, torch.tensor([i]))
+            _, w = ref.device_transform([ref[i][0][None], ref[i][1][None]], False)
+            assert torch.equal(v, w) and torch.allclose(v[0], test[i][1], atol=1e-5)
+    with pytest.raises(SystemExit):
+        train_av.get_args(["--crop_scale", "0"])

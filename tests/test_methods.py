@@ -311,6 +311,22 @@ def test_qmf_rank_loss_zero_for_equal_histories(tiny_encoders):
     assert m.rank_loss(conf_good[pairs], pairs, 0).item() == 0.0
 
 
+def test_qmf_code_rank_subtracts_the_margin(tiny_encoders):
+    """QingyangZhang/QMF: rank_input2 + rank_margin / rank_target_nonzero with target -rank_target is
+    relu(t (c_i - c_j) - m): zero until the harder sample is more confident by more than the margin."""
+    paper = C.QMF(tiny_encoders(5, 7), 4, MODS, num_train=6)
+    code = C.QMF(tiny_encoders(5, 7), 4, MODS, num_train=6, rank="code")
+    h = torch.tensor([0.0, 4.0, 1.0, 3.0, 2.0, 4.0], dtype=torch.float64)
+    paper.history[0], code.history[0] = h, h
+    conf, idx = torch.tensor([0.2, 0.9, -0.3, 0.1, 0.5, 0.0]), torch.arange(6)
+    hn = (h - h.min()) / (h.max() - h.min())
+    t, margin = torch.sign(hn - hn.roll(-1)).float(), (hn - hn.roll(-1)).abs().float()
+    diff = conf - conf.roll(-1)
+    assert torch.allclose(code.rank_loss(conf, idx, 0), F.relu(t * diff - margin).mean())
+    assert torch.allclose(paper.rank_loss(conf, idx, 0), F.relu(t * diff + margin).mean())
+    assert code.rank_loss(conf, idx, 0) < paper.rank_loss(conf, idx, 0)
+
+
 def test_qmf_history_accumulates_across_epochs(tiny_encoders):
     torch.manual_seed(0)
     m = C.QMF(tiny_encoders(5, 7), 4, MODS, num_train=20)

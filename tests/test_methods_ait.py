@@ -79,11 +79,11 @@ def test_mla_projection_protects_the_features_of_both_earlier_steps(tiny_encoder
     hbars, grads, Ws = [], [], []
     orig = m.project_head_grad
 
-    def spy(hbar, alpha):            # called inside each modality's step, before its optimizer step
+    def spy(hbar, alpha, mod=0):         # called inside each modality's step, before its optimizer step
         hbars.append(hbar.clone())
         grads.append(m.head.weight.grad.clone())
         Ws.append(m.head.weight.detach().clone())
-        orig(hbar, alpha)
+        orig(hbar, alpha, mod)
 
     m.project_head_grad = spy
     step(m, xs, y, idx, opt, epoch=0, batch=0, steps=1)

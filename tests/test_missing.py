@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import common as C
 import train_missing
@@ -280,14 +281,112 @@ def test_cpm_net_infers_test_codes_with_networks_frozen(toy_features):
     before = {k: v.clone() for k, v in m.state_dict().items()}
     mask = torch.from_numpy(C.missing_mask(len(test[0]), 3, 0.5, seed=1))
     batch = C.zero_missing(test, mask)
+    m.eval()                                                          # as evaluate() does: no dropout
     fused, unis = m.predict(batch, mask)
     after = m.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)     # networks and training codes untouched
     assert all(p.grad is None for p in m.parameters())               # not even a gradient
     h = m.infer_codes(batch, mask)
     zero = torch.zeros_like(h)
-    assert m.code_loss(h, batch, mask) < m.code_loss(zero, batch, mask)   # the codes explain the present views
+    assert m.code_loss(h, batch, mask).mean() < m.code_loss(zero, batch, mask).mean()   # they explain the views
     assert torch.equal(fused, m.scores(h)) and fused.shape == (len(mask), 4)
+
+
+# ---------------------------------------------------------------------------------------------- authors' formulas
+
+def test_residual_ae_is_mmins_leaky_linear_bottleneck_and_transition():
+    """MMIN's ResidualAE: block k reads x + the earlier blocks' outputs (IF-MMIN: x + k * add), its encoder
+    has LeakyReLU(0.01) between layers and a linear bottleneck, and the output passes the transition."""
+    torch.manual_seed(0)
+    ae = C.CascadedResidualAE(6, widths=(5, 4), blocks=2)
+    enc = ae.enc[0]
+    assert [type(l).__name__ for l in enc] == ["Linear", "LeakyReLU", "Linear"] and enc[1].negative_slope == 0.01
+    x, add = torch.randn(7, 6), torch.randn(7, 6)
+    o1 = ae.dec[0](ae.enc[0](x))
+    o2 = ae.dec[1](ae.enc[1](x + o1))
+    out, latent = ae(x)
+    assert torch.allclose(out, ae.transition(x + o1 + o2), atol=1e-6)
+    assert latent.shape == (7, 8) and (latent < 0).any()                 # no activation on the bottleneck
+    o2 = ae.dec[1](ae.enc[1](x + 2 * add))
+    assert torch.allclose(ae(x, add)[0], ae.transition(x + 2 * add + o2), atol=1e-6)
+
+
+def mmin_batch(n=16):
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(n, d, generator=g) for d in (5, 6, 7)]
+    mask = torch.from_numpy(C.missing_mask(n, 3, 0.3, seed=0))
+    return C.zero_missing(xs, mask), torch.randint(0, 4, (n,), generator=g), mask
+
+
+def test_mmin_cycle_target_is_detached():
+    """The official cycle loss: mse(feat_fusion_miss.detach(), recon_cycle): the encoders get no gradient
+    through the cycle target."""
+    torch.manual_seed(0)
+    m = build("mmin", [C.MLPEncoder(d, 8, 2) for d in (5, 6, 7)])
+    xs, y, mask = mmin_batch()
+    seen = C.hide_views(mask, 0.5)
+
+    def grads(detach):
+        m.zero_grad()
+        es = m.embed(xs, seen)
+        imagined, latent = m.imagine(es, seen)
+        target = [t.detach() for t in m.embed(xs, mask)]
+        cat = torch.cat(es, 1)
+        loss = (F.cross_entropy(m.classifier(latent), y) + C.view_mse(C.split_views(imagined, m.sizes), target, mask)
+                + F.mse_loss(m.backward_ae(imagined)[0], cat.detach() if detach else cat))
+        loss.backward()
+        return [p.grad.clone() for p in m.encoders.parameters()]
+
+    m.zero_grad()
+    m.imagination_loss(xs, y, mask, seen)[0].backward()
+    ours = [p.grad.clone() for p in m.encoders.parameters()]
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(ours, grads(detach=True)))
+    assert not all(torch.allclose(a, b, atol=1e-6) for a, b in zip(ours, grads(detach=False)))
+
+
+def test_if_mmin_adds_invariant_features_and_averages_cmd_over_pairs():
+    torch.manual_seed(0)
+    m = build("if_mmin", [C.MLPEncoder(d, 8, 2) for d in (5, 6, 7)])
+    m.hide_prob = 0.0                                              # seen = mask: a computation by hand
+    xs, y, mask = mmin_batch()
+    es = m.embed(xs, mask)
+    inv = [m.invariant(e) for e in es]
+    assert torch.equal(m.imagine(es, mask)[0], m.forward_ae(torch.cat(es, 1), torch.cat(inv, 1))[0])
+    base = m.imagination_loss(xs, y, mask, mask)[0]
+    match = F.mse_loss(torch.cat(inv, 1), torch.cat(inv, 1).detach())    # 0: nothing hidden
+    pairs = [(0, 1), (0, 2), (1, 2)]
+    cmds = [C.cmd(inv[i][mask[:, i] & mask[:, j]], inv[j][mask[:, i] & mask[:, j]], 3) for i, j in pairs]
+    expected = base + match + 1.0 * sum(cmds) / 3                    # cmd_weight 1, the authors' loss / 3.0
+    assert torch.allclose(m.loss(xs, y, mask), expected, atol=1e-5)
+
+
+def test_cpm_net_leave_one_out_scores_and_its_classification_loss():
+    """CPM-Net's classification loss (util/model.py): class means of the other samples' codes (the sample's
+    own left out, its class count minus one), loss = 1[argmax != y] + max_c s_c - s_y; the reconstruction
+    error summed over the present views' dimensions."""
+    torch.manual_seed(0)
+    m = build("cpm_net", [C.MLPEncoder(d, 4, 2) for d in (5, 6, 7)], num_train=6)
+    m.codes.copy_(torch.randn(6, 4))
+    m.labels.copy_(torch.tensor([0, 0, 1, 1, 2, 3]))
+    idx = torch.tensor([0, 2, 5])
+    h = torch.randn(3, 4)
+    s = m.scores(h, idx)
+    for b, i in enumerate(idx.tolist()):
+        for c in range(4):
+            others = [j for j in range(6) if m.labels[j] == c and j != i]
+            mean = m.codes[others].mean(0) if others else torch.zeros(4)
+            assert torch.allclose(s[b, c], h[b] @ mean, atol=1e-6)
+    y = torch.tensor([0, 1, 3])
+    wrong = s.argmax(1) != y
+    expected = wrong.float() + s.max(1).values - s[torch.arange(3), y]
+    loss = m.class_loss(h, y, idx)
+    assert torch.allclose(loss, expected) and torch.all(loss[~wrong] == 0) and torch.all(loss[wrong] >= 1)
+    xs = [torch.randn(3, d) for d in (5, 6, 7)]
+    mask = torch.tensor([[1, 0, 1], [1, 1, 1], [0, 1, 0]], dtype=torch.bool)
+    m.eval()                                                      # no dropout
+    recon = sum(((g(h) - x) ** 2).sum(1) * mask[:, v] for v, (g, x) in enumerate(zip(m.decoders, xs)))
+    assert torch.allclose(m.code_loss(h, xs, mask), recon)
+    assert all(isinstance(g[0], nn.Linear) and isinstance(g[1], nn.Linear) for g in m.decoders)   # linear
 
 
 def test_tate_tags_mark_exactly_the_missing_views():
@@ -452,3 +551,47 @@ def test_mmin_runs_of_each_fold_have_their_own_folder():
     assert path("--dataset", "mmin", "--fold", "3", "--missing_rate", "0.3").parts[-4:] == \
         ("mla", "seed0", "fold3", "missing0.3")
     assert path("--dataset", "features", "--missing_rate", "0.3").parts[-3:] == ("mla", "seed0", "missing0.3")
+
+
+def write_features_at_real_scales(path, n=240, seed=0):
+    """Three views as a real feature set comes: widths 76, 64 and 47; the first spans about 0.001 to 778
+    (mean about 88), the second 0 to 0.8, the third about unit scale; four classes, each view informative."""
+    rng = np.random.RandomState(seed)
+    y = np.arange(n) % 4
+    pattern = lambda d: rng.rand(4, d)[y]
+    wide = np.clip(rng.gamma(0.5, 176, (n, 76)) * (0.5 + pattern(76)), 0.001, 778)
+    unit = np.clip(0.4 * rng.rand(n, 64) + 0.4 * pattern(64), 0, 0.8)
+    normal = rng.randn(n, 47) + 2 * pattern(47)
+    split = np.array(["train"] * (n // 2 + n // 6) + ["val"] * (n // 6) + ["test"] * (n - n // 2 - 2 * (n // 6)))
+    np.savez(path, audio=wide.astype(np.float32), visual=unit.astype(np.float32), text=normal.astype(np.float32),
+             label=y, split=split)
+    return path
+
+
+@pytest.mark.parametrize("method", C.MISSING_METHODS)
+def test_every_method_trains_finite_on_features_at_any_scale(method, tmp_path):
+    """At the paper's settings (lr 1e-3, batch 64, the default --feature_norm train), no Table 6 method gives
+    a non-finite loss on views of very different scales; the statistics are those of the training split."""
+    path = write_features_at_real_scales(tmp_path / "features.npz")
+    [rec] = train_missing.main(["--dataset", "features", "--data_root", str(path), "--method", method,
+                                "--epochs", "3", "--out_dir", str(tmp_path / "runs"), "--code_steps", "5"])
+    assert rec["args"]["feature_norm"] == "train" and rec["args"]["lr"] == 1e-3
+    assert all(np.isfinite(e["train_loss"]) for e in rec["epochs"]) and len(rec["epochs"]) == 3
+    best = torch.load(tmp_path / "runs" / "features" / method / "seed0" / "missing0.5" / "best.pt", weights_only=False)
+    raw = np.load(path)
+    train = raw["split"] == "train"
+    mask = np.load(tmp_path / "runs" / "features" / method / "seed0" / "missing0.5" / "missing_mask.npz")["train"]
+    present = raw["audio"][train][mask[:, 0]]
+    assert np.allclose(best["state_dict"]["feature_norm.mean0"].numpy(), present.mean(0), rtol=1e-4)
+    assert np.allclose(best["state_dict"]["feature_norm.std0"].numpy(), present.std(0), rtol=1e-3)
+
+
+def test_two_view_feature_set_trains_every_method(tmp_path):
+    rng = np.random.RandomState(0)
+    y = np.arange(120) % 3
+    np.savez(tmp_path / "features.npz", audio=rng.randn(120, 6) + y[:, None], visual=rng.randn(120, 5) - y[:, None],
+             label=y, split=np.array(["train"] * 80 + ["val"] * 20 + ["test"] * 20))
+    recs = train_missing.main(["--dataset", "features", "--data_root", str(tmp_path), "--method", "all", "--epochs",
+                               "1", "--out_dir", str(tmp_path / "runs"), "--hidden", "16", "--code_steps", "2"])
+    assert [r["method"] for r in recs] == C.MISSING_METHODS
+    assert all(r["modalities"] == ["audio", "visual"] and set(r["test"]) == {"audio", "visual", "multi"} for r in recs)

@@ -4466,8 +4466,10 @@ def script_main(main):
         sys.exit(f"error: {e}")
     except DiskFull as e:
         sys.exit(f"error: {e.strerror}")
-    except KeyboardInterrupt:
-        sys.exit("interrupted: rerun the same command with --resume to continue from the last finished epoch")
+    except KeyboardInterrupt:                  # exit status 130, as a shell reports Ctrl-C
+        print("interrupted: rerun the same command with --resume to continue from the last finished epoch",
+              file=sys.stderr)
+        sys.exit(130)
 
 
 def _cli(argv=None):

@@ -136,6 +136,9 @@ def run(args):
     if norm is not None:                       # the training split's statistics, for every split
         data.update({s: (norm(data[s][0]), data[s][1]) for s in masks})
     removed = {s: round(100 * (1 - m.mean()), 1) for s, m in masks.items()}
+    if args.missing_rate > (len(modalities) - 1) / len(modalities):
+        print(f"note: every sample keeps a view, so --missing_rate {args.missing_rate} removes "
+              f"{removed['train']}% of the {len(modalities)} views (the record says {args.missing_rate})")
     print(f"{args.dataset} ({data['layout']}): {len(classes)} classes, widths "
           f"{', '.join(f'{m} {x.shape[1]}' for m, x in zip(modalities, data['train'][0]))}; "
           + ", ".join(f"{s} {len(data[s][1])} ({removed[s]}% of views missing)" for s in masks)

@@ -595,3 +595,17 @@ def test_two_view_feature_set_trains_every_method(tmp_path):
                                "1", "--out_dir", str(tmp_path / "runs"), "--hidden", "16", "--code_steps", "2"])
     assert [r["method"] for r in recs] == C.MISSING_METHODS
     assert all(r["modalities"] == ["audio", "visual"] and set(r["test"]) == {"audio", "visual", "multi"} for r in recs)
+
+
+def test_a_rate_above_the_cap_says_what_it_removes(tmp_path, capsys):
+    [rec] = train_missing.main(argv(tmp_path, "--method", "late_fusion", "--missing_rate", "0.8"))
+    assert "--missing_rate 0.8 removes 66.7% of the 3 views" in capsys.readouterr().out
+    assert rec["args"]["missing_rate"] == 0.8
+
+
+def test_ctrl_c_exits_130_with_how_to_resume(capsys):
+    def interrupted():
+        raise KeyboardInterrupt
+    with pytest.raises(SystemExit) as e:
+        C.script_main(interrupted)
+    assert e.value.code == 130 and "--resume" in capsys.readouterr().err

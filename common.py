@@ -2231,8 +2231,11 @@ def list_videos(folder):
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"{folder}: folder of videos not found")
-    return sorted(p for p in folder.rglob("*")
-                  if p.suffix.lower() in VIDEO_EXTS and not p.name.startswith(".") and p.is_file())
+    videos = sorted(p for p in folder.rglob("*")
+                    if p.suffix.lower() in VIDEO_EXTS and not p.name.startswith(".") and p.is_file())
+    if not videos:
+        raise DataError(f"{folder}: no videos found; expected files ending in {', '.join(VIDEO_EXTS)}")
+    return videos
 
 
 def decode_clip(video, fps, frame_size, sample_rate=None):
@@ -2292,7 +2295,7 @@ def prepare_clip(video, out, fps=1, sample_rate=16000, frame_size=256, audio=Tru
     """Decode one video into <out>/AudioWAV/<clip>.wav (audio=True) and <out>/Image-01-FPS/<clip>/ (clip = its
     file name's stem), writing only what is not there yet. Returns 'skipped' when nothing was missing."""
     video, out = Path(video), Path(out)
-    clip, fdir = video.stem, Path(out) / "Image-01-FPS" / video.stem
+    clip, fdir = video.stem, out / "Image-01-FPS" / video.stem
     need_audio = audio and not (out / "AudioWAV" / f"{clip}.wav").is_file()
     need_frames = not (fdir.is_dir() and list_frames(fdir))
     if not (need_audio or need_frames):

@@ -123,7 +123,9 @@ def test_raw_cremad_frames_come_from_videoflash_through_prepare(videos, tmp_path
     assert (tmp_path / "AudioWAV" / f"{clips[0]}.wav").stat().st_mtime_ns == wav_mtime    # the WAV is kept
 
 
-def test_without_pyav_the_error_says_pip_install_av(videos, tmp_path, monkeypatch):
+def test_without_pyav_or_videos_the_error_says_so(videos, tmp_path, monkeypatch):
+    with pytest.raises(C.DataError, match=f"{tmp_path}: no videos found; expected files ending in .mp4, .flv"):
+        C.list_videos(tmp_path)
     monkeypatch.setitem(sys.modules, "av", None)
     with pytest.raises(C.DataError, match="needs PyAV.*pip install av"):
         C.prepare_videos(C.list_videos(videos), tmp_path)

@@ -1965,7 +1965,7 @@ def ensure_toy(root, first_file, make, **params):
     atomic_json_dump(params, marker)
 
 
-# ======== 3b. Audio-video sets: CREMA-D (three layouts), Kinetics-Sounds, the toy A-V set =========
+# ======== 3b. Audio-video sets: CREMA-D (three layouts), Kinetics-Sounds, AVE, VGGSound, videos (PyAV), toy ===
 
 @dataclass
 class Clip:
@@ -2036,8 +2036,12 @@ LAYOUT_HELP = """accepted layouts:
                            audio/{train,test}_fbank/<clip>.npy, visual/{train,test}_imgs/Image-01-FPS/<clip>/*.jpg
   CREMA-D, OGM-GE layout:  train.csv, test.csv ('1088_IOM_NEU_XX,NEU'), optional stat.csv,
                            AudioWAV/<clip>.wav, Image-01-FPS/<clip>/*.jpg
-  CREMA-D, raw download:   AudioWAV/*.wav and VideoFlash/*.flv (frames extracted with ffmpeg) or
+  CREMA-D, raw download:   AudioWAV/*.wav and VideoFlash/*.flv (frames extracted with PyAV) or
                            Image-01-FPS/<clip>/*.jpg; a seeded split is made (--actor_split for actor-disjoint)
+  AVE:                     trainSet.txt, valSet.txt, testSet.txt ('Church bell&RUhOCu3LNXM&good&0&10'), optional
+                           Annotations.txt; audio <VideoID>.wav or .npy, frames <VideoID>/ as for the others
+  VGGSound:                vggsound.csv ('---g-f_I2yQ,1,people marching,test'), clips '<id>_<start:06d>'
+  From videos:             python common.py prepare --videos DIR --out ROOT writes AudioWAV/, Image-01-FPS/
   Kinetics-Sounds (OGM-GE): my_train.txt, my_test.txt ('<ytid>_<start>_<end>,<any>,<label index>'),
                            audio as <clip>.wav or <clip>.npy (fbank) in e.g. audio/{split}/ or {split}_fbank/,
                            frames in e.g. Image-01-FPS/<clip>/ or visual/{split}_imgs/Image-01-FPS/<clip>/
@@ -2115,7 +2119,7 @@ def resolve_clips(root, split, entries, audio_format="auto", audio_dir=None, fra
     has_frames = lambda d, c: (d / c).is_dir()
     adir = _find_dir(root, audio_dir, AUDIO_DIRS, split, entries, has_audio, "audio (" + "/".join(exts) + ")")
     fdir = _find_dir(root, frames_dir, FRAME_DIRS, split, entries, has_frames, "frame folder")
-    clips, seen = [], {}
+    clips, seen, bad = [], {}, []
     for clip_id, label, src in entries:
         try:
             if clip_id in seen:
@@ -2138,11 +2142,13 @@ def resolve_clips(root, split, entries, audio_format="auto", audio_dir=None, fra
                 raise DataError(f"{src}: frame folder {fr}/ of clip '{clip_id}' is empty; expected .jpg frames")
             clips.append(Clip(clip_id, label, str(audio), str(fr), src, names))
         except DataError as e:
-            if not skip_bad:
-                raise
-            if stats is not None:
-                stats["skipped"] = stats.get("skipped", 0) + 1
-                stats.setdefault("examples", []).append(str(e))
+            bad.append(str(e))
+    if bad and not skip_bad:            # all clips checked: the error counts them (VGGSound often lacks many)
+        raise DataError(f"{bad[0]}\n({len(bad)} of the {len(entries)} clips of the {split} split are unusable; "
+                        "--skip_bad leaves them out)")
+    if bad and stats is not None:
+        stats["skipped"] = stats.get("skipped", 0) + len(bad)
+        stats.setdefault("examples", []).extend(bad)
     if not clips:
         raise DataError(f"{entries[0][2].rsplit(':', 1)[0]}: no usable clips in the {split} split")
     return clips, adir, fdir
@@ -2434,6 +2440,65 @@ def ks_lists(root):
     return raw, classes
 
 
+AVE_HEADER = "Category&VideoID&Quality&StartTime&EndTime"
+AVE_SPLITS = {"train": "trainSet.txt", "dev": "valSet.txt", "test": "testSet.txt"}
+
+
+def ave_rows(path):
+    """An AVE list (Annotations.txt, trainSet.txt, ...): 'Category&VideoID&Quality&StartTime&EndTime' lines, a
+    header line of those names allowed. Returns [(video_id, category, 'file:line')]."""
+    rows = []
+    for ln, s in _nonempty(read_text_lines(path), path, "Church bell&RUhOCu3LNXM&good&0&10"):
+        parts = [p.strip() for p in s.split("&")]
+        if "&".join(parts) == AVE_HEADER:
+            continue
+        if len(parts) != 5 or not parts[0] or not parts[1] or not all(re.fullmatch(r"\d+(\.\d*)?", t)
+                                                                      for t in parts[3:]):
+            raise DataError(f"{where(path, ln)}: '{s}'; expected '{AVE_HEADER}' (e.g. "
+                            "'Church bell&RUhOCu3LNXM&good&0&10')")
+        rows.append((parts[1], parts[0], where(path, ln)))
+    return rows
+
+
+def single_label(rows, path):
+    """The rows of videos listed once. A video on several lines (AVE: events of two categories in one
+    video) has no single label: it is left out, as OGM-GE's loader does, with a note."""
+    n = collections.Counter(r[0] for r in rows)
+    twice = [r for r in rows if n[r[0]] > 1]
+    if twice:
+        print(f"note: {path}: {len(twice)} lines name a video listed more than once (e.g. '{twice[0][0]}' at "
+              f"{twice[0][2]}); left out, as in OGM-GE", file=sys.stderr)
+    return [r for r in rows if n[r[0]] == 1]
+
+
+def ave_lists(root):
+    """AVE release: trainSet.txt, valSet.txt (the validation split), testSet.txt; clip = VideoID; the
+    classes (28) are the sorted categories of Annotations.txt, else of the three lists."""
+    raw = {split: single_label(ave_rows(root / name), root / name) for split, name in AVE_SPLITS.items()}
+    ann = root / "Annotations.txt"
+    names = {r[1] for r in ave_rows(ann)} if ann.is_file() else {r[1] for rows in raw.values() for r in rows}
+    classes, class_src = sorted(names), str(ann) if ann.is_file() else "the categories of the AVE lists"
+    return {split: [(c, _label_index(l, classes, src, class_src), src) for c, l, src in rows]
+            for split, rows in raw.items()}, classes
+
+
+def vggsound_lists(root):
+    """VGGSound: vggsound.csv, no header, rows 'youtube_id,start_seconds,label,train|test' (a label with a comma
+    is quoted); clip '<youtube_id>_<start:06d>'; the classes (309) are the sorted labels."""
+    path, raw = root / "vggsound.csv", {"train": [], "test": []}
+    for ln, s in _nonempty(read_text_lines(path), path, "---g-f_I2yQ,1,people marching,test"):
+        row = [p.strip() for p in next(csv.reader([s]))]
+        if len(row) != 4 or not row[0] or not re.fullmatch(r"\d+", row[1]) or not row[2] or row[3] not in raw:
+            raise DataError(f"{where(path, ln)}: '{s}'; expected 'youtube_id,start_seconds,label,train|test' "
+                            "(e.g. '---g-f_I2yQ,1,people marching,test')")
+        raw[row[3]].append((f"{row[0]}_{int(row[1]):06d}", row[2], where(path, ln)))
+    for split, rows in raw.items():
+        if not rows:
+            raise DataError(f"{path}: no '{split}' rows; expected rows for both train and test")
+    classes = sorted({r[1] for rows in raw.values() for r in rows})
+    return {split: [(c, classes.index(l), src) for c, l, src in rows] for split, rows in raw.items()}, classes
+
+
 def detect_av_layout(dataset, root):
     root = Path(root)
     if not root.is_dir():
@@ -2441,6 +2506,9 @@ def detect_av_layout(dataset, root):
     if dataset == "ks":
         if (root / "my_train.txt").is_file():
             return "ks_ogm"
+    elif dataset in ("ave", "vggsound"):
+        if (root / ("trainSet.txt" if dataset == "ave" else "vggsound.csv")).is_file():
+            return dataset
     else:
         if (root / "my_train_cre.txt").is_file():
             return "cremad_mla"
@@ -2453,7 +2521,8 @@ def detect_av_layout(dataset, root):
 
 def load_av_splits(dataset, root, split_seed=0, actor_split=False, audio_format="auto",
                    audio_dir=None, frames_dir=None, skip_bad=False, num_mel_bins=None):
-    """Detect the layout and return dict(layout, classes, train=[Clip], test=[Clip], skipped=int)."""
+    """Detect the layout and return dict(layout, classes, train=[Clip], test=[Clip], skipped=int), and
+    dev=[Clip] where the data has a validation split (AVE's valSet.txt)."""
     root = Path(root)
     layout = detect_av_layout(dataset, root)
     if layout == "cremad_mla":
@@ -2463,9 +2532,9 @@ def load_av_splits(dataset, root, split_seed=0, actor_split=False, audio_format=
     elif layout == "cremad_raw":
         lists, classes = cremad_raw_lists(root, split_seed, 0.1, actor_split)
     else:
-        lists, classes = ks_lists(root)
+        lists, classes = {"ks_ogm": ks_lists, "ave": ave_lists, "vggsound": vggsound_lists}[layout](root)
     stats, out = {}, {"layout": layout, "classes": classes}
-    for split in ("train", "test"):
+    for split in lists:                                 # train, test and (AVE) dev
         out[split], out[split + "_audio_dir"], out[split + "_frames_dir"] = resolve_clips(
             root, split, lists[split], audio_format, audio_dir, frames_dir, skip_bad, stats, num_mel_bins)
     out["skipped"] = stats.get("skipped", 0)

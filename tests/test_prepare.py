@@ -1,5 +1,5 @@
 """`python common.py prepare` on short videos encoded here with PyAV, then train_av.py on the result; the raw
-CREMA-D download through the same code."""
+CREMA-D download through the same code; the AVE and VGGSound lists and their errors."""
 import shutil
 import sys
 import wave
@@ -113,7 +113,7 @@ def test_raw_cremad_frames_come_from_videoflash_through_prepare(videos, tmp_path
         shutil.copy(videos / "c.flv", tmp_path / "VideoFlash" / f"{clip}.flv")
     (tmp_path / "VideoFlash" / f"{clips[4]}.flv").write_bytes(b"FLV")                # broken
     wav_mtime = (tmp_path / "AudioWAV" / f"{clips[0]}.wav").stat().st_mtime_ns
-    with pytest.raises(C.DataError, match=r"frame folder of clip '1005_DFA_NEU_XX' missing"):
+    with pytest.raises(C.DataError, match=r"(?s)frame folder of clip '1005_DFA_NEU_XX' missing.*--skip_bad"):
         C.load_av_splits("cremad", tmp_path)
     assert "the reasons of the others in" in capsys.readouterr().err
     assert "1005_DFA_NEU_XX.flv: cannot be decoded" in (tmp_path / "prepare_errors.txt").read_text()
@@ -129,3 +129,78 @@ def test_without_pyav_or_videos_the_error_says_so(videos, tmp_path, monkeypatch)
     monkeypatch.setitem(sys.modules, "av", None)
     with pytest.raises(C.DataError, match="needs PyAV.*pip install av"):
         C.prepare_videos(C.list_videos(videos), tmp_path)
+
+
+def prepared(root, clips):
+    """Clips as prepare leaves them: AudioWAV/<clip>.wav, Image-01-FPS/<clip>/frame_0000{1,2,3}.jpg."""
+    for clip in clips:
+        (root / "AudioWAV").mkdir(parents=True, exist_ok=True)
+        C.write_wav(root / "AudioWAV" / f"{clip}.wav", 0.1 * np.sin(np.arange(8000) / 3), 16000)
+        (root / "Image-01-FPS" / clip).mkdir(parents=True)
+        for k in (1, 2, 3):
+            Image.new("RGB", (20, 16), (30 * k, 90, 40)).save(root / "Image-01-FPS" / clip / f"frame_0000{k}.jpg")
+
+
+AVE = {"trainSet.txt": ["Church bell&RUhOCu3LNXM&good&0&10", "Dog&dog1&good&2&8", "Church bell&bell2&bad&0&10",
+                        "Dog&twice&good&0&3", "Dog&twice&good&5&9", "Dog&dog3&good&1&10"],
+       "valSet.txt": ["Dog&dog2&good&0&10", "Church bell&bell3&good&0&10"],
+       "testSet.txt": ["Church bell&bell4&good&3&7", "Dog&dog4&good&0&10"]}
+
+
+def ave_release(root):
+    rows = [r for lines in AVE.values() for r in lines] + ["Banjo&banjo1&good&0&10"]
+    (root / "Annotations.txt").write_text("\n".join(["Category&VideoID&Quality&StartTime&EndTime", *rows]) + "\n")
+    for name, lines in AVE.items():
+        (root / name).write_text("\n".join(lines) + "\n")
+    prepared(root, {r.split("&")[1] for lines in AVE.values() for r in lines})
+
+
+def test_ave_release_val_split_validates(tmp_path, capsys):
+    ave_release(tmp_path)
+    data = C.load_av_splits("ave", tmp_path)
+    assert data["layout"] == "ave" and data["classes"] == ["Banjo", "Church bell", "Dog"]   # from Annotations.txt
+    assert [c.id for c in data["train"]] == ["RUhOCu3LNXM", "dog1", "bell2", "dog3"]       # 'twice' left out
+    assert "2 lines name a video listed more than once" in capsys.readouterr().err
+    assert [(c.id, c.label) for c in data["dev"]] == [("dog2", 2), ("bell3", 1)]
+    assert data["test"][0].src.endswith("testSet.txt:1") and data["train"][1].label == 2
+    splits = C.train_val_test(data, 0.1, 0, "ave", "clips")
+    assert splits["val"] == data["dev"] and splits["train"] == data["train"]               # valSet.txt validates
+    assert "ave (ave): 3 classes, train 4, val 2 (dev split), test 2" in capsys.readouterr().out
+    assert train_av.get_args(["--dataset", "ave"]).epochs == 100      # a data set of train_av.py, paper settings
+
+
+@pytest.mark.parametrize("line, expected", [("Dog&dog2&good&0", "valSet.txt:2: 'Dog&dog2&good&0'; expected 'Categ"),
+                                            ("Dog&dog2&good&zero&10", "valSet.txt:2: 'Dog&dog2&good&zero&10'")])
+def test_ave_bad_line_names_file_and_line(tmp_path, line, expected):
+    ave_release(tmp_path)
+    (tmp_path / "valSet.txt").write_text(f"Dog&dog2&good&0&10\n{line}\n")
+    with pytest.raises(C.DataError, match=expected):
+        C.load_av_splits("ave", tmp_path)
+
+
+VGGSOUND = ['---g-f_I2yQ,1,"people marching",test', 'abc_DEF-123,30,"dog barking, growling",train',
+            "zz9,0,people marching,train", "yy8,250,dog barking, growling,train"]
+
+
+def test_vggsound_list_counts_absent_clips_and_skips_them_with_skip_bad(tmp_path):
+    rows = VGGSOUND[:3] + ['yy8,250,"dog barking, growling",train', 'xx7,12,"people marching",train']
+    (tmp_path / "vggsound.csv").write_text("\n".join(rows) + "\n")
+    prepared(tmp_path, ["---g-f_I2yQ_000001", "abc_DEF-123_000030", "zz9_000000", "yy8_000250"])   # xx7 absent
+    with pytest.raises(C.DataError, match=r"vggsound\.csv:5: audio of clip 'xx7_000012' missing.*\n\(1 of the 4 "
+                                          r"clips of the train split are unusable; --skip_bad leaves them out\)"):
+        C.load_av_splits("vggsound", tmp_path)
+    data = C.load_av_splits("vggsound", tmp_path, skip_bad=True)
+    assert data["layout"] == "vggsound" and data["skipped"] == 1
+    assert data["classes"] == ["dog barking, growling", "people marching"]
+    assert [(c.id, c.label) for c in data["train"]] == [("abc_DEF-123_000030", 0), ("zz9_000000", 1),
+                                                        ("yy8_000250", 0)]
+    assert [c.id for c in data["test"]] == ["---g-f_I2yQ_000001"] and "dev" not in data
+
+
+@pytest.mark.parametrize("line, expected", [
+    (VGGSOUND[3], "vggsound.csv:4: 'yy8,250,dog barking, growling,train'; expected 'youtube_id,start_seconds"),
+    ("yy8,1.5,dog,train", "vggsound.csv:4: 'yy8,1.5,dog,train'"), ("yy8,1,dog,val", "vggsound.csv:4:")])
+def test_vggsound_bad_line_names_file_and_line(tmp_path, line, expected):
+    (tmp_path / "vggsound.csv").write_text("\n".join(VGGSOUND[:3] + [line]) + "\n")
+    with pytest.raises(C.DataError, match=expected):
+        C.load_av_splits("vggsound", tmp_path)

@@ -6,11 +6,12 @@ Contents (each part starts at a '# ======== N.' line):
   2. Encoders ....... ResNet-18 audio/video, M3AE-shaped and transformers image/text, CAV-MAE audio,
                       the Table 6 MLP, CLIP towers
   3. Data ........... WAV, fbank, frames; a part per family (A-V, I-T, IEMOCAP, Table 6 features, CLIP
-                      features), each with its layouts, its data set and its toy generator
+                      features), each with its layouts, its data set and its toy generator; videos -> the A-V
+                      folders (`python common.py prepare`)
   4. Training ....... seeding, the loader, train_one_epoch, evaluate, the run (start_run, log_epoch,
                       save_best, save_checkpoint, resume_run, write_record), sweeps
   5. Speed .......... the preprocessed A-V cache, batched reads, the GPU input path, torch.compile
-  6. Report ......... `python common.py report RUNS_DIR [--paper]`, `plot RUNS_DIR`; the shared flags
+  6. Report ......... `python common.py report RUNS_DIR [--paper]`, `plot RUNS_DIR`, `prepare`; the shared flags
 
 A batch is (xs, y, idx[, mask]): xs one tensor per modality, in the order of `modalities`; mask (B, M)
 bool, True = view present, for the Table 6 data sets (their `masked = True`).
@@ -1825,13 +1826,15 @@ def read_wav(path):
 
 
 def write_wav(path, samples, rate):
-    """Write mono float audio in [-1, 1] as 16-bit PCM (used for fixtures and the toy set)."""
-    x = np.clip(np.asarray(samples, np.float32), -1, 1)
-    with wave.open(str(path), "wb") as w:
+    """Write mono audio as 16-bit PCM to a path or an open binary file: int16 samples as they are, float
+    ones in [-1, 1] scaled (fixtures, the toy set)."""
+    x = np.asarray(samples)
+    pcm = x if x.dtype == np.int16 else (np.clip(x.astype(np.float32), -1, 1) * 32767).astype(np.int16)
+    with wave.open(path if hasattr(path, "write") else str(path), "wb") as w:
         w.setnchannels(1)
         w.setsampwidth(2)
         w.setframerate(int(rate))
-        w.writeframes((x * 32767).astype("<i2").tobytes())
+        w.writeframes(pcm.astype("<i2").tobytes())
 
 
 def pad_or_cut(x, length):
@@ -1962,7 +1965,7 @@ def ensure_toy(root, first_file, make, **params):
     atomic_json_dump(params, marker)
 
 
-# ======== 3b. Audio-video sets: CREMA-D (three layouts), Kinetics-Sounds, the toy A-V set =========
+# ======== 3b. Audio-video sets: CREMA-D (three layouts), Kinetics-Sounds, AVE, VGGSound, videos (PyAV), toy ===
 
 @dataclass
 class Clip:
@@ -2033,8 +2036,12 @@ LAYOUT_HELP = """accepted layouts:
                            audio/{train,test}_fbank/<clip>.npy, visual/{train,test}_imgs/Image-01-FPS/<clip>/*.jpg
   CREMA-D, OGM-GE layout:  train.csv, test.csv ('1088_IOM_NEU_XX,NEU'), optional stat.csv,
                            AudioWAV/<clip>.wav, Image-01-FPS/<clip>/*.jpg
-  CREMA-D, raw download:   AudioWAV/*.wav and VideoFlash/*.flv (frames extracted with ffmpeg) or
+  CREMA-D, raw download:   AudioWAV/*.wav and VideoFlash/*.flv (frames extracted with PyAV) or
                            Image-01-FPS/<clip>/*.jpg; a seeded split is made (--actor_split for actor-disjoint)
+  AVE:                     trainSet.txt, valSet.txt, testSet.txt ('Church bell&RUhOCu3LNXM&good&0&10'), optional
+                           Annotations.txt; audio <VideoID>.wav or .npy, frames <VideoID>/ as for the others
+  VGGSound:                vggsound.csv ('---g-f_I2yQ,1,people marching,test'), clips '<id>_<start:06d>'
+  From videos:             python common.py prepare --videos DIR --out ROOT writes AudioWAV/, Image-01-FPS/
   Kinetics-Sounds (OGM-GE): my_train.txt, my_test.txt ('<ytid>_<start>_<end>,<any>,<label index>'),
                            audio as <clip>.wav or <clip>.npy (fbank) in e.g. audio/{split}/ or {split}_fbank/,
                            frames in e.g. Image-01-FPS/<clip>/ or visual/{split}_imgs/Image-01-FPS/<clip>/
@@ -2112,7 +2119,7 @@ def resolve_clips(root, split, entries, audio_format="auto", audio_dir=None, fra
     has_frames = lambda d, c: (d / c).is_dir()
     adir = _find_dir(root, audio_dir, AUDIO_DIRS, split, entries, has_audio, "audio (" + "/".join(exts) + ")")
     fdir = _find_dir(root, frames_dir, FRAME_DIRS, split, entries, has_frames, "frame folder")
-    clips, seen = [], {}
+    clips, seen, bad = [], {}, []
     for clip_id, label, src in entries:
         try:
             if clip_id in seen:
@@ -2135,11 +2142,13 @@ def resolve_clips(root, split, entries, audio_format="auto", audio_dir=None, fra
                 raise DataError(f"{src}: frame folder {fr}/ of clip '{clip_id}' is empty; expected .jpg frames")
             clips.append(Clip(clip_id, label, str(audio), str(fr), src, names))
         except DataError as e:
-            if not skip_bad:
-                raise
-            if stats is not None:
-                stats["skipped"] = stats.get("skipped", 0) + 1
-                stats.setdefault("examples", []).append(str(e))
+            bad.append(str(e))
+    if bad and not skip_bad:            # all clips checked: the error counts them (VGGSound often lacks many)
+        raise DataError(f"{bad[0]}\n({len(bad)} of the {len(entries)} clips of the {split} split are unusable; "
+                        "--skip_bad leaves them out)")
+    if bad and stats is not None:
+        stats["skipped"] = stats.get("skipped", 0) + len(bad)
+        stats.setdefault("examples", []).extend(bad)
     if not clips:
         raise DataError(f"{entries[0][2].rsplit(':', 1)[0]}: no usable clips in the {split} split")
     return clips, adir, fdir
@@ -2209,16 +2218,166 @@ def cremad_ogm_lists(root):
             for split, rows in raw.items()}, classes
 
 
-def extract_frames_ffmpeg(video, out_dir, fps=1):
-    if shutil.which("ffmpeg") is None:
-        raise DataError(f"{video}: frames are not extracted and ffmpeg is not installed; install ffmpeg "
-                        f"(e.g. 'apt install ffmpeg' or 'conda install ffmpeg') or extract 1-fps frames to "
-                        f"{out_dir}/frame_00001.jpg ... yourself")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    r = subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-i", str(video), "-vf", f"fps={fps}",
-                        str(out_dir / "frame_%05d.jpg")], capture_output=True, text=True)
-    if r.returncode != 0 or not list_frames(out_dir):
-        raise DataError(f"{video}: ffmpeg could not extract frames: {r.stderr.strip()[-300:]}")
+# ---- Raw videos -> the folders the loaders read: AudioWAV/<clip>.wav, Image-01-FPS/<clip>/frame_0000N.jpg (PyAV)
+VIDEO_EXTS = (".mp4", ".flv", ".avi", ".mkv", ".webm")
+
+
+def import_av():
+    """PyAV, an optional dependency imported only where videos are decoded."""
+    try:
+        import av
+    except ImportError:
+        raise DataError("decoding videos needs PyAV, which is not installed: pip install av (its wheels bring "
+                        "their own FFmpeg)") from None
+    return av
+
+
+def list_videos(folder):
+    """The video files (VIDEO_EXTS, any case) under `folder`, recursively, sorted; dot files left out."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{folder}: folder of videos not found")
+    videos = sorted(p for p in folder.rglob("*")
+                    if p.suffix.lower() in VIDEO_EXTS and not p.name.startswith(".") and p.is_file())
+    if not videos:
+        raise DataError(f"{folder}: no videos found; expected files ending in {', '.join(VIDEO_EXTS)}")
+    return videos
+
+
+def decode_clip(video, fps, frame_size, sample_rate=None):
+    """One pass over a video. Returns (samples, frames): with a sample_rate, its first audio stream as mono
+    int16 (n,) at that rate (else None); frames every 1/fps s from the first, PIL RGB, short side
+    `frame_size`. Raises DataError naming the video and why (not decodable, no audio stream, no frames)."""
+    av = import_av()
+    try:
+        with av.open(str(video)) as c:
+            if not c.streams.video or (sample_rate and not c.streams.audio):
+                raise DataError(f"{video}: no {'video' if not c.streams.video else 'audio'} stream")
+            vs = c.streams.video[0]
+            vs.thread_type = "AUTO"
+            rate = float(vs.average_rate or 25)        # for frames without a timestamp
+            resampler = sample_rate and av.AudioResampler(format="s16", layout="mono", rate=sample_rate)
+            resample = resampler and resampler.resample
+            pcm, frames, t0, n = [], [], None, 0
+            for packet in c.demux(*[vs] + ([c.streams.audio[0]] if sample_rate else [])):
+                for frame in packet.decode():
+                    if packet.stream is not vs:
+                        pcm += [f.to_ndarray().reshape(-1) for f in resample(frame)]
+                        continue
+                    t = frame.time if frame.time is not None else n / rate
+                    t0, n = t if t0 is None else t0, n + 1
+                    if t - t0 >= len(frames) / fps - 1e-3:       # the first frame at or after k / fps
+                        h, w = short_side_size(frame.height, frame.width, frame_size)
+                        frames.append(frame.to_image(width=w, height=h))
+            if resample:
+                pcm += [f.to_ndarray().reshape(-1) for f in resample(None)]      # flush
+    except av.FFmpegError as e:
+        raise DataError(f"{video}: cannot be decoded: {getattr(e, 'strerror', None) or e}") from None
+    if not frames:
+        raise DataError(f"{video}: no frames decoded from its video stream")
+    samples = np.concatenate(pcm).astype(np.int16) if pcm else None
+    if sample_rate and (samples is None or not len(samples)):
+        raise DataError(f"{video}: its audio stream holds no samples")
+    return samples, frames
+
+
+def write_clip(out, clip, samples, rate, frames):
+    """<out>/AudioWAV/<clip>.wav (samples not None) and <out>/Image-01-FPS/<clip>/frame_0000N.jpg (frames not
+    None), each under a temporary name first, then renamed: an interrupted run leaves no half clip."""
+    if samples is not None:
+        atomic_write(out / "AudioWAV" / f"{clip}.wav", lambda f: write_wav(f, samples, rate))
+    if frames is not None:
+        folder = out / "Image-01-FPS" / clip
+        part = folder.with_name(f".{clip}.part")
+        shutil.rmtree(part, ignore_errors=True)             # left by an interrupted run
+        part.mkdir(parents=True)
+        for k, im in enumerate(frames, 1):
+            im.save(part / f"frame_{k:05d}.jpg", quality=95)
+        shutil.rmtree(folder, ignore_errors=True)           # a folder without frames
+        os.replace(part, folder)
+
+
+def prepare_clip(video, out, fps=1, sample_rate=16000, frame_size=256, audio=True):
+    """Decode one video into <out>/AudioWAV/<clip>.wav (audio=True) and <out>/Image-01-FPS/<clip>/ (clip = its
+    file name's stem), writing only what is not there yet. Returns 'skipped' when nothing was missing."""
+    video, out = Path(video), Path(out)
+    clip, fdir = video.stem, out / "Image-01-FPS" / video.stem
+    need_audio = audio and not (out / "AudioWAV" / f"{clip}.wav").is_file()
+    need_frames = not (fdir.is_dir() and list_frames(fdir))
+    if not (need_audio or need_frames):
+        return "skipped"
+    samples, frames = decode_clip(video, fps, frame_size, sample_rate if need_audio else None)
+    write_clip(out, clip, samples, sample_rate, frames if need_frames else None)
+    return "done"
+
+
+def _prepare_job(job):
+    """prepare_clip in a worker process: (video, 'done' | 'skipped' | 'failed', reason)."""
+    video, kwargs = job
+    try:
+        return video, prepare_clip(video, **kwargs), ""
+    except DiskFull:
+        raise
+    except DataError as e:
+        return video, "failed", str(e).removeprefix(f"{video}: ")
+    except Exception as e:              # whatever else a broken file raises: listed, and the others go on
+        return video, "failed", f"{type(e).__name__}: {e}"
+
+
+@contextlib.contextmanager
+def process_map(workers):
+    """map(f, items), unordered, over `workers` processes (1: in this one)."""
+    if workers <= 1:
+        yield map
+        return
+    import multiprocessing as mp
+    with mp.get_context("fork" if sys.platform == "linux" else "spawn").Pool(workers) as pool:
+        yield pool.imap_unordered
+
+
+def prepare_videos(videos, out, fps=1, sample_rate=16000, frame_size=256, workers=1, audio=True):
+    """prepare_clip for every video, over `workers` processes, with a progress bar. The failures go on (a
+    video that cannot be decoded, without audio or frames, a clip name taken by another video) and are
+    listed with their reasons in <out>/prepare_errors.txt. Returns {'done', 'skipped', 'failed'} counts."""
+    from tqdm import tqdm
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    import_av()                                         # missing: one clear error, not one per video
+    kwargs = dict(out=out, fps=fps, sample_rate=sample_rate, frame_size=frame_size, audio=audio)
+    jobs, failed, first = [], [], {}
+    for v in map(Path, videos):
+        if v.stem in first:
+            failed.append((v, f"clip name '{v.stem}' taken by {first[v.stem]}; expected one video per name"))
+        else:
+            first[v.stem] = v
+            jobs.append((v, kwargs))
+    counts = {"done": 0, "skipped": 0, "failed": 0}
+    with process_map(workers) as pmap:
+        for video, status, reason in tqdm(pmap(_prepare_job, jobs), total=len(jobs), desc="preparing", unit="clip"):
+            counts[status] += 1
+            failed += [(video, reason)] if reason else []
+    counts["failed"] = len(failed)
+    errors = out / "prepare_errors.txt"
+    if failed:
+        errors.write_text("".join(f"{v}: {r}\n" for v, r in sorted(failed)))
+    elif errors.exists():
+        errors.unlink()
+    return counts
+
+
+def cremad_raw_frames(root, clips):
+    """The 1-fps frames of the raw download's clips that have none, from VideoFlash/<clip>.flv (prepare_videos;
+    its audio is AudioWAV's). A clip whose video is missing or broken is left to resolve_clips to report."""
+    if not os.access(root, os.W_OK):
+        raise DataError(f"{root}: frames of {len(clips)} clips are missing and the folder is read-only; "
+                        f"extract them first: python common.py prepare --videos {root / 'VideoFlash'} --out {root}")
+    videos = [root / "VideoFlash" / f"{c}.flv" for c in clips]
+    counts = prepare_videos([v for v in videos if v.is_file()], root, workers=min(8, os.cpu_count() or 1),
+                            audio=False)
+    absent = sum(not v.is_file() for v in videos)
+    if counts["failed"] or absent:
+        print(f"note: frames of {counts['failed'] + absent} clips could not be extracted ({absent} without "
+              f"VideoFlash/<clip>.flv; the reasons of the others in {root / 'prepare_errors.txt'})", file=sys.stderr)
 
 
 def cremad_raw_lists(root, split_seed=0, test_ratio=0.1, actor_split=False):
@@ -2234,17 +2393,9 @@ def cremad_raw_lists(root, split_seed=0, test_ratio=0.1, actor_split=False):
         if len(parts) < 3:
             raise DataError(f"{w}: name '{w.stem}'; expected '<actor>_<sentence>_<EMOTION>_<level>'")
         rows.append((w.stem, parts[2], parts[0], str(w)))
-    todo = [r for r in rows if not (frames_root / r[0]).is_dir() or not list_frames(frames_root / r[0])]
+    todo = [r[0] for r in rows if not (frames_root / r[0]).is_dir() or not list_frames(frames_root / r[0])]
     if todo:
-        if not os.access(root, os.W_OK):
-            raise DataError(f"{root}: frames of {len(todo)} clips are missing and the folder is read-only; "
-                            f"extract them to {frames_root}/<clip>/ first")
-        from tqdm import tqdm
-        for clip, *_ in tqdm(todo, desc="extracting 1-fps frames", unit="clip"):
-            video = root / "VideoFlash" / f"{clip}.flv"
-            if not video.is_file():
-                raise DataError(f"{video}: video of clip '{clip}' missing (needed for its frames)")
-            extract_frames_ffmpeg(video, frames_root / clip)
+        cremad_raw_frames(root, todo)
     found = {r[1] for r in rows}
     classes = [c for c in CREMAD_DEFAULT_ORDER if c in found] + sorted(found - set(CREMAD_DEFAULT_ORDER))
     labels = [classes.index(r[1]) for r in rows]
@@ -2289,6 +2440,65 @@ def ks_lists(root):
     return raw, classes
 
 
+AVE_HEADER = "Category&VideoID&Quality&StartTime&EndTime"
+AVE_SPLITS = {"train": "trainSet.txt", "dev": "valSet.txt", "test": "testSet.txt"}
+
+
+def ave_rows(path):
+    """An AVE list (Annotations.txt, trainSet.txt, ...): 'Category&VideoID&Quality&StartTime&EndTime' lines, a
+    header line of those names allowed. Returns [(video_id, category, 'file:line')]."""
+    rows = []
+    for ln, s in _nonempty(read_text_lines(path), path, "Church bell&RUhOCu3LNXM&good&0&10"):
+        parts = [p.strip() for p in s.split("&")]
+        if "&".join(parts) == AVE_HEADER:
+            continue
+        if len(parts) != 5 or not parts[0] or not parts[1] or not all(re.fullmatch(r"\d+(\.\d*)?", t)
+                                                                      for t in parts[3:]):
+            raise DataError(f"{where(path, ln)}: '{s}'; expected '{AVE_HEADER}' (e.g. "
+                            "'Church bell&RUhOCu3LNXM&good&0&10')")
+        rows.append((parts[1], parts[0], where(path, ln)))
+    return rows
+
+
+def single_label(rows, path):
+    """The rows of videos listed once. A video on several lines (AVE: events of two categories in one
+    video) has no single label: it is left out, as OGM-GE's loader does, with a note."""
+    n = collections.Counter(r[0] for r in rows)
+    twice = [r for r in rows if n[r[0]] > 1]
+    if twice:
+        print(f"note: {path}: {len(twice)} lines name a video listed more than once (e.g. '{twice[0][0]}' at "
+              f"{twice[0][2]}); left out, as in OGM-GE", file=sys.stderr)
+    return [r for r in rows if n[r[0]] == 1]
+
+
+def ave_lists(root):
+    """AVE release: trainSet.txt, valSet.txt (the validation split), testSet.txt; clip = VideoID; the
+    classes (28) are the sorted categories of Annotations.txt, else of the three lists."""
+    raw = {split: single_label(ave_rows(root / name), root / name) for split, name in AVE_SPLITS.items()}
+    ann = root / "Annotations.txt"
+    names = {r[1] for r in ave_rows(ann)} if ann.is_file() else {r[1] for rows in raw.values() for r in rows}
+    classes, class_src = sorted(names), str(ann) if ann.is_file() else "the categories of the AVE lists"
+    return {split: [(c, _label_index(l, classes, src, class_src), src) for c, l, src in rows]
+            for split, rows in raw.items()}, classes
+
+
+def vggsound_lists(root):
+    """VGGSound: vggsound.csv, no header, rows 'youtube_id,start_seconds,label,train|test' (a label with a comma
+    is quoted); clip '<youtube_id>_<start:06d>'; the classes (309) are the sorted labels."""
+    path, raw = root / "vggsound.csv", {"train": [], "test": []}
+    for ln, s in _nonempty(read_text_lines(path), path, "---g-f_I2yQ,1,people marching,test"):
+        row = [p.strip() for p in next(csv.reader([s]))]
+        if len(row) != 4 or not row[0] or not re.fullmatch(r"\d+", row[1]) or not row[2] or row[3] not in raw:
+            raise DataError(f"{where(path, ln)}: '{s}'; expected 'youtube_id,start_seconds,label,train|test' "
+                            "(e.g. '---g-f_I2yQ,1,people marching,test')")
+        raw[row[3]].append((f"{row[0]}_{int(row[1]):06d}", row[2], where(path, ln)))
+    for split, rows in raw.items():
+        if not rows:
+            raise DataError(f"{path}: no '{split}' rows; expected rows for both train and test")
+    classes = sorted({r[1] for rows in raw.values() for r in rows})
+    return {split: [(c, classes.index(l), src) for c, l, src in rows] for split, rows in raw.items()}, classes
+
+
 def detect_av_layout(dataset, root):
     root = Path(root)
     if not root.is_dir():
@@ -2296,6 +2506,9 @@ def detect_av_layout(dataset, root):
     if dataset == "ks":
         if (root / "my_train.txt").is_file():
             return "ks_ogm"
+    elif dataset in ("ave", "vggsound"):
+        if (root / ("trainSet.txt" if dataset == "ave" else "vggsound.csv")).is_file():
+            return dataset
     else:
         if (root / "my_train_cre.txt").is_file():
             return "cremad_mla"
@@ -2308,7 +2521,8 @@ def detect_av_layout(dataset, root):
 
 def load_av_splits(dataset, root, split_seed=0, actor_split=False, audio_format="auto",
                    audio_dir=None, frames_dir=None, skip_bad=False, num_mel_bins=None):
-    """Detect the layout and return dict(layout, classes, train=[Clip], test=[Clip], skipped=int)."""
+    """Detect the layout and return dict(layout, classes, train=[Clip], test=[Clip], skipped=int), and
+    dev=[Clip] where the data has a validation split (AVE's valSet.txt)."""
     root = Path(root)
     layout = detect_av_layout(dataset, root)
     if layout == "cremad_mla":
@@ -2318,9 +2532,9 @@ def load_av_splits(dataset, root, split_seed=0, actor_split=False, audio_format=
     elif layout == "cremad_raw":
         lists, classes = cremad_raw_lists(root, split_seed, 0.1, actor_split)
     else:
-        lists, classes = ks_lists(root)
+        lists, classes = {"ks_ogm": ks_lists, "ave": ave_lists, "vggsound": vggsound_lists}[layout](root)
     stats, out = {}, {"layout": layout, "classes": classes}
-    for split in ("train", "test"):
+    for split in lists:                                 # train, test and (AVE) dev
         out[split], out[split + "_audio_dir"], out[split + "_frames_dir"] = resolve_clips(
             root, split, lists[split], audio_format, audio_dir, frames_dir, skip_bad, stats, num_mel_bins)
     out["skipped"] = stats.get("skipped", 0)
@@ -4084,7 +4298,7 @@ def compile_encoders(method):
         encoder.compile(dynamic=False)
 
 
-# ======== 6. Report, plot, command line: python common.py report RUNS_DIR | plot RUNS_DIR ==============
+# ======== 6. Report, plot, command line: python common.py report RUNS_DIR | plot RUNS_DIR | prepare ======
 
 # The paper's Tables 5, 6 and 7 (mean±std of test accuracy over three seeds; std missing where the
 # source is garbled). A line per table and data set: then per method, after " | ", its name and
@@ -4474,7 +4688,8 @@ def script_main(main):
 
 def _cli(argv=None):
     import argparse
-    p = argparse.ArgumentParser(prog="python common.py", description="Tables and curves from run records.")
+    p = argparse.ArgumentParser(prog="python common.py", description="Tables and curves from run records; "
+                                "videos prepared for train_av.py.")
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("report", help="the tables of all records under RUNS_DIR, in the paper's shape")
     r.add_argument("runs_dir")
@@ -4483,11 +4698,26 @@ def _cli(argv=None):
     q = sub.add_parser("plot", help="per-modality and fused accuracy over epochs, one panel per method")
     q.add_argument("runs_dir")
     q.add_argument("--out", default="curves.png")
+    v = sub.add_parser("prepare", help="videos -> <out>/AudioWAV/<clip>.wav and <out>/Image-01-FPS/<clip>/ "
+                                       "(clip = file name stem), the folders train_av.py reads; needs pip install av")
+    v.add_argument("--videos", required=True, help=f"folder searched recursively for {' '.join(VIDEO_EXTS)} files")
+    v.add_argument("--out", required=True, help="data root written (finished clips are skipped on a rerun)")
+    v.add_argument("--fps", type=float, default=1, help="frames kept per second of video")
+    v.add_argument("--sample_rate", type=int, default=16000, help="WAV sample rate (mono, 16-bit)")
+    v.add_argument("--frame_size", type=int, default=256, help="short side of the saved frames in pixels")
+    v.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="decoding processes")
     args = p.parse_args(argv)
     if args.cmd == "report":
         print(report(args.runs_dir, args.paper, args.format))
-    else:
+    elif args.cmd == "plot":
         print(f"wrote {plot_curves(args.runs_dir, args.out)}")
+    else:
+        if args.fps <= 0 or args.sample_rate < 1 or args.frame_size < 1:
+            p.error("--fps, --sample_rate and --frame_size must be positive")
+        n = prepare_videos(list_videos(args.videos), args.out, args.fps, args.sample_rate, args.frame_size,
+                           args.workers)
+        failed = f" (reasons in {Path(args.out) / 'prepare_errors.txt'})" if n["failed"] else ""
+        print(f"prepare: {n['done']} done, {n['skipped']} skipped, {n['failed']} failed{failed}")
 
 
 if __name__ == "__main__":

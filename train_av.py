@@ -1,4 +1,4 @@
-"""Audio-video experiments of Table 5 (CREMA-D, Kinetics-Sounds) for every method.
+"""Audio-video experiments of Table 5 (CREMA-D, Kinetics-Sounds; also AVE, VGGSound) for every method.
 
     python train_av.py                                   # MLA on the built-in toy set, CPU, ~1.5 minutes
     python train_av.py --dataset cremad --data_root data/cremad --method mla --seed 0
@@ -28,7 +28,9 @@ DEFAULTS = {
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a("--dataset", default="toy", choices=["toy", "cremad", "ks"], help="toy: a generated CREMA-D-like set")
+    a("--dataset", default="toy", choices=["toy", "cremad", "ks", "ave", "vggsound"],
+      help="toy: a generated CREMA-D-like set; ave, vggsound: their release lists (prepare the videos first: "
+           "python common.py prepare)")
     a("--data_root", default=None, help="data folder (default data/<dataset>; toy: generated in a temp dir)")
     C.add_common_args(p, C.METHODS, DEFAULTS, ["audio", "video"], condition="audio")
     a = p.add_argument_group("inputs").add_argument

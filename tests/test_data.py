@@ -1,4 +1,6 @@
 """Loaders on tiny fixtures written here in each accepted on-disk layout, and bad inputs."""
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -146,13 +148,13 @@ def test_raw_download_seeded_and_actor_disjoint_split(tmp_path):
     assert len(d["train"]) + len(d["test"]) == 90
 
 
-def test_raw_download_without_frames_or_ffmpeg_says_how(tmp_path, monkeypatch):
+def test_raw_download_without_frames_or_pyav_says_how(tmp_path, monkeypatch):
     (tmp_path / "AudioWAV").mkdir()
     C.write_wav(tmp_path / "AudioWAV" / "1001_DFA_ANG_XX.wav", tone(300, 16000, 0.1), 16000)
     (tmp_path / "VideoFlash").mkdir()
     (tmp_path / "VideoFlash" / "1001_DFA_ANG_XX.flv").write_bytes(b"FLV")
-    monkeypatch.setattr(C.shutil, "which", lambda name: None)
-    with pytest.raises(C.DataError, match="ffmpeg is not installed.*extract 1-fps frames"):
+    monkeypatch.setitem(sys.modules, "av", None)                # PyAV not installed
+    with pytest.raises(C.DataError, match="needs PyAV.*pip install av"):
         C.load_av_splits("cremad", tmp_path)
 
 

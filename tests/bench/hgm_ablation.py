@@ -83,22 +83,23 @@ def plot(out):
         return None
     fig, axes = plt.subplots(2, len(SCRIPTS), figsize=(3.3 * len(SCRIPTS), 5.4), squeeze=False)
     for col, s in enumerate(SCRIPTS):
-        for v, (label, _) in VARIANTS.items():
+        for i, (v, (label, _)) in enumerate(VARIANTS.items()):
             recs = records(out, v, s)
             if not recs:
                 continue
             n = min(len(r["epochs"]) for r in recs)
             mean = lambda get: [statistics.mean(get(r["epochs"][i]) for r in recs) for i in range(n)]
             if recs[0]["epochs"][0].get("hgm_p_trace") is not None:
-                axes[0, col].plot(range(1, n + 1), mean(lambda e: e["hgm_p_trace"]), label=label)
-            axes[1, col].plot(range(1, n + 1), mean(lambda e: e["val"]["multi"]), label=label)
+                axes[0, col].plot(range(1, n + 1), mean(lambda e: e["hgm_p_trace"]), f"C{i}", label=label)
+            axes[1, col].plot(range(1, n + 1), mean(lambda e: e["val"]["multi"]), f"C{i}", label=label)
         axes[0, col].set_title(f"{Path(s).stem} toy", fontsize=9)
         axes[0, col].set_ylabel("trace(P) / d")
         axes[1, col].set_ylabel("fused val accuracy (%)")
         for ax in axes[:, col]:
             ax.set_xlabel("epoch")
             ax.grid(alpha=0.3)
-    axes[1, 0].legend(fontsize=7)
+    axes[1, 0].legend(handles=[plt.Line2D([], [], color=f"C{i}", label=label)
+                               for i, (label, _) in enumerate(VARIANTS.values())], fontsize=7)
     fig.tight_layout()
     path = out / "hgm_ablation.png"
     fig.savefig(path, dpi=100)

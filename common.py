@@ -110,7 +110,7 @@ class MLA(nn.Module):
             g.copy_(g.to(self.P.dtype) @ self.P)
             if self.hgm_alpha_scale:            # the running mean: the first value, then momentum 0.1
                 self.hbar_sq[m] = (hbar @ hbar).lerp(self.hbar_sq[m], 0.9 * (self.hbar_sq[m] > 0))
-                alpha = alpha * self.hbar_sq[m]
+                alpha = alpha * self.hbar_sq[m].clamp_min(1e-12)         # a zero hbar absorbs nothing
             k = self.P @ hbar
             self.P.sub_(torch.outer(k, k) / (alpha + hbar @ k)).div_(self.hgm_forget)
 
@@ -420,14 +420,85 @@ class QMF(LateFusion):
         return loss
 
 
-METHODS = ["sum", "concat", "late_fusion", "film", "bigated", "ogm", "ogm_ge", "qmf", "mla"]
+class MMCosine(Sum):
+    """MMCosine (Xu et al., ICASSP 2023; GeWu-Lab/MMCosine_ICASSP23): a modality's logits are the cosines of its
+    L2-normalised features with each class's L2-normalised weight (no bias) times `scale` (the authors'
+    --scaling 10); the fused logits are their sum, trained by CE."""
+
+    def __init__(self, encoders, num_classes, modalities, scale=10.0):
+        super().__init__(encoders, num_classes, modalities)
+        self.heads = nn.ModuleList(nn.Linear(self.dim, num_classes, bias=False) for _ in encoders)
+        self.scale = scale
+
+    def unimodal(self, zs):
+        return [self.scale * F.normalize(z, dim=1) @ F.normalize(h.weight, dim=1).T for h, z in zip(self.heads, zs)]
+
+
+def pareto_weight(g, u):
+    """MMPareto's weight c of the multimodal gradient g (1 - c goes to the unimodal u; flat tensors): 1/2 when
+    they agree (cosine > 0), else the min-norm point of the two (MinNormSolver._min_norm_element_from2)."""
+    v11, v12, v22 = g @ g, g @ u, u @ u
+    c = ((v22 - v12) / (v11 + v22 - 2 * v12).clamp_min(1e-20)).clamp(0, 1)
+    c = torch.where(v12 >= v11, 0.999, torch.where(v12 >= v22, 0.001, c))
+    return torch.where(F.cosine_similarity(g, u, dim=0) > 0, 0.5, c)
+
+
+def pareto_grads(gs, us, gamma=1.5):
+    """One encoder's gradients from its per-tensor multimodal (gs) and unimodal (us) ones, as MMPareto's code:
+    c from the whole encoder, then per tensor n = 2c g + 2(1 - c) u, scaled up to the norm of g + u when that
+    is larger, times gamma."""
+    c = pareto_weight(torch.cat([g.flatten() for g in gs]), torch.cat([u.flatten() for u in us]))
+    out = []
+    for g, u in zip(gs, us):
+        n = 2 * c * g + 2 * (1 - c) * u
+        out.append(gamma * n * ((g + u).norm() / n.norm().clamp_min(1e-20)).clamp_min(1))
+    return out
+
+
+class MMPareto(Method):
+    """MMPareto (Wei and Hu, ICML 2024; GeWu-Lab/MMPareto_ICML2024): a linear head on the concatenated features
+    and one per modality; loss = CE(fused) + sum_m CE(unimodal_m). Encoder m's gradient is pareto_grads of
+    its gradients from the fused loss and from its own (gamma 1.5, the authors'); the heads keep theirs."""
+
+    def __init__(self, encoders, num_classes, modalities, gamma=1.5):
+        super().__init__(encoders, num_classes, modalities)
+        self.head = nn.Linear(self.dim * len(encoders), num_classes)
+        self.heads = nn.ModuleList(nn.Linear(self.dim, num_classes) for _ in encoders)
+        self.gamma = gamma
+
+    def logits(self, zs):
+        return self.head(torch.cat(zs, 1)), [h(z) for h, z in zip(self.heads, zs)]
+
+    def train_step(self, xs, y, optimizer):
+        fused, unis = self.logits(self.encode(xs))
+        losses = [F.cross_entropy(fused, y)] + [F.cross_entropy(u, y) for u in unis]
+        params = [[p for p in f.parameters() if p.requires_grad] for f in self.encoders]
+        grad = lambda loss, ps: [torch.zeros_like(p) if g is None else g for p, g in
+                                 zip(ps, torch.autograd.grad(loss, ps, retain_graph=True, allow_unused=True))]
+        fused_grads = grad(losses[0], sum(params, []))
+        optimizer.zero_grad(set_to_none=True)
+        start = 0
+        for m, ps in enumerate(params):
+            for p, g in zip(ps, pareto_grads(fused_grads[start:start + len(ps)], grad(losses[1 + m], ps), self.gamma)):
+                p.grad = g
+            start += len(ps)
+        in_encoders = {id(p) for ps in params for p in ps}
+        total = sum(losses)
+        total.backward(inputs=[p for p in self.parameters() if p.requires_grad and id(p) not in in_encoders])
+        optimizer.step()
+        return total.detach()
+
+
+METHODS = ["sum", "concat", "late_fusion", "film", "bigated", "ogm", "ogm_ge", "qmf", "mla", "mmcosine",
+           "mmpareto"]
 
 
 def build_method(name, encoders, num_classes, modalities, num_train=0, condition=None, ogm=(0.3, 0, 50),
-                 mla=None, table6=None, qmf_rank="paper"):
+                 mla=None, table6=None, qmf_rank="paper", mmcosine_scale=10.0, mmpareto_gamma=1.5):
     """The method object `name`: condition, the FiLM/BiGated conditioning modality (a name in modalities);
     ogm, OGM's (alpha, first epoch, last epoch); mla, MLA's keyword arguments; table6, the keyword
-    arguments of build_missing_method (the Table 6 methods' settings); qmf_rank, QMF's ranking margin."""
+    arguments of build_missing_method (the Table 6 methods' settings); qmf_rank, QMF's ranking margin;
+    mmcosine_scale and mmpareto_gamma, MMCosine's logit scale and MMPareto's gradient scale."""
     cond = modalities.index(condition) if condition else 0
     if name in ("sum", "concat", "late_fusion"):
         return {"sum": Sum, "concat": Concat, "late_fusion": LateFusion}[name](encoders, num_classes, modalities)
@@ -440,6 +511,10 @@ def build_method(name, encoders, num_classes, modalities, num_train=0, condition
         return QMF(encoders, num_classes, modalities, num_train=num_train, rank=qmf_rank)
     if name == "mla":
         return MLA(encoders, num_classes, modalities, **(mla or {}))
+    if name == "mmcosine":
+        return MMCosine(encoders, num_classes, modalities, scale=mmcosine_scale)
+    if name == "mmpareto":
+        return MMPareto(encoders, num_classes, modalities, gamma=mmpareto_gamma)
     if name in MISSING_ONLY_METHODS:
         return build_missing_method(name, encoders, num_classes, modalities, num_train, **(table6 or {}))
     raise ValueError(f"unknown method {name!r}; expected one of {METHODS + MISSING_ONLY_METHODS}")
@@ -549,7 +624,7 @@ def cca_correlation(h1, h2, k=None, reg=1e-4):
 
 def cmd(a, b, order=5):
     """Central moment discrepancy (Zellinger et al. 2017) of two samples of features: the distance of
-    the means plus the distances of the central moments of order 2..order (features in a unit range)."""
+    the means plus the distances of the central moments of order 2..order (unscaled, as IF-MMIN's code)."""
     ma, mb = a.mean(0), b.mean(0)
     total = (ma - mb).norm()
     for k in range(2, order + 1):
@@ -773,7 +848,8 @@ class AE(MissingMethod):
 
 
 class CRA(MissingMethod):
-    """Cascaded residual autoencoder (Tran et al. 2017): a CascadedResidualAE imputes the missing views
+    """Cascaded residual autoencoder (Tran et al. 2017): a CascadedResidualAE (MMIN's implementation of it,
+    transition included) imputes the missing views
     of the zero-filled concatenated input (trained to output every known view, hidden ones included);
     the classifier (an MLP encoder and a linear layer) reads the input with its missing views imputed."""
 
@@ -858,7 +934,7 @@ class IFMMIN(MMIN):
     to every block's input of the imagination AE, and trained to match those of all the known views
     (detached: the authors' frozen teacher, which needs full-modality data, is not available here). The
     views' invariant features are pulled together by the central moment discrepancy, averaged over the
-    pairs of views (rows where both are present); the authors apply it in their pretraining stage. No
+    pairs of views (rows where both are seen, after hiding); the authors apply it in their pretraining stage. No
     backward (cycle) AE, as in the paper."""
 
     def __init__(self, encoders, num_classes, modalities, widths=(128, 64, 32), blocks=3, recon_weight=1.0,
@@ -901,8 +977,7 @@ class CPMNet(MissingMethod):
     with the class means of all stored codes."""
     uses_index = True
 
-    def __init__(self, encoders, num_classes, modalities, num_train, dim=128, layers=3, lam=1.0, code_lr=0.05,
-                 code_steps=20):
+    def __init__(self, encoders, num_classes, modalities, num_train, dim=128, lam=1.0, code_lr=0.05, code_steps=20):
         super().__init__(encoders, num_classes, modalities)
         self.decoders = nn.ModuleList(nn.Sequential(nn.Linear(dim, dim), nn.Linear(dim, d), nn.Dropout(0.1))
                                       for d in self.dims)
@@ -912,9 +987,8 @@ class CPMNet(MissingMethod):
 
     def scores(self, h, idx=None):
         """h . class means of the stored codes (B, C); with idx, sample i's own stored code left out."""
-        known = self.labels >= 0
-        onehot = F.one_hot(self.labels[known], self.num_classes).to(h.dtype)
-        sums, counts = onehot.T @ self.codes[known], onehot.sum(0)
+        onehot = F.one_hot(self.labels.clamp_min(0), self.num_classes).to(h.dtype) * (self.labels >= 0)[:, None]
+        sums, counts = onehot.T @ self.codes, onehot.sum(0)                # no boolean indexing: no host sync
         if idx is None:
             return h @ sums.T / counts.clamp_min(1)
         own = F.one_hot(self.labels[idx], self.num_classes).to(h.dtype) * (self.labels[idx] >= 0)[:, None]
@@ -1030,7 +1104,7 @@ def build_missing_method(name, encoders, num_classes, modalities, num_train, lay
         return IFMMIN(encoders, num_classes, modalities, recon_weight=rw, hide_prob=hp, cmd_weight=cmd_weight,
                       cmd_order=cmd_order, **ae)
     if name == "cpm_net":
-        return CPMNet(encoders, num_classes, modalities, num_train, dim=dim, layers=layers, lam=cpm_lambda,
+        return CPMNet(encoders, num_classes, modalities, num_train, dim=dim, lam=cpm_lambda,
                       code_lr=code_lr, code_steps=code_steps)
     if name == "tate":
         return TATE(encoders, num_classes, modalities, heads=tate_heads, layers=tate_layers, recon_weight=rw,
@@ -3194,7 +3268,8 @@ def load_features_npz(path, modalities=None):
     for name in views:
         x = arrays[name]
         if x.ndim != 2 or len(x) != n:
-            raise DataError(f"{path}: array {name} has shape {x.shape}; expected ({n}, width), one row per label")
+            raise DataError(f"{path}: array {name} has shape {x.shape}; expected ({n}, width), one row per label "
+                            "(a view), or name the views with --modalities")
         if not np.issubdtype(x.dtype, np.number) or not np.isfinite(x).all():
             raise DataError(f"{path}: array {name} holds non-numeric or non-finite values; expected finite numbers "
                             "(a view), or name the views with --modalities")
@@ -3475,6 +3550,9 @@ class DiskFull(OSError):
     def __init__(self, message):
         super().__init__(errno.ENOSPC, message)
 
+    def __reduce__(self):                     # one argument: it crosses a process pool's pipe intact
+        return DiskFull, (self.strerror,)
+
 
 def free_bytes(folder):
     try:
@@ -3514,7 +3592,8 @@ def seed_worker(_worker_id):
 
 def atomic_write(path, write):
     """Write a file so that a crash at any moment leaves either the old file or the new one:
-    write(f) into a temporary file beside it, flush and fsync, then rename over the old one."""
+    write(f) into a temporary file beside it, flush and fsync, then rename over the old one. MLA_NO_FSYNC=1
+    (the tests set it) leaves out the fsync, which only guards against a power loss, not a crash."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -3522,7 +3601,8 @@ def atomic_write(path, write):
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
-            os.fsync(f.fileno())
+            if os.environ.get("MLA_NO_FSYNC") != "1":
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
         # torch.save reports a short write as a RuntimeError ("unexpected pos ..."), not as ENOSPC
@@ -3874,10 +3954,17 @@ RUN_ONLY_ARGS = {"resume", "device", "num_workers", "cpu_threads", "amp", "compi
                  "seeds", "missing_rates"}
 
 
+EARLIER_BEHAVIOUR = {"feature_norm": "none", "hgm_alpha_scale": False, "hgm_forget": 1.0, "qmf_rank": "paper",
+                     "crop_scale": 0.08, "no_augment": False, "modalities": None}
+
+
 def other_settings(recorded, settings, free=()):
     """The flags (known to both, execution-only ones and `free` aside) whose recorded value differs from
     the settings now, as '--k A there, B now', or '' when there are none."""
     recorded = json.loads(json.dumps(recorded, default=str))
+    if "no_hgm" in recorded:                    # a record written before --hgm/--no_hgm became one setting
+        recorded.setdefault("hgm", not recorded.pop("no_hgm"))
+    recorded = {**EARLIER_BEHAVIOUR, **recorded}     # what a record from before a flag existed ran with
     now = json.loads(json.dumps(settings, default=str))
     differ = [k for k in sorted(set(recorded) & set(now) - RUN_ONLY_ARGS - set(free)) if recorded[k] != now[k]]
     return ", ".join(f"--{k} {recorded[k]} there, {now[k]} now" for k in differ[:4])
@@ -4552,11 +4639,17 @@ def add_common_args(p, methods, defaults, modalities=None, condition=None):
                         "depends on the features' units")
     g.add_argument("--hgm_forget", type=float, default=1.0,
                    help="forgetting factor L in (0, 1] as in recursive least squares: P <- (P - k k' / (alpha + "
-                        "hbar'k)) / L, so absorbed directions come back (1: the paper's)")
-    p.add_argument_group("QMF").add_argument(
-        "--qmf_rank", default="paper", choices=["paper", "code"],
-        help="ranking loss: relu(t (c_i - c_j) + margin), the confidence-ranking loss QMF builds on; code: "
-             "- margin, as the authors' code computes it")
+                        "hbar'k)) / L, so absorbed directions come back (1: the paper's); as in RLS, a direction "
+                        "no step excites grows by 1/L a step (L^-t), so the head gradient can be amplified there: "
+                        "keep L near 1 for long runs")
+    g = p.add_argument_group("QMF, MMCosine, MMPareto")
+    g.add_argument("--qmf_rank", default="paper", choices=["paper", "code"],
+                   help="qmf's ranking loss: relu(t (c_i - c_j) + margin), the confidence-ranking loss QMF builds on; "
+                        "code: - margin, as the authors' code computes it")
+    g.add_argument("--mmcosine_scale", type=float, default=10.0,
+                   help="mmcosine: the cosine logits' scale (GeWu-Lab/MMCosine_ICASSP23's --scaling 10)")
+    g.add_argument("--mmpareto_gamma", type=float, default=1.5,
+                   help="mmpareto: the final gradient scale (GeWu-Lab/MMPareto_ICML2024's 1.5)")
     if condition:
         g = p.add_argument_group("OGM / OGM-GE, FiLM / BiGated")
         g.add_argument("--alpha", type=float, default=0.3, help="OGM modulation strength")
@@ -4623,7 +4716,8 @@ def method_options(args):
     modality where the script declares them)."""
     options = dict(mla=dict(hgm=args.hgm, hgm_alpha=args.hgm_alpha, fusion=args.fusion,
                             fusion_weights=args.fusion_weights, hgm_alpha_scale=args.hgm_alpha_scale,
-                            hgm_forget=args.hgm_forget), qmf_rank=args.qmf_rank)
+                            hgm_forget=args.hgm_forget), qmf_rank=args.qmf_rank,
+                   mmcosine_scale=args.mmcosine_scale, mmpareto_gamma=args.mmpareto_gamma)
     if "condition" in vars(args):
         options.update(condition=args.condition, ogm=(args.alpha, args.modulation_starts, args.modulation_ends))
     return options
@@ -4725,5 +4819,10 @@ if __name__ == "__main__":
         _cli()
     except DataError as e:
         sys.exit(f"error: {e}")
+    except DiskFull as e:
+        sys.exit(f"error: {e.strerror}")
+    except KeyboardInterrupt:
+        print("interrupted: rerun the same command (prepare skips the clips it finished)", file=sys.stderr)
+        sys.exit(130)
     except BrokenPipeError:             # `report ... | head` closed the pipe: not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

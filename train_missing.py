@@ -45,7 +45,8 @@ def get_args(argv=None):
     C.add_common_args(p, C.MISSING_METHODS, DEFAULTS)
     a = p.add_argument_group("model sizes (the paper's: 3 layers of 128 per modality, classifier 128 -> C)").add_argument
     a("--hidden", type=int, default=128, help="width of the per-modality MLP encoders (and codes, tokens)")
-    a("--layers", type=int, default=3, help="linear layers per MLP encoder (and decoder)")
+    a("--layers", type=int, default=3, help="linear layers per MLP encoder (and decoder; cpm_net's are linear, "
+                                            "dim -> dim -> d, as the authors')")
     a = p.add_argument_group("Table-6-only methods").add_argument
     a("--cca_dim", type=int, default=32, help="cca: canonical components kept")
     a("--dcca_dim", type=int, default=10, help="dcca/dccae: output units per view (= canonical correlations)")

@@ -382,3 +382,60 @@ def test_encoders_of_different_widths_are_a_clear_error(tiny_encoders):
     with pytest.raises(ValueError, match=r"encoders of widths \[8, 4\]; the methods expect one width"):
         C.MLA([*tiny_encoders(5, dim=8), *tiny_encoders(7, dim=4)], 3, ["a", "b"])
     assert C.MLA([*tiny_encoders(5, dim=8), C.Projected(*tiny_encoders(7, dim=4), 8)], 3, ["a", "b"]).dim == 8
+
+
+# ---------------------------------------------------------------------------------------------- MMCosine, MMPareto
+
+def test_mmcosine_logits_are_scaled_cosines_summed():
+    encoders = [torch.nn.Identity(), torch.nn.Identity()]
+    for e in encoders:
+        e.dim = 2
+    m = C.MMCosine(encoders, 2, MODS)
+    with torch.no_grad():
+        m.heads[0].weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 2.0]]))
+        m.heads[1].weight.copy_(torch.tensor([[0.0, 1.0], [1.0, 0.0]]))
+    fused, unis = m.logits([torch.tensor([[3.0, 4.0]]), torch.tensor([[0.0, 5.0]])])
+    assert torch.allclose(unis[0], torch.tensor([[6.0, 8.0]])) and torch.allclose(unis[1], torch.tensor([[10.0, 0.0]]))
+    assert torch.allclose(fused, torch.tensor([[16.0, 8.0]]))
+    assert all(h.bias is None for h in m.heads)
+    again, _ = m.logits([torch.tensor([[30.0, 40.0]]), torch.tensor([[0.0, 0.5]])])     # scale-free
+    assert torch.allclose(again, fused)
+
+
+@pytest.mark.parametrize("g, u, expected", [
+    ([1.0, 0.0], [-1.0, 1.0], [0.6708, 1.3416]),     # conflict: min-norm c = 0.6, scaled to |g + u|, x 1.5
+    ([1.0, 0.0], [1.0, 1.0], [3.0, 1.5]),            # agreement: c = 1/2, n = g + u, x 1.5
+])
+def test_mmpareto_gradient_by_hand(g, u, expected):
+    [out] = C.pareto_grads([torch.tensor(g)], [torch.tensor(u)])
+    assert torch.allclose(out, torch.tensor(expected), atol=1e-4)
+
+
+def test_mmpareto_step_sets_encoder_gradients_from_its_two_losses(tiny_encoders):
+    torch.manual_seed(0)
+    m = C.MMPareto(tiny_encoders(5, 7), 4, MODS)
+    ref = copy.deepcopy(m)
+    xs, y, _ = batch()
+    seen = {}
+    opt = torch.optim.SGD(m.parameters(), lr=0.0)
+    opt.step = lambda closure=None: seen.update({n: p.grad.clone() for n, p in m.named_parameters()})
+    m.train_step(xs, y, opt)
+    fused, unis = ref.logits(ref.encode(xs))
+    losses = [F.cross_entropy(fused, y)] + [F.cross_entropy(u, y) for u in unis]
+    for k, f in enumerate(ref.encoders):
+        ps = list(f.parameters())
+        g = torch.autograd.grad(losses[0], ps, retain_graph=True)
+        u = torch.autograd.grad(losses[1 + k], ps, retain_graph=True)
+        for (name, _), want in zip(f.named_parameters(), C.pareto_grads(list(g), list(u))):
+            assert torch.allclose(seen[f"encoders.{k}.{name}"], want, atol=1e-6)
+    heads = [(n, p) for n, p in ref.named_parameters() if not n.startswith("encoders")]
+    for (name, p), want in zip(heads, torch.autograd.grad(sum(losses), [p for _, p in heads])):
+        assert torch.allclose(seen[name], want, atol=1e-6)
+
+
+def test_mla_alpha_scale_with_a_zero_first_hbar_keeps_P_finite():
+    m = linear_mla(hgm_alpha_scale=True)
+    m.head.weight.grad = torch.ones(3, 4)
+    m.project_head_grad(torch.zeros(4), 0.1, 0)
+    m.project_head_grad(torch.tensor([1.0, 0.0, 0.0, 0.0]), 0.1, 0)
+    assert torch.isfinite(m.P).all() and m.P[0, 0] < 1

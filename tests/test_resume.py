@@ -185,3 +185,29 @@ def test_resume_after_divergence_takes_a_lower_lr_and_refuses_other_changes(toy_
     [rec] = train_av.main(argv + ["--lr", "0.01", "--resume"])
     assert [e["lr"] for e in rec["epochs"]] == [0.05, 0.001, 0.0001]
     assert rec["args"]["lr"] == 0.01 and not (tmp_path / "toy_av" / "concat" / "seed0" / "last.pt").exists()
+
+
+def test_a_record_from_before_a_flag_existed_compares_as_what_it_ran():
+    """Records written before --hgm/--no_hgm became one setting, or before --feature_norm existed, compare as
+    the behaviour they ran with, so a sweep does not reuse them for other settings."""
+    old = {"method": "mla", "no_hgm": True, "lr": 0.01}
+    assert "--hgm False there, True now" in C.other_settings(old, {"method": "mla", "hgm": True, "lr": 0.01})
+    assert C.other_settings(old, {"method": "mla", "hgm": False, "lr": 0.01}) == ""
+    shown = C.other_settings({"method": "ae"}, {"method": "ae", "feature_norm": "train"})
+    assert shown == "--feature_norm none there, train now"
+
+
+def test_disk_full_crosses_a_process_pool():
+    import pickle
+    e = pickle.loads(pickle.dumps(C.DiskFull("no room for x.wav")))
+    assert isinstance(e, C.DiskFull) and e.strerror == "no room for x.wav"
+
+
+def test_checkpoints_are_fsynced_unless_the_tests_say_not(tmp_path, monkeypatch):
+    synced = []
+    monkeypatch.setattr(C.os, "fsync", lambda fd: synced.append(fd))
+    monkeypatch.delenv("MLA_NO_FSYNC")
+    C.atomic_torch_save({"w": torch.ones(2)}, tmp_path / "a.pt")
+    monkeypatch.setenv("MLA_NO_FSYNC", "1")
+    C.atomic_torch_save({"w": torch.ones(2)}, tmp_path / "b.pt")
+    assert len(synced) == 1 and torch.equal(torch.load(tmp_path / "b.pt")["w"], torch.ones(2))

@@ -111,7 +111,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("runs/hgm_ablation"))
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--jobs", type=int, default=1, help="runs at a time (each gets OMP_NUM_THREADS=1 when > 1)")
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time (when > 1, each gets OMP_NUM_THREADS=1 unless it is set)")
     p.add_argument("--table", action="store_true", help="only print the table and write the plot")
     args = p.parse_args()
     out = args.out.resolve()

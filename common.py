@@ -4508,7 +4508,8 @@ def report(runs_dir, paper=False, fmt="md"):
     """The tables of every record under runs_dir, in the paper's shape (see the section banner)."""
     if not Path(runs_dir).is_dir():
         raise DataError(f"{runs_dir}: folder not found; expected the --out_dir of some runs")
-    rows = report_rows(load_records(runs_dir))
+    records = load_records(runs_dir)
+    rows = report_rows(records)
     if not rows:
         return f"no records under {runs_dir}"
     if fmt == "csv":
@@ -4541,8 +4542,21 @@ def report(runs_dir, paper=False, fmt="md"):
             out.append("| " + " | ".join(cells) + " |")
         if any(r["on_test"] for r in rr):
             out.append("† epoch selected on the test set (--select_on test, the official protocol): optimistic")
+        out += [f"note: `{m}` averages runs of other settings ({shown}): give each setting its own --out_dir"
+                for (s, d, m), shown in mixed_settings(records).items() if (s, d) == (script, dataset)]
         out.append("")
     return "\n".join(out)
+
+
+def mixed_settings(records):
+    """{(script, dataset, method): the flags in which two of its records differ (seed, missing rate aside)}."""
+    first, mixed = {}, {}
+    for r in records:
+        key = (r["script"], r["dataset"], r["method"])
+        shown = other_settings(first.setdefault(key, r)["args"], r["args"], free={"seed", "missing_rate"})
+        if shown:
+            mixed.setdefault(key, shown)
+    return mixed
 
 
 def plot_curves(runs_dir, out):
@@ -4793,7 +4807,8 @@ def _cli(argv=None):
     q.add_argument("runs_dir")
     q.add_argument("--out", default="curves.png")
     v = sub.add_parser("prepare", help="videos -> <out>/AudioWAV/<clip>.wav and <out>/Image-01-FPS/<clip>/ "
-                                       "(clip = file name stem), the folders train_av.py reads; needs pip install av")
+                                       "(clip = file name stem), the folders train_av.py reads; needs pip install av",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     v.add_argument("--videos", required=True, help=f"folder searched recursively for {' '.join(VIDEO_EXTS)} files")
     v.add_argument("--out", required=True, help="data root written (finished clips are skipped on a rerun)")
     v.add_argument("--fps", type=float, default=1, help="frames kept per second of video")

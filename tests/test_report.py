@@ -96,3 +96,17 @@ def test_two_records_of_one_seed_are_an_error_and_a_missing_folder_too(runs, tmp
         C.report(runs)
     with pytest.raises(C.DataError, match="nowhere: folder not found"):
         C.report(tmp_path / "nowhere")
+
+
+def test_report_notes_runs_of_one_method_with_other_settings(tmp_path):
+    for seed, epochs in enumerate([1, 12, 12]):
+        record(tmp_path, "train_av.py", "toy", "mla", seed, {"audio": 1.0, "video": 1.0, "multi": 1.0})
+        path = tmp_path / "toy" / "mla" / f"seed{seed}" / "record.json"
+        rec = json.loads(path.read_text())
+        rec["args"] = {"epochs": epochs, "seed": seed, "lr": 0.01}
+        path.write_text(json.dumps(rec))
+    text = C.report(tmp_path)
+    assert "note: `mla` averages runs of other settings (--epochs 1 there, 12 now)" in text
+    for seed in (0, 1):
+        record(tmp_path / "same", "train_av.py", "toy", "mla", seed, {"audio": 1.0, "video": 1.0, "multi": 1.0})
+    assert "note:" not in C.report(tmp_path / "same")

@@ -420,6 +420,81 @@ class QMF(LateFusion):
         return loss
 
 
+def agm_coefficients(scores, running, alpha, cap=10.0):
+    """AGM's coefficients from the batch's mono-modal scores s_m (CE of each modality's Shapley response) and
+    their running means: r_m = exp(M/(M-1) (mean s - s_m)), eta_m the same on the running means, c_m =
+    exp(alpha min(eta_m - r_m, cap)): a modality ahead of its usual share (r > eta) is slowed."""
+    k = len(scores) / (len(scores) - 1)
+    ratio = lambda v: torch.exp(k * (v.mean() - v))
+    return torch.exp(alpha * (ratio(running) - ratio(scores)).clamp(max=cap))
+
+
+class ScaleGrad(torch.autograd.Function):
+    """Identity forward; the backward gradient times `scale` (AGM's backward hook on each response)."""
+
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.save_for_backward(scale)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.saved_tensors[0], None
+
+
+class AGM(Concat):
+    """AGM (Li et al., ICCV 2023; lihong2303/AGM_ICCV2023): the concat model's output for every non-empty
+    subset of modalities (the others' inputs zeroed, in eval mode as the authors' code) gives each
+    modality's Shapley response phi_m (v(empty) = 0, so sum_m phi_m = the full output); loss =
+    CE(sum_m phi_m), with the gradient into phi_m scaled by agm_coefficients (running means of the scores
+    over the run), then clipped to norm 1 when a head gradient exceeds 1. Active for epochs <= `ends`
+    (plain concat steps after); unimodal predictions are the phi_m."""
+
+    def __init__(self, encoders, num_classes, modalities, alpha=1.0, ends=20, cap=10.0):
+        super().__init__(encoders, num_classes, modalities)
+        self.alpha, self.ends, self.cap, self.active = alpha, ends, cap, True
+        self.register_buffer("running", torch.zeros(len(encoders), dtype=torch.float64))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.float64))
+
+    def schedule(self, epoch, step, steps):
+        self.active = epoch <= self.ends
+
+    def responses(self, xs):
+        """[phi_m], each (B, C): sum over S not holding m of |S|!(M-|S|-1)!/M! (v(S + m) - v(S))."""
+        M, v, was = len(xs), {0: 0.0}, self.training
+        for S in range(1, 2 ** M):
+            self.train(was and S == 2 ** M - 1)       # the zeroed passes in eval mode, with gradients
+            v[S] = self.fuse(self.encode([x if S >> m & 1 else torch.zeros_like(x) for m, x in enumerate(xs)]))
+        self.train(was)
+        w = lambda n: math.factorial(n) * math.factorial(M - n - 1) / math.factorial(M)
+        return [sum(w(bin(S).count("1")) * (v[S | 1 << m] - v[S]) for S in range(2 ** M) if not S >> m & 1)
+                for m in range(M)]
+
+    def train_step(self, xs, y, optimizer):
+        if not self.active:
+            return super().train_step(xs, y, optimizer)
+        phis = self.responses(xs)
+        with torch.no_grad():
+            s = torch.stack([-p.softmax(1).gather(1, y[:, None]).clamp_min(1e-8).log().mean() for p in phis]).double()
+            c = agm_coefficients(s, self.running, self.alpha, self.cap)
+            self.steps += 1
+            self.running.mul_((self.steps - 1) / self.steps).add_(s / self.steps)
+        loss = F.cross_entropy(sum(ScaleGrad.apply(p, c[m].to(p.dtype)) for m, p in enumerate(phis)), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        big = self.head.weight.grad.abs().max() > 1                    # the authors' conditional clip, no sync
+        torch._foreach_mul_(grads, torch.where(big, (1.0 / norm.clamp_min(1e-12)).clamp(max=1.0), 1.0))
+        optimizer.step()
+        return loss.detach()
+
+    @torch.no_grad()
+    def predict(self, xs):
+        phis = self.responses(xs)
+        return sum(phis), phis
+
+
 class MMCosine(Sum):
     """MMCosine (Xu et al., ICASSP 2023; GeWu-Lab/MMCosine_ICASSP23): a modality's logits are the cosines of its
     L2-normalised features with each class's L2-normalised weight (no bias) times `scale` (the authors'
@@ -490,15 +565,16 @@ class MMPareto(Method):
 
 
 METHODS = ["sum", "concat", "late_fusion", "film", "bigated", "ogm", "ogm_ge", "qmf", "mla", "mmcosine",
-           "mmpareto"]
+           "mmpareto", "agm"]
 
 
 def build_method(name, encoders, num_classes, modalities, num_train=0, condition=None, ogm=(0.3, 0, 50),
-                 mla=None, table6=None, qmf_rank="paper", mmcosine_scale=10.0, mmpareto_gamma=1.5):
+                 mla=None, table6=None, qmf_rank="paper", mmcosine_scale=10.0, mmpareto_gamma=1.5, agm=(1.0, 20)):
     """The method object `name`: condition, the FiLM/BiGated conditioning modality (a name in modalities);
     ogm, OGM's (alpha, first epoch, last epoch); mla, MLA's keyword arguments; table6, the keyword
     arguments of build_missing_method (the Table 6 methods' settings); qmf_rank, QMF's ranking margin;
-    mmcosine_scale and mmpareto_gamma, MMCosine's logit scale and MMPareto's gradient scale."""
+    mmcosine_scale and mmpareto_gamma, MMCosine's logit scale and MMPareto's gradient scale; agm, AGM's
+    (alpha, last epoch)."""
     cond = modalities.index(condition) if condition else 0
     if name in ("sum", "concat", "late_fusion"):
         return {"sum": Sum, "concat": Concat, "late_fusion": LateFusion}[name](encoders, num_classes, modalities)
@@ -515,6 +591,8 @@ def build_method(name, encoders, num_classes, modalities, num_train=0, condition
         return MMCosine(encoders, num_classes, modalities, scale=mmcosine_scale)
     if name == "mmpareto":
         return MMPareto(encoders, num_classes, modalities, gamma=mmpareto_gamma)
+    if name == "agm":
+        return AGM(encoders, num_classes, modalities, alpha=agm[0], ends=agm[1])
     if name in MISSING_ONLY_METHODS:
         return build_missing_method(name, encoders, num_classes, modalities, num_train, **(table6 or {}))
     raise ValueError(f"unknown method {name!r}; expected one of {METHODS + MISSING_ONLY_METHODS}")
@@ -4656,7 +4734,7 @@ def add_common_args(p, methods, defaults, modalities=None, condition=None):
                         "hbar'k)) / L, so absorbed directions come back (1: the paper's); as in RLS, a direction "
                         "no step excites grows by 1/L a step (L^-t), so the head gradient can be amplified there: "
                         "keep L near 1 for long runs")
-    g = p.add_argument_group("QMF, MMCosine, MMPareto")
+    g = p.add_argument_group("QMF, MMCosine, MMPareto, AGM")
     g.add_argument("--qmf_rank", default="paper", choices=["paper", "code"],
                    help="qmf's ranking loss: relu(t (c_i - c_j) + margin), the confidence-ranking loss QMF builds on; "
                         "code: - margin, as the authors' code computes it")
@@ -4664,6 +4742,8 @@ def add_common_args(p, methods, defaults, modalities=None, condition=None):
                    help="mmcosine: the cosine logits' scale (GeWu-Lab/MMCosine_ICASSP23's --scaling 10)")
     g.add_argument("--mmpareto_gamma", type=float, default=1.5,
                    help="mmpareto: the final gradient scale (GeWu-Lab/MMPareto_ICML2024's 1.5)")
+    g.add_argument("--agm_alpha", type=float, default=1.0, help="agm: modulation strength (AGM_ICCV2023's --alpha 1)")
+    g.add_argument("--agm_ends", type=int, default=20, help="agm: last modulated epoch (AGM_ICCV2023's 20)")
     if condition:
         g = p.add_argument_group("OGM / OGM-GE, FiLM / BiGated")
         g.add_argument("--alpha", type=float, default=0.3, help="OGM modulation strength")
@@ -4731,7 +4811,8 @@ def method_options(args):
     options = dict(mla=dict(hgm=args.hgm, hgm_alpha=args.hgm_alpha, fusion=args.fusion,
                             fusion_weights=args.fusion_weights, hgm_alpha_scale=args.hgm_alpha_scale,
                             hgm_forget=args.hgm_forget), qmf_rank=args.qmf_rank,
-                   mmcosine_scale=args.mmcosine_scale, mmpareto_gamma=args.mmpareto_gamma)
+                   mmcosine_scale=args.mmcosine_scale, mmpareto_gamma=args.mmpareto_gamma,
+                   agm=(args.agm_alpha, args.agm_ends))
     if "condition" in vars(args):
         options.update(condition=args.condition, ogm=(args.alpha, args.modulation_starts, args.modulation_ends))
     return options

@@ -439,3 +439,41 @@ def test_mla_alpha_scale_with_a_zero_first_hbar_keeps_P_finite():
     m.project_head_grad(torch.zeros(4), 0.1, 0)
     m.project_head_grad(torch.tensor([1.0, 0.0, 0.0, 0.0]), 0.1, 0)
     assert torch.isfinite(m.P).all() and m.P[0, 0] < 1
+
+
+# ---------------------------------------------------------------------------------------------- AGM
+
+def test_agm_coefficients_by_hand():
+    c = C.agm_coefficients(torch.tensor([0.5, 1.5]).double(), torch.tensor([0.8, 1.2]).double(), 1.0)
+    assert torch.allclose(c, torch.tensor([0.293330, 1.353157]).double(), atol=1e-6)
+    c3 = C.agm_coefficients(torch.tensor([0.5, 1.0, 1.5]).double(), torch.tensor([0.9, 1.0, 1.1]).double(), 1.0)
+    assert torch.allclose(c3, torch.tensor([0.384748, 1.0, 1.474533]).double(), atol=1e-6)
+
+
+class Lin(torch.nn.Linear):
+    def __init__(self, d_in, dim):
+        super().__init__(d_in, dim, bias=False)      # zero input -> zero features: an additive model
+        self.dim = dim
+
+
+def test_agm_shapley_responses_and_scaled_gradients():
+    """Additive model: phi_m = W_m z_m + b / M, sum = the full output; a step scales the gradient reaching
+    modality m by c_m (the running means start at 0, so eta = 1), and the running means become the scores."""
+    torch.manual_seed(0)
+    m = C.AGM([Lin(5, 3), Lin(7, 3)], 4, MODS)
+    xs, y, _ = batch()
+    xs = [0.1 * x for x in xs]                                   # small: no clipping
+    zs = m.encode(xs)
+    W, b = m.head.weight, m.head.bias
+    phis = m.responses(xs)
+    assert torch.allclose(phis[0], zs[0] @ W[:, :3].T + b / 2, atol=1e-6)
+    assert torch.allclose(sum(phis), m.fuse(zs), atol=1e-6)
+    s = torch.stack([F.cross_entropy(p, y) for p in phis]).double()
+    c = C.agm_coefficients(s, torch.zeros(2).double(), 1.0)
+    ref = copy.deepcopy(m)
+    opt = torch.optim.SGD(m.parameters(), lr=0.0)
+    m.train_step(xs, y, opt)
+    F.cross_entropy(ref.fuse(ref.encode(xs)), y).backward()
+    for k in range(2):
+        assert torch.allclose(m.encoders[k].weight.grad, c[k].float() * ref.encoders[k].weight.grad, atol=1e-6)
+    assert torch.allclose(m.running, s, atol=1e-6) and m.steps == 1

@@ -483,11 +483,10 @@ class AGM(Concat):
         loss = F.cross_entropy(sum(ScaleGrad.apply(p, c[m].to(p.dtype)) for m, p in enumerate(phis)), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-        limit = 1.0 if len(xs) == 2 else 5.0
-        big = self.head.weight.grad.abs().max() > limit                # the authors' conditional clip, no sync
-        torch._foreach_mul_(grads, torch.where(big, (limit / norm.clamp_min(1e-12)).clamp(max=1.0), 1.0))
+        grads, limit = [p.grad for p in self.parameters() if p.grad is not None], 1.0 if len(xs) == 2 else 5.0
+        big = self.head.weight.grad.abs().max() > limit                # the authors' conditional clip, no sync:
+        norm = torch.where(big, nn.utils.get_total_norm(grads), 0.0)  # a norm of 0 leaves the gradients as they are
+        nn.utils.clip_grads_with_norm_(self.parameters(), limit, norm)
         optimizer.step()
         return loss.detach()
 
@@ -559,9 +558,8 @@ class MMPareto(Method):
             for p, g in zip(ps, pareto_grads(fused_grads[start:start + len(ps)], grad(losses[1 + m], ps), self.gamma)):
                 p.grad = g
             start += len(ps)
-        in_encoders = {id(p) for ps in params for p in ps}
         total = sum(losses)
-        total.backward(inputs=[p for p in self.parameters() if p.requires_grad and id(p) not in in_encoders])
+        total.backward(inputs=[*self.head.parameters(), *self.heads.parameters()])
         optimizer.step()
         return total.detach()
 
@@ -4857,9 +4855,9 @@ def finish_args(p, args, methods, defaults):
     return args
 
 
-def script_main(main):
+def script_main(main, again="rerun the same command with --resume to continue from the last finished epoch"):
     """Run a script's main() and turn the failures a user can act on into one clear line and a
-    non-zero exit: bad data, a non-finite loss, Ctrl-C (the run can continue with --resume)."""
+    non-zero exit: bad data, a non-finite loss, a full disk, Ctrl-C (exit 130, then `again` says how to go on)."""
     try:
         main()
     except DataError as e:
@@ -4872,8 +4870,7 @@ def script_main(main):
     except DiskFull as e:
         sys.exit(f"error: {e.strerror}")
     except KeyboardInterrupt:                  # exit status 130, as a shell reports Ctrl-C
-        print("interrupted: rerun the same command with --resume to continue from the last finished epoch",
-              file=sys.stderr)
+        print(f"interrupted: {again}", file=sys.stderr)
         sys.exit(130)
 
 
@@ -4914,13 +4911,6 @@ def _cli(argv=None):
 
 if __name__ == "__main__":
     try:
-        _cli()
-    except DataError as e:
-        sys.exit(f"error: {e}")
-    except DiskFull as e:
-        sys.exit(f"error: {e.strerror}")
-    except KeyboardInterrupt:
-        print("interrupted: rerun the same command (prepare skips the clips it finished)", file=sys.stderr)
-        sys.exit(130)
+        script_main(_cli, again="rerun the same command (prepare skips the clips it finished)")
     except BrokenPipeError:             # `report ... | head` closed the pipe: not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -477,3 +477,22 @@ def test_agm_shapley_responses_and_scaled_gradients():
     for k in range(2):
         assert torch.allclose(m.encoders[k].weight.grad, c[k].float() * ref.encoders[k].weight.grad, atol=1e-6)
     assert torch.allclose(m.running, s, atol=1e-6) and m.steps == 1
+
+
+def test_agm_clips_to_norm_1_only_when_a_head_gradient_exceeds_1():
+    for scale, clipped in ((100.0, True), (0.01, False)):
+        torch.manual_seed(0)
+        m = C.AGM([Lin(5, 3), Lin(7, 3)], 4, MODS)
+        xs, y, _ = batch()
+        seen = {}
+        opt = torch.optim.SGD(m.parameters(), lr=0.0)
+        opt.step = lambda closure=None: seen.update(norm=nn_utils_norm(m))
+        m.train_step([scale * x for x in xs], y, opt)
+        if clipped:
+            assert abs(seen["norm"] - 1.0) < 1e-4
+        else:                                   # small gradients stay as they came (their values: the test above)
+            assert 0 < seen["norm"] < 1.0
+
+
+def nn_utils_norm(m):
+    return float(torch.nn.utils.get_total_norm([p.grad for p in m.parameters() if p.grad is not None]))

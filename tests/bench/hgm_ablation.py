@@ -11,7 +11,6 @@ per script, trace(P)/d and the fused validation accuracy over epochs (mean over 
 Ends with how many settings `mla --no_hgm` beats `mla` on (the rule that sets HGM's default).
 """
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -20,6 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+import common as C  # noqa: E402
 VARIANTS = {                                      # folder: (label, flags)
     "fixed_no_hgm": ("alternating, fixed fusion", ["--no_hgm", "--fusion", "fixed"]),
     "no_hgm": ("+ dynamic fusion (`--no_hgm`)", ["--no_hgm"]),
@@ -43,8 +44,7 @@ def run(script, variant, seeds, out):
 
 
 def records(out, variant, script):
-    found = [json.loads(p.read_text()) for p in sorted((out / variant).rglob("record.json"))]
-    return [r for r in found if r["script"] == script]
+    return [r for r in C.load_records(out / variant) if r["script"] == script]
 
 
 def cell(values, digits=1):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import copy
 import csv
 import errno
 import io
@@ -531,19 +532,25 @@ def pareto_grads(gs, us, gamma=1.5):
     return out
 
 
-class MMPareto(Method):
-    """MMPareto (Wei and Hu, ICML 2024; GeWu-Lab/MMPareto_ICML2024): a linear head on the concatenated features
-    and one per modality; loss = CE(fused) + sum_m CE(unimodal_m). Encoder m's gradient is pareto_grads of
-    its gradients from the fused loss and from its own (gamma 1.5, the authors'); the heads keep theirs."""
+class ConcatHeads(Concat):
+    """Concat's head on the concatenated features (the fused prediction) and a linear head per modality."""
+
+    def __init__(self, encoders, num_classes, modalities):
+        super().__init__(encoders, num_classes, modalities)
+        self.heads = nn.ModuleList(nn.Linear(self.dim, num_classes) for _ in encoders)
+
+    def logits(self, zs):
+        return self.fuse(zs), [h(z) for h, z in zip(self.heads, zs)]
+
+
+class MMPareto(ConcatHeads):
+    """MMPareto (Wei and Hu, ICML 2024; GeWu-Lab/MMPareto_ICML2024): loss = CE(fused) + sum_m CE(unimodal_m) on
+    ConcatHeads. Encoder m's gradient is pareto_grads of its gradients from the fused loss and from its own
+    (gamma 1.5, the authors'); the heads keep theirs."""
 
     def __init__(self, encoders, num_classes, modalities, gamma=1.5):
         super().__init__(encoders, num_classes, modalities)
-        self.head = nn.Linear(self.dim * len(encoders), num_classes)
-        self.heads = nn.ModuleList(nn.Linear(self.dim, num_classes) for _ in encoders)
         self.gamma = gamma
-
-    def logits(self, zs):
-        return self.head(torch.cat(zs, 1)), [h(z) for h, z in zip(self.heads, zs)]
 
     def train_step(self, xs, y, optimizer):
         fused, unis = self.logits(self.encode(xs))
@@ -564,17 +571,212 @@ class MMPareto(Method):
         return total.detach()
 
 
+def gb_weights(start, end, eps=1e-8):
+    """G-Blending's weights from each head's (train, validation) loss at the start and at the end of a
+    super-epoch, (K, 2) tensors: w_k = G_k / O_k^2 normalised to sum 1, G = the drop of the validation loss (at
+    least 0), O = the growth of the validation-train gap (the overfitting); eps keeps a head that overfits without
+    gaining at a weight of ~0 and a gap that did not move from dividing by 0."""
+    gain = (start[:, 1] - end[:, 1]).clamp_min(0)
+    over = (end[:, 1] - end[:, 0]) - (start[:, 1] - start[:, 0])
+    w = (gain / over.square().clamp_min(eps)).clamp_min(eps)
+    return w / w.sum()
+
+
+class GBlending(ConcatHeads):
+    """Online Gradient-Blending (Wang, Tran, Feiszli, CVPR 2020): loss = sum_k w_k CE_k over the unimodal heads and
+    the fused one (k = M) of ConcatHeads. Every `super_epoch` epochs (start_epoch) the weights are estimated from
+    the current model: a copy of each branch (encoder m and head m; every encoder and the fused head) trains alone
+    with CE for the coming super-epoch, and w = gb_weights of its losses on the training and the validation split
+    (eval mode) before and after. Predicts with the fused head."""
+
+    def __init__(self, encoders, num_classes, modalities, super_epoch=10):
+        super().__init__(encoders, num_classes, modalities)
+        self.super_epoch = super_epoch
+        self.register_buffer("weights", torch.full((len(encoders) + 1,), 1 / (len(encoders) + 1)))
+
+    def branch(self, xs, k):
+        return self.fuse(self.encode(xs)) if k == len(xs) else self.heads[k](self.encoders[k](xs[k]))
+
+    def branch_params(self, k):
+        return [*self.parameters()] if k == len(self.encoders) else [*self.encoders[k].parameters(),
+                                                                      *self.heads[k].parameters()]
+
+    def train_step(self, xs, y, optimizer):
+        fused, unis = self.logits(self.encode(xs))
+        loss = sum(w * F.cross_entropy(u, y) for w, u in zip(self.weights, unis + [fused]))
+        return optimizer_step(optimizer, loss)
+
+    @torch.no_grad()
+    def branch_losses(self, loader, device, ks, amp=False):
+        """The mean CE of each branch in ks over the loader, in eval mode."""
+        was, total, n = self.training, torch.zeros(len(ks), device=device), 0
+        self.eval()
+        for xs, y, _, _ in device_batches(loader, device, False):
+            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=amp):
+                total += torch.stack([F.cross_entropy(self.branch(xs, k).float(), y, reduction="sum") for k in ks])
+            n += len(y)
+        self.train(was)
+        return total.double().cpu() / n
+
+    def start_epoch(self, epoch, epochs, loaders, optimizer, device, amp=False):
+        if epoch % self.super_epoch:
+            return
+        if not loaders.get("val"):
+            raise ValueError("gblending measures overfitting on the validation split: use --val_ratio > 0")
+        K, n = len(self.encoders) + 1, min(self.super_epoch, epochs - epoch)
+        start = torch.stack([self.branch_losses(loaders[s], device, range(K), amp) for s in ("train", "val")], 1)
+        end = []
+        for k in range(K):
+            twin = copy.deepcopy(self)                    # branch k alone, from the current weights
+            hyper = {h: optimizer.param_groups[0][h] for h in ("lr", "momentum", "weight_decay")}
+            opt = torch.optim.SGD(twin.branch_params(k), **hyper)
+            twin.train()
+            for _ in range(n):
+                for xs, y, _, _ in device_batches(loaders["train"], device, True):
+                    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=amp):
+                        optimizer_step(opt, F.cross_entropy(twin.branch(xs, k).float(), y))
+            end.append([twin.branch_losses(loaders[s], device, [k], amp)[0] for s in ("train", "val")])
+        self.weights.copy_(gb_weights(start, torch.tensor(end, dtype=torch.float64)))
+        names = self.modalities + ["fused"]
+        print("G-Blending weights: " + ", ".join(f"{m} {w:.3f}" for m, w in zip(names, self.weights.tolist())))
+
+    def epoch_log(self):
+        return {"gb_weights": [round(w, 6) for w in self.weights.tolist()]}
+
+
+def proto_logits(z, prototypes):
+    """PMR's prototype logits: minus the Euclidean distance of each feature row to each class prototype, (B, C)."""
+    return -(z[:, None].float() - prototypes[None]).square().sum(-1).clamp_min(1e-12).sqrt()
+
+
+def pmr_coefficients(scores):
+    """PMR's imbalance ratio rho_m = s_m / (mean of the others' scores) (s_a / s_v for two modalities) and the
+    coefficients (weak: clip(1/rho - 1, 0, 1) on its prototype CE; dominant: clip(rho - 1, 0, 1) on its entropy)."""
+    M = len(scores)
+    rho = scores / ((scores.sum() - scores) / (M - 1)).clamp_min(1e-12)
+    return rho, (1 / rho - 1).clamp(0, 1), (rho - 1).clamp(0, 1)
+
+
+class PMR(Concat):
+    """PMR (Fan et al., CVPR 2023; fanyunfeng-bit/Modal-Imbalance-PMR): concat fusion and per modality class
+    prototypes, the class means of the encoder's features on a tenth of the training batches in eval mode,
+    computed at the start of every epoch (start_epoch; `momentum` of the old prototype kept). The prototype
+    logits (proto_logits; the unimodal predictions) give each modality's prototype CE (PCE) and its score s_m
+    (the batch's sum of the prototype softmax at the label); with pmr_coefficients, loss = CE(fused)
+    + alpha sum_m weak_m PCE_m - mu sum_m dominant_m H_m, H_m the mean entropy of the prototype softmax, for the
+    epochs up to `entropy_ends`."""
+
+    def __init__(self, encoders, num_classes, modalities, alpha=1.0, mu=0.01, entropy_ends=10, momentum=0.0):
+        super().__init__(encoders, num_classes, modalities)
+        self.alpha, self.mu, self.entropy_ends, self.momentum, self.epoch = alpha, mu, entropy_ends, momentum, 0
+        self.register_buffer("prototypes", torch.zeros(len(encoders), num_classes, self.dim))
+
+    def schedule(self, epoch, step, steps):
+        self.epoch = epoch
+
+    @torch.no_grad()
+    def start_epoch(self, epoch, epochs, loaders, optimizer, device, amp=False):
+        loader, (M, C, d) = loaders["train"], self.prototypes.shape
+        sums, counts, was = torch.zeros(M, C, d, device=device), torch.zeros(C, device=device), self.training
+        self.eval()
+        for i, (xs, y, _, _) in zip(range(max(1, len(loader) // 10)), device_batches(loader, device, True)):
+            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=amp):
+                zs = self.encode(xs)
+            for m, z in enumerate(zs):
+                sums[m].index_add_(0, y, z.float())
+            counts += torch.bincount(y, minlength=C)
+        self.train(was)
+        seen = counts > 0                                         # an unseen class keeps its prototype
+        keep = self.momentum if epoch > 0 else 0.0
+        self.prototypes[:, seen] = keep * self.prototypes[:, seen] + (1 - keep) * sums[:, seen] / counts[seen, None]
+
+    def train_step(self, xs, y, optimizer):
+        zs = self.encode(xs)
+        loss = F.cross_entropy(self.fuse(zs), y)
+        logits = [proto_logits(z, c) for z, c in zip(zs, self.prototypes)]
+        with torch.no_grad():
+            scores = torch.stack([u.softmax(1).gather(1, y[:, None]).sum() for u in logits])
+            _, weak, dominant = pmr_coefficients(scores)
+        for m, u in enumerate(logits):
+            loss = loss + self.alpha * weak[m] * F.cross_entropy(u, y)
+            if self.epoch <= self.entropy_ends:
+                loss = loss - self.mu * dominant[m] * -(u.softmax(1) * u.log_softmax(1)).sum(1).mean()
+        return optimizer_step(optimizer, loss)
+
+    @torch.no_grad()
+    def predict(self, xs):
+        zs = self.encode(xs)
+        return self.fuse(zs), [proto_logits(z, c) for z, c in zip(zs, self.prototypes)]
+
+
+def reconboost_loss(logits, ensemble, y, w1=5.0, w2=1.0):
+    """ReconBoost's loss of the modality in training, as the authors' code: mean of (w1 - w2 q_y) / C x CE(logits),
+    q = softmax(ensemble), the other modalities' detached ensemble output (None: none yet, q_y = 1); so a sample
+    the others already classify confidently counts less (boosting), w2 the reconcilement's weight."""
+    q_y = 1.0 if ensemble is None else ensemble.detach().softmax(1).gather(1, y[:, None])[:, 0]
+    return ((w1 - w2 * q_y) / logits.shape[1] * F.cross_entropy(logits, y, reduction="none")).mean()
+
+
+class ReconBoost(Method):
+    """ReconBoost (Hua et al., ICML 2024; huacong/ReconBoost): one head shared by every encoder (Linear, ReLU, Linear;
+    256 hidden, the authors' common space) and a learned scalar boost_rate (starts at 1): F = boost_rate x the sum of
+    head(encoder_m(x_m)) over the modalities trained so far. The epochs go in stages: modality m (in turn) trains
+    alone for `stage_epochs` (its encoder and the head, on reconboost_loss against the others' F; they run
+    without gradients), then every parameter for `correct_epochs` on CE(F) (the global rectification). Each phase
+    starts from a fresh optimizer state, as the authors' new optimizer per phase. Predicts with F."""
+
+    def __init__(self, encoders, num_classes, modalities, stage_epochs=4, correct_epochs=4, w1=5.0, w2=1.0, hidden=256):
+        super().__init__(encoders, num_classes, modalities)
+        self.head = nn.Sequential(nn.Linear(self.dim, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
+        self.boost_rate = nn.Parameter(torch.ones(()))
+        self.stage_epochs, self.correct_epochs, self.w1, self.w2 = stage_epochs, correct_epochs, w1, w2
+        self.register_buffer("members", torch.zeros(len(encoders), dtype=torch.bool))
+        self.current, self.fresh = 0, False
+
+    def schedule(self, epoch, step, steps):
+        stage, e = divmod(epoch, self.stage_epochs + self.correct_epochs)
+        self.current = stage % len(self.encoders) if e < self.stage_epochs else None     # None: rectification
+        self.fresh = step == 0 and e in (0, self.stage_epochs)
+        if self.current is not None:
+            self.members[self.current] = True
+
+    def ensemble(self, unis, skip=None):
+        members = [u for m, u in enumerate(unis) if self.members[m] and m != skip]
+        return self.boost_rate * sum(members) if members else None
+
+    def train_step(self, xs, y, optimizer):
+        if self.fresh:
+            optimizer.state.clear()
+        m = self.current
+        if m is None:
+            loss = F.cross_entropy(self.ensemble([self.head(z) for z in self.encode(xs)]), y)
+        else:
+            with torch.no_grad():
+                others = [self.head(f(x)) if j != m and self.members[j] else None
+                          for j, (f, x) in enumerate(zip(self.encoders, xs))]
+                ensemble = self.ensemble(others, skip=m)
+            loss = reconboost_loss(self.head(self.encoders[m](xs[m])), ensemble, y, self.w1, self.w2)
+        return optimizer_step(optimizer, loss)
+
+    @torch.no_grad()
+    def predict(self, xs):
+        unis = [self.head(z) for z in self.encode(xs)]
+        fused = self.ensemble(unis)
+        return (self.boost_rate * sum(unis) if fused is None else fused), unis
+
+
 METHODS = ["sum", "concat", "late_fusion", "film", "bigated", "ogm", "ogm_ge", "qmf", "mla", "mmcosine",
-           "mmpareto", "agm"]
+           "mmpareto", "agm", "gblending", "pmr", "reconboost"]
 
 
 def build_method(name, encoders, num_classes, modalities, num_train=0, condition=None, ogm=(0.3, 0, 50),
-                 mla=None, table6=None, qmf_rank="paper", mmcosine_scale=10.0, mmpareto_gamma=1.5, agm=(1.0, 20)):
+                 mla=None, table6=None, qmf_rank="paper", mmcosine_scale=10.0, mmpareto_gamma=1.5, agm=(1.0, 20),
+                 gb_super_epoch=10, pmr=None, reconboost=None):
     """The method object `name`: condition, the FiLM/BiGated conditioning modality (a name in modalities);
     ogm, OGM's (alpha, first epoch, last epoch); mla, MLA's keyword arguments; table6, the keyword
     arguments of build_missing_method (the Table 6 methods' settings); qmf_rank, QMF's ranking margin;
     mmcosine_scale and mmpareto_gamma, MMCosine's logit scale and MMPareto's gradient scale; agm, AGM's
-    (alpha, last epoch)."""
+    (alpha, last epoch); gb_super_epoch, G-Blending's; pmr and reconboost, PMR's and ReconBoost's keywords."""
     cond = modalities.index(condition) if condition else 0
     if name in ("sum", "concat", "late_fusion"):
         return {"sum": Sum, "concat": Concat, "late_fusion": LateFusion}[name](encoders, num_classes, modalities)
@@ -593,6 +795,12 @@ def build_method(name, encoders, num_classes, modalities, num_train=0, condition
         return MMPareto(encoders, num_classes, modalities, gamma=mmpareto_gamma)
     if name == "agm":
         return AGM(encoders, num_classes, modalities, alpha=agm[0], ends=agm[1])
+    if name == "gblending":
+        return GBlending(encoders, num_classes, modalities, super_epoch=gb_super_epoch)
+    if name == "pmr":
+        return PMR(encoders, num_classes, modalities, **(pmr or {}))
+    if name == "reconboost":
+        return ReconBoost(encoders, num_classes, modalities, **(reconboost or {}))
     if name in MISSING_ONLY_METHODS:
         return build_missing_method(name, encoders, num_classes, modalities, num_train, **(table6 or {}))
     raise ValueError(f"unknown method {name!r}; expected one of {METHODS + MISSING_ONLY_METHODS}")
@@ -3820,6 +4028,13 @@ def train_one_epoch(method, loader, optimizer, epoch, device, amp=False, checkpo
     return total / max(steps, 1)
 
 
+def start_epoch(method, epoch, epochs, loaders, optimizer, device, amp=False):
+    """What a method does before an epoch with all the loaders at hand, when it has a start_epoch: G-Blending
+    estimates its weights (every super-epoch), PMR computes its prototypes. Call it before train_one_epoch."""
+    if hasattr(method, "start_epoch"):
+        method.start_epoch(epoch, epochs, loaders, optimizer, device, amp)
+
+
 def train_val_test(data, val_ratio, seed, name, what):
     """{"train", "val", "test"}: the items of a loaded data set (load_av_splits, load_it_splits, ...) to
     train, select and test on. val is the data's dev split when it has one (and val_ratio > 0), else a
@@ -3894,7 +4109,8 @@ def resume_run(run, method, optimizer, scheduler, train_loader):
 
 
 def log_epoch(run, epoch, loss, optimizer, val, test, method):
-    """Log the epoch (loss, lr, accuracies; MLA's hgm_p_trace = trace(P)/dim, None without HGM) and print it;
+    """Log the epoch (loss, lr, accuracies; MLA's hgm_p_trace = trace(P)/dim, None without HGM; what a method's
+    epoch_log adds) and print it;
     True when it is the selected epoch so far (call it before the scheduler steps)."""
     select_on = run["settings"]["select_on"]
     entry = {"epoch": epoch, "lr": float(f"{optimizer.param_groups[0]['lr']:.6g}"), "train_loss": round(loss, 6)}
@@ -3902,6 +4118,7 @@ def log_epoch(run, epoch, loss, optimizer, val, test, method):
     if isinstance(method, MLA):
         entry["hgm_p_trace"] = round(float(torch.trace(method.P)) / method.dim, 6) if method.hgm else None
         trace = f"  P trace {entry['hgm_p_trace']:.3f}" if method.hgm else ""
+    entry.update(method.epoch_log() if hasattr(method, "epoch_log") else {})      # e.g. G-Blending's weights
     if select_on == "test":
         entry["test"] = test
     run["log"].append(entry)
@@ -3986,7 +4203,6 @@ def list_runs(args, known_methods, grid=None):
     list or 'all') x args.seeds (comma list; default args.seed), seed by seed; `grid` ({arg name:
     [values]}, e.g. {"missing_rate": [0.1, 0.3]}) adds outer loops. label: '[k/n] mla seed 0 ...' in
     a sweep (n > 1), None for a single run."""
-    import copy
     methods = parse_methods(args.method, known_methods)
     seeds = [int(s) for s in str(args.seeds).split(",")] if args.seeds else [args.seed]
     grid = grid or {}
@@ -4734,16 +4950,12 @@ def add_common_args(p, methods, defaults, modalities=None, condition=None):
                         "hbar'k)) / L, so absorbed directions come back (1: the paper's); as in RLS, a direction "
                         "no step excites grows by 1/L a step (L^-t), so the head gradient can be amplified there: "
                         "keep L near 1 for long runs")
-    g = p.add_argument_group("QMF, MMCosine, MMPareto, AGM")
+    g = p.add_argument_group("QMF")
     g.add_argument("--qmf_rank", default="paper", choices=["paper", "code"],
                    help="qmf's ranking loss: relu(t (c_i - c_j) + margin), the confidence-ranking loss QMF builds on; "
                         "code: - margin, as the authors' code computes it")
-    g.add_argument("--mmcosine_scale", type=float, default=10.0,
-                   help="mmcosine: the cosine logits' scale (GeWu-Lab/MMCosine_ICASSP23's --scaling 10)")
-    g.add_argument("--mmpareto_gamma", type=float, default=1.5,
-                   help="mmpareto: the final gradient scale (GeWu-Lab/MMPareto_ICML2024's 1.5)")
-    g.add_argument("--agm_alpha", type=float, default=1.0, help="agm: modulation strength (AGM_ICCV2023's --alpha 1)")
-    g.add_argument("--agm_ends", type=int, default=20, help="agm: last modulated epoch (AGM_ICCV2023's 20)")
+    if "mmcosine" in methods:
+        add_balancing_args(p)
     if condition:
         g = p.add_argument_group("OGM / OGM-GE, FiLM / BiGated")
         g.add_argument("--alpha", type=float, default=0.3, help="OGM modulation strength")
@@ -4760,6 +4972,38 @@ def add_common_args(p, methods, defaults, modalities=None, condition=None):
     g.add_argument("--resume", action="store_true",
                    help="continue an interrupted run from <run folder>/last.pt (saved after every epoch)")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def add_balancing_args(p):
+    """The flags of the six balancing methods after the paper's (train_av, train_it, train_ait); defaults the authors'."""
+    g = p.add_argument_group("MMCosine, MMPareto, AGM, G-Blending, PMR, ReconBoost")
+    g.add_argument("--mmcosine_scale", type=float, default=10.0,
+                   help="mmcosine: the cosine logits' scale (GeWu-Lab/MMCosine_ICASSP23's --scaling 10)")
+    g.add_argument("--mmpareto_gamma", type=float, default=1.5,
+                   help="mmpareto: the final gradient scale (GeWu-Lab/MMPareto_ICML2024's 1.5)")
+    g.add_argument("--agm_alpha", type=float, default=1.0, help="agm: modulation strength (AGM_ICCV2023's --alpha 1)")
+    g.add_argument("--agm_ends", type=int, default=20, help="agm: last modulated epoch (AGM_ICCV2023's 20)")
+    g.add_argument("--gb_super_epoch", type=int, default=10,
+                   help="gblending: epochs between weight estimates, each training a copy of every branch that "
+                        "long (GeWu-Lab/BalanceBenchmark's super_epoch 10; the authors publish no online code)")
+    g.add_argument("--pmr_alpha", type=float, default=1.0,
+                   help="pmr: weight of the weaker modality's prototype CE (Modal-Imbalance-PMR's --alpha 1)")
+    g.add_argument("--pmr_mu", type=float, default=0.01,
+                   help="pmr: weight of the dominant modality's prototype entropy (BalanceBenchmark's mu 0.01; "
+                        "0: none, as the authors' released script)")
+    g.add_argument("--pmr_entropy_ends", type=int, default=10,
+                   help="pmr: last epoch with the entropy term (BalanceBenchmark's norm_epoch 10)")
+    g.add_argument("--pmr_momentum", type=float, default=0.0,
+                   help="pmr: share of the old prototype kept each epoch (the authors' runs: 0)")
+    g.add_argument("--reconboost_stage_epochs", type=int, default=None,
+                   help="reconboost: epochs of each modality's stage (default 4, huacong/ReconBoost's "
+                        "--epochs_per_stage; the toy sets: 1)")
+    g.add_argument("--reconboost_correct_epochs", type=int, default=None,
+                   help="reconboost: epochs of the global rectification after each stage (default 4, ReconBoost's "
+                        "--correct_epoch; the toy sets: 1)")
+    g.add_argument("--reconboost_weights", type=float, nargs=2, default=[5.0, 1.0], metavar=("W1", "W2"),
+                   help="reconboost: the loss (w1 - w2 q_y) / C x CE; w2 weighs the reconcilement "
+                        "(ReconBoost's --weight1 5 --weight2 1 for CREMA-D)")
 
 
 def add_it_encoder_args(p, defaults):
@@ -4806,13 +5050,18 @@ def add_toy_args(p, what, train, test, dev=None, dev_flag="dev", seed_help="the 
 
 
 def method_options(args):
-    """build_method's keywords from the method flags of add_common_args (OGM's and the conditioning
-    modality where the script declares them)."""
+    """build_method's keywords from the method flags of add_common_args (OGM's, the conditioning modality and
+    the balancing methods' where the script declares them)."""
     options = dict(mla=dict(hgm=args.hgm, hgm_alpha=args.hgm_alpha, fusion=args.fusion,
                             fusion_weights=args.fusion_weights, hgm_alpha_scale=args.hgm_alpha_scale,
-                            hgm_forget=args.hgm_forget), qmf_rank=args.qmf_rank,
-                   mmcosine_scale=args.mmcosine_scale, mmpareto_gamma=args.mmpareto_gamma,
-                   agm=(args.agm_alpha, args.agm_ends))
+                            hgm_forget=args.hgm_forget), qmf_rank=args.qmf_rank)
+    if "mmcosine_scale" in vars(args):
+        options.update(mmcosine_scale=args.mmcosine_scale, mmpareto_gamma=args.mmpareto_gamma,
+                       agm=(args.agm_alpha, args.agm_ends), gb_super_epoch=args.gb_super_epoch,
+                       pmr=dict(alpha=args.pmr_alpha, mu=args.pmr_mu, entropy_ends=args.pmr_entropy_ends,
+                                momentum=args.pmr_momentum),
+                       reconboost=dict(stage_epochs=args.reconboost_stage_epochs, w1=args.reconboost_weights[0],
+                                       correct_epochs=args.reconboost_correct_epochs, w2=args.reconboost_weights[1]))
     if "condition" in vars(args):
         options.update(condition=args.condition, ogm=(args.alpha, args.modulation_starts, args.modulation_ends))
     return options

@@ -19,9 +19,11 @@ MODALITIES = ["audio", "video"]
 # The paper's settings for real data; the toy set has its own small defaults.
 DEFAULTS = {
     "paper": dict(epochs=100, batch_size=64, lr=1e-3, lr_decay_step=70, lr_decay_ratio=0.1,
-                  image_size=224, frames=3, audio_len=1024, num_mel_bins=128, num_workers=8),
+                  image_size=224, frames=3, audio_len=1024, num_mel_bins=128, num_workers=8,
+                  reconboost_stage_epochs=4, reconboost_correct_epochs=4),
     "toy": dict(epochs=10, batch_size=32, lr=1e-2, lr_decay_step=70, lr_decay_ratio=0.1,
-                image_size=32, frames=2, audio_len=64, num_mel_bins=32, num_workers=0),
+                image_size=32, frames=2, audio_len=64, num_mel_bins=32, num_workers=0,
+                reconboost_stage_epochs=1, reconboost_correct_epochs=1),
 }
 
 
@@ -137,6 +139,7 @@ def train(args, root, device):
     # ---- train: evaluate every epoch, keep the selected one (best.pt) and all that --resume needs (last.pt)
     state = C.start_run(run_folder(args), "train_av.py", vars(args), method, optimizer, scheduler, loaders)
     for epoch in range(state["next_epoch"], args.epochs):
+        C.start_epoch(method, epoch, args.epochs, loaders, optimizer, device, args.amp)   # G-Blending, PMR
         loss = C.train_one_epoch(method, loaders["train"], optimizer, epoch, device, args.amp, state["last"])
         val, test = C.evaluate_epoch(method, loaders, args.select_on, device, args.amp)
         if C.log_epoch(state, epoch, loss, optimizer, val, test, method):     # prints it; True: best so far

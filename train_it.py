@@ -20,10 +20,12 @@ MODALITIES = ["image", "text"]
 DEFAULTS = {
     "paper": dict(epochs=100, batch_size=64, lr=1e-3, lr_decay_step=70, lr_decay_ratio=0.1, image_size=256,
                   max_len=256, m3ae_dim=768, m3ae_depth=12, m3ae_heads=12, patch_size=16, vocab_size=30522,
-                  num_workers=8, cpu_threads=0),
+                  num_workers=8, cpu_threads=0,
+                  reconboost_stage_epochs=4, reconboost_correct_epochs=4),
     "toy": dict(epochs=30, batch_size=32, lr=1e-2, lr_decay_step=70, lr_decay_ratio=0.1, image_size=32,
                 max_len=12, m3ae_dim=32, m3ae_depth=2, m3ae_heads=2, patch_size=8, vocab_size=None,
-                num_workers=0, cpu_threads=1),
+                num_workers=0, cpu_threads=1,
+                reconboost_stage_epochs=1, reconboost_correct_epochs=1),
 }
 
 
@@ -97,6 +99,7 @@ def train(args, root, device):
     # ---- train: evaluate every epoch, keep the selected one (best.pt) and all that --resume needs (last.pt)
     state = C.start_run(run_folder(args), "train_it.py", vars(args), method, optimizer, scheduler, loaders)
     for epoch in range(state["next_epoch"], args.epochs):
+        C.start_epoch(method, epoch, args.epochs, loaders, optimizer, device, args.amp)   # G-Blending, PMR
         loss = C.train_one_epoch(method, loaders["train"], optimizer, epoch, device, args.amp, state["last"])
         val, test = C.evaluate_epoch(method, loaders, args.select_on, device, args.amp)
         if C.log_epoch(state, epoch, loss, optimizer, val, test, method):     # prints it; True: best so far

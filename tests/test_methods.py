@@ -1,4 +1,5 @@
 """Behaviour of the methods' updates (MLA, OGM/OGM-GE, QMF, late fusion) on small encoders."""
+import collections
 import copy
 import math
 
@@ -496,3 +497,133 @@ def test_agm_clips_to_norm_1_only_when_a_head_gradient_exceeds_1():
 
 def nn_utils_norm(m):
     return float(torch.nn.utils.get_total_norm([p.grad for p in m.parameters() if p.grad is not None]))
+
+
+# ---------------------------------------------------------------------------------------------- G-Blending, PMR, ReconBoost
+
+class Pairs(torch.utils.data.Dataset):
+    """(x_audio, x_video, label, index) items, as the scripts' data sets give them."""
+
+    def __init__(self, n=40, seed=0):
+        (self.a, self.v), self.y, _ = batch(n=n, seed=seed)
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.a[i], self.v[i], self.y[i], i
+
+
+def test_gblending_weights_by_hand():
+    start = torch.tensor([[1.8, 1.9], [1.6, 1.75], [1.5, 1.7]]).double()      # (train, val) loss per head
+    end = torch.tensor([[1.4, 1.7], [0.9, 1.35], [0.6, 1.4]]).double()        # audio, video, fused
+    assert torch.allclose(C.gb_weights(start, end), torch.tensor([0.4865, 0.4324, 0.0811]).double(), atol=1e-4)
+    worse = end.clone()
+    worse[0, 1] = 1.95                          # audio's validation loss rose: no gain, a weight of ~0
+    w = C.gb_weights(start, worse)
+    assert w[0] < 1e-6 and abs(float(w.sum()) - 1) < 1e-12
+
+
+def test_gblending_step_is_the_weighted_sum_of_the_heads_ces(tiny_encoders):
+    m = C.GBlending(tiny_encoders(5, 7), 4, MODS)
+    m.weights.copy_(torch.tensor([0.2, 0.5, 0.3]))
+    xs, y, _ = batch()
+    fused, unis = m.logits(m.encode(xs))
+    want = 0.2 * F.cross_entropy(unis[0], y) + 0.5 * F.cross_entropy(unis[1], y) + 0.3 * F.cross_entropy(fused, y)
+    assert torch.allclose(m.train_step(xs, y, torch.optim.SGD(m.parameters(), lr=0.0)), want)
+    assert torch.equal(m.predict(xs)[0], fused.detach())                       # predicts with the fused head
+
+
+def test_gblending_estimates_its_weights_on_copies_every_super_epoch(tiny_encoders):
+    torch.manual_seed(0)
+    m = C.GBlending(tiny_encoders(5, 7), 4, MODS, super_epoch=2)
+    loaders = {s: C.make_loader(Pairs(seed=i), 8, s == "train") for i, s in enumerate(("train", "val"))}
+    opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+    before = params(m)
+    C.start_epoch(m, 0, 4, loaders, opt, "cpu")
+    w = m.weights.clone()
+    assert same(before, params(m)) and not opt.state                # the copies trained, not the model
+    assert abs(float(w.sum()) - 1) < 1e-6 and not torch.allclose(w, torch.full((3,), 1 / 3))
+    C.start_epoch(m, 1, 4, loaders, opt, "cpu")                     # within the super-epoch: kept
+    assert torch.equal(m.weights, w) and m.epoch_log() == {"gb_weights": [round(v, 6) for v in w.tolist()]}
+    with pytest.raises(ValueError, match="validation split"):
+        C.start_epoch(m, 2, 4, {"train": loaders["train"], "val": None}, opt, "cpu")
+
+
+class Ident(torch.nn.Identity):
+    dim = 2
+
+
+def test_pmr_loss_by_hand():
+    """Features a, v (identity encoders) and prototypes as below: CE(fused) 0.302637; prototype scores give
+    rho_audio = 1.124158, so video is the weaker (its PCE 0.441716 x 0.124158) and audio's entropy (0.583094)
+    is raised with the same coefficient x mu while epoch <= entropy_ends."""
+    m = C.PMR([Ident(), Ident()], 2, MODS)
+    with torch.no_grad():
+        m.head.weight.copy_(torch.tensor([[1.0, 0, 0.5, 0.5], [0, 1.0, -0.5, -0.5]]))
+        m.head.bias.copy_(torch.tensor([0.1, -0.1]))
+        m.prototypes.copy_(torch.tensor([[[1.0, 0], [0, 1.0]], [[1.0, 1.0], [-1.0, -1.0]]]))
+    xs, y = [torch.tensor([[0.9, 0.1], [0.2, 0.8]]), torch.tensor([[0.5, 0.2], [0.1, -0.3]])], torch.tensor([0, 1])
+    opt = torch.optim.SGD(m.parameters(), lr=0.0)
+    assert abs(float(step(m, xs, y, None, opt, epoch=0)) - 0.356755) < 1e-6
+    assert abs(float(step(m, xs, y, None, opt, epoch=11)) - (0.302637 + 0.124158 * 0.441716)) < 1e-6
+    rho, weak, dominant = C.pmr_coefficients(torch.tensor([1.0, 2.0, 3.0]))       # three modalities
+    assert torch.allclose(rho, torch.tensor([0.4, 1.0, 2.0])) and weak.tolist() == [1, 0, 0]
+    assert dominant.tolist() == [0, 0, 1]
+
+
+def test_pmr_prototypes_are_class_means_of_a_tenth_of_the_training_batches():
+    m = C.PMR([Ident(), Ident()], 4, MODS, momentum=0.5)
+    data = Pairs(n=40)
+    data.a, data.v = data.a[:, :2], data.v[:, :2]
+    loaders = {"train": C.make_loader(data, 2, False)}         # unshuffled: batches 0 and 1 are items 0-3
+    C.start_epoch(m, 0, 2, loaders, None, "cpu")
+    y = data.y[:4]
+    for k in range(4):
+        want = data.a[:4][y == k].mean(0) if (y == k).any() else torch.zeros(2)    # unseen: kept (0)
+        assert torch.allclose(m.prototypes[0, k], want)
+    old = m.prototypes.clone()
+    data.a = data.a + 1.0
+    C.start_epoch(m, 1, 2, loaders, None, "cpu")              # momentum 0.5 of the old prototype
+    seen = torch.bincount(y, minlength=4) > 0
+    assert torch.allclose(m.prototypes[0, seen], old[0, seen] + 0.5)
+    assert torch.equal(m.prototypes[0, ~seen], old[0, ~seen])
+
+
+def test_reconboost_loss_by_hand():
+    z0 = torch.tensor([[2.0, 0.5, -1.0], [0.2, 0.1, 1.5]])          # the others' ensemble (detached)
+    z1 = torch.tensor([[0.3, 1.2, -0.4], [1.0, -0.5, 0.0]], requires_grad=True)
+    y = torch.tensor([0, 2])
+    loss = C.reconboost_loss(z1, z0, y)
+    assert abs(loss.item() - 2.025647) < 1e-6
+    loss.backward()
+    assert torch.allclose(z1.grad, torch.tensor([[-0.524856, 0.436690, 0.088166],
+                                                 [0.454819, 0.101484, -0.556303]]), atol=1e-6)
+    first = C.reconboost_loss(z1, None, y)                           # stage 0: no ensemble yet, q_y = 1
+    assert torch.allclose(first, (5 - 1) / 3 * F.cross_entropy(z1, y))
+
+
+def test_reconboost_stages_then_rectification_with_fresh_optimizer_state(tiny_encoders):
+    torch.manual_seed(0)
+    m = C.ReconBoost(tiny_encoders(5, 7), 4, MODS, stage_epochs=2, correct_epochs=1)
+    opt = SpyOptimizer(m, lr=0.1, momentum=0.9, weight_decay=1e-2)
+    clears = []
+
+    class State(collections.defaultdict):       # the optimizer's state, counting when it is cleared
+        def clear(self):
+            clears.append(len(opt.log))
+            super().clear()
+    opt.state = State(dict)
+    members = []
+    for epoch in range(6):
+        for s in range(2):
+            xs, y, idx = batch(seed=s)
+            step(m, xs, y, idx, opt, epoch=epoch, batch=s, steps=2)
+        members.append(m.members.tolist())
+    # audio's stage, the rectification of the ensemble so far (audio alone), video's stage, both
+    trained = [[True, False]] * 6 + [[False, True]] * 4 + [[True, True]] * 2
+    assert [had for had, _ in opt.log] == trained and [moved for _, moved in opt.log] == trained
+    assert clears == [0, 4, 6, 10]                   # each phase (stage or rectification) starts afresh
+    assert members == [[True, False]] * 3 + [[True, True]] * 3
+    fused, unis = m.predict(xs)
+    assert torch.allclose(fused, m.boost_rate * (unis[0] + unis[1]))

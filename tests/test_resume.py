@@ -30,9 +30,11 @@ def kill_after_first_epoch(script, argv, run_dir, cwd):
     return torch.load(last, weights_only=False)
 
 
-@pytest.mark.parametrize("method", ["mla", "qmf"])
+@pytest.mark.parametrize("method", ["mla", "qmf", "gblending", "pmr", "reconboost"])
 def test_train_av_killed_and_resumed_equals_uninterrupted(method, toy_root, tmp_path):
-    argv = ["--dataset", "toy", "--data_root", str(toy_root), "--method", method, *TINY, "--epochs", "3"]
+    # G-Blending re-estimates its weights at epoch 2, ReconBoost trains audio, both, then video (a stage each)
+    argv = ["--dataset", "toy", "--data_root", str(toy_root), "--method", method, *TINY, "--epochs", "3",
+            "--gb_super_epoch", "2"]
     [whole] = train_av.main(argv + ["--out_dir", str(tmp_path / "whole")])
     out = tmp_path / "killed"
     run_dir = out / "toy_av" / method / "seed0"
@@ -42,6 +44,8 @@ def test_train_av_killed_and_resumed_equals_uninterrupted(method, toy_root, tmp_
         assert not torch.equal(saved["state_dict"]["P"], torch.eye(512))          # P travels in the checkpoint
     if method == "qmf":
         assert saved["state_dict"]["history"].abs().sum() > 0                     # so do QMF's histories
+    if method == "pmr":
+        assert saved["state_dict"]["prototypes"].abs().sum() > 0                  # and the prototypes
     loads, real_load = [], torch.load
     with pytest.MonkeyPatch.context() as mp:    # last.pt is read onto the CPU: RNG states must stay CPU
         mp.setattr(C.torch, "load", lambda f, **kw: loads.append((Path(f).name, kw.get("map_location"))) or

@@ -38,8 +38,8 @@ def test_every_method_trains_one_toy_epoch_and_writes_record(method, it_root, tm
     assert on_disk["modalities"] == ["image", "text"] and on_disk["select_on"] == "val"
     assert set(on_disk["args"]) == set(vars(train_it.get_args([])))
     assert on_disk["args"]["condition"] == "text" and on_disk["args"]["encoder"] == "m3ae"
-    mla_only = {"hgm_p_trace"} if method == "mla" else set()
-    assert [set(e) for e in on_disk["epochs"]] == [{"epoch", "lr", "train_loss", "val"} | mla_only]
+    own = {"mla": {"hgm_p_trace"}, "gblending": {"gb_weights"}}.get(method, set())     # a method's own log
+    assert [set(e) for e in on_disk["epochs"]] == [{"epoch", "lr", "train_loss", "val"} | own]
     assert set(on_disk["epochs"][0]["val"]) == {"image", "text", "multi"}
     assert set(on_disk["test"]) == {"image", "text", "multi"}
     assert all(0 <= v <= 100 for v in on_disk["test"].values())

@@ -484,12 +484,14 @@ class AGM(Concat):
         phis = self.responses(xs)
         with torch.no_grad():
             s = torch.stack([-p.softmax(1).gather(1, y[:, None]).clamp_min(1e-8).log().mean() for p in phis]).double()
+            s = all_sum(s) / world()[1]              # torchrun: the job's scores
             c = agm_coefficients(s, self.running, self.alpha, self.cap)
             self.steps += 1
             self.running.mul_((self.steps - 1) / self.steps).add_(s / self.steps)
         loss = F.cross_entropy(sum(ScaleGrad.apply(p, c[m].to(p.dtype)) for m, p in enumerate(phis)), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        mean_grads(self.parameters())                # torchrun: the job's gradients, then the clip
         grads, limit = [p.grad for p in self.parameters() if p.grad is not None], 1.0 if len(xs) == 2 else 5.0
         big = self.head.weight.grad.abs().max() > limit                # the authors' conditional clip, no sync:
         norm = torch.where(big, nn.utils.get_total_norm(grads), 0.0)  # a norm of 0 leaves the gradients as they are
@@ -564,11 +566,12 @@ class MMPareto(ConcatHeads):
         params = [[p for p in f.parameters() if p.requires_grad] for f in self.encoders]
         grad = lambda loss, ps: [torch.zeros_like(p) if g is None else g for p, g in
                                  zip(ps, torch.autograd.grad(loss, ps, retain_graph=True, allow_unused=True))]
-        fused_grads = grad(losses[0], sum(params, []))
+        fused_grads = all_mean(grad(losses[0], sum(params, [])))         # torchrun: the job's gradients
         optimizer.zero_grad(set_to_none=True)
         start = 0
         for m, ps in enumerate(params):
-            for p, g in zip(ps, pareto_grads(fused_grads[start:start + len(ps)], grad(losses[1 + m], ps), self.gamma)):
+            own = all_mean(grad(losses[1 + m], ps))
+            for p, g in zip(ps, pareto_grads(fused_grads[start:start + len(ps)], own, self.gamma)):
                 p.grad = g
             start += len(ps)
         total = sum(losses)
@@ -622,7 +625,7 @@ class GBlending(ConcatHeads):
                 total += torch.stack([F.cross_entropy(self.branch(xs, k).float(), y, reduction="sum") for k in ks])
             n += len(y)
         self.train(was)
-        return total.double().cpu() / n
+        return (all_sum(total.double()) / all_sum(torch.tensor(float(n), device=device))).cpu()   # torchrun: the job's
 
     def start_epoch(self, epoch, epochs, loaders, optimizer, device, amp=False):
         if epoch % self.super_epoch:
@@ -636,6 +639,7 @@ class GBlending(ConcatHeads):
             twin = copy.deepcopy(self)                    # branch k alone, from the current weights
             hyper = {h: optimizer.param_groups[0][h] for h in ("lr", "momentum", "weight_decay")}
             opt = torch.optim.SGD(twin.branch_params(k), **hyper)
+            opt.register_step_pre_hook(lambda *_: mean_grads(twin.parameters()))      # torchrun: as the model
             twin.train()
             for _ in range(n):
                 for xs, y, _, _ in device_batches(loaders["train"], device, True):
@@ -692,6 +696,7 @@ class PMR(Concat):
                 sums[m].index_add_(0, y, z.float())
             counts += torch.bincount(y, minlength=C)
         self.train(was)
+        all_sum(sums), all_sum(counts)                            # torchrun: every process's first batches
         seen = counts > 0                                         # an unseen class keeps its prototype
         keep = self.momentum if epoch > 0 else 0.0
         self.prototypes[:, seen] = keep * self.prototypes[:, seen] + (1 - keep) * sums[:, seen] / counts[seen, None]
@@ -701,7 +706,7 @@ class PMR(Concat):
         loss = F.cross_entropy(self.fuse(zs), y)
         logits = [proto_logits(z, c) for z, c in zip(zs, self.prototypes)]
         with torch.no_grad():
-            scores = torch.stack([u.softmax(1).gather(1, y[:, None]).sum() for u in logits])
+            scores = all_sum(torch.stack([u.softmax(1).gather(1, y[:, None]).sum() for u in logits]))   # the job's
             _, weak, dominant = pmr_coefficients(scores)
         for m, u in enumerate(logits):
             loss = loss + self.alpha * weak[m] * F.cross_entropy(u, y)
@@ -3954,13 +3959,19 @@ def mean_grads(params):
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             grads.append(p.grad)
-    if grads:
-        flat = all_sum(torch.cat([g.flatten().float() for g in grads])) / world()[1]
-        for g, v in zip(grads, flat.split([g.numel() for g in grads])):
-            g.copy_(v.view_as(g))
+    all_mean(grads)
 
 
-DISTRIBUTED_METHODS = ("sum", "concat", "late_fusion", "film", "bigated", "ogm", "ogm_ge", "qmf", "mla", "mmcosine")
+def all_mean(tensors):
+    """The tensors (a list) averaged over the processes of a torchrun job, in place, in one all-reduce."""
+    if under_torchrun() and tensors:
+        flat = all_sum(torch.cat([t.flatten().float() for t in tensors])) / world()[1]
+        for t, v in zip(tensors, flat.split([t.numel() for t in tensors])):
+            t.copy_(v.view_as(t))
+    return tensors
+
+
+DISTRIBUTED_METHODS = METHODS       # Table 5's and the balancing methods (Table 6's own: not yet)
 
 
 def distribute(method, optimizer, name, sync_bn=True):

@@ -1,6 +1,6 @@
 """Started under torchrun by tests/test_ddp.py (not collected by pytest). `train OUT`: each method trains two
 epochs of two batches of 32 on a fixed feature set through train_av.py's helpers (build_method, make_loader,
-distribute, train_one_epoch, evaluate); every process saves what it ends with, then train_missing.py runs
+distribute, start_epoch, train_one_epoch, evaluate); every process saves what it ends with, then train_missing.py runs
 (its record: OUT/missing). `fail OUT`: train_missing.py, with process 1 failing in its second evaluation."""
 import sys
 from pathlib import Path
@@ -11,7 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common as C          # noqa: E402
 import train_missing        # noqa: E402
 
-METHODS = ["concat", "mla", "ogm_ge", "qmf"]
+METHODS = C.METHODS                 # Table 5's and the six balancing methods
 
 
 class Pairs(torch.utils.data.Dataset):
@@ -37,9 +37,12 @@ def train(out):
         method = C.build_method(name, encoders, 4, ["audio", "video"], len(data))
         optimizer = torch.optim.SGD(method.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
         method = C.distribute(method, optimizer, name)
-        loader = C.make_loader(data, 32, True, seed=0)
-        losses = [C.train_one_epoch(method, loader, optimizer, epoch, "cpu") for epoch in range(2)]
-        acc = C.evaluate(method, C.make_loader(data, 32, False), "cpu")
+        loaders = {"train": C.make_loader(data, 32, True, seed=0), "val": C.make_loader(data, 32, False)}
+        losses = []
+        for epoch in range(2):
+            C.start_epoch(method, epoch, 2, loaders, optimizer, "cpu")         # G-Blending's weights, PMR's prototypes
+            losses.append(C.train_one_epoch(method, loaders["train"], optimizer, epoch, "cpu"))
+        acc = C.evaluate(method, loaders["val"], "cpu")
         torch.save({"losses": losses, "acc": acc, "state": method.state_dict()}, Path(out) / f"{name}_{rank}.pt")
     train_missing.main(["--method", "mla", "--epochs", "2", "--toy_train", "256", "--toy_val", "64",
                         "--toy_test", "64", "--out_dir", str(Path(out) / "missing")])

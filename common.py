@@ -18,6 +18,7 @@ bool, True = view present, for the Table 6 data sets (their `masked = True`).
 """
 from __future__ import annotations
 
+import argparse
 import collections
 import contextlib
 import copy
@@ -52,10 +53,9 @@ HERE = Path(__file__).resolve().parent
 # ======== 1. Methods.  1a. MLA: the alternating unimodal update and its test-time fusion (needs only torch) ====
 
 def fusion_weights(unis, mode="dynamic", fixed=None, mask=None):
-    """MLA's test-time fusion weights from the unimodal logits (M tensors (B, C)). dynamic: per sample,
-    softmax over m of -entropy(logits_m), (B, M); dynamic_batch (the official code's): entropy of a softmax
-    over the batch axis, (M,); fixed: the given weights, (M,). With a mask (B, M) of present views: (B, M),
-    zero for missing views, renormalised over each row's present ones."""
+    """MLA's test-time fusion weights from the unimodal logits (M tensors (B, C)). dynamic: per sample, softmax over
+    m of -entropy(logits_m), (B, M); dynamic_batch (the official code's): entropy of a softmax over the batch axis,
+    (M,); fixed: the given weights, (M,). A mask (B, M) of present views: 0 for the missing, renormalised."""
     if mode == "dynamic":
         ent = torch.stack([-(u.softmax(1) * u.log_softmax(1)).sum(1) for u in unis], 1)
         ent = ent if mask is None else ent.masked_fill(~mask, float("inf"))          # weight exp(-inf) = 0
@@ -74,11 +74,10 @@ def fusion_weights(unis, mode="dynamic", fixed=None, mask=None):
 
 
 class MLA(nn.Module):
-    """Multimodal Learning with Alternating unimodal adaptation: encoders of one width `dim` (each maps
-    its batch to (B, dim)) and one shared linear head. train_step: for each modality in turn, its encoder
-    alone runs forward, CE on head(z), backward, the head's weight gradient projected with P (HGM), one
-    optimizer step. P (dim x dim, from the identity) keeps the head-input directions of earlier steps;
-    `alpha` is HGM's alpha of the next step (schedule() sets it). Test: entropy-weighted fusion."""
+    """Multimodal Learning with Alternating unimodal adaptation: encoders of one width `dim` (batch -> (B, dim)), one
+    shared linear head. train_step: per modality in turn, its encoder alone runs forward, CE on head(z), backward,
+    the head's weight gradient projected with P (HGM), one optimizer step. P (dim x dim, from the identity) keeps
+    earlier steps' head-input directions; `alpha`: HGM's next (schedule() sets it). Test: entropy-weighted fusion."""
 
     def __init__(self, encoders, num_classes, modalities=None, hgm=True, hgm_alpha=None, fusion="dynamic",
                  fusion_weights=None, hgm_alpha_scale=False, hgm_forget=1.0):
@@ -107,8 +106,8 @@ class MLA(nn.Module):
         """grad_W <- grad_W P (keep earlier steps' directions); absorb hbar: k = P hbar, P <- (P - k k^T /
         (a + hbar^T k)) / hgm_forget, a = alpha (with hgm_alpha_scale: times modality m's mean hbar^T hbar)."""
         with torch.autocast(self.P.device.type, enabled=False):    # P stays in full precision under AMP
-            g = self.head.weight.grad
-            g.copy_(g.to(self.P.dtype) @ self.P)
+            if (g := self.head.weight.grad) is not None:          # None: no rows here (torchrun)
+                g.copy_(g.to(self.P.dtype) @ self.P)
             if self.hgm_alpha_scale:            # the running mean: the first value, then momentum 0.1
                 self.hbar_sq[m] = (hbar @ hbar).lerp(self.hbar_sq[m], 0.9 * (self.hbar_sq[m] > 0))
                 alpha = alpha * self.hbar_sq[m].clamp_min(1e-12)         # a zero hbar absorbs nothing
@@ -116,33 +115,35 @@ class MLA(nn.Module):
             self.P.sub_(torch.outer(k, k) / (alpha + hbar @ k)).div_(self.hgm_forget)
 
     def train_step(self, xs, y, optimizer, mask=None):
-        """One alternating step per modality; returns the mean of their losses (a 0-dim tensor left on the
-        device). With a mask (B, M), True = view present, modality m's step uses only the rows where
-        view m is present (h-bar is their mean) and is skipped when there are none."""
+        """One step per modality; returns their mean loss (a 0-dim tensor left on the device). With a mask (B, M),
+        True = present, modality m's step uses the rows where view m is present (h-bar: their mean), if any."""
         total, steps = 0.0, 0
         for m, f in enumerate(self.encoders):
             rows = slice(None) if mask is None else mask[:, m]
-            if mask is not None and not rows.any():
+            here = mask is None or bool(rows.any())
+            z = f(xs[m][rows]) if here else self.P.new_zeros(0, self.dim)
+            job = torch.cat([z.detach().to(self.P.dtype).sum(0), self.P.new_tensor([len(z), 1.0])])  # [sum h, rows,
+            if torch.distributed.is_available() and torch.distributed.is_initialized():    # processes]; torchrun:
+                torch.distributed.all_reduce(job)         # the job's; a process without rows steps gradient-less
+            if mask is not None and job[-2] == 0:
                 continue
-            z = f(xs[m][rows])
-            loss = F.cross_entropy(self.head(z), y[rows])
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if here:                            # x rows x processes / job's rows: the processes' mean is the job's
+                loss = F.cross_entropy(self.head(z), y[rows]) * (len(z) * job[-1] / job[-2])
+                loss.backward()
             if self.hgm:
-                self.project_head_grad(z.detach().to(self.P.dtype).mean(0), self.alpha, m)
+                self.project_head_grad(job[:-2] / job[-2], self.alpha, m)
             optimizer.step()
-            total, steps = total + loss.detach().double(), steps + 1   # stays on the device: no sync
+            total, steps = total + (loss.detach().double() if here else 0.0), steps + 1   # stays on the device
         return total / steps if steps else torch.zeros((), dtype=torch.float64, device=y.device)
 
     def fuse_unimodal(self, unis, mask=None):
-        w = fusion_weights(unis, self.fusion, self.fixed_weights, mask)
-        w = w if w.dim() == 2 else w.expand(unis[0].shape[0], -1)
+        w = fusion_weights(unis, self.fusion, self.fixed_weights, mask).expand(len(unis[0]), -1)     # (B, M)
         return sum(w[:, m:m + 1] * u for m, u in enumerate(unis))
 
     @torch.no_grad()
     def predict(self, xs, mask=None):
-        """(fused logits, [unimodal logits]). With a mask, an encoder sees only the rows where its view is
-        present (its logits are zeros elsewhere) and the weights are renormalised over each row's views."""
+        """(fused logits, [unimodal logits]). With a mask, an encoder sees only its present rows (zeros elsewhere)."""
         if mask is None:
             unis = [self.head(f(x)) for f, x in zip(self.encoders, xs)]
         else:
@@ -273,7 +274,11 @@ class LateFusion(Sum):
         else:
             unis = self.present_logits(xs, mask, self.heads)
             fused = self.fuse_unimodal(unis, mask)
-        return optimizer_step(optimizer, self.loss(fused, unis, y, mask, idx))
+        n = world()[1]                  # torchrun: the job's loss (of every process's rows), x n: the mean of the
+        if under_torchrun():            # processes' gradients is its gradient (each holds its own rows' part)
+            fused, unis, y = job_batch(fused), [job_batch(u) for u in unis], job_batch(y)
+            mask, idx = (None if mask is None else job_batch(mask)), (None if idx is None else job_batch(idx))
+        return optimizer_step(optimizer, n * self.loss(fused, unis, y, mask, idx)) / n
 
     @torch.no_grad()
     def predict(self, xs, mask=None):
@@ -349,7 +354,8 @@ class OGM(Concat):
         if self.active:
             with torch.no_grad():
                 _, unis = self.logits([z.detach() for z in zs])
-                scores = torch.stack([u.softmax(1).gather(1, y[:, None]).sum() for u in unis]).tolist()
+                scores = all_sum(torch.stack([u.softmax(1).gather(1, y[:, None]).sum() for u in unis])).tolist()
+            mean_grads(self.parameters())       # torchrun: the job's gradients (the GE noise's std is theirs)
             self.modulate(ogm_coefficients(scores, self.alpha))
         optimizer.step()
         return loss.detach()
@@ -478,12 +484,14 @@ class AGM(Concat):
         phis = self.responses(xs)
         with torch.no_grad():
             s = torch.stack([-p.softmax(1).gather(1, y[:, None]).clamp_min(1e-8).log().mean() for p in phis]).double()
+            s = all_sum(s) / world()[1]              # torchrun: the job's scores
             c = agm_coefficients(s, self.running, self.alpha, self.cap)
             self.steps += 1
             self.running.mul_((self.steps - 1) / self.steps).add_(s / self.steps)
         loss = F.cross_entropy(sum(ScaleGrad.apply(p, c[m].to(p.dtype)) for m, p in enumerate(phis)), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        mean_grads(self.parameters())                # torchrun: the job's gradients, then the clip
         grads, limit = [p.grad for p in self.parameters() if p.grad is not None], 1.0 if len(xs) == 2 else 5.0
         big = self.head.weight.grad.abs().max() > limit                # the authors' conditional clip, no sync:
         norm = torch.where(big, nn.utils.get_total_norm(grads), 0.0)  # a norm of 0 leaves the gradients as they are
@@ -558,11 +566,12 @@ class MMPareto(ConcatHeads):
         params = [[p for p in f.parameters() if p.requires_grad] for f in self.encoders]
         grad = lambda loss, ps: [torch.zeros_like(p) if g is None else g for p, g in
                                  zip(ps, torch.autograd.grad(loss, ps, retain_graph=True, allow_unused=True))]
-        fused_grads = grad(losses[0], sum(params, []))
+        fused_grads = all_mean(grad(losses[0], sum(params, [])))         # torchrun: the job's gradients
         optimizer.zero_grad(set_to_none=True)
         start = 0
         for m, ps in enumerate(params):
-            for p, g in zip(ps, pareto_grads(fused_grads[start:start + len(ps)], grad(losses[1 + m], ps), self.gamma)):
+            own = all_mean(grad(losses[1 + m], ps))
+            for p, g in zip(ps, pareto_grads(fused_grads[start:start + len(ps)], own, self.gamma)):
                 p.grad = g
             start += len(ps)
         total = sum(losses)
@@ -616,7 +625,7 @@ class GBlending(ConcatHeads):
                 total += torch.stack([F.cross_entropy(self.branch(xs, k).float(), y, reduction="sum") for k in ks])
             n += len(y)
         self.train(was)
-        return total.double().cpu() / n
+        return (all_sum(total.double()) / all_sum(torch.tensor(float(n), device=device))).cpu()   # torchrun: the job's
 
     def start_epoch(self, epoch, epochs, loaders, optimizer, device, amp=False):
         if epoch % self.super_epoch:
@@ -630,6 +639,7 @@ class GBlending(ConcatHeads):
             twin = copy.deepcopy(self)                    # branch k alone, from the current weights
             hyper = {h: optimizer.param_groups[0][h] for h in ("lr", "momentum", "weight_decay")}
             opt = torch.optim.SGD(twin.branch_params(k), **hyper)
+            opt.register_step_pre_hook(lambda *_: mean_grads(twin.parameters()))      # torchrun: as the model
             twin.train()
             for _ in range(n):
                 for xs, y, _, _ in device_batches(loaders["train"], device, True):
@@ -686,6 +696,7 @@ class PMR(Concat):
                 sums[m].index_add_(0, y, z.float())
             counts += torch.bincount(y, minlength=C)
         self.train(was)
+        all_sum(sums), all_sum(counts)                            # torchrun: every process's first batches
         seen = counts > 0                                         # an unseen class keeps its prototype
         keep = self.momentum if epoch > 0 else 0.0
         self.prototypes[:, seen] = keep * self.prototypes[:, seen] + (1 - keep) * sums[:, seen] / counts[seen, None]
@@ -695,7 +706,7 @@ class PMR(Concat):
         loss = F.cross_entropy(self.fuse(zs), y)
         logits = [proto_logits(z, c) for z, c in zip(zs, self.prototypes)]
         with torch.no_grad():
-            scores = torch.stack([u.softmax(1).gather(1, y[:, None]).sum() for u in logits])
+            scores = all_sum(torch.stack([u.softmax(1).gather(1, y[:, None]).sum() for u in logits]))   # the job's
             _, weak, dominant = pmr_coefficients(scores)
         for m, u in enumerate(logits):
             loss = loss + self.alpha * weak[m] * F.cross_entropy(u, y)
@@ -3876,10 +3887,121 @@ def seed_worker(_worker_id):
     random.seed(s)
 
 
+# torchrun: one process per GPU (or CPU process), the global batch split evenly over them
+
+def world():
+    """(rank, processes) of a torchrun job; (0, 1) in a single process."""
+    d = torch.distributed
+    return (d.get_rank(), d.get_world_size()) if d.is_available() and d.is_initialized() else (0, 1)
+
+
+def under_torchrun():
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def init_distributed(device):
+    """Under torchrun (RANK and WORLD_SIZE in the environment): join the job (NCCL and GPU LOCAL_RANK on CUDA,
+    gloo on the CPU); the processes after the first print nothing. Returns the process's device."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return device
+    cuda = str(device).startswith("cuda")
+    if cuda:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(device)
+    if not under_torchrun():
+        torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    if world()[0] > 0:
+        sys.stdout = open(os.devnull, "w")
+    return device
+
+
+def all_sum(t):
+    """t summed over the processes of a torchrun job, in place (t itself in a single process)."""
+    if under_torchrun():
+        torch.distributed.all_reduce(t)
+    return t
+
+
+@contextlib.contextmanager
+def rank0_first():
+    """Under torchrun the body runs in the first process, then in the others (a cache built once, then read)."""
+    rank, n = world()
+    if rank > 0:
+        torch.distributed.barrier()
+    yield
+    if rank == 0 and n > 1:
+        torch.distributed.barrier()
+
+
+def job_batch(t):
+    """Under torchrun: the job's batch of a per-row tensor t (b, ...), its rows in the order one process would see
+    them (the DistributedSampler deals the rows round-robin), this process's keeping their gradient."""
+    if not under_torchrun():
+        return t
+    rank, n = world()
+    parts = [torch.empty_like(t) for _ in range(n)]
+    torch.distributed.all_gather(parts, t.detach().contiguous())
+    parts[rank] = t
+    return torch.stack(parts, 1).flatten(0, 1)
+
+
+def mean_grads(params):
+    """Under torchrun: every gradient that exists in any process becomes its mean over the processes (a process
+    without it adds zeros: e.g. no row of a modality in its share); one that exists nowhere stays None."""
+    if not under_torchrun():
+        return
+    params = list(params)
+    has = all_sum(torch.tensor([p.grad is not None for p in params], dtype=torch.float32,
+                               device=params[0].device)).tolist()
+    grads = []
+    for p, h in zip(params, has):
+        if h:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            grads.append(p.grad)
+    all_mean(grads)
+
+
+def all_mean(tensors):
+    """The tensors (a list) averaged over the processes of a torchrun job, in place, in one all-reduce."""
+    if under_torchrun() and tensors:
+        flat = all_sum(torch.cat([t.flatten().float() for t in tensors])) / world()[1]
+        for t, v in zip(tensors, flat.split([t.numel() for t in tensors])):
+            t.copy_(v.view_as(t))
+    return tensors
+
+
+DISTRIBUTED_METHODS = METHODS       # Table 5's and the balancing methods (Table 6's own: not yet)
+
+
+def distribute(method, optimizer, name, sync_bn=True):
+    """Under torchrun: rank 0's weights and buffers in every process, SyncBatchNorm on CUDA (sync_bn; on the CPU,
+    where it does not exist, per-process statistics), and before every optimizer step mean_grads. Returns the
+    method (its BatchNorms converted)."""
+    if not under_torchrun():
+        return method
+    if name not in DISTRIBUTED_METHODS:
+        raise ValueError(f"--method {name} does not run under torchrun yet (its batch statistics would be each "
+                         f"process's): run it in one process, or use one of {', '.join(DISTRIBUTED_METHODS)}")
+    bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in method.modules())
+    if bn and sync_bn and next(method.parameters()).is_cuda:
+        method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
+    elif bn:
+        print("note: BatchNorm statistics are each process's (SyncBatchNorm needs CUDA and --sync_bn); the first "
+              "process's are evaluated")
+    for t in [*method.parameters(), *method.buffers()]:
+        torch.distributed.broadcast(t.data, 0)
+    optimizer.register_step_pre_hook(lambda opt, args, kwargs: mean_grads(method.parameters()))
+    return method
+
+
 def atomic_write(path, write):
     """Write a file so that a crash at any moment leaves either the old file or the new one:
     write(f) into a temporary file beside it, flush and fsync, then rename over the old one. MLA_NO_FSYNC=1
-    (the tests set it) leaves out the fsync, which only guards against a power loss, not a crash."""
+    (the tests set it) leaves out the fsync, which only guards against a power loss, not a crash. Under
+    torchrun only the first process writes."""
+    if world()[0] > 0:                  # torchrun: the first process writes
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -3930,9 +4052,21 @@ def code_version():
 def make_loader(dataset, batch_size, train, seed=0, num_workers=0, device="cpu"):
     """A DataLoader (shuffled from a generator seeded with `seed` when training), or on CUDA, for a data
     set that can read whole batches (`gatherable`, e.g. the cache with crops on the GPU), a GatherLoader
-    with `num_workers` threads."""
+    with `num_workers` threads. Under torchrun: a DistributedSampler (seeded, set_epoch by train_one_epoch)
+    gives each process batch_size / processes items of each batch; evaluation shards take every item once."""
     g = torch.Generator()
     g.manual_seed(seed)
+    if under_torchrun():                  # each process its share of every batch: together, one process's batch
+        rank, n = world()
+        if batch_size % n:
+            raise ValueError(f"--batch_size {batch_size} does not split evenly over {n} processes")
+        sampler = (torch.utils.data.DistributedSampler(dataset, n, rank, shuffle=True, seed=seed) if train
+                   else range(rank, len(dataset), n))       # evaluation: every sample once, no padding
+        batch_size //= n
+        return torch.utils.data.DataLoader(
+            dataset, batch_size=batch_size, sampler=sampler, generator=g, num_workers=num_workers,
+            worker_init_fn=seed_worker, pin_memory=str(device).startswith("cuda"),
+            drop_last=train and len(sampler) % batch_size == 1, persistent_workers=num_workers > 0 and not train)
     drop_last = train and len(dataset) % batch_size == 1      # BatchNorm cannot train on 1 sample
     if str(device).startswith("cuda") and getattr(dataset, "gatherable", False):
         return GatherLoader(dataset, batch_size, train, g, num_workers, drop_last, pin=True)
@@ -3963,6 +4097,9 @@ def evaluate(method, loader, device, amp=False):
     (a masked data set) a modality's accuracy counts only the samples where its view is present, and
     is None when no sample of the split has that view."""
     method.eval()
+    if under_torchrun():                # torchrun: rank 0's buffers (BatchNorm statistics on the CPU) in every process
+        for b in method.buffers():
+            torch.distributed.broadcast(b, 0)
     masked = getattr(loader.dataset, "masked", False)
     n = len(method.modalities) + 1
     correct = torch.zeros(n, dtype=torch.long, device=device)     # counted on the device: no sync per batch
@@ -3977,7 +4114,7 @@ def evaluate(method, loader, device, amp=False):
             count[m] += mask[:, m].sum()
         correct[-1] += (fused.argmax(1) == y).sum()
         count[-1] += len(y)
-    correct, count = correct.tolist(), count.tolist()
+    correct, count = all_sum(correct).tolist(), all_sum(count).tolist()        # torchrun: every process's share
     return {name: round(100.0 * c / n, 4) if n else None          # None: no sample had this view
             for name, c, n in zip(method.modalities + ["multi"], correct, count)}
 
@@ -3993,6 +4130,8 @@ def train_one_epoch(method, loader, optimizer, epoch, device, amp=False, checkpo
     method.train()
     masked, uses_index = getattr(loader.dataset, "masked", False), getattr(method, "uses_index", False)
     steps = len(loader)
+    if hasattr(loader.sampler, "set_epoch"):            # torchrun's DistributedSampler: this epoch's order
+        loader.sampler.set_epoch(epoch)
     check_every = check_every or (25 if torch.device(device).type == "cuda" else 1)
     bar = tqdm(total=steps, desc=f"epoch {epoch + 1}", leave=False, dynamic_ncols=True,
                disable=not sys.stderr.isatty())
@@ -4000,6 +4139,9 @@ def train_one_epoch(method, loader, optimizer, epoch, device, amp=False, checkpo
 
     def read_back():
         nonlocal total
+        if under_torchrun() and unread:             # the job's loss: the mean over the processes
+            losses = all_sum(torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for _, v in unread]))
+            unread[:] = [(step, v / world()[1]) for (step, _), v in zip(unread, losses)]
         for step, loss in unread:
             if not math.isfinite(loss := float(loss)):
                 kept = "" if checkpoint is None else "; no epoch had finished" if not Path(checkpoint).is_file() \
@@ -4153,7 +4295,9 @@ def save_checkpoint(run, method, optimizer, scheduler, train_loader):
 
 
 def load_best(run, method, device):
-    """Load the run's best.pt (the selected epoch) into the method."""
+    """Load the run's best.pt (the selected epoch) into the method (under torchrun once the first process wrote it)."""
+    if under_torchrun():
+        torch.distributed.barrier()
     state = torch.load(run["folder"] / "best.pt", map_location=device, weights_only=False)
     method.load_state_dict(state["state_dict"])
 
@@ -4173,7 +4317,8 @@ def write_record(run, method, test):
               "wall_time_s": round(run["elapsed"] + time.time() - run["start"], 2), "version": code_version()}
     assert tuple(record) == RECORD_KEYS
     atomic_json_dump(record, path)
-    run["last"].unlink(missing_ok=True)
+    if world()[0] == 0:
+        run["last"].unlink(missing_ok=True)
     chosen = "selected on TEST" if s["select_on"] == "test" else f"epoch {run['best_epoch'] + 1} by {s['select_on']}"
     print(f"test ({chosen}): {fmt_acc(test)}\nrecord: {path}", flush=True)
     return record
@@ -4972,6 +5117,9 @@ def add_common_args(p, methods, defaults, modalities=None, condition=None):
     g.add_argument("--resume", action="store_true",
                    help="continue an interrupted run from <run folder>/last.pt (saved after every epoch)")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--sync_bn", action=argparse.BooleanOptionalAction, default=True,
+                   help="under torchrun on CUDA: BatchNorm statistics over the whole batch (SyncBatchNorm); on the "
+                        "CPU, where SyncBatchNorm does not run, each process keeps its own")
 
 
 def add_balancing_args(p):
@@ -5092,6 +5240,7 @@ def finish_args(p, args, methods, defaults):
     except ValueError as e:
         p.error(f"--seeds {args.seeds}: expected a comma list of whole numbers, e.g. 0,1,2" if "int()" in str(e)
                 else str(e))
+    args.device = init_distributed(args.device)          # torchrun: join the job, this process's GPU
     for k, v in defaults["toy" if args.dataset == "toy" else "paper"].items():
         if getattr(args, k, None) is None:       # the paper's 8 loader workers, but never more than the cores
             setattr(args, k, min(v, os.cpu_count() or 1) if k == "num_workers" else v)
@@ -5106,25 +5255,33 @@ def finish_args(p, args, methods, defaults):
 
 def script_main(main, again="rerun the same command with --resume to continue from the last finished epoch"):
     """Run a script's main() and turn the failures a user can act on into one clear line and a
-    non-zero exit: bad data, a non-finite loss, a full disk, Ctrl-C (exit 130, then `again` says how to go on)."""
+    non-zero exit: bad data, a non-finite loss, a full disk, Ctrl-C (exit 130, then `again` says how to go on);
+    under torchrun any failure, as one line naming the process's rank."""
+    rank = f"rank {os.environ['RANK']}: " if "RANK" in os.environ and "WORLD_SIZE" in os.environ else ""
     try:
         main()
     except DataError as e:
         text = str(e)
         if "Original Traceback" in text:        # re-raised from a DataLoader worker: drop the traceback
             text = text.rsplit("DataError: ", 1)[-1].strip()
-        sys.exit(f"error: {text}")
+        sys.exit(f"error: {rank}{text}")
     except FloatingPointError as e:
-        sys.exit(f"error: {e}")
+        sys.exit(f"error: {rank}{e}")
     except DiskFull as e:
-        sys.exit(f"error: {e.strerror}")
+        sys.exit(f"error: {rank}{e.strerror}")
     except KeyboardInterrupt:                  # exit status 130, as a shell reports Ctrl-C
         print(f"interrupted: {again}", file=sys.stderr)
         sys.exit(130)
+    except Exception as e:                     # torchrun: one line naming the process (torchrun ends the others)
+        if not rank:
+            raise
+        sys.exit(f"error: {rank}{type(e).__name__}: {e}")
+    finally:
+        if under_torchrun():
+            torch.distributed.destroy_process_group()
 
 
 def _cli(argv=None):
-    import argparse
     p = argparse.ArgumentParser(prog="python common.py", description="Tables and curves from run records; "
                                 "videos prepared for train_av.py.")
     sub = p.add_subparsers(dest="cmd", required=True)

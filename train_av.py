@@ -121,9 +121,10 @@ def train(args, root, device):
         dataset = lambda clips, train: C.CachedAVDataset(
             clips, train, **sizes, cache_dir=cache_dir, num_workers=args.num_workers,
             augment_on="device" if device.type == "cuda" else "workers")
-    loaders = {split: clips and C.make_loader(dataset(clips, split == "train"), args.batch_size, split == "train",
-                                              args.seed, args.num_workers, device)
-               for split, clips in splits.items()}
+    with C.rank0_first():                   # torchrun: the cache is built once
+        loaders = {split: clips and C.make_loader(dataset(clips, split == "train"), args.batch_size,
+                                                  split == "train", args.seed, args.num_workers, device)
+                   for split, clips in splits.items()}
 
     # ---- model and method: a ResNet-18 per modality, the method's heads; the paper's SGD and StepLR
     encoders = [C.AudioResNet(), C.VideoResNet()]
@@ -134,6 +135,7 @@ def train(args, root, device):
     if args.compile:
         C.compile_encoders(method)
     optimizer = torch.optim.SGD(method.parameters(), args.lr, args.momentum, weight_decay=args.weight_decay)
+    method = C.distribute(method, optimizer, args.method, args.sync_bn)    # torchrun: the batch over processes
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_decay_step, args.lr_decay_ratio)
 
     # ---- train: evaluate every epoch, keep the selected one (best.pt) and all that --resume needs (last.pt)

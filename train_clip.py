@@ -101,7 +101,8 @@ def run(args):
     with C.data_root(args.dataset, args.data_root, "mla_toy_clip_") as root, C.torch_threads(args.cpu_threads):
         C.seed_everything(args.seed)
         device = torch.device(args.device)
-        loaders, encoders, classes, num_train = data_and_encoders(args, root, device)
+        with C.rank0_first():                       # torchrun: the feature cache is written once
+            loaders, encoders, classes, num_train = data_and_encoders(args, root, device)
 
         # ---- method: "clip" is joint training of one concat head; mla the alternating heads
         method = C.build_method("concat" if args.method == "clip" else args.method, encoders, len(classes),
@@ -109,6 +110,7 @@ def run(args):
         C.init_heads(method)                            # encoders keep their own weights
         method.to(device)
         optimizer = torch.optim.SGD(method.parameters(), args.lr, args.momentum, weight_decay=args.weight_decay)
+        method = C.distribute(method, optimizer, "concat" if args.method == "clip" else args.method, args.sync_bn)
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_decay_step, args.lr_decay_ratio)
 
         # ---- train: evaluate every epoch, keep the selected one (best.pt) and all that --resume needs (last.pt)

@@ -149,7 +149,8 @@ def run(args):
                for s in ("train", "val", "test")}
     out = run_folder(args)
     out.mkdir(parents=True, exist_ok=True)
-    np.savez(out / "missing_mask.npz", **masks)
+    if C.world()[0] == 0:                      # torchrun: the first process writes
+        np.savez(out / "missing_mask.npz", **masks)
 
     # ---- model and method: an MLP encoder per view, the method's heads; the paper's SGD and StepLR
     encoders = [C.MLPEncoder(x.shape[1], args.hidden, args.layers) for x in data["train"][0]]
@@ -163,6 +164,7 @@ def run(args):
         method.feature_norm = norm             # its statistics go into best.pt and last.pt with the weights
     method.to(device)
     optimizer = torch.optim.SGD(method.parameters(), args.lr, args.momentum, weight_decay=args.weight_decay)
+    method = C.distribute(method, optimizer, args.method, args.sync_bn)    # torchrun: the batch over processes
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_decay_step, args.lr_decay_ratio)
 
     # ---- train: evaluate every epoch, keep the selected one (best.pt) and all that --resume needs (last.pt);

@@ -1,0 +1,65 @@
+"""Started under torchrun by tests/test_ddp.py (not collected by pytest). `train OUT`: each method trains two
+epochs of two batches of 32 on a fixed feature set through train_av.py's helpers (build_method, make_loader,
+distribute, start_epoch, train_one_epoch, evaluate); every process saves what it ends with, then train_missing.py runs
+(its record: OUT/missing). `fail OUT`: train_missing.py, with process 1 failing in its second evaluation."""
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common as C          # noqa: E402
+import train_missing        # noqa: E402
+
+METHODS = C.METHODS                 # Table 5's and the six balancing methods
+
+
+class Pairs(torch.utils.data.Dataset):
+    def __init__(self, n=64):
+        g = torch.Generator().manual_seed(0)
+        self.a, self.v = torch.randn(n, 5, generator=g), torch.randn(n, 7, generator=g)
+        self.y = (self.a[:, 0] > 0).long() * 2 + (self.v[:, 0] > 0).long()
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.a[i], self.v[i], self.y[i], i
+
+
+def train(out):
+    C.init_distributed("cpu")
+    rank = C.world()[0]
+    data = Pairs()
+    for name in METHODS:
+        C.seed_everything(0)
+        encoders = [C.MLPEncoder(5, 16, 2), C.MLPEncoder(7, 16, 2)]
+        method = C.build_method(name, encoders, 4, ["audio", "video"], len(data))
+        optimizer = torch.optim.SGD(method.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+        method = C.distribute(method, optimizer, name)
+        loaders = {"train": C.make_loader(data, 32, True, seed=0), "val": C.make_loader(data, 32, False)}
+        losses = []
+        for epoch in range(2):
+            C.start_epoch(method, epoch, 2, loaders, optimizer, "cpu")         # G-Blending's weights, PMR's prototypes
+            losses.append(C.train_one_epoch(method, loaders["train"], optimizer, epoch, "cpu"))
+        acc = C.evaluate(method, loaders["val"], "cpu")
+        torch.save({"losses": losses, "acc": acc, "state": method.state_dict()}, Path(out) / f"{name}_{rank}.pt")
+    train_missing.main(["--method", "mla", "--epochs", "2", "--toy_train", "256", "--toy_val", "64",
+                        "--toy_test", "64", "--out_dir", str(Path(out) / "missing")])
+
+
+def fail(out):
+    calls, real = [], C.evaluate
+
+    def evaluate(*a, **k):
+        calls.append(1)
+        if C.world()[0] == 1 and len(calls) == 2:
+            raise RuntimeError("simulated failure")
+        return real(*a, **k)
+    C.evaluate = evaluate
+    C.script_main(lambda: train_missing.main(["--method", "mla", "--epochs", "3", "--toy_train", "256",
+                                              "--out_dir", out]))
+
+
+if __name__ == "__main__":
+    {"train": train, "fail": fail}[sys.argv[1]](sys.argv[2])

@@ -1,0 +1,57 @@
+"""torchrun: two CPU processes (gloo) with 16 samples each train as one process with 32 (tests/ddp_worker.py)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import common as C
+from conftest import ROOT
+
+
+def torchrun(n, *argv):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MLA_NO_FSYNC": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
+                           str(ROOT / "tests" / "ddp_worker.py"), *argv], env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_two_processes_train_as_one_with_the_job_batch(tmp_path):
+    for n in (1, 2):
+        (tmp_path / str(n)).mkdir()
+        done = torchrun(n, "train", str(tmp_path / str(n)))
+        assert done.returncode == 0, done.stderr[-2000:]
+    for name in C.METHODS:
+        one = torch.load(tmp_path / "1" / f"{name}_0.pt", weights_only=False)
+        r0, r1 = (torch.load(tmp_path / "2" / f"{name}_{r}.pt", weights_only=False) for r in (0, 1))
+        assert all(torch.equal(r0["state"][k], r1["state"][k]) for k in r0["state"])      # the ranks in step
+        for k, v in one["state"].items():                                                # ... and as one process
+            assert torch.allclose(v.double(), r0["state"][k].double(), atol=1e-5), (name, k)
+        assert one["acc"] == r0["acc"] and max(abs(a - b) for a, b in zip(one["losses"], r0["losses"])) < 1e-5
+    qmf = torch.load(tmp_path / "2" / "qmf_1.pt", weights_only=False)["state"]["history"]
+    assert (qmf > 0).all()                             # every sample's history, in every process
+    rec = [json.loads(next((tmp_path / str(n) / "missing").rglob("record.json")).read_text()) for n in (1, 2)]
+    assert all(abs(rec[0]["test"][k] - rec[1]["test"][k]) < 0.01 for k in rec[0]["test"])
+    assert all(abs(a["train_loss"] - b["train_loss"]) < 1e-5 for a, b in zip(rec[0]["epochs"], rec[1]["epochs"]))
+
+
+def test_a_failing_process_ends_the_job_naming_its_rank_and_leaves_no_record(tmp_path):
+    done = torchrun(2, "fail", str(tmp_path))
+    assert done.returncode != 0
+    assert "error: rank 1: RuntimeError: simulated failure" in done.stderr
+    assert not list(tmp_path.rglob("record.json")) and list(tmp_path.rglob("last.pt"))     # epoch 1 is kept
+
+
+def test_a_table_6_method_is_refused_by_name_and_an_uneven_batch_too(tiny_encoders, tmp_path, monkeypatch):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'rdzv'}", rank=0, world_size=1)
+    try:
+        m = C.build_method("concat", tiny_encoders(5, 7), 4, ["audio", "video"])
+        with pytest.raises(ValueError, match="--method tate does not run under torchrun yet"):
+            C.distribute(m, torch.optim.SGD(m.parameters(), lr=0.1), "tate")
+        monkeypatch.setattr(C, "world", lambda: (0, 2))                   # as the first of two processes
+        with pytest.raises(ValueError, match="--batch_size 7 does not split evenly over 2 processes"):
+            C.make_loader(torch.utils.data.TensorDataset(torch.zeros(8)), 7, True)
+    finally:
+        torch.distributed.destroy_process_group()

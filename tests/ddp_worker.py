@@ -1,7 +1,8 @@
 """Started under torchrun by tests/test_ddp.py (not collected by pytest). `train OUT`: each method trains two
 epochs of two batches of 32 on a fixed feature set through train_av.py's helpers (build_method, make_loader,
 distribute, start_epoch, train_one_epoch, evaluate); every process saves what it ends with, then train_missing.py runs
-(its record: OUT/missing). `fail OUT`: train_missing.py, with process 1 failing in its second evaluation."""
+(its record: OUT/missing). `fail OUT`: train_missing.py, with process 1 failing in its second evaluation;
+`resume OUT`: the same run with --resume (from scratch where there is no last.pt)."""
 import sys
 from pathlib import Path
 
@@ -48,6 +49,9 @@ def train(out):
                         "--toy_test", "64", "--out_dir", str(Path(out) / "missing")])
 
 
+MISSING = ["--method", "mla", "--epochs", "3", "--toy_train", "256"]
+
+
 def fail(out):
     calls, real = [], C.evaluate
 
@@ -57,9 +61,12 @@ def fail(out):
             raise RuntimeError("simulated failure")
         return real(*a, **k)
     C.evaluate = evaluate
-    C.script_main(lambda: train_missing.main(["--method", "mla", "--epochs", "3", "--toy_train", "256",
-                                              "--out_dir", out]))
+    C.script_main(lambda: train_missing.main(MISSING + ["--out_dir", out]))
+
+
+def resume(out):
+    C.script_main(lambda: train_missing.main(MISSING + ["--out_dir", out, "--resume"]))
 
 
 if __name__ == "__main__":
-    {"train": train, "fail": fail}[sys.argv[1]](sys.argv[2])
+    {"train": train, "fail": fail, "resume": resume}[sys.argv[1]](sys.argv[2])

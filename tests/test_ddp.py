@@ -37,11 +37,16 @@ def test_two_processes_train_as_one_with_the_job_batch(tmp_path):
     assert all(abs(a["train_loss"] - b["train_loss"]) < 1e-5 for a, b in zip(rec[0]["epochs"], rec[1]["epochs"]))
 
 
-def test_a_failing_process_ends_the_job_naming_its_rank_and_leaves_no_record(tmp_path):
-    done = torchrun(2, "fail", str(tmp_path))
+def test_a_failing_process_ends_the_job_naming_its_rank_and_resume_is_exact(tmp_path):
+    done = torchrun(2, "fail", str(tmp_path / "killed"))
     assert done.returncode != 0
     assert "error: rank 1: RuntimeError: simulated failure" in done.stderr
     assert not list(tmp_path.rglob("record.json")) and list(tmp_path.rglob("last.pt"))     # epoch 1 is kept
+    for out in ("killed", "whole"):                    # resumed after epoch 1; uninterrupted
+        assert torchrun(2, "resume", str(tmp_path / out)).returncode == 0
+    same = ("epochs", "best_epoch", "test")
+    resumed, whole = (json.loads(next((tmp_path / d).rglob("record.json")).read_text()) for d in ("killed", "whole"))
+    assert {k: resumed[k] for k in same} == {k: whole[k] for k in same}
 
 
 def test_a_table_6_method_is_refused_by_name_and_an_uneven_batch_too(tiny_encoders, tmp_path, monkeypatch):

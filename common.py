@@ -646,6 +646,7 @@ class GBlending(ConcatHeads):
                     with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=amp):
                         optimizer_step(opt, F.cross_entropy(twin.branch(xs, k).float(), y))
             end.append([twin.branch_losses(loaders[s], device, [k], amp)[0] for s in ("train", "val")])
+            del twin, opt                                 # one copy at a time
         self.weights.copy_(gb_weights(start, torch.tensor(end, dtype=torch.float64)))
         names = self.modalities + ["fused"]
         print("G-Blending weights: " + ", ".join(f"{m} {w:.3f}" for m, w in zip(names, self.weights.tolist())))
@@ -673,8 +674,8 @@ class PMR(Concat):
     computed at the start of every epoch (start_epoch; `momentum` of the old prototype kept). The prototype
     logits (proto_logits; the unimodal predictions) give each modality's prototype CE (PCE) and its score s_m
     (the batch's sum of the prototype softmax at the label); with pmr_coefficients, loss = CE(fused)
-    + alpha sum_m weak_m PCE_m - mu sum_m dominant_m H_m, H_m the mean entropy of the prototype softmax, for the
-    epochs up to `entropy_ends`."""
+    + alpha sum_m weak_m PCE_m - mu sum_m dominant_m H_m, H_m the prototype softmax's entropy summed over the batch
+    (as GeWu-Lab/BalanceBenchmark), for the epochs up to `entropy_ends`."""
 
     def __init__(self, encoders, num_classes, modalities, alpha=1.0, mu=0.01, entropy_ends=10, momentum=0.0):
         super().__init__(encoders, num_classes, modalities)
@@ -694,11 +695,11 @@ class PMR(Concat):
                 zs = self.encode(xs)
             for m, z in enumerate(zs):
                 sums[m].index_add_(0, y, z.float())
-            counts += torch.bincount(y, minlength=C)
+            counts.index_add_(0, y, torch.ones_like(y, dtype=counts.dtype))   # (bincount would sync on CUDA)
         self.train(was)
         all_sum(sums), all_sum(counts)                            # torchrun: every process's first batches
         seen = counts > 0                                         # an unseen class keeps its prototype
-        keep = self.momentum if epoch > 0 else 0.0
+        keep = self.momentum if epoch > 1 else 0.0               # the authors' first blend: after epoch 1
         self.prototypes[:, seen] = keep * self.prototypes[:, seen] + (1 - keep) * sums[:, seen] / counts[seen, None]
 
     def train_step(self, xs, y, optimizer):
@@ -710,8 +711,8 @@ class PMR(Concat):
             _, weak, dominant = pmr_coefficients(scores)
         for m, u in enumerate(logits):
             loss = loss + self.alpha * weak[m] * F.cross_entropy(u, y)
-            if self.epoch <= self.entropy_ends:
-                loss = loss - self.mu * dominant[m] * -(u.softmax(1) * u.log_softmax(1)).sum(1).mean()
+            if self.epoch <= self.entropy_ends:           # summed over the batch (the job's, under torchrun)
+                loss = loss - self.mu * world()[1] * dominant[m] * -(u.softmax(1) * u.log_softmax(1)).sum()
         return optimizer_step(optimizer, loss)
 
     @torch.no_grad()
@@ -741,38 +742,41 @@ class ReconBoost(Method):
         self.head = nn.Sequential(nn.Linear(self.dim, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
         self.boost_rate = nn.Parameter(torch.ones(()))
         self.stage_epochs, self.correct_epochs, self.w1, self.w2 = stage_epochs, correct_epochs, w1, w2
-        self.register_buffer("members", torch.zeros(len(encoders), dtype=torch.bool))
-        self.current, self.fresh = 0, False
+        self.register_buffer("members", torch.zeros(len(encoders), dtype=torch.bool))    # saved with the weights
+        self.current, self.fresh, self.joined = 0, False, [False] * len(encoders)
 
     def schedule(self, epoch, step, steps):
-        stage, e = divmod(epoch, self.stage_epochs + self.correct_epochs)
+        cycle = self.stage_epochs + self.correct_epochs
+        stage, e = divmod(epoch, cycle)
         self.current = stage % len(self.encoders) if e < self.stage_epochs else None     # None: rectification
         self.fresh = step == 0 and e in (0, self.stage_epochs)
-        if self.current is not None:
-            self.members[self.current] = True
+        self.joined = [epoch >= m * cycle for m in range(len(self.encoders))]   # from its first stage on (no sync)
+        if step == 0:
+            self.members.copy_(torch.tensor(self.joined))
 
-    def ensemble(self, unis, skip=None):
-        members = [u for m, u in enumerate(unis) if self.members[m] and m != skip]
-        return self.boost_rate * sum(members) if members else None
+    def ensemble(self, unis, members, skip=None):
+        chosen = [u for m, u in enumerate(unis) if members[m] and m != skip]
+        return self.boost_rate * sum(chosen) if chosen else None
 
     def train_step(self, xs, y, optimizer):
         if self.fresh:
             optimizer.state.clear()
-        m = self.current
+        m, joined = self.current, self.joined
         if m is None:
-            loss = F.cross_entropy(self.ensemble([self.head(z) for z in self.encode(xs)]), y)
+            unis = [self.head(f(x)) if j else None for f, x, j in zip(self.encoders, xs, joined)]
+            loss = F.cross_entropy(self.ensemble(unis, joined), y)
         else:
             with torch.no_grad():
-                others = [self.head(f(x)) if j != m and self.members[j] else None
-                          for j, (f, x) in enumerate(zip(self.encoders, xs))]
-                ensemble = self.ensemble(others, skip=m)
+                others = [self.head(f(x)) if j and k != m else None
+                          for k, (f, x, j) in enumerate(zip(self.encoders, xs, joined))]
+                ensemble = self.ensemble(others, joined, skip=m)
             loss = reconboost_loss(self.head(self.encoders[m](xs[m])), ensemble, y, self.w1, self.w2)
         return optimizer_step(optimizer, loss)
 
     @torch.no_grad()
     def predict(self, xs):
         unis = [self.head(z) for z in self.encode(xs)]
-        fused = self.ensemble(unis)
+        fused = self.ensemble(unis, self.members.tolist())
         return (self.boost_rate * sum(unis) if fused is None else fused), unis
 
 
@@ -5135,10 +5139,11 @@ def add_balancing_args(p):
                    help="gblending: epochs between weight estimates, each training a copy of every branch that "
                         "long (GeWu-Lab/BalanceBenchmark's super_epoch 10; the authors publish no online code)")
     g.add_argument("--pmr_alpha", type=float, default=1.0,
-                   help="pmr: weight of the weaker modality's prototype CE (Modal-Imbalance-PMR's --alpha 1)")
+                   help="pmr: weight of the weaker modality's prototype CE, times the paper's clip(1/rho - 1, 0, 1) "
+                        "(Modal-Imbalance-PMR's --alpha 1; its released script weighs it alpha or 0)")
     g.add_argument("--pmr_mu", type=float, default=0.01,
-                   help="pmr: weight of the dominant modality's prototype entropy (BalanceBenchmark's mu 0.01; "
-                        "0: none, as the authors' released script)")
+                   help="pmr: weight of the dominant modality's prototype entropy, summed over the batch "
+                        "(BalanceBenchmark's mu 0.01; 0: none, as the authors' released script)")
     g.add_argument("--pmr_entropy_ends", type=int, default=10,
                    help="pmr: last epoch with the entropy term (BalanceBenchmark's norm_epoch 10)")
     g.add_argument("--pmr_momentum", type=float, default=0.0,
@@ -5232,6 +5237,12 @@ def finish_args(p, args, methods, defaults):
         p.error("--hgm_forget must be in (0, 1]")
     if not 0 <= args.val_ratio < 1:
         p.error("--val_ratio must be in [0, 1)")
+    if hasattr(args, "gb_super_epoch"):               # the balancing methods' flags (train_av, train_it, train_ait)
+        if min(args.gb_super_epoch, args.reconboost_stage_epochs or 1, 1 + (args.reconboost_correct_epochs or 0)) < 1:
+            p.error("--gb_super_epoch and --reconboost_stage_epochs must be at least 1, --reconboost_correct_epochs 0")
+        if args.val_ratio == 0 and ("gblending" in args.method.split(",") or args.method == "all"):
+            p.error("gblending measures overfitting on a validation split, which --val_ratio 0 leaves out: leave it "
+                    "out of --method (all includes it)")
     if args.val_ratio == 0 and args.select_on == "val":
         p.error("--val_ratio 0 leaves no validation split to select the epoch on: add --select_on test or last")
     try:

@@ -537,15 +537,31 @@ def test_gblending_step_is_the_weighted_sum_of_the_heads_ces(tiny_encoders):
 def test_gblending_estimates_its_weights_on_copies_every_super_epoch(tiny_encoders):
     torch.manual_seed(0)
     m = C.GBlending(tiny_encoders(5, 7), 4, MODS, super_epoch=2)
-    loaders = {s: C.make_loader(Pairs(seed=i), 8, s == "train") for i, s in enumerate(("train", "val"))}
+    loaders = {s: C.make_loader(Pairs(seed=i), 8, False) for i, s in enumerate(("train", "val"))}   # fixed order
     opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
-    before = params(m)
+    ref = copy.deepcopy(m)
     C.start_epoch(m, 0, 4, loaders, opt, "cpu")
+    assert same(params(ref), params(m)) and not opt.state           # the copies trained, not the model
+
+    @torch.no_grad()
+    def mean_ce(model, k, split):
+        model.eval()
+        return sum(F.cross_entropy(model.branch([a, v], k), y, reduction="sum") for a, v, y, _ in loaders[split]) / 40
+
+    start, end = [[mean_ce(ref, k, s) for s in ("train", "val")] for k in range(3)], []
+    for k in range(3):                                              # by hand: branch k alone for the super-epoch
+        twin = copy.deepcopy(ref)
+        sgd = torch.optim.SGD(twin.branch_params(k), lr=0.1, momentum=0.9)
+        for _ in range(2):
+            for a, v, y, _ in loaders["train"]:
+                C.optimizer_step(sgd, F.cross_entropy(twin.branch([a, v], k), y))
+        end.append([mean_ce(twin, k, s) for s in ("train", "val")])
+    want = C.gb_weights(torch.tensor(start).double(), torch.tensor(end).double())
+    assert torch.allclose(m.weights, want.float(), atol=1e-6) and not torch.allclose(want, torch.full((3,), 1 / 3).double())
     w = m.weights.clone()
-    assert same(before, params(m)) and not opt.state                # the copies trained, not the model
-    assert abs(float(w.sum()) - 1) < 1e-6 and not torch.allclose(w, torch.full((3,), 1 / 3))
     C.start_epoch(m, 1, 4, loaders, opt, "cpu")                     # within the super-epoch: kept
     assert torch.equal(m.weights, w) and m.epoch_log() == {"gb_weights": [round(v, 6) for v in w.tolist()]}
+    assert "weights" in m.state_dict()                              # saved with the model: --resume keeps them
     with pytest.raises(ValueError, match="validation split"):
         C.start_epoch(m, 2, 4, {"train": loaders["train"], "val": None}, opt, "cpu")
 
@@ -556,8 +572,8 @@ class Ident(torch.nn.Identity):
 
 def test_pmr_loss_by_hand():
     """Features a, v (identity encoders) and prototypes as below: CE(fused) 0.302637; prototype scores give
-    rho_audio = 1.124158, so video is the weaker (its PCE 0.441716 x 0.124158) and audio's entropy (0.583094)
-    is raised with the same coefficient x mu while epoch <= entropy_ends."""
+    rho_audio = 1.124158, so video is the weaker (its PCE 0.441716 x 0.124158) and audio's entropy (summed over
+    the batch: 1.166188) is raised with the same coefficient x mu while epoch <= entropy_ends."""
     m = C.PMR([Ident(), Ident()], 2, MODS)
     with torch.no_grad():
         m.head.weight.copy_(torch.tensor([[1.0, 0, 0.5, 0.5], [0, 1.0, -0.5, -0.5]]))
@@ -565,7 +581,7 @@ def test_pmr_loss_by_hand():
         m.prototypes.copy_(torch.tensor([[[1.0, 0], [0, 1.0]], [[1.0, 1.0], [-1.0, -1.0]]]))
     xs, y = [torch.tensor([[0.9, 0.1], [0.2, 0.8]]), torch.tensor([[0.5, 0.2], [0.1, -0.3]])], torch.tensor([0, 1])
     opt = torch.optim.SGD(m.parameters(), lr=0.0)
-    assert abs(float(step(m, xs, y, None, opt, epoch=0)) - 0.356755) < 1e-6
+    assert abs(float(step(m, xs, y, None, opt, epoch=0)) - 0.356031) < 1e-6
     assert abs(float(step(m, xs, y, None, opt, epoch=11)) - (0.302637 + 0.124158 * 0.441716)) < 1e-6
     rho, weak, dominant = C.pmr_coefficients(torch.tensor([1.0, 2.0, 3.0]))       # three modalities
     assert torch.allclose(rho, torch.tensor([0.4, 1.0, 2.0])) and weak.tolist() == [1, 0, 0]
@@ -584,9 +600,12 @@ def test_pmr_prototypes_are_class_means_of_a_tenth_of_the_training_batches():
         assert torch.allclose(m.prototypes[0, k], want)
     old = m.prototypes.clone()
     data.a = data.a + 1.0
-    C.start_epoch(m, 1, 2, loaders, None, "cpu")              # momentum 0.5 of the old prototype
     seen = torch.bincount(y, minlength=4) > 0
-    assert torch.allclose(m.prototypes[0, seen], old[0, seen] + 0.5)
+    C.start_epoch(m, 1, 3, loaders, None, "cpu")              # after epoch 0: the new means (as the authors')
+    assert torch.allclose(m.prototypes[0, seen], old[0, seen] + 1.0)
+    data.a = data.a + 1.0
+    C.start_epoch(m, 2, 3, loaders, None, "cpu")              # then momentum 0.5 of the old prototype
+    assert torch.allclose(m.prototypes[0, seen], old[0, seen] + 1.5)
     assert torch.equal(m.prototypes[0, ~seen], old[0, ~seen])
 
 
@@ -614,12 +633,16 @@ def test_reconboost_stages_then_rectification_with_fresh_optimizer_state(tiny_en
             clears.append(len(opt.log))
             super().clear()
     opt.state = State(dict)
-    members = []
+    members, boost = [], []
     for epoch in range(6):
         for s in range(2):
             xs, y, idx = batch(seed=s)
+            head = params(m.head)
             step(m, xs, y, idx, opt, epoch=epoch, batch=s, steps=2)
+            assert not same(head, params(m.head))                   # the shared head trains in every phase
+            boost.append(m.boost_rate.grad is not None)
         members.append(m.members.tolist())
+    assert boost == [False] * 4 + [True] * 2 + [False] * 4 + [True] * 2      # boost_rate: the rectification's
     # audio's stage, the rectification of the ensemble so far (audio alone), video's stage, both
     trained = [[True, False]] * 6 + [[False, True]] * 4 + [[True, True]] * 2
     assert [had for had, _ in opt.log] == trained and [moved for _, moved in opt.log] == trained

@@ -32,9 +32,10 @@ def kill_after_first_epoch(script, argv, run_dir, cwd):
 
 @pytest.mark.parametrize("method", ["mla", "qmf", "gblending", "pmr", "reconboost"])
 def test_train_av_killed_and_resumed_equals_uninterrupted(method, toy_root, tmp_path):
-    # G-Blending re-estimates its weights at epoch 2, ReconBoost trains audio, both, then video (a stage each)
+    # G-Blending re-estimates its weights at epoch 2; ReconBoost trains audio, rectifies it, then trains video;
+    # PMR keeps half of its old prototypes from epoch 2 on
     argv = ["--dataset", "toy", "--data_root", str(toy_root), "--method", method, *TINY, "--epochs", "3",
-            "--gb_super_epoch", "2"]
+            "--gb_super_epoch", "2", "--pmr_momentum", "0.5"]
     [whole] = train_av.main(argv + ["--out_dir", str(tmp_path / "whole")])
     out = tmp_path / "killed"
     run_dir = out / "toy_av" / method / "seed0"

@@ -274,11 +274,10 @@ class LateFusion(Sum):
         else:
             unis = self.present_logits(xs, mask, self.heads)
             fused = self.fuse_unimodal(unis, mask)
-        n = world()[1]                  # torchrun: the job's loss (of every process's rows), x n: the mean of the
-        if under_torchrun():            # processes' gradients is its gradient (each holds its own rows' part)
+        if under_torchrun():            # torchrun: the job's loss, from every process's rows (job_grad)
             fused, unis, y = job_batch(fused), [job_batch(u) for u in unis], job_batch(y)
             mask, idx = (None if mask is None else job_batch(mask)), (None if idx is None else job_batch(idx))
-        return optimizer_step(optimizer, n * self.loss(fused, unis, y, mask, idx)) / n
+        return optimizer_step(optimizer, job_grad(self.loss(fused, unis, y, mask, idx)))
 
     @torch.no_grad()
     def predict(self, xs, mask=None):
@@ -837,11 +836,12 @@ def zero_missing(xs, mask):
 
 
 def view_mse(preds, targets, mask):
-    """Mean over views of the mean squared error on the rows where the view is present in `mask`."""
+    """Mean over views of the mean squared error on the rows where the view is present in `mask` (under torchrun,
+    the mean of the processes' values is the job's)."""
     total = 0.0
     for m, (p, t) in enumerate(zip(preds, targets)):
-        w = mask[:, m].to(p.dtype)
-        total = total + (((p - t) ** 2).mean(1) * w).sum() / w.sum().clamp_min(1)
+        w = mask[:, m].to(p.dtype)                   # torchrun: over the job's present rows (the processes' mean)
+        total = total + (((p - t) ** 2).mean(1) * w).sum() / (all_sum(w.sum().detach()).clamp_min(1) / world()[1])
     return total / len(preds)
 
 
@@ -856,10 +856,18 @@ def hide_views(mask, p):
 
 
 def collect(loader, device):
-    """The whole (masked) split of a loader as tensors: (xs, mask, y)."""
+    """The whole (masked) split of a loader as tensors: (xs, mask, y); under torchrun every process's share
+    (each item once) gathered into the split's order, the same in every process."""
+    if under_torchrun():
+        rank, n = world()
+        loader = torch.utils.data.DataLoader(loader.dataset, loader.batch_size, sampler=range(rank, len(loader.dataset), n))
     parts = [to_device(b, device, masked=True) for b in loader]
     xs = [torch.cat([p[0][m] for p in parts]) for m in range(len(parts[0][0]))]
-    return xs, torch.cat([p[3] for p in parts]), torch.cat([p[1] for p in parts])
+    out = xs, torch.cat([p[3] for p in parts]), torch.cat([p[1] for p in parts])
+    if not under_torchrun():
+        return out
+    rows = lambda t: split_rows(t, len(loader.dataset))
+    return [rows(x) for x in out[0]], rows(out[1]), rows(out[2])
 
 
 def split_views(z, sizes):
@@ -1007,6 +1015,7 @@ class MissingMethod(nn.Module):
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.grad_clip:
+            mean_grads(self.parameters())       # torchrun: the job's gradients, then the clip
             nn.utils.clip_grad_norm_(self.parameters(), self.grad_clip)
         optimizer.step()
         return loss.detach()
@@ -1076,6 +1085,7 @@ class DCCA(MissingMethod):
         return [g(f(x)) for f, g, x in zip(self.encoders, self.outputs, xs)]
 
     def correlation_loss(self, hs, mask):
+        hs, mask = [job_batch(h) for h in hs], job_batch(mask)     # torchrun: the job's batch (job_grad below)
         loss = sum(h.sum() * 0 for h in hs)      # stays a graph when no pair of views has enough rows
         for i in range(len(hs)):
             for j in range(i + 1, len(hs)):
@@ -1083,7 +1093,7 @@ class DCCA(MissingMethod):
                 if both.sum() >= 2 * hs[i].shape[1]:
                     corr = cca_correlation(hs[i][both].double(), hs[j][both].double(), self.k, self.reg)
                     loss = loss - corr.to(hs[i].dtype)
-        return loss
+        return job_grad(loss)
 
     def loss(self, xs, y, mask):
         return self.correlation_loss(self.features(xs), mask)
@@ -1257,10 +1267,11 @@ class IFMMIN(MMIN):
             known = torch.cat([self.invariant(e) for e in target], 1)
         loss = loss + self.recon_weight * F.mse_loss(torch.cat(inv, 1), known)
         pairs = [(i, j) for i in range(len(inv)) for j in range(i + 1, len(inv))]
+        inv, seen = [job_batch(v) for v in inv], job_batch(seen)        # torchrun: the moments of the job's batch
         for i, j in pairs:
             both = seen[:, i] & seen[:, j]
             if both.sum() > 1:
-                loss = loss + self.cmd_weight * cmd(inv[i][both], inv[j][both], self.cmd_order) / len(pairs)
+                loss = loss + job_grad(self.cmd_weight * cmd(inv[i][both], inv[j][both], self.cmd_order) / len(pairs))
         return loss
 
 
@@ -1317,8 +1328,8 @@ class CPMNet(MissingMethod):
 
     def train_step(self, xs, y, optimizer, mask=None, idx=None):
         mask = full_mask(xs) if mask is None else mask
-        self.labels[idx] = y
-        self.codes[idx] = self.refine_codes(self.codes[idx], xs, mask, y, idx)
+        self.labels[job_batch(idx)] = job_batch(y)          # torchrun: every process stores the job's batch
+        self.codes[job_batch(idx)] = job_batch(self.refine_codes(self.codes[idx], xs, mask, y, idx))
         loss = self.code_loss(self.codes[idx], xs, mask, y, idx).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -3949,6 +3960,22 @@ def job_batch(t):
     return torch.stack(parts, 1).flatten(0, 1)
 
 
+def job_grad(loss):
+    """A loss of the job's batch (job_batch) whose value stays and whose gradient is times the processes: each holds
+    its own rows' part of the gradient, and the optimizer's mean over the processes (mean_grads) sums them."""
+    n = world()[1]
+    return loss if n == 1 else loss + (n - 1) * (loss - loss.detach())
+
+
+def split_rows(t, total):
+    """Under torchrun: a split's rows from every process's evaluation shard (item i in process i % n), in order."""
+    rank, n = world()
+    t = torch.cat([t, t.new_zeros(-(-total // n) - len(t), *t.shape[1:])])       # shards differ by at most a row
+    parts = [torch.empty_like(t) for _ in range(n)]
+    torch.distributed.all_gather(parts, t.contiguous())
+    return torch.stack(parts, 1).flatten(0, 1)[:total]
+
+
 def mean_grads(params):
     """Under torchrun: every gradient that exists in any process becomes its mean over the processes (a process
     without it adds zeros: e.g. no row of a modality in its share); one that exists nowhere stays None."""
@@ -3975,18 +4002,12 @@ def all_mean(tensors):
     return tensors
 
 
-DISTRIBUTED_METHODS = METHODS       # Table 5's and the balancing methods (Table 6's own: not yet)
-
-
-def distribute(method, optimizer, name, sync_bn=True):
+def distribute(method, optimizer, sync_bn=True):
     """Under torchrun: rank 0's weights and buffers in every process, SyncBatchNorm on CUDA (sync_bn; on the CPU,
     where it does not exist, per-process statistics), and before every optimizer step mean_grads. Returns the
     method (its BatchNorms converted)."""
     if not under_torchrun():
         return method
-    if name not in DISTRIBUTED_METHODS:
-        raise ValueError(f"--method {name} does not run under torchrun yet (its batch statistics would be each "
-                         f"process's): run it in one process, or use one of {', '.join(DISTRIBUTED_METHODS)}")
     bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in method.modules())
     if bn and sync_bn and next(method.parameters()).is_cuda:
         method = nn.SyncBatchNorm.convert_sync_batchnorm(method)

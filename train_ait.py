@@ -129,7 +129,7 @@ def train(args, root, device):
     C.init_heads(method)                            # encoders keep their own weights
     method.to(device, memory_format=torch.channels_last if args.amp else torch.contiguous_format)
     optimizer = torch.optim.SGD(method.parameters(), args.lr, args.momentum, weight_decay=args.weight_decay)
-    method = C.distribute(method, optimizer, args.method, args.sync_bn)    # torchrun: the batch over processes
+    method = C.distribute(method, optimizer, args.sync_bn)    # torchrun: the batch over processes
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_decay_step, args.lr_decay_ratio)
 
     # ---- train: evaluate every epoch, keep the selected one (best.pt) and all that --resume needs (last.pt)

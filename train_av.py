@@ -135,7 +135,7 @@ def train(args, root, device):
     if args.compile:
         C.compile_encoders(method)
     optimizer = torch.optim.SGD(method.parameters(), args.lr, args.momentum, weight_decay=args.weight_decay)
-    method = C.distribute(method, optimizer, args.method, args.sync_bn)    # torchrun: the batch over processes
+    method = C.distribute(method, optimizer, args.sync_bn)    # torchrun: the batch over processes
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_decay_step, args.lr_decay_ratio)
 
     # ---- train: evaluate every epoch, keep the selected one (best.pt) and all that --resume needs (last.pt)

@@ -110,7 +110,7 @@ def run(args):
         C.init_heads(method)                            # encoders keep their own weights
         method.to(device)
         optimizer = torch.optim.SGD(method.parameters(), args.lr, args.momentum, weight_decay=args.weight_decay)
-        method = C.distribute(method, optimizer, "concat" if args.method == "clip" else args.method, args.sync_bn)
+        method = C.distribute(method, optimizer, args.sync_bn)
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_decay_step, args.lr_decay_ratio)
 
         # ---- train: evaluate every epoch, keep the selected one (best.pt) and all that --resume needs (last.pt)

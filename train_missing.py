@@ -164,7 +164,7 @@ def run(args):
         method.feature_norm = norm             # its statistics go into best.pt and last.pt with the weights
     method.to(device)
     optimizer = torch.optim.SGD(method.parameters(), args.lr, args.momentum, weight_decay=args.weight_decay)
-    method = C.distribute(method, optimizer, args.method, args.sync_bn)    # torchrun: the batch over processes
+    method = C.distribute(method, optimizer, args.sync_bn)    # torchrun: the batch over processes
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_decay_step, args.lr_decay_ratio)
 
     # ---- train: evaluate every epoch, keep the selected one (best.pt) and all that --resume needs (last.pt);

@@ -1,7 +1,7 @@
 """Started under torchrun by tests/test_ddp.py (not collected by pytest). `train OUT`: each method trains two
 epochs of two batches of 32 on a fixed feature set through train_av.py's helpers (build_method, make_loader,
 distribute, start_epoch, train_one_epoch, evaluate); every process saves what it ends with, then train_missing.py runs
-(its record: OUT/missing). `fail OUT`: train_missing.py, with process 1 failing in its second evaluation;
+(its record: OUT/missing); then Table 6's own methods the same way, on a three-view set with missing views. `fail OUT`: train_missing.py, with process 1 failing in its second evaluation;
 `resume OUT`: the same run with --resume (from scratch where there is no last.pt)."""
 import sys
 from pathlib import Path
@@ -12,7 +12,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common as C          # noqa: E402
 import train_missing        # noqa: E402
 
-METHODS = C.METHODS                 # Table 5's and the six balancing methods
 
 
 class Pairs(torch.utils.data.Dataset):
@@ -32,17 +31,38 @@ def train(out):
     C.init_distributed("cpu")
     rank = C.world()[0]
     data = Pairs()
-    for name in METHODS:
+    for name in C.METHODS:                     # Table 5's and the six balancing methods
         C.seed_everything(0)
         encoders = [C.MLPEncoder(5, 16, 2), C.MLPEncoder(7, 16, 2)]
         method = C.build_method(name, encoders, 4, ["audio", "video"], len(data))
         optimizer = torch.optim.SGD(method.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
-        method = C.distribute(method, optimizer, name)
+        method = C.distribute(method, optimizer)
         loaders = {"train": C.make_loader(data, 32, True, seed=0), "val": C.make_loader(data, 32, False)}
         losses = []
         for epoch in range(2):
             C.start_epoch(method, epoch, 2, loaders, optimizer, "cpu")         # G-Blending's weights, PMR's prototypes
             losses.append(C.train_one_epoch(method, loaders["train"], optimizer, epoch, "cpu"))
+        acc = C.evaluate(method, loaders["val"], "cpu")
+        torch.save({"losses": losses, "acc": acc, "state": method.state_dict()}, Path(out) / f"{name}_{rank}.pt")
+    views = Pairs(n=64)                        # Table 6's own methods: three views, 30 % of them missing
+    xs, mask = [views.a, views.v, views.a[:, :3] - views.v[:, :3]], torch.as_tensor(C.missing_mask(64, 3, 0.3, 0))
+    data = C.FeatureDataset(xs, mask, views.y)
+    for name in C.MISSING_ONLY_METHODS:
+        C.seed_everything(0)
+        encoders = [C.MLPEncoder(x.shape[1], 16, 2) for x in xs]
+        method = C.build_method(name, encoders, 4, ["audio", "visual", "text"], len(data),
+                                table6=dict(layers=2, hide_prob=0.0, ae_widths=(16, 8), ae_blocks=2, cca_dim=3,
+                                            dcca_dim=2, code_steps=3, tate_heads=2))
+        optimizer = torch.optim.SGD(method.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+        method = C.distribute(method, optimizer)
+        loaders = {"train": C.make_loader(data, 32, True, seed=0), "val": C.make_loader(data, 32, False)}
+        if hasattr(method, "fit_start"):
+            method.fit_start(loaders["train"], "cpu")
+        losses = []
+        for epoch in range(2):
+            losses.append(C.train_one_epoch(method, loaders["train"], optimizer, epoch, "cpu"))
+            if hasattr(method, "epoch_end"):
+                method.epoch_end(loaders["train"], "cpu")
         acc = C.evaluate(method, loaders["val"], "cpu")
         torch.save({"losses": losses, "acc": acc, "state": method.state_dict()}, Path(out) / f"{name}_{rank}.pt")
     train_missing.main(["--method", "mla", "--epochs", "2", "--toy_train", "256", "--toy_val", "64",

@@ -1,4 +1,5 @@
-"""torchrun: two CPU processes (gloo) with 16 samples each train as one process with 32 (tests/ddp_worker.py)."""
+"""torchrun: two CPU processes (gloo) with 16 samples each train as one process with 32, every method
+(tests/ddp_worker.py); a failing process; an exact resume; a batch that does not split."""
 import json
 import os
 import subprocess
@@ -23,12 +24,15 @@ def test_two_processes_train_as_one_with_the_job_batch(tmp_path):
         (tmp_path / str(n)).mkdir()
         done = torchrun(n, "train", str(tmp_path / str(n)))
         assert done.returncode == 0, done.stderr[-2000:]
-    for name in C.METHODS:
+    for name in C.METHODS + C.MISSING_ONLY_METHODS:
         one = torch.load(tmp_path / "1" / f"{name}_0.pt", weights_only=False)
         r0, r1 = (torch.load(tmp_path / "2" / f"{name}_{r}.pt", weights_only=False) for r in (0, 1))
         assert all(torch.equal(r0["state"][k], r1["state"][k]) for k in r0["state"])      # the ranks in step
+        if name == "cpm_net":                   # its decoders' dropout draws other masks for 2 x 16 rows
+            continue
         for k, v in one["state"].items():                                                # ... and as one process
-            assert torch.allclose(v.double(), r0["state"][k].double(), atol=1e-5), (name, k)
+            if not (name in ("dcca", "dccae") and k.startswith("classifier")):          # (L-BFGS fits, after
+                assert torch.allclose(v.double(), r0["state"][k].double(), atol=1e-5), (name, k)  # float noise)
         assert one["acc"] == r0["acc"] and max(abs(a - b) for a, b in zip(one["losses"], r0["losses"])) < 1e-5
     qmf = torch.load(tmp_path / "2" / "qmf_1.pt", weights_only=False)["state"]["history"]
     assert (qmf > 0).all()                             # every sample's history, in every process
@@ -49,12 +53,9 @@ def test_a_failing_process_ends_the_job_naming_its_rank_and_resume_is_exact(tmp_
     assert {k: resumed[k] for k in same} == {k: whole[k] for k in same}
 
 
-def test_a_table_6_method_is_refused_by_name_and_an_uneven_batch_too(tiny_encoders, tmp_path, monkeypatch):
+def test_a_batch_that_does_not_split_evenly_is_a_clear_error(tmp_path, monkeypatch):
     torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'rdzv'}", rank=0, world_size=1)
     try:
-        m = C.build_method("concat", tiny_encoders(5, 7), 4, ["audio", "video"])
-        with pytest.raises(ValueError, match="--method tate does not run under torchrun yet"):
-            C.distribute(m, torch.optim.SGD(m.parameters(), lr=0.1), "tate")
         monkeypatch.setattr(C, "world", lambda: (0, 2))                   # as the first of two processes
         with pytest.raises(ValueError, match="--batch_size 7 does not split evenly over 2 processes"):
             C.make_loader(torch.utils.data.TensorDataset(torch.zeros(8)), 7, True)

@@ -860,7 +860,8 @@ def collect(loader, device):
     (each item once) gathered into the split's order, the same in every process."""
     if under_torchrun():
         rank, n = world()
-        loader = torch.utils.data.DataLoader(loader.dataset, loader.batch_size, sampler=range(rank, len(loader.dataset), n))
+        shard = range(rank, len(loader.dataset), n)
+        loader = torch.utils.data.DataLoader(loader.dataset, loader.batch_size, sampler=shard)
     parts = [to_device(b, device, masked=True) for b in loader]
     xs = [torch.cat([p[0][m] for p in parts]) for m in range(len(parts[0][0]))]
     out = xs, torch.cat([p[3] for p in parts]), torch.cat([p[1] for p in parts])
@@ -3904,14 +3905,13 @@ def seed_worker(_worker_id):
 
 # torchrun: one process per GPU (or CPU process), the global batch split evenly over them
 
-def world():
-    """(rank, processes) of a torchrun job; (0, 1) in a single process."""
-    d = torch.distributed
-    return (d.get_rank(), d.get_world_size()) if d.is_available() and d.is_initialized() else (0, 1)
-
-
 def under_torchrun():
     return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def world():
+    """(rank, processes) of a torchrun job; (0, 1) in a single process."""
+    return (torch.distributed.get_rank(), torch.distributed.get_world_size()) if under_torchrun() else (0, 1)
 
 
 def init_distributed(device):
@@ -5148,7 +5148,8 @@ def add_common_args(p, methods, defaults, modalities=None, condition=None):
 
 
 def add_balancing_args(p):
-    """The flags of the six balancing methods after the paper's (train_av, train_it, train_ait); defaults the authors'."""
+    """The flags of the six balancing methods after the paper's (train_av, train_it, train_ait): the authors'
+    defaults."""
     g = p.add_argument_group("MMCosine, MMPareto, AGM, G-Blending, PMR, ReconBoost")
     g.add_argument("--mmcosine_scale", type=float, default=10.0,
                    help="mmcosine: the cosine logits' scale (GeWu-Lab/MMCosine_ICASSP23's --scaling 10)")

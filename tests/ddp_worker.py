@@ -14,6 +14,9 @@ import train_missing        # noqa: E402
 
 
 
+MISSING = ["--method", "mla", "--epochs", "3", "--toy_train", "256"]     # train_missing.py's run in every mode
+
+
 class Pairs(torch.utils.data.Dataset):
     def __init__(self, n=64):
         g = torch.Generator().manual_seed(0)
@@ -65,11 +68,7 @@ def train(out):
                 method.epoch_end(loaders["train"], "cpu")
         acc = C.evaluate(method, loaders["val"], "cpu")
         torch.save({"losses": losses, "acc": acc, "state": method.state_dict()}, Path(out) / f"{name}_{rank}.pt")
-    train_missing.main(["--method", "mla", "--epochs", "2", "--toy_train", "256", "--toy_val", "64",
-                        "--toy_test", "64", "--out_dir", str(Path(out) / "missing")])
-
-
-MISSING = ["--method", "mla", "--epochs", "3", "--toy_train", "256"]
+    train_missing.main(MISSING + ["--out_dir", str(Path(out) / "missing")])
 
 
 def fail(out):

@@ -659,11 +659,14 @@ def proto_logits(z, prototypes):
     return -(z[:, None].float() - prototypes[None]).square().sum(-1).clamp_min(1e-12).sqrt()
 
 
-def pmr_coefficients(scores):
+def pmr_coefficients(scores, binary=False):
     """PMR's imbalance ratio rho_m = s_m / (mean of the others' scores) (s_a / s_v for two modalities) and the
-    coefficients (weak: clip(1/rho - 1, 0, 1) on its prototype CE; dominant: clip(rho - 1, 0, 1) on its entropy)."""
+    coefficients (weak: clip(1/rho - 1, 0, 1) on its prototype CE; dominant: clip(rho - 1, 0, 1) on its entropy);
+    binary: 1 for rho < 1 (weak) and for rho > 1 (dominant), as the authors' released script weighs its CE."""
     M = len(scores)
     rho = scores / ((scores.sum() - scores) / (M - 1)).clamp_min(1e-12)
+    if binary:
+        return rho, (rho < 1).to(rho.dtype), (rho > 1).to(rho.dtype)
     return rho, (1 / rho - 1).clamp(0, 1), (rho - 1).clamp(0, 1)
 
 
@@ -676,9 +679,11 @@ class PMR(Concat):
     + alpha sum_m weak_m PCE_m - mu sum_m dominant_m H_m, H_m the prototype softmax's entropy summed over the batch
     (as GeWu-Lab/BalanceBenchmark), for the epochs up to `entropy_ends`."""
 
-    def __init__(self, encoders, num_classes, modalities, alpha=1.0, mu=0.01, entropy_ends=10, momentum=0.0):
+    def __init__(self, encoders, num_classes, modalities, alpha=1.0, mu=0.01, entropy_ends=10, momentum=0.0,
+                 binary=False):
         super().__init__(encoders, num_classes, modalities)
         self.alpha, self.mu, self.entropy_ends, self.momentum, self.epoch = alpha, mu, entropy_ends, momentum, 0
+        self.binary = binary
         self.register_buffer("prototypes", torch.zeros(len(encoders), num_classes, self.dim))
 
     def schedule(self, epoch, step, steps):
@@ -707,7 +712,7 @@ class PMR(Concat):
         logits = [proto_logits(z, c) for z, c in zip(zs, self.prototypes)]
         with torch.no_grad():
             scores = all_sum(torch.stack([u.softmax(1).gather(1, y[:, None]).sum() for u in logits]))   # the job's
-            _, weak, dominant = pmr_coefficients(scores)
+            _, weak, dominant = pmr_coefficients(scores, self.binary)
         for m, u in enumerate(logits):
             loss = loss + self.alpha * weak[m] * F.cross_entropy(u, y)
             if self.epoch <= self.entropy_ends:           # summed over the batch (the job's, under torchrun)
@@ -5170,6 +5175,9 @@ def add_balancing_args(p):
                    help="pmr: last epoch with the entropy term (BalanceBenchmark's norm_epoch 10)")
     g.add_argument("--pmr_momentum", type=float, default=0.0,
                    help="pmr: share of the old prototype kept each epoch (the authors' runs: 0)")
+    g.add_argument("--pmr_binary", action="store_true",
+                   help="pmr: coefficients 0 or 1 instead of the paper's clipped ratio; with --pmr_mu 0 the authors' "
+                        "released script (main_Prototype_grad.py: alpha x the weaker modality's prototype CE)")
     g.add_argument("--reconboost_stage_epochs", type=int, default=None,
                    help="reconboost: epochs of each modality's stage (default 4, huacong/ReconBoost's "
                         "--epochs_per_stage; the toy sets: 1)")
@@ -5234,7 +5242,7 @@ def method_options(args):
         options.update(mmcosine_scale=args.mmcosine_scale, mmpareto_gamma=args.mmpareto_gamma,
                        agm=(args.agm_alpha, args.agm_ends), gb_super_epoch=args.gb_super_epoch,
                        pmr=dict(alpha=args.pmr_alpha, mu=args.pmr_mu, entropy_ends=args.pmr_entropy_ends,
-                                momentum=args.pmr_momentum),
+                                momentum=args.pmr_momentum, binary=args.pmr_binary),
                        reconboost=dict(stage_epochs=args.reconboost_stage_epochs, w1=args.reconboost_weights[0],
                                        correct_epochs=args.reconboost_correct_epochs, w2=args.reconboost_weights[1]))
     if "condition" in vars(args):

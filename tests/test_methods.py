@@ -586,6 +586,8 @@ def test_pmr_loss_by_hand():
     rho, weak, dominant = C.pmr_coefficients(torch.tensor([1.0, 2.0, 3.0]))       # three modalities
     assert torch.allclose(rho, torch.tensor([0.4, 1.0, 2.0])) and weak.tolist() == [1, 0, 0]
     assert dominant.tolist() == [0, 0, 1]
+    _, weak, dominant = C.pmr_coefficients(torch.tensor([1.456350, 1.295503]), binary=True)   # the released script
+    assert weak.tolist() == [0, 1] and dominant.tolist() == [1, 0]
 
 
 def test_pmr_prototypes_are_class_means_of_a_tenth_of_the_training_batches():

@@ -23,6 +23,7 @@ import collections
 import contextlib
 import copy
 import csv
+import datetime
 import errno
 import io
 import itertools
@@ -640,7 +641,9 @@ class GBlending(ConcatHeads):
             opt = torch.optim.SGD(twin.branch_params(k), **hyper)
             opt.register_step_pre_hook(lambda *_: mean_grads(twin.parameters()))      # torchrun: as the model
             twin.train()
-            for _ in range(n):
+            for i in range(n):
+                if hasattr(loaders["train"].sampler, "set_epoch"):     # torchrun: a new order each pass
+                    loaders["train"].sampler.set_epoch(epoch + i)
                 for xs, y, _, _ in device_batches(loaders["train"], device, True):
                     with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=amp):
                         optimizer_step(opt, F.cross_entropy(twin.branch(xs, k).float(), y))
@@ -2343,7 +2346,11 @@ def ensure_toy(root, first_file, make, **params):
     """Generate a toy set into `root` with make(root, **params), unless `first_file` is there already.
     A toy set found there that was made with other parameters (its toy.json says) is used as it is,
     with a warning naming them."""
-    root = Path(root)
+    with rank0_first():                         # torchrun: a shared --data_root is written once
+        _ensure_toy(Path(root), first_file, make, params)
+
+
+def _ensure_toy(root, first_file, make, params):
     marker = root / "toy.json"
     if (root / first_file).is_file():
         made, want = json.loads(marker.read_text()) if marker.is_file() else None, json.loads(json.dumps(params))
@@ -3815,7 +3822,7 @@ def extract_features(tower, dataset, batch_size=256, device="cpu", num_workers=0
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
     tower.eval().to(device)
     out = [tower(x.to(device)).float().cpu()
-           for x, _, _ in tqdm(loader, desc=desc, unit="batch", disable=not sys.stderr.isatty())]
+           for x, _, _ in tqdm(loader, desc=desc, unit="batch", disable=not sys.stderr.isatty() or world()[0] > 0)]
     return torch.cat(out)
 
 
@@ -3928,8 +3935,8 @@ def init_distributed(device):
     if cuda:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         torch.cuda.set_device(device)
-    if not under_torchrun():
-        torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    if not under_torchrun():                # a long timeout: the others wait while the first builds a cache
+        torch.distributed.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=3))
     if world()[0] > 0:
         sys.stdout = open(os.devnull, "w")
     return device
@@ -3944,7 +3951,8 @@ def all_sum(t):
 
 @contextlib.contextmanager
 def rank0_first():
-    """Under torchrun the body runs in the first process, then in the others (a cache built once, then read)."""
+    """Under torchrun the body runs in the first process, then in the others (a cache built once, then read); they
+    wait up to the job's timeout, 3 hours (for more, build the cache in one process first)."""
     rank, n = world()
     if rank > 0:
         torch.distributed.barrier()
@@ -4028,10 +4036,7 @@ def distribute(method, optimizer, sync_bn=True):
 def atomic_write(path, write):
     """Write a file so that a crash at any moment leaves either the old file or the new one:
     write(f) into a temporary file beside it, flush and fsync, then rename over the old one. MLA_NO_FSYNC=1
-    (the tests set it) leaves out the fsync, which only guards against a power loss, not a crash. Under
-    torchrun only the first process writes."""
-    if world()[0] > 0:                  # torchrun: the first process writes
-        return
+    (the tests set it) leaves out the fsync, which only guards against a power loss, not a crash."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -4164,7 +4169,7 @@ def train_one_epoch(method, loader, optimizer, epoch, device, amp=False, checkpo
         loader.sampler.set_epoch(epoch)
     check_every = check_every or (25 if torch.device(device).type == "cuda" else 1)
     bar = tqdm(total=steps, desc=f"epoch {epoch + 1}", leave=False, dynamic_ncols=True,
-               disable=not sys.stderr.isatty())
+               disable=not sys.stderr.isatty() or world()[0] > 0)
     total, unread = 0.0, []
 
     def read_back():
@@ -4204,6 +4209,8 @@ def start_epoch(method, epoch, epochs, loaders, optimizer, device, amp=False):
     """What a method does before an epoch with all the loaders at hand, when it has a start_epoch: G-Blending
     estimates its weights (every super-epoch), PMR computes its prototypes. Call it before train_one_epoch."""
     if hasattr(method, "start_epoch"):
+        if hasattr(loaders["train"].sampler, "set_epoch"):    # torchrun: this epoch's order, as a resumed run's
+            loaders["train"].sampler.set_epoch(epoch)
         method.start_epoch(epoch, epochs, loaders, optimizer, device, amp)
 
 
@@ -4306,7 +4313,9 @@ def log_epoch(run, epoch, loss, optimizer, val, test, method):
 
 
 def save_best(run, method, epoch):
-    """best.pt: the selected epoch's weights (with the run's settings and modalities)."""
+    """best.pt: the selected epoch's weights (with the run's settings and modalities); torchrun: the first process."""
+    if world()[0] > 0:
+        return
     atomic_torch_save({"method": run["settings"]["method"], "epoch": epoch, "args": run["settings"],
                        "modalities": method.modalities, "state_dict": method.state_dict()}, run["folder"] / "best.pt")
 
@@ -4316,6 +4325,9 @@ def save_checkpoint(run, method, optimizer, scheduler, train_loader):
     uninterrupted run (model incl. MLA's P and QMF's histories, optimizer, scheduler, every RNG state and
     the training loader's generator, the epoch log and the selection so far)."""
     settings = run["settings"]
+    if world()[0] > 0:                          # torchrun: the first process writes
+        run["tick"] = time.time()
+        return
     atomic_torch_save({"method": settings["method"], "seed": settings["seed"], "epoch": run["log"][-1]["epoch"],
                        "args": settings, "state_dict": method.state_dict(), "optimizer": optimizer.state_dict(),
                        "scheduler": scheduler.state_dict(), "rng": rng_states(train_loader), "log": run["log"],
@@ -4346,7 +4358,8 @@ def write_record(run, method, test):
               "best_epoch": run["best_epoch"], "test": test,
               "wall_time_s": round(run["elapsed"] + time.time() - run["start"], 2), "version": code_version()}
     assert tuple(record) == RECORD_KEYS
-    atomic_json_dump(record, path)
+    if world()[0] == 0:                         # torchrun: the first process writes
+        atomic_json_dump(record, path)
     if world()[0] == 0:
         run["last"].unlink(missing_ok=True)
     chosen = "selected on TEST" if s["select_on"] == "test" else f"epoch {run['best_epoch'] + 1} by {s['select_on']}"
@@ -4467,7 +4480,9 @@ def set_rng_states(state, train_loader):
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"].cpu())
-    if state["cuda"] is not None and torch.cuda.is_available():    # as many GPUs as both runs have
+    if state["cuda"] is not None and torch.cuda.is_available() and under_torchrun():   # the first process's GPU's
+        torch.cuda.set_rng_state(state["cuda"][0].cpu())                                  # (every process's is alike)
+    elif state["cuda"] is not None and torch.cuda.is_available():    # as many GPUs as both runs have
         for i, s in enumerate(state["cuda"][:torch.cuda.device_count()]):
             torch.cuda.set_rng_state(s.cpu(), i)
     if state["loader"] is not None:
@@ -4644,7 +4659,7 @@ class CachedAVDataset(torch.utils.data.Dataset):
             loader = torch.utils.data.DataLoader(src, batch_size=None, num_workers=num_workers,
                                                  generator=torch.Generator().manual_seed(0))
             for i, (a, v, e) in enumerate(tqdm(loader, total=n, desc=f"caching {self.folder.name}", unit="clip",
-                                               disable=not sys.stderr.isatty())):
+                                               disable=not sys.stderr.isatty() or world()[0] > 0)):
                 fb[i], fr[i], hw[i] = a, v, e
             fb.flush()
             fr.flush()
@@ -5299,27 +5314,32 @@ def script_main(main, again="rerun the same command with --resume to continue fr
     non-zero exit: bad data, a non-finite loss, a full disk, Ctrl-C (exit 130, then `again` says how to go on);
     under torchrun any failure, as one line naming the process's rank."""
     rank = f"rank {os.environ['RANK']}: " if "RANK" in os.environ and "WORLD_SIZE" in os.environ else ""
+
+    def stop(text, code=1):                    # torchrun: at once, not through a teardown the others never join
+        if rank:
+            print(text, file=sys.stderr, flush=True)
+            os._exit(code)
+        sys.exit(text if code == 1 else code)
     try:
         main()
+        if under_torchrun():
+            torch.distributed.destroy_process_group()
     except DataError as e:
         text = str(e)
         if "Original Traceback" in text:        # re-raised from a DataLoader worker: drop the traceback
             text = text.rsplit("DataError: ", 1)[-1].strip()
-        sys.exit(f"error: {rank}{text}")
+        stop(f"error: {rank}{text}")
     except FloatingPointError as e:
-        sys.exit(f"error: {rank}{e}")
+        stop(f"error: {rank}{e}")
     except DiskFull as e:
-        sys.exit(f"error: {rank}{e.strerror}")
+        stop(f"error: {rank}{e.strerror}")
     except KeyboardInterrupt:                  # exit status 130, as a shell reports Ctrl-C
         print(f"interrupted: {again}", file=sys.stderr)
-        sys.exit(130)
+        stop("", 130) if rank else sys.exit(130)
     except Exception as e:                     # torchrun: one line naming the process (torchrun ends the others)
         if not rank:
             raise
-        sys.exit(f"error: {rank}{type(e).__name__}: {e}")
-    finally:
-        if under_torchrun():
-            torch.distributed.destroy_process_group()
+        stop(f"error: {rank}{type(e).__name__}: {e}")
 
 
 def _cli(argv=None):

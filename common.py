@@ -4088,7 +4088,9 @@ def make_loader(dataset, batch_size, train, seed=0, num_workers=0, device="cpu")
     """A DataLoader (shuffled from a generator seeded with `seed` when training), or on CUDA, for a data
     set that can read whole batches (`gatherable`, e.g. the cache with crops on the GPU), a GatherLoader
     with `num_workers` threads. Under torchrun: a DistributedSampler (seeded, set_epoch by train_one_epoch)
-    gives each process batch_size / processes items of each batch; evaluation shards take every item once."""
+    gives each process batch_size / processes items of each batch (a split that does not divide by the number
+    of processes is padded with repeated items, as DistributedSampler does); evaluation shards take every item
+    once. The processes draw the same random numbers (augmentations, dropout): seeded alike, they stay in step."""
     g = torch.Generator()
     g.manual_seed(seed)
     if under_torchrun():                  # each process its share of every batch: together, one process's batch

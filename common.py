@@ -1491,8 +1491,8 @@ class VideoResNet(AudioResNet):
 
 # ======== 2b. Image and text transformers: M3AE-shaped encoders, their checkpoints, transformers models
 
-# M3AE-shaped encoder in plain PyTorch. Parameter names follow the official conversion of the M3AE JAX
-# weights to PyTorch (cls_token, image_embedding, text_embedding, encoder_{image,text}_type_embedding,
+# M3AE-shaped encoder in plain PyTorch (weights: young-geng/m3ae_public). Parameter names follow the official
+# conversion of the M3AE JAX weights to PyTorch (cls_token, image_embedding, text_embedding, encoder_{image,text}_type_embedding,
 # encoder.blocks.<i>.{layer_norm1, attention.qkv_linear, attention.fc, layer_norm2, transformer_mlp.fc1,
 # transformer_mlp.fc2}, encoder.layer_norm), so such a state dict loads as it is. As in the JAX model:
 # LayerNorm eps 1e-6, tanh-approximated GELU, patches flattened as (row, column, channel).
@@ -5164,9 +5164,10 @@ def add_common_args(p, methods, defaults, modalities=None, condition=None):
     g.add_argument("--resume", action="store_true",
                    help="continue an interrupted run from <run folder>/last.pt (saved after every epoch)")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    g.add_argument("--sync_bn", action=argparse.BooleanOptionalAction, default=True,
-                   help="under torchrun on CUDA: BatchNorm statistics over the whole batch (SyncBatchNorm); on the "
-                        "CPU, where SyncBatchNorm does not run, each process keeps its own")
+    g.add_argument("--sync_bn", dest="sync_bn", action="store_true", default=True,
+                   help="under torchrun on CUDA: BatchNorm statistics over the whole batch (SyncBatchNorm; default); "
+                        "on the CPU, where SyncBatchNorm does not run, each process keeps its own")
+    g.add_argument("--no_sync_bn", dest="sync_bn", action="store_false", help="under torchrun: each process's statistics")
 
 
 def add_balancing_args(p):
@@ -5241,7 +5242,8 @@ def add_toy_args(p, what, train, test, dev=None, dev_flag="dev", seed_help="the 
     """The toy set's flags every script has: --toy_train, --toy_<dev_flag> (when `dev` is given), --toy_test
     and --toy_seed; returns their group's add_argument for the script's own toy flags."""
     a = p.add_argument_group(title).add_argument
-    a("--toy_train", type=int, default=train, help=f"toy: training {what}")
+    a("--toy_train", type=int, default=train,
+      help=f"toy: training {what}" + ("" if dev is not None else " (the validation split is taken from them)"))
     if dev is not None:
         a(f"--toy_{dev_flag}", type=int, default=dev, help=f"toy: validation ({dev_flag}) {what}")
     a("--toy_test", type=int, default=test, help=f"toy: test {what}")

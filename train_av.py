@@ -68,7 +68,7 @@ def get_args(argv=None):
     a("--compile", action="store_true",
       help="torch.compile the encoders (fused kernels; the first epoch pays about a minute per encoder to "
            "compile; checkpoints are unchanged)")
-    C.add_toy_args(p, "clips (before the validation split)", 600, 240)
+    C.add_toy_args(p, "clips", 600, 240)
     args = C.finish_args(p, p.parse_args(argv), C.METHODS, DEFAULTS)
     if not 0 < args.crop_scale <= 1:
         p.error("--crop_scale must be in (0, 1]")

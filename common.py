@@ -4439,7 +4439,7 @@ RUN_ONLY_ARGS = {"resume", "device", "num_workers", "cpu_threads", "amp", "compi
 
 
 EARLIER_BEHAVIOUR = {"feature_norm": "none", "hgm_alpha_scale": False, "hgm_forget": 1.0, "qmf_rank": "paper",
-                     "crop_scale": 0.08, "no_augment": False, "modalities": None}
+                     "crop_scale": 0.08, "no_augment": False, "modalities": None, "processes": None}
 
 
 def other_settings(recorded, settings, free=()):
@@ -5301,6 +5301,7 @@ def finish_args(p, args, methods, defaults):
         p.error(f"--seeds {args.seeds}: expected a comma list of whole numbers, e.g. 0,1,2" if "int()" in str(e)
                 else str(e))
     args.device = init_distributed(args.device)          # torchrun: join the job, this process's GPU
+    args.processes = world()[1] if under_torchrun() else None     # recorded: a torchrun run draws another order
     for k, v in defaults["toy" if args.dataset == "toy" else "paper"].items():
         if getattr(args, k, None) is None:       # the paper's 8 loader workers, but never more than the cores
             setattr(args, k, min(v, os.cpu_count() or 1) if k == "num_workers" else v)

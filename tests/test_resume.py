@@ -219,6 +219,8 @@ def test_a_record_from_before_a_flag_existed_compares_as_what_it_ran():
     assert C.other_settings(old, {"method": "mla", "hgm": False, "lr": 0.01}) == ""
     shown = C.other_settings({"method": "ae"}, {"method": "ae", "feature_norm": "train"})
     assert shown == "--feature_norm none there, train now"
+    assert C.other_settings({"method": "mla"}, {"method": "mla", "processes": None}) == ""      # no torchrun
+    assert "--processes None there, 2 now" in C.other_settings({"method": "mla"}, {"method": "mla", "processes": 2})
 
 
 def test_disk_full_crosses_a_process_pool():

@@ -621,7 +621,7 @@ class GBlending(ConcatHeads):
         was, total, n = self.training, torch.zeros(len(ks), device=device), 0
         self.eval()
         for xs, y, _, _ in device_batches(loader, device, False):
-            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=amp):
+            with autocast(device, amp):
                 total += torch.stack([F.cross_entropy(self.branch(xs, k).float(), y, reduction="sum") for k in ks])
             n += len(y)
         self.train(was)
@@ -634,10 +634,9 @@ class GBlending(ConcatHeads):
             raise ValueError("gblending measures overfitting on the validation split: use --val_ratio > 0")
         K, n = len(self.encoders) + 1, min(self.super_epoch, epochs - epoch)
         start = torch.stack([self.branch_losses(loaders[s], device, range(K), amp) for s in ("train", "val")], 1)
-        end = []
+        end, hyper = [], {h: optimizer.param_groups[0][h] for h in ("lr", "momentum", "weight_decay")}
         for k in range(K):
             twin = copy.deepcopy(self)                    # branch k alone, from the current weights
-            hyper = {h: optimizer.param_groups[0][h] for h in ("lr", "momentum", "weight_decay")}
             opt = torch.optim.SGD(twin.branch_params(k), **hyper)
             opt.register_step_pre_hook(lambda *_: mean_grads(twin.parameters()))      # torchrun: as the model
             twin.train()
@@ -645,7 +644,7 @@ class GBlending(ConcatHeads):
                 if hasattr(loaders["train"].sampler, "set_epoch"):     # torchrun: a new order each pass
                     loaders["train"].sampler.set_epoch(epoch + i)
                 for xs, y, _, _ in device_batches(loaders["train"], device, True):
-                    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=amp):
+                    with autocast(device, amp):
                         optimizer_step(opt, F.cross_entropy(twin.branch(xs, k).float(), y))
             end.append([twin.branch_losses(loaders[s], device, [k], amp)[0] for s in ("train", "val")])
             del twin, opt                                 # one copy at a time
@@ -698,7 +697,7 @@ class PMR(Concat):
         sums, counts, was = torch.zeros(M, C, d, device=device), torch.zeros(C, device=device), self.training
         self.eval()
         for i, (xs, y, _, _) in zip(range(max(1, len(loader) // 10)), device_batches(loader, device, True)):
-            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=amp):
+            with autocast(device, amp):
                 zs = self.encode(xs)
             for m, z in enumerate(zs):
                 sums[m].index_add_(0, y, z.float())
@@ -3982,11 +3981,8 @@ def job_grad(loss):
 
 def split_rows(t, total):
     """Under torchrun: a split's rows from every process's evaluation shard (item i in process i % n), in order."""
-    rank, n = world()
-    t = torch.cat([t, t.new_zeros(-(-total // n) - len(t), *t.shape[1:])])       # shards differ by at most a row
-    parts = [torch.empty_like(t) for _ in range(n)]
-    torch.distributed.all_gather(parts, t.contiguous())
-    return torch.stack(parts, 1).flatten(0, 1)[:total]
+    pad = -(-total // world()[1]) - len(t)                  # shards differ by at most a row
+    return job_batch(torch.cat([t, t.new_zeros(pad, *t.shape[1:])]))[:total]
 
 
 def mean_grads(params):
@@ -4115,6 +4111,11 @@ def make_loader(dataset, batch_size, train, seed=0, num_workers=0, device="cpu")
         persistent_workers=num_workers > 0 and not train)
 
 
+def autocast(device, amp):
+    """bf16 autocast on `device` when amp (bf16 needs no loss scaling); a no-op context otherwise."""
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=amp)
+
+
 def to_device(batch, device, masked=False):
     """A batch (*xs, y, idx) -> (xs, y, idx) on the device. With masked=True (the data set has
     `masked = True`) the batch is (*xs, mask, y, idx) -> (xs, y, idx, mask), mask (B, M) bool,
@@ -4134,15 +4135,17 @@ def evaluate(method, loader, device, amp=False):
     (a masked data set) a modality's accuracy counts only the samples where its view is present, and
     is None when no sample of the split has that view."""
     method.eval()
-    if under_torchrun():                # torchrun: rank 0's buffers (BatchNorm statistics on the CPU) in every process
-        for b in method.buffers():
-            torch.distributed.broadcast(b, 0)
+    if under_torchrun():                # torchrun: rank 0's BatchNorm statistics (per process without SyncBatchNorm)
+        for bn in method.modules():
+            if isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.track_running_stats:
+                for b in bn.buffers():
+                    torch.distributed.broadcast(b, 0)
     masked = getattr(loader.dataset, "masked", False)
     n = len(method.modalities) + 1
     correct = torch.zeros(n, dtype=torch.long, device=device)     # counted on the device: no sync per batch
     count = torch.zeros(n, dtype=torch.long, device=device)
     for xs, y, _, mask in device_batches(loader, device, False, masked):
-        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=amp):
+        with autocast(device, amp):
             fused, unis = method.predict(xs, mask=mask) if masked else method.predict(xs)
         fused, unis = fused.float(), [u.float() for u in unis]
         mask = mask if masked else torch.ones(len(y), len(unis), dtype=torch.bool, device=y.device)
@@ -4196,7 +4199,7 @@ def train_one_epoch(method, loader, optimizer, epoch, device, amp=False, checkpo
             if hasattr(method, "schedule"):
                 method.schedule(epoch, step, steps)
             extra = ({"mask": mask} if masked else {}) | ({"idx": idx} if uses_index else {})
-            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=amp):
+            with autocast(device, amp):
                 unread.append((step, method.train_step(xs, y, optimizer, **extra)))
             if len(unread) >= check_every:
                 read_back()
@@ -4362,7 +4365,6 @@ def write_record(run, method, test):
     assert tuple(record) == RECORD_KEYS
     if world()[0] == 0:                         # torchrun: the first process writes
         atomic_json_dump(record, path)
-    if world()[0] == 0:
         run["last"].unlink(missing_ok=True)
     chosen = "selected on TEST" if s["select_on"] == "test" else f"epoch {run['best_epoch'] + 1} by {s['select_on']}"
     print(f"test ({chosen}): {fmt_acc(test)}\nrecord: {path}", flush=True)
@@ -5322,9 +5324,10 @@ def script_main(main, again="rerun the same command with --resume to continue fr
 
     def stop(text, code=1):                    # torchrun: at once, not through a teardown the others never join
         if rank:
-            print(text, file=sys.stderr, flush=True)
+            if text:
+                print(text, file=sys.stderr, flush=True)
             os._exit(code)
-        sys.exit(text if code == 1 else code)
+        sys.exit(text if text else code)
     try:
         main()
         if under_torchrun():
@@ -5340,7 +5343,7 @@ def script_main(main, again="rerun the same command with --resume to continue fr
         stop(f"error: {rank}{e.strerror}")
     except KeyboardInterrupt:                  # exit status 130, as a shell reports Ctrl-C
         print(f"interrupted: {again}", file=sys.stderr)
-        stop("", 130) if rank else sys.exit(130)
+        stop("", 130)
     except Exception as e:                     # torchrun: one line naming the process (torchrun ends the others)
         if not rank:
             raise

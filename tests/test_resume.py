@@ -52,26 +52,29 @@ def test_train_av_killed_and_resumed_equals_uninterrupted(method, toy_root, tmp_
     assert not (run_dir / "last.pt").exists() and (run_dir / "best.pt").exists()
 
 
-@pytest.mark.parametrize("method", ["gblending", "pmr", "reconboost"])
-def test_stateful_balancing_methods_stopped_after_epoch_2_resume_exactly(method, toy_root, tmp_path, monkeypatch):
-    """At epoch 3 G-Blending re-estimates its weights, ReconBoost's video stage starts (a fresh optimizer state)
-    and PMR blends its saved prototypes (momentum 0.5): from last.pt they do as in the uninterrupted run."""
-    argv = ["--dataset", "toy", "--data_root", str(toy_root), "--method", method, *TINY, "--epochs", "3",
-            "--gb_super_epoch", "2", "--pmr_momentum", "0.5"]
+@pytest.mark.parametrize("method, extra, stop_after", [
+    ("gblending", ["--epochs", "2", "--gb_super_epoch", "1"], 1),      # re-estimates its weights at epoch 2
+    ("pmr", ["--epochs", "3", "--pmr_momentum", "0.5"], 2),           # blends its saved prototypes at epoch 3
+    ("reconboost", ["--epochs", "3"], 2)])                             # starts video's stage at epoch 3
+def test_stateful_balancing_methods_stopped_between_epochs_resume_exactly(method, extra, stop_after, toy_root,
+                                                                           tmp_path, monkeypatch):
+    """Stopped once epoch `stop_after` is saved, the run resumes from last.pt into a step that uses the saved
+    state (G-Blending's estimate, PMR's prototypes, ReconBoost's fresh optimizer state) as the uninterrupted one."""
+    argv = ["--dataset", "toy", "--data_root", str(toy_root), "--method", method, *TINY, *extra]
     [whole] = train_av.main(argv + ["--out_dir", str(tmp_path / "whole")])
     real, saved = C.save_checkpoint, []
 
-    def stop_after_two(*a, **k):                 # the process stops once epoch 2 is saved (as a pre-emption)
+    def stop(*a, **k):                           # the process stops once that epoch is saved (as a pre-emption)
         real(*a, **k)
         saved.append(1)
-        if len(saved) == 2:
+        if len(saved) == stop_after:
             raise KeyboardInterrupt
-    monkeypatch.setattr(C, "save_checkpoint", stop_after_two)
+    monkeypatch.setattr(C, "save_checkpoint", stop)
     out = tmp_path / "stopped"
     with pytest.raises(KeyboardInterrupt):
         train_av.main(argv + ["--out_dir", str(out)])
     monkeypatch.undo()
-    assert torch.load(out / "toy_av" / method / "seed0" / "last.pt", weights_only=False)["epoch"] == 1
+    assert torch.load(out / "toy_av" / method / "seed0" / "last.pt", weights_only=False)["epoch"] == stop_after - 1
     [resumed] = train_av.main(argv + ["--out_dir", str(out), "--resume"])
     assert {k: resumed[k] for k in SAME} == {k: whole[k] for k in SAME}
 

@@ -968,9 +968,10 @@ def fit_softmax_classifier(linear, z, y, weight_decay=1e-4, steps=100):
 class CascadedResidualAE(nn.Module):
     """MMIN's ResidualAE (AIM3-RUC/MMIN, the cascaded residual autoencoder of Tran et al. 2017): block k's
     encoder d -> widths (LeakyReLU 0.01 between layers, a linear bottleneck), its decoder back to d (ReLU
-    between layers, linear out); block k reads x plus the sum of the earlier blocks' outputs, or, with
-    `add` (IF-MMIN's invariant feature, width d), x + k * add; returns transition(x_last + out_last)
-    (Linear, ReLU, Linear) and the concatenated bottlenecks."""
+    between layers, linear out); block k reads x plus the sum of the earlier blocks' outputs and the result
+    is transition(x_last + out_last) (Linear, ReLU, Linear). With `add` (IF-MMIN's invariant feature, width
+    d; its autoencoder_2.ResidualAE as of 2024) block 0 reads x + add, block k > 0 decoder k-1's output +
+    add, and the result is transition(out_last). Also returns the concatenated bottlenecks."""
 
     def __init__(self, d, widths=(128, 64, 32), blocks=3):
         super().__init__()
@@ -989,11 +990,14 @@ class CascadedResidualAE(nn.Module):
 
     def forward(self, x, add=None):
         latents, out = [], torch.zeros_like(x)
-        for enc, dec in zip(self.enc, self.dec):
-            x = x + (out if add is None else add)
+        for k, (enc, dec) in enumerate(zip(self.enc, self.dec)):
+            if add is None:
+                x = x + out                                 # MMIN: the running sum of the blocks' outputs
+            else:
+                x = (x if k == 0 else out) + add            # IF-MMIN: the previous block's output + add
             latents.append(enc(x))
             out = dec(latents[-1])
-        return self.transition(x + out), torch.cat(latents, 1)
+        return self.transition(out if add is not None else x + out), torch.cat(latents, 1)
 
 
 # ---- the nine Table-6-only methods

@@ -295,8 +295,9 @@ def test_cpm_net_infers_test_codes_with_networks_frozen(toy_features):
 # ---------------------------------------------------------------------------------------------- authors' formulas
 
 def test_residual_ae_is_mmins_leaky_linear_bottleneck_and_transition():
-    """MMIN's ResidualAE: block k reads x + the earlier blocks' outputs (IF-MMIN: x + k * add), its encoder
-    has LeakyReLU(0.01) between layers and a linear bottleneck, and the output passes the transition."""
+    """MMIN's ResidualAE: block k reads x + the earlier blocks' outputs, its encoder has LeakyReLU(0.01)
+    between layers and a linear bottleneck, and x_last + out_last passes the transition. IF-MMIN's
+    (autoencoder_2): block 0 reads x + add, block k > 0 decoder k-1's output + add; transition(out_last)."""
     torch.manual_seed(0)
     ae = C.CascadedResidualAE(6, widths=(5, 4), blocks=2)
     enc = ae.enc[0]
@@ -307,8 +308,15 @@ def test_residual_ae_is_mmins_leaky_linear_bottleneck_and_transition():
     out, latent = ae(x)
     assert torch.allclose(out, ae.transition(x + o1 + o2), atol=1e-6)
     assert latent.shape == (7, 8) and (latent < 0).any()                 # no activation on the bottleneck
-    o2 = ae.dec[1](ae.enc[1](x + 2 * add))
-    assert torch.allclose(ae(x, add)[0], ae.transition(x + 2 * add + o2), atol=1e-6)
+    ae = C.CascadedResidualAE(6, widths=(5, 4), blocks=3)
+    o1 = ae.dec[0](ae.enc[0](x + add))
+    o2 = ae.dec[1](ae.enc[1](o1 + add))
+    o3 = ae.dec[2](ae.enc[2](o2 + add))
+    out, latent = ae(x, add)
+    assert torch.allclose(out, ae.transition(o3), atol=1e-6)
+    assert torch.allclose(latent, torch.cat([ae.enc[0](x + add), ae.enc[1](o1 + add), ae.enc[2](o2 + add)], 1), atol=1e-6)
+    out.sum().backward()                                                # every decoder feeds the output
+    assert all(d[-1].weight.grad is not None and d[-1].weight.grad.abs().sum() > 0 for d in ae.dec)
 
 
 def mmin_batch(n=16):

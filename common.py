@@ -1690,8 +1690,9 @@ def load_reported(module, sd, path, model, what, hint, partial=False):
     unexpected = [k for k in sd if k not in own]
     if missing and not partial:
         raise DataError(f"{path}: {len(missing)} of the {what}'s {len(own)} tensors are not in the {model} checkpoint "
-                        f"({_short(missing, 4)}); it holds {_short(unexpected, 4) if unexpected else 'no others'} "
-                        f"instead; {hint}, or pass --partial_ckpt to leave the missing ones at their random init")
+                        f"({_short(missing, 4)}); " + (f"it holds {_short(unexpected, 4)} instead" if unexpected else
+                                                      "it holds no others" if sd else "it is empty") +
+                        f"; {hint}, or pass --partial_ckpt to leave the missing ones at their random init")
     module.load_state_dict(sd, strict=False)
     print(f"{model} {what} <- {path}: {len(sd) - len(unexpected)} tensors loaded; "
           f"missing keys: {_short(missing)}; unexpected keys: {_short(unexpected)}")
@@ -1840,14 +1841,15 @@ def convert_m3ae(src, out):
     heads = M3AE_HEADS.get(kind) or variant.get("m3ae.num_heads")
     if not isinstance(heads, int) or dim % heads:
         heads = None
-    with torch.device("meta"):               # every tensor of both encoders of those sizes, at the right shape
-        own = {**M3AEEncoder("image", dim, depth, heads or 1, ratio, patch, vocab).state_dict(),
-               **M3AEEncoder("text", dim, depth, heads or 1, ratio, patch, vocab).state_dict()}
-    missing = [k for k in own if k not in sd or sd[k].shape != own[k].shape]
+    own = ["cls_token", "encoder_image_type_embedding", "encoder_text_type_embedding", "image_embedding.weight",
+           "image_embedding.bias", "text_embedding.weight"] + [
+        f"encoder.blocks.{i}.{part}.{leaf}" for i in range(depth) for part in M3AE_BLOCK.values()
+        for leaf in ("weight", "bias")] + ["encoder.layer_norm.weight", "encoder.layer_norm.bias"]
+    missing = [k for k in own if k not in sd]
     if missing:
-        raise DataError(f"{src}: the M3AE encoder of width {dim}, depth {depth} lacks or misshapes {_short(missing, 6)}")
+        raise DataError(f"{src}: the M3AE encoder of width {dim}, depth {depth} lacks {_short(missing, 6)}")
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    torch.save(sd, out)
+    torch.save({k: sd[k] for k in own}, out)               # every tensor both encoders load, in module order
     flags = f"--m3ae_dim {dim} --m3ae_depth {depth} --m3ae_heads {heads or '<heads>'} --patch_size {patch} " \
             f"--vocab_size {vocab}" + (f" --m3ae_mlp_ratio {ratio}" if ratio != 4 else "")
     return (f"convert_m3ae: {src} -> {out}: {len(sd)} encoder tensors of {len(params)} (the decoder left out), "

@@ -1495,7 +1495,8 @@ class VideoResNet(AudioResNet):
 # M3AE-shaped encoder in plain PyTorch (weights: young-geng/m3ae_public). Parameter names follow the official
 # conversion of the M3AE JAX weights to PyTorch (cls_token, image_embedding, text_embedding, encoder_{image,text}_type_embedding,
 # encoder.blocks.<i>.{layer_norm1, attention.qkv_linear, attention.fc, layer_norm2, transformer_mlp.fc1,
-# transformer_mlp.fc2}, encoder.layer_norm), so such a state dict loads as it is. As in the JAX model:
+# transformer_mlp.fc2}, encoder.layer_norm), so such a state dict loads as it is; `python common.py convert_m3ae` writes
+# one from the released JAX pickle (tests/test_weights.py: the authors' JAX model's outputs to 1e-5). As in the JAX model:
 # LayerNorm eps 1e-6, tanh-approximated GELU, patches flattened as (row, column, channel).
 
 def xavier_init(module, embedding_std=None):

@@ -1838,7 +1838,7 @@ def convert_m3ae(src, out):
     depth = len({k.split(".")[2] for k in sd if k.startswith("encoder.blocks.")})
     patch = round((sd["image_embedding.weight"].shape[1] / 3) ** 0.5)
     ratio = sd["encoder.blocks.0.transformer_mlp.fc1.weight"].shape[0] // dim if depth else 4
-    kind = variant.get("m3ae.model_type")
+    kind = variant.get("m3ae.model_type") if isinstance(variant.get("m3ae.model_type"), str) else None
     heads = M3AE_HEADS.get(kind) or variant.get("m3ae.num_heads")
     if not isinstance(heads, int) or dim % heads:
         heads = None
@@ -1913,8 +1913,9 @@ def build_it_encoders(kind, modalities=("image", "text"), vocab_size=30522, m3ae
                       models=None, pool="mean", image_size=224, proj_dim=None, partial=False):
     """The image and/or text encoders, one per modality, of one width. kind "m3ae": M3AE-shaped transformers
     of m3ae = (width, depth, heads, MLP ratio, patch side), from the m3ae_ckpt state dict (default: random,
-    with a warning; tensors missing from it are an error unless `partial`); kind "hf": transformers models (models: {modality: local folder or hub name}) pooled
-    by `pool` (mean | pooler), the narrower projected to proj_dim (default: the widest's width)."""
+    with a warning; tensors missing from it are an error unless `partial`); kind "hf": transformers models
+    (models: {modality: local folder or hub name}) pooled by `pool` (mean | pooler), the narrower projected to
+    proj_dim (default: the widest's width)."""
     if kind == "m3ae":
         encoders = [M3AEEncoder(m, *m3ae, vocab_size) for m in modalities]
         if m3ae_ckpt:
@@ -2017,8 +2018,9 @@ def cavmae_name(key, n_audio_blocks):
 def load_cavmae_checkpoint(encoder, path, partial=False):
     """Load the audio branch of a CAV-MAE PyTorch checkpoint (pretrained or fine-tuned, as the CAV-MAE code saves
     it; a 'state_dict'/'model' wrapper and a 'module.' prefix are accepted) into a CAVMAEAudioEncoder; a state
-    dict saved from this encoder loads too. Every tensor of the encoder must be in it unless `partial`. Prints and returns (missing keys, in this encoder's names;
-    unexpected keys, in the checkpoint's); a tensor whose shape does not fit is an error."""
+    dict saved from this encoder loads too. Every tensor of the encoder must be in it unless `partial`. Prints and
+    returns (missing keys, in this encoder's names; unexpected keys, in the checkpoint's); a tensor whose shape does
+    not fit is an error."""
     sd = read_state_dict(path, "CAV-MAE")
     n_audio = 1 + max((int(m.group(1)) for k in sd if (m := re.match(r"blocks_a\.(\d+)\.", k))), default=-1)
     own, renamed = encoder.state_dict(), {}

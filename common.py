@@ -25,11 +25,13 @@ import copy
 import csv
 import datetime
 import errno
+import importlib
 import io
 import itertools
 import json
 import math
 import os
+import pickle
 import random
 import re
 import shutil
@@ -1497,7 +1499,8 @@ class VideoResNet(AudioResNet):
 # M3AE-shaped encoder in plain PyTorch (weights: young-geng/m3ae_public). Parameter names follow the official
 # conversion of the M3AE JAX weights to PyTorch (cls_token, image_embedding, text_embedding, encoder_{image,text}_type_embedding,
 # encoder.blocks.<i>.{layer_norm1, attention.qkv_linear, attention.fc, layer_norm2, transformer_mlp.fc1,
-# transformer_mlp.fc2}, encoder.layer_norm), so such a state dict loads as it is. As in the JAX model:
+# transformer_mlp.fc2}, encoder.layer_norm), so such a state dict loads as it is; `python common.py convert_m3ae` writes
+# one from the released JAX pickle (tests/test_weights.py: the authors' JAX model's outputs to 1e-5). As in the JAX model:
 # LayerNorm eps 1e-6, tanh-approximated GELU, patches flattened as (row, column, channel).
 
 def xavier_init(module, embedding_std=None):
@@ -1663,7 +1666,6 @@ def read_state_dict(path, model):
     """The state dict (parameter name -> tensor) in the PyTorch file `path`: a training checkpoint's
     'state_dict'/'model' entry is unwrapped and a 'module.' prefix dropped. `model` names the weights
     in the error messages."""
-    import pickle
     path = Path(path)
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
@@ -1679,31 +1681,185 @@ def read_state_dict(path, model):
     return {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
 
 
-def load_reported(module, sd, path, model, what, hint):
-    """Load `sd` into `module` (strict=False) once every tensor it shares with the module has the module's
-    shape (else a DataError ending with `hint`); print and return (missing, unexpected) keys."""
+def load_reported(module, sd, path, model, what, hint, partial=False):
+    """Load `sd` into `module` once every tensor it shares with the module has the module's shape (else a
+    DataError ending with `hint`) and, unless `partial`, every tensor of the module is in `sd` (else a one-line
+    DataError naming the missing keys and the checkpoint's other keys); keys the module lacks are left out.
+    Print and return (missing, unexpected) keys."""
     own = module.state_dict()
     bad = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in sd.items() if k in own and v.shape != own[k].shape]
     if bad:
         raise DataError(f"{path}: {len(bad)} tensors do not fit the {what} (checkpoint vs model: {_short(bad, 4)}); "
                         f"{hint}")
-    missing, unexpected = module.load_state_dict(sd, strict=False)
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    if missing and not partial:
+        raise DataError(f"{path}: {len(missing)} of the {what}'s {len(own)} tensors are not in the {model} checkpoint "
+                        f"({_short(missing, 4)}); " + (f"it holds {_short(unexpected, 4)} instead" if unexpected else
+                                                      "it holds no others" if sd else "it is empty") +
+                        f"; {hint}, or pass --partial_ckpt to leave the missing ones at their random init")
+    module.load_state_dict(sd, strict=False)
     print(f"{model} {what} <- {path}: {len(sd) - len(unexpected)} tensors loaded; "
           f"missing keys: {_short(missing)}; unexpected keys: {_short(unexpected)}")
-    return list(missing), list(unexpected)
+    return missing, unexpected
 
 
-def load_m3ae_checkpoint(encoder, path):
+def load_m3ae_checkpoint(encoder, path, partial=False):
     """Load a converted M3AE PyTorch state dict (optionally under 'state_dict' or 'model', keys possibly
     prefixed 'module.') into one M3AEEncoder. The other modality's input layers are not used by this
-    encoder and are left out. Prints and returns (missing, unexpected) keys; a tensor whose shape does
-    not fit (width, depth, patch, vocabulary) is an error."""
+    encoder and are left out. Every tensor of the encoder must be in it unless `partial`; prints and returns
+    (missing, unexpected) keys; a tensor whose shape does not fit (width, depth, patch, vocabulary) is an error."""
     sd = read_state_dict(path, "M3AE")
     other = ("text_embedding.", "encoder_text_type_embedding") if encoder.modality == "image" else \
         ("image_embedding.", "encoder_image_type_embedding")
     sd = {k: v for k, v in sd.items() if not k.startswith(other)}
     return load_reported(encoder, sd, path, "M3AE", f"{encoder.modality} encoder",
-                         "set --m3ae_dim/--m3ae_depth/--m3ae_heads/--patch_size/--vocab_size to the checkpoint's")
+                         "set --m3ae_dim/--m3ae_depth/--m3ae_heads/--patch_size/--vocab_size to the checkpoint's "
+                         "(a JAX pickle: convert it with python common.py convert_m3ae)", partial)
+
+
+# ---- M3AE's released JAX pickles -> the state dict above, without JAX
+# m3ae_main.py saves cloudpickle({"step", "epoch", "variant", "state"}), state a flax TrainState whose
+# params["params"] hold the arrays (jax.device_get: numpy). The encoder's: cls_token, encoder_{image,text}_type_embedding,
+# image_embedding/{kernel, bias}, text_embedding/embedding, encoder/Block_<i>/<part>/{kernel, scale, bias},
+# encoder/LayerNorm_0; Dense kernels are (in, out), nn.Linear weights (out, in). The decoder is left out.
+
+M3AE_BLOCK = {"LayerNorm_0": "layer_norm1", "Attention_0/Dense_0": "attention.qkv_linear",
+              "Attention_0/Dense_1": "attention.fc", "LayerNorm_1": "layer_norm2",
+              "TransformerMLP_0/fc1": "transformer_mlp.fc1", "TransformerMLP_0/fc2": "transformer_mlp.fc2"}
+M3AE_LEAF = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
+M3AE_HEADS = {"small": 6, "base": 12, "large": 16, "huge": 16}      # model.py's get_transformer_by_config
+NUMPY_GLOBALS = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy._core.multiarray", "_reconstruct"),
+                 ("numpy._core.multiarray", "scalar"), ("numpy._core.numeric", "_frombuffer")}
+
+
+class PickleStub:
+    """Stands for every class and function of a pickle other than numpy's array builders: keeps the arguments and
+    state the pickle hands it and runs nothing."""
+
+    def __init__(self, *args, **kwargs):
+        self.args = args
+
+    def __call__(self, *args, **kwargs):
+        return PickleStub(*args)
+
+    def __setstate__(self, state):
+        self.state = state
+
+    def __setitem__(self, key, value):
+        self.__dict__.setdefault("items", {})[key] = value
+
+    def append(self, value):
+        self.__dict__.setdefault("list", []).append(value)
+
+    def extend(self, values):
+        self.__dict__.setdefault("list", []).extend(values)
+
+
+class NumpyOnlyUnpickler(pickle.Unpickler):
+    """Resolves numpy's array, dtype and scalar builders (numpy 1 names 'numpy.core.*' read under numpy 2 and
+    back); every other global becomes a PickleStub subclass of that name, so no pickled code runs."""
+
+    def find_class(self, module, name):
+        key = (re.sub(r"^numpy\.core\b", "numpy._core", module), name)
+        if key not in NUMPY_GLOBALS:
+            return type(name, (PickleStub,), {"__module__": module})
+        if np.lib.NumpyVersion(np.__version__) < "2.0.0":
+            key = (key[0].replace("numpy._core", "numpy.core"), name)
+        return getattr(importlib.import_module(key[0]), name)
+
+
+def unstub(x):
+    """The dict a PickleStub stands for (a dataclass's state such as a TrainState's, a FrozenDict's argument);
+    anything else as it is."""
+    while isinstance(x, PickleStub):
+        state = getattr(x, "state", None)
+        if isinstance(state, tuple):                            # (dict, slots) of a class with __slots__
+            state = next((s for s in state if isinstance(s, dict)), None)
+        x = state if isinstance(state, dict) else x.args[0] if x.args else None
+    return x
+
+
+def flat_params(tree, prefix=""):
+    """Nested dicts (or stubs of them) -> {'a/b/c': leaf}."""
+    tree = unstub(tree)
+    if not isinstance(tree, dict):
+        return {prefix[:-1]: tree}
+    return {k: v for name, sub in tree.items() for k, v in flat_params(sub, f"{prefix}{name}/").items()}
+
+
+def read_m3ae_pickle(path):
+    """(flat parameters 'encoder/Block_0/LayerNorm_0/scale' -> numpy array, variant dict) of an M3AE pickle as
+    m3ae_main.py saves it, read with NumpyOnlyUnpickler (no JAX, flax or cloudpickle needed)."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            data = NumpyOnlyUnpickler(f).load()
+    except FileNotFoundError:
+        raise DataError(f"{path}: M3AE pickle not found") from None
+    except Exception as e:                     # a stub or numpy builder given what it cannot take: not such a file
+        raise DataError(f"{path}: not a readable pickle ({type(e).__name__}: {str(e)[:200]})") from None
+    state = unstub(data.get("state")) if isinstance(data, dict) else None
+    params = unstub(state.get("params")) if isinstance(state, dict) else None
+    params = unstub(params.get("params")) if isinstance(params, dict) else None
+    if not isinstance(params, dict):
+        raise DataError(f"{path}: expected an M3AE pickle as m3ae_main.py saves it, a dict whose 'state' holds "
+                        "params['params']")
+    variant = data.get("variant")
+    return flat_params(params), variant if isinstance(variant, dict) else {}
+
+
+def m3ae_torch_name(name):
+    """M3AEEncoder's name for an M3AE JAX parameter path ('encoder/Block_3/Attention_0/Dense_0/kernel' ->
+    'encoder.blocks.3.attention.qkv_linear.weight'); None for the decoder's and the mask embeddings."""
+    if name in ("cls_token", "encoder_image_type_embedding", "encoder_text_type_embedding"):
+        return name
+    module, _, leaf = name.rpartition("/")
+    block = re.fullmatch(r"encoder/Block_(\d+)/(.+)", module)
+    if block and block.group(2) in M3AE_BLOCK:
+        module = f"encoder.blocks.{block.group(1)}.{M3AE_BLOCK[block.group(2)]}"
+    elif module == "encoder/LayerNorm_0":
+        module = "encoder.layer_norm"
+    elif module not in ("image_embedding", "text_embedding"):
+        return None
+    return f"{module}.{M3AE_LEAF[leaf]}" if leaf in M3AE_LEAF else None
+
+
+def convert_m3ae(src, out):
+    """Write the M3AEEncoder state dict of both modalities (what --m3ae_ckpt loads) converted from the M3AE
+    pickle `src` to `out`; return a line naming the sizes and the flags that build encoders of them."""
+    params, variant = read_m3ae_pickle(src)
+    sd = {}
+    for name, value in params.items():
+        new = m3ae_torch_name(name)
+        if new is not None:
+            t = torch.from_numpy(np.array(value, dtype=np.float32))
+            sd[new] = t.T.contiguous() if name.endswith("/kernel") else t
+    if "cls_token" not in sd or "image_embedding.weight" not in sd or "text_embedding.weight" not in sd:
+        raise DataError(f"{src}: no M3AE encoder parameters (cls_token, image_embedding, text_embedding) in "
+                        f"state.params['params']; it holds {_short(params, 6)}")
+    dim, vocab = sd["cls_token"].shape[-1], sd["text_embedding.weight"].shape[0]
+    depth = len({k.split(".")[2] for k in sd if k.startswith("encoder.blocks.")})
+    patch = round((sd["image_embedding.weight"].shape[1] / 3) ** 0.5)
+    ratio = sd["encoder.blocks.0.transformer_mlp.fc1.weight"].shape[0] // dim if depth else 4
+    kind = variant.get("m3ae.model_type") if isinstance(variant.get("m3ae.model_type"), str) else None
+    heads = M3AE_HEADS.get(kind) or variant.get("m3ae.num_heads")
+    if not isinstance(heads, int) or dim % heads:
+        heads = None
+    own = ["cls_token", "encoder_image_type_embedding", "encoder_text_type_embedding", "image_embedding.weight",
+           "image_embedding.bias", "text_embedding.weight"] + [
+        f"encoder.blocks.{i}.{part}.{leaf}" for i in range(depth) for part in M3AE_BLOCK.values()
+        for leaf in ("weight", "bias")] + ["encoder.layer_norm.weight", "encoder.layer_norm.bias"]
+    missing = [k for k in own if k not in sd]
+    if missing:
+        raise DataError(f"{src}: the M3AE encoder of width {dim}, depth {depth} lacks {_short(missing, 6)}")
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    torch.save({k: sd[k] for k in own}, out)               # every tensor both encoders load, in module order
+    flags = f"--m3ae_dim {dim} --m3ae_depth {depth} --m3ae_heads {heads or '<heads>'} --patch_size {patch} " \
+            f"--vocab_size {vocab}" + (f" --m3ae_mlp_ratio {ratio}" if ratio != 4 else "")
+    return (f"convert_m3ae: {src} -> {out}: {len(sd)} encoder tensors of {len(params)} (the decoder left out), "
+            f"width {dim}, depth {depth}, heads {heads or 'not recorded'}" + (f" ({kind})" if kind else "") +
+            f", MLP ratio {ratio}, patch {patch}, vocabulary {vocab}; train with --m3ae_ckpt {out} {flags}")
 
 
 class HFEncoder(nn.Module):
@@ -1758,16 +1914,17 @@ class HFEncoder(nn.Module):
 
 
 def build_it_encoders(kind, modalities=("image", "text"), vocab_size=30522, m3ae=(768, 12, 12, 4, 16), m3ae_ckpt=None,
-                      models=None, pool="mean", image_size=224, proj_dim=None):
+                      models=None, pool="mean", image_size=224, proj_dim=None, partial=False):
     """The image and/or text encoders, one per modality, of one width. kind "m3ae": M3AE-shaped transformers
     of m3ae = (width, depth, heads, MLP ratio, patch side), from the m3ae_ckpt state dict (default: random,
-    with a warning); kind "hf": transformers models (models: {modality: local folder or hub name}) pooled
-    by `pool` (mean | pooler), the narrower projected to proj_dim (default: the widest's width)."""
+    with a warning; tensors missing from it are an error unless `partial`); kind "hf": transformers models
+    (models: {modality: local folder or hub name}) pooled by `pool` (mean | pooler), the narrower projected to
+    proj_dim (default: the widest's width)."""
     if kind == "m3ae":
         encoders = [M3AEEncoder(m, *m3ae, vocab_size) for m in modalities]
         if m3ae_ckpt:
             for e in encoders:
-                load_m3ae_checkpoint(e, m3ae_ckpt)
+                load_m3ae_checkpoint(e, m3ae_ckpt, partial)
         else:
             print("WARNING: no --m3ae_ckpt: the M3AE encoders start from RANDOM weights (the paper fine-tunes "
                   "pretrained M3AE-base; see README for the weights)", file=sys.stderr)
@@ -1862,11 +2019,12 @@ def cavmae_name(key, n_audio_blocks):
     return None if CAVMAE_UNUSED.match(key) else key
 
 
-def load_cavmae_checkpoint(encoder, path):
+def load_cavmae_checkpoint(encoder, path, partial=False):
     """Load the audio branch of a CAV-MAE PyTorch checkpoint (pretrained or fine-tuned, as the CAV-MAE code saves
     it; a 'state_dict'/'model' wrapper and a 'module.' prefix are accepted) into a CAVMAEAudioEncoder; a state
-    dict saved from this encoder loads too. Prints and returns (missing keys, in this encoder's names;
-    unexpected keys, in the checkpoint's); a tensor whose shape does not fit is an error."""
+    dict saved from this encoder loads too. Every tensor of the encoder must be in it unless `partial`. Prints and
+    returns (missing keys, in this encoder's names; unexpected keys, in the checkpoint's); a tensor whose shape does
+    not fit is an error."""
     sd = read_state_dict(path, "CAV-MAE")
     n_audio = 1 + max((int(m.group(1)) for k in sd if (m := re.match(r"blocks_a\.(\d+)\.", k))), default=-1)
     own, renamed = encoder.state_dict(), {}
@@ -1875,7 +2033,7 @@ def load_cavmae_checkpoint(encoder, path):
         if name is not None:
             renamed[name if name in own else k] = v
     return load_reported(encoder, renamed, path, "CAV-MAE", "audio encoder", "set --cavmae_dim/--cavmae_depth/"
-                         "--cavmae_heads/--cavmae_patch/--audio_len/--num_mel_bins to the checkpoint's")
+                         "--cavmae_heads/--cavmae_patch/--audio_len/--num_mel_bins to the checkpoint's", partial)
 
 
 class Projected(nn.Module):
@@ -1891,17 +2049,19 @@ class Projected(nn.Module):
         return self.proj(self.encoder(x))
 
 
-def build_ait_audio_encoder(kind, dim, cavmae=(768, 12, 12, 4, 16), audio_len=1024, num_mel_bins=128, ckpt=None):
+def build_ait_audio_encoder(kind, dim, cavmae=(768, 12, 12, 4, 16), audio_len=1024, num_mel_bins=128, ckpt=None,
+                            partial=False):
     """The A-I-T audio encoder, projected to `dim` when its width differs. kind "resnet18": AudioResNet;
     "cavmae": CAV-MAE's audio branch of cavmae = (width, depth, heads, MLP ratio, patch side) over
-    (audio_len, num_mel_bins) fbanks, from the ckpt checkpoint (default: random, with a warning)."""
+    (audio_len, num_mel_bins) fbanks, from the ckpt checkpoint (default: random, with a warning; tensors
+    missing from it are an error unless `partial`)."""
     if kind == "resnet18":
         enc = AudioResNet()
         enc.apply(init_weights)
     else:
         enc = CAVMAEAudioEncoder(*cavmae, audio_len, num_mel_bins)
         if ckpt:
-            load_cavmae_checkpoint(enc, ckpt)
+            load_cavmae_checkpoint(enc, ckpt, partial)
         else:
             print("WARNING: no --cavmae_ckpt: the CAV-MAE audio encoder starts from RANDOM weights (the paper "
                   "fine-tunes pretrained CAV-MAE; see README for the weights)", file=sys.stderr)
@@ -5221,6 +5381,8 @@ def add_it_encoder_args(p, defaults):
       help="m3ae: M3AE-shaped transformer per modality; hf: transformers models (--image_model, --text_model)")
     a("--m3ae_ckpt", default=None, help="converted M3AE PyTorch state dict for both encoders (default: random "
                                         "init, with a warning)")
+    a("--partial_ckpt", action="store_true", help="load a --m3ae_ckpt (or --cavmae_ckpt) that lacks some of the "
+      "encoder's tensors, leaving those at their random init (default: an error naming them)")
     a("--m3ae_dim", type=int, default=None, help=_default_help(defaults, "m3ae_dim", "M3AE width"))
     a("--m3ae_depth", type=int, default=None, help=_default_help(defaults, "m3ae_depth", "M3AE transformer blocks"))
     a("--m3ae_heads", type=int, default=None, help=_default_help(defaults, "m3ae_heads", "M3AE attention heads"))
@@ -5279,7 +5441,7 @@ def it_encoder_options(args):
     """build_it_encoders' keywords from the image and text encoder flags (add_it_encoder_args)."""
     return dict(m3ae=(args.m3ae_dim, args.m3ae_depth, args.m3ae_heads, args.m3ae_mlp_ratio, args.patch_size),
                 m3ae_ckpt=args.m3ae_ckpt, models={"image": args.image_model, "text": args.text_model},
-                pool=args.hf_pool, proj_dim=args.proj_dim)
+                pool=args.hf_pool, proj_dim=args.proj_dim, partial=args.partial_ckpt)
 
 
 def finish_args(p, args, methods, defaults):
@@ -5356,7 +5518,7 @@ def script_main(main, again="rerun the same command with --resume to continue fr
 
 def _cli(argv=None):
     p = argparse.ArgumentParser(prog="python common.py", description="Tables and curves from run records; "
-                                "videos prepared for train_av.py.")
+                                "videos prepared for train_av.py; M3AE's JAX weights converted.")
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("report", help="the tables of all records under RUNS_DIR, in the paper's shape")
     r.add_argument("runs_dir")
@@ -5374,11 +5536,17 @@ def _cli(argv=None):
     v.add_argument("--sample_rate", type=int, default=16000, help="WAV sample rate (mono, 16-bit)")
     v.add_argument("--frame_size", type=int, default=256, help="short side of the saved frames in pixels")
     v.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="decoding processes")
+    m = sub.add_parser("convert_m3ae", help="young-geng/m3ae_public's released JAX pickle -> the encoder state dict "
+                                            "--m3ae_ckpt loads (no JAX needed; the pickled code is not run)")
+    m.add_argument("pickle", help="the released M3AE pickle (m3ae_main.py's model.pkl)")
+    m.add_argument("out", help="PyTorch state dict written")
     args = p.parse_args(argv)
     if args.cmd == "report":
         print(report(args.runs_dir, args.paper, args.format))
     elif args.cmd == "plot":
         print(f"wrote {plot_curves(args.runs_dir, args.out)}")
+    elif args.cmd == "convert_m3ae":
+        print(convert_m3ae(args.pickle, args.out))
     else:
         if args.fps <= 0 or args.sample_rate < 1 or args.frame_size < 1:
             p.error("--fps, --sample_rate and --frame_size must be positive")

@@ -116,7 +116,7 @@ def train(args, root, device):
                                              args.max_len, **C.it_encoder_options(args))
     audio = C.build_ait_audio_encoder(args.audio_encoder, image_text[0].dim, (args.cavmae_dim, args.cavmae_depth,
                                       args.cavmae_heads, args.cavmae_mlp_ratio, args.cavmae_patch), args.audio_len,
-                                      args.num_mel_bins, args.cavmae_ckpt)
+                                      args.num_mel_bins, args.cavmae_ckpt, args.partial_ckpt)
     sizes = dict(audio_len=args.audio_len, num_mel_bins=args.num_mel_bins, fbank_mean=args.fbank_mean,
                  fbank_std=args.fbank_std, **text)
     loaders = {split: items and C.make_loader(C.AITDataset(items, split == "train", **sizes), args.batch_size,

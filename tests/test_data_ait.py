@@ -269,7 +269,10 @@ def test_cavmae_checkpoint_round_trip_reports_missing_and_unexpected(tmp_path, c
     torch.manual_seed(2)
     other = C.CAVMAEAudioEncoder(**TINY_CAV)
     kept = other.encoder.blocks[1].attention.fc.bias.clone()
-    missing, unexpected = C.load_cavmae_checkpoint(other, tmp_path / "broken.pth")
+    with pytest.raises(C.DataError, match=r"broken\.pth: 1 of the audio encoder's \d+ tensors are not in the CAV-MAE "
+                       r"checkpoint \(encoder\.blocks\.1\.attention\.fc\.bias\); it holds decoder_pred_a\.weight"):
+        C.load_cavmae_checkpoint(other, tmp_path / "broken.pth")
+    missing, unexpected = C.load_cavmae_checkpoint(other, tmp_path / "broken.pth", partial=True)
     assert missing == ["encoder.blocks.1.attention.fc.bias"] and unexpected == ["decoder_pred_a.weight"]
     assert "missing keys: encoder.blocks.1.attention.fc.bias; unexpected keys: decoder_pred_a.weight" in \
         capsys.readouterr().out

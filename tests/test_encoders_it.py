@@ -120,7 +120,10 @@ def test_m3ae_checkpoint_round_trip_reports_missing_and_unexpected(tmp_path, cap
     torch.manual_seed(2)
     img = C.M3AEEncoder("image", **TINY)
     bias_before = img.encoder.layer_norm.bias.clone()
-    missing, unexpected = C.load_m3ae_checkpoint(img, tmp_path / "broken.pth")
+    with pytest.raises(C.DataError, match=r"broken\.pth: 1 of the image encoder's \d+ tensors are not in the M3AE "
+                       r"checkpoint \(encoder\.layer_norm\.bias\); it holds decoder_image_output\.weight instead"):
+        C.load_m3ae_checkpoint(img, tmp_path / "broken.pth")
+    missing, unexpected = C.load_m3ae_checkpoint(img, tmp_path / "broken.pth", partial=True)
     assert missing == ["encoder.layer_norm.bias"] and unexpected == ["decoder_image_output.weight"]
     out = capsys.readouterr().out
     assert "missing keys: encoder.layer_norm.bias; unexpected keys: decoder_image_output.weight" in out

@@ -88,6 +88,14 @@ def test_m3ae_checkpoint_through_the_script(it_root, tmp_path, capsys):
                        image.encoder.blocks[0].attention.qkv_linear.weight)     # lr 0: still the loaded weights
     assert torch.equal(sd["encoders.1.text_embedding.weight"], text.text_embedding.weight)
 
+    torch.save(image.state_dict(), tmp_path / "image_only.pth")     # the text encoder's input layers are absent
+    with pytest.raises(C.DataError, match=r"image_only\.pth: 2 of the text encoder's 17 tensors are not in the M3AE "
+                                          r"checkpoint \(encoder_text_type_embedding, text_embedding\.weight\)"):
+        run(it_root, tmp_path / "strict", "--method", "concat", "--m3ae_ckpt", str(tmp_path / "image_only.pth"))
+    run(it_root, tmp_path / "partial", "--method", "concat", "--m3ae_ckpt", str(tmp_path / "image_only.pth"),
+        "--partial_ckpt")
+    assert "missing keys: encoder_text_type_embedding, text_embedding.weight" in capsys.readouterr().out
+
 
 def test_hf_encoders_by_local_path(it_root, tmp_path, hf_models):
     rec = run(it_root, tmp_path, "--method", "mla", "--encoder", "hf", "--image_model", str(hf_models / "vit"),

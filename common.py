@@ -4523,18 +4523,19 @@ def take_lock(folder):
     path = Path(folder) / "run.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
     f = open(path, "a+")
-    f.seek(0)
-    holder = f.read().strip()
     try:
         import fcntl
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:                     # a live process holds it
+        flock = "ours"
+    except BlockingIOError:
+        flock = "theirs"                        # a live process holds it
+    except (ImportError, OSError):
+        flock = None                            # no flock here: go by the line
+    f.seek(0)
+    holder = f.read().strip()
+    if flock == "theirs" or (flock is None and holder and not pid_is_gone(holder, socket.gethostname())):
         f.close()
         return None, holder or "another process"
-    except (ImportError, OSError):              # no flock here: go by the line
-        if holder and not pid_is_gone(holder, socket.gethostname()):
-            f.close()
-            return None, holder
     if holder:
         print(f"note: {path} names {holder}, which is no longer running; this run takes the folder over", flush=True)
     f.truncate(0)

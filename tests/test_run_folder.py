@@ -129,8 +129,13 @@ def test_a_lock_left_by_a_killed_run_is_taken_over_with_a_note(tmp_path, capsys)
 def test_without_flock_the_lock_line_decides(tmp_path, monkeypatch, capsys):
     """Where the file system has no flock (some NFS), a live pid of this host holds the folder, a dead one does
     not, and another host's cannot be checked so it holds too."""
+    import errno
     import fcntl
-    monkeypatch.setattr(fcntl, "flock", lambda f, how: (_ for _ in ()).throw(OSError(37, "No locks available")))
+
+    def no_flock(f, how):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
     for line, held in [(f"{HOST} pid {os.getppid()}", True), (f"other-host pid {dead_pid()}", True),
                        (f"{HOST} pid {dead_pid()}", False)]:
         (tmp_path / "run.lock").write_text(line + "\n")

@@ -4112,6 +4112,15 @@ def all_sum(t):
     return t
 
 
+def from_rank0(value):
+    """Under torchrun: the first process's value (any picklable object) in every process; else value itself."""
+    if under_torchrun():
+        box = [value]
+        torch.distributed.broadcast_object_list(box, src=0)
+        value = box[0]
+    return value
+
+
 @contextlib.contextmanager
 def rank0_first():
     """Under torchrun the body runs in the first process, then in the others (a cache built once, then read); they
@@ -4193,19 +4202,23 @@ def distribute(method, optimizer, sync_bn=True):
     return method
 
 
-def atomic_write(path, write):
+def atomic_write(path, write, ready=None):
     """Write a file so that a crash at any moment leaves either the old file or the new one:
-    write(f) into a temporary file beside it, flush and fsync, then rename over the old one. MLA_NO_FSYNC=1
+    write(f) into a temporary file beside it, flush and fsync, ready(temporary path) when given, then rename
+    over the old one. The file gets the umask's permissions, as open() would give it. MLA_NO_FSYNC=1
     (the tests set it) leaves out the fsync, which only guards against a power loss, not a crash."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.parent / f".{path.name}.{os.getpid()}-{os.urandom(4).hex()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)   # 0o666 & ~umask
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             if os.environ.get("MLA_NO_FSYNC") != "1":
                 os.fsync(f.fileno())
+        if ready is not None:
+            ready(tmp)
         os.replace(tmp, path)
     except BaseException as e:
         # torch.save reports a short write as a RuntimeError ("unexpected pos ..."), not as ENOSPC
@@ -4228,6 +4241,35 @@ def atomic_torch_save(obj, path):
 
 def atomic_json_dump(obj, path):
     atomic_write(path, lambda f: f.write((json.dumps(obj, indent=1) + "\n").encode()))
+
+
+def sha256(path):
+    import hashlib
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def save_checksummed(obj, path):
+    """torch.save obj to path atomically, with its SHA-256 in path.sha256 (written atomically just before the
+    rename): the new file's digest, then the one of the file it replaces (what a crash between the two renames
+    leaves). load_checkpoint checks it."""
+    sums = Path(f"{path}.sha256")
+    old = sums.read_text().split()[:1] if sums.is_file() else []
+    atomic_write(path, lambda f: torch.save(obj, f), ready=lambda tmp: atomic_write(
+        sums, lambda f: f.write("".join(f"{d}\n" for d in [sha256(tmp), *old]).encode())))
+
+
+def load_checkpoint(path, remedy):
+    """torch.load (on the CPU) a checkpoint this code wrote, or a one-line DataError naming it and `remedy` (what
+    to do) when it is damaged: its bytes match no digest in path.sha256 (when it has one), or torch cannot read it."""
+    path, sums = Path(path), Path(f"{path}.sha256")
+    try:
+        if sums.is_file() and sha256(path) not in sums.read_text().split():
+            raise ValueError(f"its SHA-256 is not the one written with it, in {sums.name}")
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:      # a truncated or overwritten file raises many kinds of errors in torch.load
+        raise DataError(f"{path}: damaged, it cannot be read ({type(e).__name__}: {(str(e).splitlines() or [''])[0]}); "
+                        f"{remedy}") from None
 
 
 def code_version():
@@ -4434,7 +4476,7 @@ def resume_run(run, method, optimizer, scheduler, train_loader):
         print(f"--resume: no {path}, starting from the first epoch", flush=True)
         return
     # on the CPU: the RNG states must stay CPU tensors (load_state_dict moves the rest to the device)
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = load_checkpoint(path, "it cannot continue the run: rerun without --resume to start it over")
     if (state["method"], state["seed"]) != (settings["method"], settings["seed"]):
         raise ValueError(f"{path}: a checkpoint of {state['method']} seed {state['seed']}; expected "
                          f"{settings['method']} seed {settings['seed']}")
@@ -4497,20 +4539,21 @@ def save_checkpoint(run, method, optimizer, scheduler, train_loader):
     if world()[0] > 0:                          # torchrun: the first process writes
         run["tick"] = time.time()
         return
-    atomic_torch_save({"method": settings["method"], "seed": settings["seed"], "epoch": run["log"][-1]["epoch"],
-                       "args": settings, "state_dict": method.state_dict(), "optimizer": optimizer.state_dict(),
-                       "scheduler": scheduler.state_dict(), "rng": rng_states(train_loader), "log": run["log"],
-                       "best_epoch": run["best_epoch"], "best_score": run["best_score"],
-                       "elapsed": run["elapsed"] + time.time() - run["start"]}, run["last"])
+    save_checksummed({"method": settings["method"], "seed": settings["seed"], "epoch": run["log"][-1]["epoch"],
+                      "args": settings, "state_dict": method.state_dict(), "optimizer": optimizer.state_dict(),
+                      "scheduler": scheduler.state_dict(), "rng": rng_states(train_loader), "log": run["log"],
+                      "best_epoch": run["best_epoch"], "best_score": run["best_score"],
+                      "elapsed": run["elapsed"] + time.time() - run["start"]}, run["last"])
     run["tick"] = time.time()
 
 
-def load_best(run, method, device):
+def load_best(run, method):
     """Load the run's best.pt (the selected epoch) into the method (under torchrun once the first process wrote it)."""
     if under_torchrun():
         torch.distributed.barrier()
-    state = torch.load(run["folder"] / "best.pt", map_location=device, weights_only=False)
-    method.load_state_dict(state["state_dict"])
+    state = load_checkpoint(run["folder"] / "best.pt", "the selected epoch's weights are lost: rerun without "
+                            "--resume to train the run again")
+    method.load_state_dict(state["state_dict"])                # copied onto the method's device
 
 
 RECORD_KEYS = ("script", "dataset", "method", "seed", "args", "modalities", "epochs", "select_on",
@@ -4530,6 +4573,7 @@ def write_record(run, method, test):
     if world()[0] == 0:                         # torchrun: the first process writes
         atomic_json_dump(record, path)
         run["last"].unlink(missing_ok=True)
+        Path(f"{run['last']}.sha256").unlink(missing_ok=True)
     chosen = "selected on TEST" if s["select_on"] == "test" else f"epoch {run['best_epoch'] + 1} by {s['select_on']}"
     print(f"test ({chosen}): {fmt_acc(test)}\nrecord: {path}", flush=True)
     return record
@@ -4597,6 +4641,93 @@ def announce(record, label):
         print(f"{label}: test {fmt_acc(record['test'])} (epoch {record['best_epoch'] + 1} by {record['select_on']}, "
               f"{record['wall_time_s']:.0f}s)", flush=True)
     return record
+
+
+LOCK_POLL_S = 10          # how often a sweep looks again at the runs other processes hold
+
+
+def train_runs(runs, folder_of, train):
+    """The records of `runs` (list_runs' (label, args)) in their order, each run once: train(args) while this
+    process holds the lock of its folder folder_of(args) (take_lock), or the record a sweep finds there
+    (finished_record). A single run whose folder another live process holds stops with an error; a sweep goes
+    on with its other runs and comes back to it, waiting at the end for those still held, so that two sweeps
+    started together share the runs. Torchrun: the first process takes the locks, the others follow it."""
+    records, waiting, told = {}, list(enumerate(runs)), set()
+    while waiting:
+        later = []
+        for k, (label, args) in waiting:
+            folder = folder_of(args)
+            lock, holder = take_lock(folder) if world()[0] == 0 else (None, None)
+            holder = from_rank0(holder)
+            if holder is not None and label is None:
+                raise DataError(f"{folder}: another run writes into this folder ({holder} holds its run.lock); "
+                                "wait until it ends, or pass another --out_dir")
+            if holder is not None:
+                if k not in told:
+                    print(f"{label}: {folder} is held by {holder}; this sweep comes back to it", flush=True)
+                told.add(k)
+                later.append((k, (label, args)))
+                continue
+            try:
+                records[k] = finished_record(folder, args, label) or announce(train(args), label)
+            finally:
+                release_lock(lock)
+        if len(later) == len(waiting):                  # every run left is held by another process
+            time.sleep(LOCK_POLL_S)
+        waiting = later
+    return [records[k] for k in sorted(records)]
+
+
+def take_lock(folder):
+    """(the open lock file, None) when this process now holds <folder>/run.lock, else (None, its holder): the
+    '<host> pid <pid>' of another live process. fcntl.flock where the file system has it (the kernel drops a killed
+    process's lock); elsewhere (Windows, some NFS) the file's line, stale when it names a dead pid of this host.
+    A line left by a run that was killed is taken over with a note; release_lock empties the file."""
+    import socket
+    path = Path(folder) / "run.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    f = open(path, "a+")
+    try:
+        import fcntl
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        flock = "ours"
+    except BlockingIOError:
+        flock = "theirs"                        # a live process holds it
+    except (ImportError, OSError):
+        flock = None                            # no flock here: go by the line
+    f.seek(0)
+    holder = f.read().strip()
+    if flock == "theirs" or (flock is None and holder and not pid_is_gone(holder, socket.gethostname())):
+        f.close()
+        return None, holder or "another process"
+    if holder:
+        print(f"note: {path} names {holder}, which is no longer running; this run takes the folder over", flush=True)
+    f.truncate(0)
+    f.write(f"{socket.gethostname()} pid {os.getpid()}\n")
+    f.flush()
+    return f, None
+
+
+def pid_is_gone(holder, host):
+    """True when a lock's '<host> pid <pid>' names a process of this host that no longer runs."""
+    name, _, pid = holder.rpartition(" pid ")
+    if name != host or not pid.isdigit() or os.name == "nt":
+        return False                            # another machine's process (or Windows, where os.kill ends it)
+    try:
+        os.kill(int(pid), 0)                    # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return True
+    except OSError:                             # alive, another user's (or no such check here)
+        return False
+    return False
+
+
+def release_lock(f):
+    """Let go of take_lock's file: emptied (a killed run leaves its line, for take_lock's note), then closed,
+    which drops the flock."""
+    if f is not None:
+        f.truncate(0)
+        f.close()
 
 
 # flags that change how a run executes, not what it computes (or which runs a sweep lists)

@@ -59,11 +59,10 @@ def run_folder(args):
 
 
 def main(argv=None):
-    args, records = get_args(argv), []
-    for label, a in C.list_runs(args, C.METHODS):
-        done = C.finished_record(run_folder(a), a, label)        # a sweep skips a run it finished before
-        records.append(done or C.announce(run(a), label))
-    return records
+    args = get_args(argv)
+    # each run once, holding a lock on its folder while it trains; a sweep skips the runs it finished before
+    # and comes back to those another process holds
+    return C.train_runs(C.list_runs(args, C.METHODS), run_folder, run)
 
 
 def run(args):
@@ -109,7 +108,7 @@ def train(args, root, device):
         C.save_checkpoint(state, method, optimizer, scheduler, loaders["train"])
 
     # ---- test the selected epoch, write the record
-    C.load_best(state, method, device)
+    C.load_best(state, method)
     return C.write_record(state, method, C.evaluate(method, loaders["test"], device, args.amp))
 
 

@@ -357,8 +357,8 @@ def test_a_cache_from_an_earlier_version_or_other_settings_is_rebuilt(clips, tmp
     folder = C.CachedAVDataset(clips["test"], False, **SIZES, cache_dir=cache).folder
     meta = json.loads((folder / "meta.json").read_text())
     assert meta["files"]["extents.npy"] == {"shape": [2, 3, 2], "dtype": "int32", "bytes": 128 + 2 * 3 * 2 * 4,
-                                            "sha1": C.file_digest(folder / "extents.npy")}
-    for edit, why in [(lambda m: m.pop("files"), "holds no digests (a cache built by an earlier version)"),
+                                            "crc32": C.file_checksum(folder / "extents.npy")}
+    for edit, why in [(lambda m: m.pop("files"), "holds no checksums (a cache built by an earlier version)"),
                       (lambda m: m.update(clips=m["clips"][::-1]), "describes other settings or clips")]:
         edit(meta)
         (folder / "meta.json").write_text(json.dumps(meta))
@@ -368,13 +368,16 @@ def test_a_cache_from_an_earlier_version_or_other_settings_is_rebuilt(clips, tmp
         meta = json.loads((folder / "meta.json").read_text())
 
 
-def test_file_digest_reads_every_chunk(tmp_path):
-    import hashlib
+def test_file_checksum_reads_every_chunk(tmp_path):
+    import zlib
     path = tmp_path / "x.bin"
     data = np.random.RandomState(0).bytes(10_000)
     path.write_bytes(data)
-    sha = lambda b: hashlib.sha1(b).digest()
-    assert C.file_digest(path, chunk=4096) == hashlib.sha1(sha(data[:4096]) + sha(data[4096:8192]) +
-                                                           sha(data[8192:])).hexdigest()
+    crc = lambda b: zlib.crc32(b).to_bytes(4, "little")
+    whole = C.file_checksum(path, chunk=4096)
+    assert whole == f"{zlib.crc32(crc(data[:4096]) + crc(data[4096:8192]) + crc(data[8192:])):08x}"
+    for at in (0, 5000, 9999):                                       # one bit changed anywhere
+        path.write_bytes(data[:at] + bytes([data[at] ^ 1]) + data[at + 1:])
+        assert C.file_checksum(path, chunk=4096) != whole
     path.write_bytes(b"")
-    assert C.file_digest(path) == hashlib.sha1(b"").hexdigest()
+    assert C.file_checksum(path) == f"{zlib.crc32(b''):08x}" == "00000000"

@@ -95,11 +95,11 @@ def test_features_cached_once_reused_and_rebuilt_when_inputs_change(saved, tmp_p
     assert len(list((cache / "clip").iterdir())) == 5 and not list((cache / "clip").glob(".*"))   # no temp files
 
 
-@pytest.mark.parametrize("fault", ["truncated", "overwritten", "no digest"])
+@pytest.mark.parametrize("fault", ["truncated", "overwritten", "no checksum"])
 def test_a_damaged_feature_cache_is_extracted_again_with_one_line(fault, saved, tmp_path, tower_calls, capsys):
     """Each fault of a cached feature file: one line naming it and why, the features extracted again (equal
     to the first ones) and written over it; the next run reads them silently. An overwrite of the tensor's
-    bytes loads without complaint in torch.load: only the digest tells."""
+    bytes loads without complaint in torch.load: only the checksum tells."""
     root, folder, clip = saved
     pairs, cache = C.load_it_splits("toy", root)["train"], tmp_path / "cache"
     image, text = C.clip_features(clip, pairs, "train", cache, batch_size=8)
@@ -113,9 +113,9 @@ def test_a_damaged_feature_cache_is_extracted_again_with_one_line(fault, saved, 
         entry.write_bytes(raw[:at] + np.random.RandomState(0).bytes(36 * 16 * 4) + raw[at + 36 * 16 * 4:])
         assert not torch.equal(torch.load(entry, weights_only=True)["features"], text)
         why = "its features differ from those it was written with (overwritten or damaged)"
-    else:                                                           # as written before the digest existed
+    else:                                                           # as written before the checksum existed
         torch.save({"features": text, "meta": json.dumps({"ids": [p.id for p in pairs]})}, entry)
-        why = "holds no digest (written by an earlier version)"
+        why = "holds no checksum (written by an earlier version)"
     capsys.readouterr()
     again = C.clip_features(clip, pairs, "train", cache, batch_size=8)
     err = capsys.readouterr().err

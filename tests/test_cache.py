@@ -124,12 +124,23 @@ def test_random_resized_crop_flip_batch():
     assert 15 < flips < 49                                            # about half are mirrored
 
 
-def test_train_av_uses_the_cache(toy_root, tmp_path):
-    [rec] = train_av.main(["--dataset", "toy", "--data_root", str(toy_root), "--out_dir", str(tmp_path / "runs"),
-                           "--cache_dir", str(tmp_path / "cache"), "--method", "concat", *TINY])
+def test_train_av_uses_the_cache(toy_root, tmp_path, monkeypatch, capsys):
+    argv = ["--dataset", "toy", "--data_root", str(toy_root), "--out_dir", str(tmp_path / "runs"),
+            "--cache_dir", str(tmp_path / "cache"), "--method", "concat", *TINY]
+    [rec] = train_av.main(argv)
     names = sorted(p.name.split("-")[0] for p in (tmp_path / "cache").iterdir())
     assert names == ["eval", "eval", "train"]                         # val and test, train
     assert rec["args"]["cache_dir"] == str(tmp_path / "cache") and 0 <= rec["test"]["multi"] <= 100
+    # a damaged cache in a folder it cannot be rebuilt in: one line naming the file and what to do, no run
+    [train] = (tmp_path / "cache").glob("train-*")
+    (train / "meta.json").unlink()
+    monkeypatch.setattr(C.os, "access", lambda path, mode: Path(path) != tmp_path / "cache")
+    with pytest.raises(SystemExit) as e:
+        C.script_main(lambda: train_av.main([*argv, "--out_dir", str(tmp_path / "again")]))
+    assert e.value.code == (f"error: {train / 'meta.json'}: missing (deleted, or left out of a copy); the cache "
+                            f"cannot be rebuilt in read-only {tmp_path / 'cache'}: pass --no_cache, or give "
+                            "--cache_dir a writable folder")
+    assert "Traceback" not in capsys.readouterr().err and not (tmp_path / "again").exists()
 
 
 def test_building_the_cache_does_not_touch_the_global_rng(clips, tmp_path):
@@ -290,3 +301,88 @@ def test_no_augment_trains_on_the_test_time_frames(tmp_path):
             assert torch.equal(v, w) and torch.allclose(v[0], test[i][1], atol=1e-5)
     with pytest.raises(SystemExit):
         train_av.get_args(["--crop_scale", "0"])
+
+
+def overwrite_middle(path, n, seed=0):
+    """n random bytes written over the middle of a file, in place (its size is kept)."""
+    with open(path, "r+b") as f:
+        f.seek((os.path.getsize(path) - n) // 2)
+        f.write(np.random.RandomState(seed).bytes(n))
+
+
+def arrays(ds):
+    """Copies of a cached data set's fbank, frames and extents."""
+    return np.array(ds.fbank), np.array(ds.frames), ds.extents.numpy().copy()
+
+
+@pytest.mark.parametrize("fault", ["truncated", "overwritten", "meta.json deleted"])
+def test_a_damaged_cache_is_rebuilt_with_one_line(fault, clips, tmp_path, capsys):
+    """Each fault of a built cache: the next open says in one line which file failed and why, builds the
+    folder again in its place and reads what a fresh build decodes; the open after that is silent."""
+    sizes = {**SIZES, "image_size": 32}                  # frames.npy 55 KB: room for 5,000 overwritten bytes
+    cache = tmp_path / "cache"
+    first = C.CachedAVDataset(clips["train"], True, **sizes, cache_dir=cache)
+    folder, fresh = first.folder, arrays(first)         # copies: the files are damaged below
+    frames, size = folder / "frames.npy", 128 + 6 * 3 * 3 * 32 * 32         # npy header + (6, 3, 3, 32, 32) uint8
+    assert frames.stat().st_size == size
+    capsys.readouterr()
+    if fault == "truncated":
+        os.truncate(frames, size // 2)
+        why = f"{frames}: {size // 2} bytes; meta.json says {size}"
+    elif fault == "overwritten":
+        overwrite_middle(frames, 5000)
+        why = f"{frames}: its bytes differ from those it was built with (overwritten or damaged)"
+    else:
+        (folder / "meta.json").unlink()
+        why = f"{folder / 'meta.json'}: missing (deleted, or left out of a copy)"
+    again = C.CachedAVDataset(clips["train"], True, **sizes, cache_dir=cache)
+    assert capsys.readouterr().err == f"warning: {why}; building it again\n"
+    assert again.folder == folder and [p.name for p in cache.iterdir()] == [folder.name]    # nothing left aside
+    for got, decoded in zip(arrays(again), fresh):
+        assert np.array_equal(got, decoded)
+    C.CachedAVDataset(clips["train"], True, **sizes, cache_dir=cache)
+    assert capsys.readouterr().err == ""
+
+
+def test_a_damaged_cache_in_a_read_only_folder_is_an_error(clips, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    folder = C.CachedAVDataset(clips["train"], False, **SIZES, cache_dir=cache).folder
+    overwrite_middle(folder / "fbank.npy", 100)
+    monkeypatch.setattr(C.os, "access", lambda path, mode: Path(path) != cache)
+    with pytest.raises(C.DataError) as e:
+        C.CachedAVDataset(clips["train"], False, **SIZES, cache_dir=cache)
+    assert str(e.value) == (f"{folder / 'fbank.npy'}: its bytes differ from those it was built with (overwritten "
+                            f"or damaged); the cache cannot be rebuilt in read-only {cache}: pass --no_cache, or "
+                            "give --cache_dir a writable folder")
+
+
+def test_a_cache_from_an_earlier_version_or_other_settings_is_rebuilt(clips, tmp_path, capsys):
+    import json
+    cache = tmp_path / "cache"
+    folder = C.CachedAVDataset(clips["test"], False, **SIZES, cache_dir=cache).folder
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["files"]["extents.npy"] == {"shape": [2, 3, 2], "dtype": "int32", "bytes": 128 + 2 * 3 * 2 * 4,
+                                            "crc32": C.file_checksum(folder / "extents.npy")}
+    for edit, why in [(lambda m: m.pop("files"), "holds no checksums (a cache built by an earlier version)"),
+                      (lambda m: m.update(clips=m["clips"][::-1]), "describes other settings or clips")]:
+        edit(meta)
+        (folder / "meta.json").write_text(json.dumps(meta))
+        capsys.readouterr()
+        C.CachedAVDataset(clips["test"], False, **SIZES, cache_dir=cache)
+        assert capsys.readouterr().err == f"warning: {folder / 'meta.json'}: {why}; building it again\n"
+        meta = json.loads((folder / "meta.json").read_text())
+
+
+def test_file_checksum_reads_every_chunk(tmp_path):
+    import zlib
+    path = tmp_path / "x.bin"
+    data = np.random.RandomState(0).bytes(10_000)
+    path.write_bytes(data)
+    crc = lambda b: zlib.crc32(b).to_bytes(4, "little")
+    whole = C.file_checksum(path, chunk=4096)
+    assert whole == f"{zlib.crc32(crc(data[:4096]) + crc(data[4096:8192]) + crc(data[8192:])):08x}"
+    for at in (0, 5000, 9999):                                       # one bit changed anywhere
+        path.write_bytes(data[:at] + bytes([data[at] ^ 1]) + data[at + 1:])
+        assert C.file_checksum(path, chunk=4096) != whole
+    path.write_bytes(b"")
+    assert C.file_checksum(path) == f"{zlib.crc32(b''):08x}" == "00000000"

@@ -3,7 +3,9 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -92,10 +94,54 @@ def test_features_cached_once_reused_and_rebuilt_when_inputs_change(saved, tmp_p
     assert tower_calls == {"image": 108, "text": 72}
     assert len(list((cache / "clip").iterdir())) == 5 and not list((cache / "clip").glob(".*"))   # no temp files
 
-    entry = cache / "clip" / files[1]                               # the text features, still current
-    entry.write_bytes(b"truncated")
-    with pytest.raises(C.DataError, match=rf"{entry.name}: unreadable feature cache.*delete it to rebuild it"):
-        C.clip_features(C.load_clip(folder), pairs, "train", cache)
+
+@pytest.mark.parametrize("fault", ["truncated", "overwritten", "no checksum"])
+def test_a_damaged_feature_cache_is_extracted_again_with_one_line(fault, saved, tmp_path, tower_calls, capsys):
+    """Each fault of a cached feature file: one line naming it and why, the features extracted again (equal
+    to the first ones) and written over it; the next run reads them silently. An overwrite of the tensor's
+    bytes loads without complaint in torch.load: only the checksum tells."""
+    root, folder, clip = saved
+    pairs, cache = C.load_it_splits("toy", root)["train"], tmp_path / "cache"
+    image, text = C.clip_features(clip, pairs, "train", cache, batch_size=8)
+    [entry] = (cache / "clip").glob("train-text-*.pt")
+    raw = entry.read_bytes()
+    if fault == "truncated":
+        entry.write_bytes(raw[:len(raw) // 2])
+        why = "unreadable (RuntimeError: PytorchStreamReader failed"     # then torch's words
+    elif fault == "overwritten":                                    # the whole (36, 16) float32 tensor
+        at = raw.index(text.numpy().tobytes())
+        entry.write_bytes(raw[:at] + np.random.RandomState(0).bytes(36 * 16 * 4) + raw[at + 36 * 16 * 4:])
+        assert not torch.equal(torch.load(entry, weights_only=True)["features"], text)
+        why = "its features differ from those it was written with (overwritten or damaged)"
+    else:                                                           # as written before the checksum existed
+        torch.save({"features": text, "meta": json.dumps({"ids": [p.id for p in pairs]})}, entry)
+        why = "holds no checksum (written by an earlier version)"
+    capsys.readouterr()
+    again = C.clip_features(clip, pairs, "train", cache, batch_size=8)
+    err = capsys.readouterr().err
+    assert err.startswith(f"warning: {entry}: {why}") and err.endswith("; building it again\n")
+    assert err.count("\n") == 1
+    assert tower_calls == {"image": 36, "text": 72}                 # the text features only, once more
+    assert torch.equal(again[0], image) and torch.equal(again[1], text)
+    C.clip_features(clip, pairs, "train", cache, batch_size=8)
+    assert capsys.readouterr().err == "" and tower_calls["text"] == 72
+
+
+def test_a_damaged_feature_cache_in_a_read_only_folder_is_an_error(saved, tmp_path, monkeypatch):
+    root, folder, _ = saved
+    cache, out = tmp_path / "cache", tmp_path / "runs"
+    argv = ["--data_root", str(root), "--clip_model", str(folder), "--cache_dir", str(cache), "--out_dir", str(out),
+            "--method", "clip", *TINY_CLIP]
+    train_clip.main(argv)
+    [entry] = (cache / "clip").glob("test-image-*.pt")
+    entry.write_bytes(entry.read_bytes()[:100])
+    monkeypatch.setattr(C.os, "access", lambda path, mode: Path(path) != cache / "clip")
+    with pytest.raises(SystemExit) as e:
+        C.script_main(lambda: train_clip.main([*argv, "--out_dir", str(tmp_path / "again")]))
+    assert e.value.code.startswith(f"error: {entry}: unreadable (") and "\n" not in e.value.code
+    assert e.value.code.endswith(f"; the cache cannot be rebuilt in read-only {cache / 'clip'}: give --cache_dir "
+                                 "a writable folder")
+    assert not (tmp_path / "again").exists()
 
 
 def test_both_methods_train_one_toy_epoch_on_cached_features(saved, tmp_path, tower_calls, capsys):

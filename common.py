@@ -456,24 +456,27 @@ class AGM(Concat):
     subset of modalities (the others' inputs zeroed, in eval mode as the authors' code) gives each
     modality's Shapley response phi_m (v(empty) = 0, so sum_m phi_m = the full output); loss =
     CE(sum_m phi_m), with the gradient into phi_m scaled by agm_coefficients (running means of the scores
-    over the run), then clipped to norm 1 when a head gradient exceeds 1 (5 and 5 with three or more
-    modalities, as the authors' three-modality code). Active for epochs <= `ends`
-    (plain concat steps after); unimodal predictions are the phi_m."""
+    over the run; the gap capped at 10 with two modalities, 7 with more, as the authors' CREMA-D and
+    three-modality URFunny scripts), then clipped to norm 1 when a head gradient exceeds 1 (5 and 5 with three
+    or more modalities). The coefficients change in the first `epochs` epochs; after, as the authors' hooks,
+    the last ones stay applied (and the clip); unimodal predictions are the phi_m."""
 
-    def __init__(self, encoders, num_classes, modalities, alpha=1.0, ends=20, cap=10.0):
+    def __init__(self, encoders, num_classes, modalities, alpha=1.0, epochs=20, cap=None):
         super().__init__(encoders, num_classes, modalities)
-        self.alpha, self.ends, self.cap, self.active = alpha, ends, cap, True
+        self.alpha, self.epochs, self.active = alpha, epochs, epochs > 0
+        self.cap = cap if cap is not None else 10.0 if len(encoders) == 2 else 7.0
         self.register_buffer("running", torch.zeros(len(encoders), dtype=torch.float64))
         self.register_buffer("steps", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("coeffs", torch.ones(len(encoders), dtype=torch.float64))    # the last ones, held
 
     def schedule(self, epoch, step, steps):
-        self.active = epoch <= self.ends
+        self.active = epoch < self.epochs
 
     def responses(self, xs):
         """[phi_m], each (B, C): sum over S not holding m of |S|!(M-|S|-1)!/M! (v(S + m) - v(S))."""
         M, v, was = len(xs), {0: 0.0}, self.training
-        for S in range(1, 2 ** M):
-            self.train(was and S == 2 ** M - 1)       # the zeroed passes in eval mode, with gradients
+        for S in [2 ** M - 1, *range(1, 2 ** M - 1)]:   # the full pass first (it updates BatchNorm's statistics),
+            self.train(was and S == 2 ** M - 1)       # then the zeroed ones in eval mode, with gradients (as theirs)
             v[S] = self.fuse(self.encode([x if S >> m & 1 else torch.zeros_like(x) for m, x in enumerate(xs)]))
         self.train(was)
         w = lambda n: math.factorial(n) * math.factorial(M - n - 1) / math.factorial(M)
@@ -481,16 +484,15 @@ class AGM(Concat):
                 for m in range(M)]
 
     def train_step(self, xs, y, optimizer):
-        if not self.active:
-            return super().train_step(xs, y, optimizer)
         phis = self.responses(xs)
-        with torch.no_grad():
-            s = torch.stack([-p.softmax(1).gather(1, y[:, None]).clamp_min(1e-8).log().mean() for p in phis]).double()
-            s = all_sum(s) / world()[1]              # torchrun: the job's scores
-            c = agm_coefficients(s, self.running, self.alpha, self.cap)
-            self.steps += 1
-            self.running.mul_((self.steps - 1) / self.steps).add_(s / self.steps)
-        loss = F.cross_entropy(sum(ScaleGrad.apply(p, c[m].to(p.dtype)) for m, p in enumerate(phis)), y)
+        if self.active:                              # new coefficients; after the window the last ones are held
+            with torch.no_grad():
+                s = torch.stack([-p.softmax(1).gather(1, y[:, None]).clamp_min(1e-8).log().mean() for p in phis])
+                s = all_sum(s.double()) / world()[1]              # torchrun: the job's scores
+                self.coeffs.copy_(agm_coefficients(s, self.running, self.alpha, self.cap))
+                self.steps += 1
+                self.running.mul_((self.steps - 1) / self.steps).add_(s / self.steps)
+        loss = F.cross_entropy(sum(ScaleGrad.apply(p, self.coeffs[m].to(p.dtype)) for m, p in enumerate(phis)), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         mean_grads(self.parameters())                # torchrun: the job's gradients, then the clip
@@ -582,12 +584,14 @@ class MMPareto(ConcatHeads):
         return total.detach()
 
 
-def gb_weights(start, end, eps=1e-8):
+def gb_weights(start, end, abs_gain=False, eps=1e-8):
     """G-Blending's weights from each head's (train, validation) loss at the start and at the end of a
     super-epoch, (K, 2) tensors: w_k = G_k / O_k^2 normalised to sum 1, G = the drop of the validation loss (at
-    least 0), O = the growth of the validation-train gap (the overfitting); eps keeps a head that overfits without
-    gaining at a weight of ~0 and a gap that did not move from dividing by 0."""
-    gain = (start[:, 1] - end[:, 1]).clamp_min(0)
+    least 0: a head whose validation loss rose gets ~0; abs_gain: |G|, as GeWu-Lab/BalanceBenchmark), O = the
+    growth of the validation-train gap (the overfitting); eps keeps a head that overfits without gaining at a
+    weight of ~0 and a gap that did not move from dividing by 0."""
+    gain = start[:, 1] - end[:, 1]
+    gain = gain.abs() if abs_gain else gain.clamp_min(0)
     over = (end[:, 1] - end[:, 0]) - (start[:, 1] - start[:, 0])
     w = (gain / over.square().clamp_min(eps)).clamp_min(eps)
     return w / w.sum()
@@ -600,9 +604,9 @@ class GBlending(ConcatHeads):
     with CE for the coming super-epoch, and w = gb_weights of its losses on the training and the validation split
     (eval mode) before and after. Predicts with the fused head."""
 
-    def __init__(self, encoders, num_classes, modalities, super_epoch=10):
+    def __init__(self, encoders, num_classes, modalities, super_epoch=10, abs_gain=False):
         super().__init__(encoders, num_classes, modalities)
-        self.super_epoch = super_epoch
+        self.super_epoch, self.abs_gain = super_epoch, abs_gain
         self.register_buffer("weights", torch.full((len(encoders) + 1,), 1 / (len(encoders) + 1)))
 
     def branch(self, xs, k):
@@ -650,7 +654,7 @@ class GBlending(ConcatHeads):
                         optimizer_step(opt, F.cross_entropy(twin.branch(xs, k).float(), y))
             end.append([twin.branch_losses(loaders[s], device, [k], amp)[0] for s in ("train", "val")])
             del twin, opt                                 # one copy at a time
-        self.weights.copy_(gb_weights(start, torch.tensor(end, dtype=torch.float64)))
+        self.weights.copy_(gb_weights(start, torch.tensor(end, dtype=torch.float64), self.abs_gain))
         names = self.modalities + ["fused"]
         print("G-Blending weights: " + ", ".join(f"{m} {w:.3f}" for m, w in zip(names, self.weights.tolist())))
 
@@ -681,13 +685,15 @@ class PMR(Concat):
     logits (proto_logits; the unimodal predictions) give each modality's prototype CE (PCE) and its score s_m
     (the batch's sum of the prototype softmax at the label); with pmr_coefficients, loss = CE(fused)
     + alpha sum_m weak_m PCE_m - mu sum_m dominant_m H_m, H_m the prototype softmax's entropy summed over the batch
-    (as GeWu-Lab/BalanceBenchmark), for the epochs up to `entropy_ends`."""
+    (as GeWu-Lab/BalanceBenchmark 01458a1's PMR_PER), for the epochs up to `entropy_ends`; both terms for the epochs
+    up to `ends` (plain concat after, as the authors' --modulation_ends). val_prototypes: the class means of the
+    whole validation split instead (the authors' AVE runs)."""
 
     def __init__(self, encoders, num_classes, modalities, alpha=1.0, mu=0.01, entropy_ends=10, momentum=0.0,
-                 binary=False):
+                 binary=False, ends=70, val_prototypes=False):
         super().__init__(encoders, num_classes, modalities)
         self.alpha, self.mu, self.entropy_ends, self.momentum, self.epoch = alpha, mu, entropy_ends, momentum, 0
-        self.binary = binary
+        self.binary, self.ends, self.val_prototypes = binary, ends, val_prototypes
         self.register_buffer("prototypes", torch.zeros(len(encoders), num_classes, self.dim))
 
     def schedule(self, epoch, step, steps):
@@ -695,10 +701,14 @@ class PMR(Concat):
 
     @torch.no_grad()
     def start_epoch(self, epoch, epochs, loaders, optimizer, device, amp=False):
-        loader, (M, C, d) = loaders["train"], self.prototypes.shape
-        sums, counts, was = torch.zeros(M, C, d, device=device), torch.zeros(C, device=device), self.training
+        split, (M, C, d) = "val" if self.val_prototypes else "train", self.prototypes.shape
+        if not loaders.get(split):
+            raise ValueError("--pmr_val_prototypes takes the prototypes from the validation split: use --val_ratio > 0")
+        loader, was = loaders[split], self.training
+        sums, counts = torch.zeros(M, C, d, device=device), torch.zeros(C, device=device)
+        n = len(loader) if self.val_prototypes else max(1, len(loader) // 10)      # all, or a tenth of train
         self.eval()
-        for i, (xs, y, _, _) in zip(range(max(1, len(loader) // 10)), device_batches(loader, device, True)):
+        for i, (xs, y, _, _) in zip(range(n), device_batches(loader, device, split == "train")):
             with autocast(device, amp):
                 zs = self.encode(xs)
             for m, z in enumerate(zs):
@@ -713,6 +723,8 @@ class PMR(Concat):
     def train_step(self, xs, y, optimizer):
         zs = self.encode(xs)
         loss = F.cross_entropy(self.fuse(zs), y)
+        if self.epoch > self.ends:
+            return optimizer_step(optimizer, loss)
         logits = [proto_logits(z, c) for z, c in zip(zs, self.prototypes)]
         with torch.no_grad():
             scores = all_sum(torch.stack([u.softmax(1).gather(1, y[:, None]).sum() for u in logits]))   # the job's
@@ -794,12 +806,12 @@ METHODS = ["sum", "concat", "late_fusion", "film", "bigated", "ogm", "ogm_ge", "
 
 def build_method(name, encoders, num_classes, modalities, num_train=0, condition=None, ogm=(0.3, 0, 50),
                  mla=None, table6=None, qmf_rank="paper", mmcosine_scale=10.0, mmpareto_gamma=1.5, agm=(1.0, 20),
-                 gb_super_epoch=10, pmr=None, reconboost=None):
+                 gb=(10, False), pmr=None, reconboost=None):
     """The method object `name`: condition, the FiLM/BiGated conditioning modality (a name in modalities);
     ogm, OGM's (alpha, first epoch, last epoch); mla, MLA's keyword arguments; table6, the keyword
     arguments of build_missing_method (the Table 6 methods' settings); qmf_rank, QMF's ranking margin;
     mmcosine_scale and mmpareto_gamma, MMCosine's logit scale and MMPareto's gradient scale; agm, AGM's
-    (alpha, last epoch); gb_super_epoch, G-Blending's; pmr and reconboost, PMR's and ReconBoost's keywords."""
+    (alpha, modulated epochs); gb, G-Blending's (super-epoch, abs_gain); pmr and reconboost, PMR's and ReconBoost's keywords."""
     cond = modalities.index(condition) if condition else 0
     if name in ("sum", "concat", "late_fusion"):
         return {"sum": Sum, "concat": Concat, "late_fusion": LateFusion}[name](encoders, num_classes, modalities)
@@ -817,9 +829,9 @@ def build_method(name, encoders, num_classes, modalities, num_train=0, condition
     if name == "mmpareto":
         return MMPareto(encoders, num_classes, modalities, gamma=mmpareto_gamma)
     if name == "agm":
-        return AGM(encoders, num_classes, modalities, alpha=agm[0], ends=agm[1])
+        return AGM(encoders, num_classes, modalities, alpha=agm[0], epochs=agm[1])
     if name == "gblending":
-        return GBlending(encoders, num_classes, modalities, super_epoch=gb_super_epoch)
+        return GBlending(encoders, num_classes, modalities, super_epoch=gb[0], abs_gain=gb[1])
     if name == "pmr":
         return PMR(encoders, num_classes, modalities, **(pmr or {}))
     if name == "reconboost":
@@ -4753,18 +4765,25 @@ RUN_ONLY_ARGS = {"resume", "device", "num_workers", "cpu_threads", "amp", "compi
 
 
 EARLIER_BEHAVIOUR = {"feature_norm": "none", "hgm_alpha_scale": False, "hgm_forget": 1.0, "qmf_rank": "paper",
-                     "crop_scale": 0.08, "no_augment": False, "modalities": None, "processes": None}
+                     "crop_scale": 0.08, "no_augment": False, "modalities": None, "processes": None,
+                     "agm_epochs": 21, "pmr_ends": None}     # AGM modulated epochs 0..20; PMR's terms every epoch
+
+# a balancing method's own flags, by their prefix: another method's run compares none of them
+OWN_FLAGS = {"mmcosine": "mmcosine", "mmpareto": "mmpareto", "agm": "agm", "gb": "gblending", "pmr": "pmr",
+             "reconboost": "reconboost"}
 
 
 def other_settings(recorded, settings, free=()):
-    """The flags (known to both, execution-only ones and `free` aside) whose recorded value differs from
-    the settings now, as '--k A there, B now', or '' when there are none."""
+    """The flags (known to both; execution-only ones, `free` and another method's OWN_FLAGS aside) whose recorded
+    value differs from the settings now, as '--k A there, B now', or '' when there are none."""
     recorded = json.loads(json.dumps(recorded, default=str))
     if "no_hgm" in recorded:                    # a record written before --hgm/--no_hgm became one setting
         recorded.setdefault("hgm", not recorded.pop("no_hgm"))
     recorded = {**EARLIER_BEHAVIOUR, **recorded}     # what a record from before a flag existed ran with
     now = json.loads(json.dumps(settings, default=str))
-    differ = [k for k in sorted(set(recorded) & set(now) - RUN_ONLY_ARGS - set(free)) if recorded[k] != now[k]]
+    others = {k for k in now if OWN_FLAGS.get(k.split("_")[0], now.get("method")) != now.get("method")}
+    differ = [k for k in sorted(set(recorded) & set(now) - RUN_ONLY_ARGS - set(free) - others)
+              if recorded[k] != now[k]]
     return ", ".join(f"--{k} {recorded[k]} there, {now[k]} now" for k in differ[:4])
 
 
@@ -5574,18 +5593,29 @@ def add_balancing_args(p):
     g.add_argument("--mmpareto_gamma", type=float, default=1.5,
                    help="mmpareto: the final gradient scale (GeWu-Lab/MMPareto_ICML2024's 1.5)")
     g.add_argument("--agm_alpha", type=float, default=1.0, help="agm: modulation strength (AGM_ICCV2023's --alpha 1)")
-    g.add_argument("--agm_ends", type=int, default=20, help="agm: last modulated epoch (AGM_ICCV2023's 20)")
+    g.add_argument("--agm_epochs", type=int, default=20,
+                   help="agm: epochs that update the coefficients; later ones keep the last (AGM_ICCV2023's "
+                        "--modulation_ends 20, its epochs counted from 1)")
     g.add_argument("--gb_super_epoch", type=int, default=10,
                    help="gblending: epochs between weight estimates, each training a copy of every branch that "
                         "long (GeWu-Lab/BalanceBenchmark's super_epoch 10; the authors publish no online code)")
+    g.add_argument("--gb_abs_gain", action="store_true",
+                   help="gblending: weigh a branch whose validation loss rose by |G| / O^2, as BalanceBenchmark "
+                        "(default: ~0; the paper assumes a gain)")
     g.add_argument("--pmr_alpha", type=float, default=1.0,
                    help="pmr: weight of the weaker modality's prototype CE, times the paper's clip(1/rho - 1, 0, 1) "
                         "(Modal-Imbalance-PMR's --alpha 1; its released script weighs it alpha or 0)")
     g.add_argument("--pmr_mu", type=float, default=0.01,
                    help="pmr: weight of the dominant modality's prototype entropy, summed over the batch "
-                        "(BalanceBenchmark's mu 0.01; 0: none, as the authors' released script)")
+                        "(BalanceBenchmark 01458a1's PMR_PER mu 0.01, since removed; 0: none, as the authors' script)")
     g.add_argument("--pmr_entropy_ends", type=int, default=10,
-                   help="pmr: last epoch with the entropy term (BalanceBenchmark's norm_epoch 10)")
+                   help="pmr: last epoch (from 0) with the entropy term (BalanceBenchmark 01458a1's norm_epoch 10)")
+    g.add_argument("--pmr_ends", type=int, default=70,
+                   help="pmr: last epoch (from 0) with the prototype terms; plain concat after (the authors' "
+                        "released CREMA-D and AVE runs: --modulation_ends 70)")
+    g.add_argument("--pmr_val_prototypes", action="store_true",
+                   help="pmr: prototypes from the whole validation split, not a tenth of the training batches "
+                        "(the authors' AVE runs)")
     g.add_argument("--pmr_momentum", type=float, default=0.0,
                    help="pmr: share of the old prototype kept each epoch (the authors' runs: 0)")
     g.add_argument("--pmr_binary", action="store_true",
@@ -5656,9 +5686,10 @@ def method_options(args):
                             hgm_forget=args.hgm_forget), qmf_rank=args.qmf_rank)
     if "mmcosine_scale" in vars(args):
         options.update(mmcosine_scale=args.mmcosine_scale, mmpareto_gamma=args.mmpareto_gamma,
-                       agm=(args.agm_alpha, args.agm_ends), gb_super_epoch=args.gb_super_epoch,
+                       agm=(args.agm_alpha, args.agm_epochs), gb=(args.gb_super_epoch, args.gb_abs_gain),
                        pmr=dict(alpha=args.pmr_alpha, mu=args.pmr_mu, entropy_ends=args.pmr_entropy_ends,
-                                momentum=args.pmr_momentum, binary=args.pmr_binary),
+                                momentum=args.pmr_momentum, binary=args.pmr_binary, ends=args.pmr_ends,
+                                val_prototypes=args.pmr_val_prototypes),
                        reconboost=dict(stage_epochs=args.reconboost_stage_epochs, w1=args.reconboost_weights[0],
                                        correct_epochs=args.reconboost_correct_epochs, w2=args.reconboost_weights[1]))
     if "condition" in vars(args):

@@ -499,6 +499,45 @@ def nn_utils_norm(m):
     return float(torch.nn.utils.get_total_norm([p.grad for p in m.parameters() if p.grad is not None]))
 
 
+def test_agm_holds_its_last_coefficients_after_its_epochs():
+    """After `epochs` (20: epochs 0..19), as the authors' hooks: the coefficients (2, 0.5) stay and still scale
+    the gradients; the head's bias, reached by the full pass (x (2 + 0.5) / 2) and the two dropped ones
+    (x (2 - 0.5) / 2 and (0.5 - 2) / 2), gets 1.25 x plain concat's."""
+    torch.manual_seed(0)
+    m = C.AGM([Lin(5, 3), Lin(7, 3)], 4, MODS)
+    m.schedule(19, 0, 1)
+    assert m.active
+    xs, y, _ = batch()
+    xs = [0.1 * x for x in xs]                                   # small: no clipping
+    m.coeffs.copy_(torch.tensor([2.0, 0.5]))
+    ref = copy.deepcopy(m)
+    step(m, xs, y, None, torch.optim.SGD(m.parameters(), lr=0.0), epoch=20)
+    assert not m.active and m.coeffs.tolist() == [2.0, 0.5] and m.steps == 0
+    F.cross_entropy(ref.fuse(ref.encode(xs)), y).backward()
+    assert torch.allclose(m.head.bias.grad, 1.25 * ref.head.bias.grad, atol=1e-6)
+    for k, c in enumerate((2.0, 0.5)):
+        assert torch.allclose(m.encoders[k].weight.grad, c * ref.encoders[k].weight.grad, atol=1e-6)
+
+
+def test_agm_caps_the_gap_at_7_with_three_modalities():
+    """Running means (0, 0, 12): eta = exp(1.5 x 4) = 403.4 for the first two, over the scores' r = 1 by more than
+    the cap 7 (the authors' URFunny script; 10 with two modalities): c = exp(7); the third exp(exp(-12) - 1)."""
+    assert C.AGM([Lin(5, 3), Lin(7, 3)], 4, MODS).cap == 10
+    assert C.AGM([Lin(5, 3), Lin(7, 3), Lin(6, 3)], 4, MODS + ["text"]).cap == 7
+    c = C.agm_coefficients(torch.tensor([4.0, 4.0, 4.0]).double(), torch.tensor([0.0, 0.0, 12.0]).double(), 1.0, 7)
+    assert torch.allclose(c, torch.tensor([math.exp(7), math.exp(7), math.exp(math.exp(-12) - 1)]).double())
+
+
+def test_agm_runs_the_full_pass_first_then_the_dropped_ones_in_eval_mode():
+    """The authors' order: BatchNorm's statistics take this batch's full pass before the eval-mode passes use them."""
+    m = C.AGM([Lin(5, 3), Lin(7, 3)], 4, MODS)
+    seen = []
+    m.head.register_forward_hook(lambda mod, inp, out: seen.append((mod.training, inp[0].split(3, 1)[0].any().item(),
+                                                                     inp[0].split(3, 1)[1].any().item())))
+    m.responses(batch()[0])
+    assert seen == [(True, True, True), (False, True, False), (False, False, True)] and m.training
+
+
 # ---------------------------------------------------------------------------------------------- G-Blending, PMR, ReconBoost
 
 class Pairs(torch.utils.data.Dataset):
@@ -522,6 +561,17 @@ def test_gblending_weights_by_hand():
     worse[0, 1] = 1.95                          # audio's validation loss rose: no gain, a weight of ~0
     w = C.gb_weights(start, worse)
     assert w[0] < 1e-6 and abs(float(w.sum()) - 1) < 1e-12
+
+
+def test_gblending_abs_gain_weighs_a_rising_validation_loss_by_its_rise():
+    """--gb_abs_gain (BalanceBenchmark's |G| / O^2): branch 0's validation loss rose by 0.5 with its gap grown by 1
+    (0.5 / 1); branch 1 gained 0.2 with its gap grown by 0.4 (0.2 / 0.16 = 1.25): 2/7 and 5/7; by default ~0 and ~1."""
+    start = torch.tensor([[1.0, 1.0], [1.0, 1.0]]).double()
+    end = torch.tensor([[0.5, 1.5], [0.4, 0.8]]).double()
+    assert torch.allclose(C.gb_weights(start, end, abs_gain=True), torch.tensor([2 / 7, 5 / 7]).double())
+    assert torch.allclose(C.gb_weights(start, end), torch.tensor([0.0, 1.0]).double(), atol=1e-7)
+    m = C.build_method("gblending", [Lin(5, 3), Lin(7, 3)], 4, MODS, gb=(3, True))
+    assert (m.super_epoch, m.abs_gain) == (3, True)
 
 
 def test_gblending_step_is_the_weighted_sum_of_the_heads_ces(tiny_encoders):
@@ -583,6 +633,8 @@ def test_pmr_loss_by_hand():
     opt = torch.optim.SGD(m.parameters(), lr=0.0)
     assert abs(float(step(m, xs, y, None, opt, epoch=0)) - 0.356031) < 1e-6
     assert abs(float(step(m, xs, y, None, opt, epoch=11)) - (0.302637 + 0.124158 * 0.441716)) < 1e-6
+    assert abs(float(step(m, xs, y, None, opt, epoch=70)) - (0.302637 + 0.124158 * 0.441716)) < 1e-6
+    assert abs(float(step(m, xs, y, None, opt, epoch=71)) - 0.302637) < 1e-6      # after --pmr_ends 70: CE only
     rho, weak, dominant = C.pmr_coefficients(torch.tensor([1.0, 2.0, 3.0]))       # three modalities
     assert torch.allclose(rho, torch.tensor([0.4, 1.0, 2.0])) and weak.tolist() == [1, 0, 0]
     assert dominant.tolist() == [0, 0, 1]
@@ -609,6 +661,18 @@ def test_pmr_prototypes_are_class_means_of_a_tenth_of_the_training_batches():
     C.start_epoch(m, 2, 3, loaders, None, "cpu")              # then momentum 0.5 of the old prototype
     assert torch.allclose(m.prototypes[0, seen], old[0, seen] + 1.5)
     assert torch.equal(m.prototypes[0, ~seen], old[0, ~seen])
+
+
+def test_pmr_val_prototypes_are_class_means_of_the_whole_validation_split():
+    m = C.PMR([Ident(), Ident()], 4, MODS, val_prototypes=True)
+    train, val = Pairs(n=40), Pairs(n=40, seed=1)
+    for d in (train, val):
+        d.a, d.v = d.a[:, :2], d.v[:, :2]
+    C.start_epoch(m, 0, 2, {"train": C.make_loader(train, 2, False), "val": C.make_loader(val, 2, False)}, None, "cpu")
+    for k in range(4):                                         # every validation item, none of the training ones
+        assert torch.allclose(m.prototypes[1, k], val.v[val.y == k].mean(0), atol=1e-6)
+    with pytest.raises(ValueError, match="--pmr_val_prototypes takes the prototypes from the validation split"):
+        C.start_epoch(m, 1, 2, {"train": C.make_loader(train, 2, False), "val": None}, None, "cpu")
 
 
 def test_reconboost_loss_by_hand():

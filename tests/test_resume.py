@@ -224,6 +224,9 @@ def test_a_record_from_before_a_flag_existed_compares_as_what_it_ran():
     assert shown == "--feature_norm none there, train now"
     assert C.other_settings({"method": "mla"}, {"method": "mla", "processes": None}) == ""      # no torchrun
     assert "--processes None there, 2 now" in C.other_settings({"method": "mla"}, {"method": "mla", "processes": 2})
+    agm = {"method": "agm", "agm_epochs": 20, "pmr_ends": 70}       # AGM modulated 21 epochs before --agm_epochs
+    assert C.other_settings({"method": "agm"}, agm) == "--agm_epochs 21 there, 20 now"
+    assert C.other_settings({"method": "concat"}, {**agm, "method": "concat"}) == ""     # another method's flags
 
 
 def test_disk_full_crosses_a_process_pool():

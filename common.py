@@ -2445,6 +2445,7 @@ LAYOUT_HELP = """accepted layouts:
                            frames in e.g. Image-01-FPS/<clip>/ or visual/{split}_imgs/Image-01-FPS/<clip>/
   --audio_dir / --frames_dir override where audio and frames are looked for."""
 CREMAD_DEFAULT_ORDER = ["NEU", "HAP", "SAD", "FEA", "DIS", "ANG"]
+CREMAD_SRC = f"CREMA-D's emotions {', '.join(CREMAD_DEFAULT_ORDER)}; a stat.csv naming the classes admits others"
 
 
 def best_dir(folders, names, has):
@@ -2564,6 +2565,39 @@ def _label_index(label, classes, src, class_src):
     return classes.index(label)
 
 
+# The classes a data set defines (without a class file the labels give them: more than this is a typo).
+DEFINED_CLASSES = {"CREMA-D": 6, "IEMOCAP": 4, "MVSA-Single": 3, "Food-101": 101}
+
+
+def defined_classes(rows, name, class_file):
+    """Refuse the labels of `rows` [(.., label, 'file:line')] beyond the count data set `name` defines: the
+    rarest label past it (a typo: 'DISGUST' for 'DIS') is an error naming its first line."""
+    count = collections.Counter(r[1] for r in rows)
+    n = DEFINED_CLASSES[name]
+    if len(count) > n:
+        label = min(count, key=lambda c: (count[c], -[r[1] for r in rows].index(c)))
+        src = next(r[-1] for r in rows if r[1] == label)
+        raise DataError(f"{src}: label '{label}' ({count[label]} items) makes {len(count)} classes; {name} has {n}: "
+                        f"fix the label, or name the classes in {class_file}")
+
+
+def class_warnings(splits, classes):
+    """Warn about a class with items in one split and none in another, or with under a tenth of the median
+    training class's items (a typo, or a version of the data with another class list). splits: {name: [label]}."""
+    counts = {s: collections.Counter(ys) for s, ys in splits.items() if ys}
+    for a, b in itertools.permutations(counts, 2):
+        only = [classes[c] for c in sorted(counts[a]) if not counts[b][c]]
+        if only:
+            print(f"warning: {len(only)} classes have {a} items but no {b} items: {', '.join(only[:10])}"
+                  f"{' ...' if len(only) > 10 else ''}", file=sys.stderr)
+    train = counts.get("train", {})
+    median = float(np.median(list(train.values()))) if train else 0
+    few = [f"{classes[c]} ({n})" for c, n in sorted(train.items()) if n < median / 10]
+    if few:
+        print(f"warning: classes with under a tenth of the median {median:g} training items: {', '.join(few[:10])}",
+              file=sys.stderr)
+
+
 def _nonempty(lines, path, example):
     if not lines:
         raise DataError(f"{path}: the list is empty; expected lines like '{example}'")
@@ -2586,6 +2620,7 @@ def cremad_mla_lists(root):
     if stat.is_file():
         classes, class_src = sorted(_class_file(stat)), str(stat)      # official order: sorted names
     else:
+        defined_classes(raw["train"], "CREMA-D", stat)
         classes, class_src = sorted({r[1] for r in raw["train"]}), f"the labels of {root / 'my_train_cre.txt'}"
     for split, rows in raw.items():
         out[split] = [(c, _label_index(l, classes, src, class_src), src) for c, l, src in rows]
@@ -2607,11 +2642,8 @@ def cremad_ogm_lists(root):
     stat = root / "stat.csv"
     if stat.is_file():
         classes, class_src = _class_file(stat), str(stat)
-    else:
-        found = {r[1] for r in raw["train"]}
-        known = [c for c in CREMAD_DEFAULT_ORDER if c in found]
-        classes = known + sorted(found - set(known))
-        class_src = f"the labels of {root / 'train.csv'}"
+    else:                                               # CREMA-D's emotions, those the training list has
+        classes, class_src = [c for c in CREMAD_DEFAULT_ORDER if c in {r[1] for r in raw["train"]}], CREMAD_SRC
     return {split: [(c, _label_index(l, classes, src, class_src), src) for c, l, src in rows]
             for split, rows in raw.items()}, classes
 
@@ -2794,9 +2826,8 @@ def cremad_raw_lists(root, split_seed=0, test_ratio=0.1, actor_split=False):
     todo = [r[0] for r in rows if not (frames_root / r[0]).is_dir() or not list_frames(frames_root / r[0])]
     if todo:
         cremad_raw_frames(root, todo)
-    found = {r[1] for r in rows}
-    classes = [c for c in CREMAD_DEFAULT_ORDER if c in found] + sorted(found - set(CREMAD_DEFAULT_ORDER))
-    labels = [classes.index(r[1]) for r in rows]
+    classes = [c for c in CREMAD_DEFAULT_ORDER if c in {r[1] for r in rows}]
+    labels = [_label_index(r[1], classes, r[3], CREMAD_SRC.split(";")[0]) for r in rows]
     if actor_split:
         actors = sorted({r[2] for r in rows})
         rng = np.random.RandomState(split_seed)
@@ -2935,6 +2966,7 @@ def load_av_splits(dataset, root, split_seed=0, actor_split=False, audio_format=
     for split in lists:                                 # train, test and (AVE) dev
         out[split], out[split + "_audio_dir"], out[split + "_frames_dir"] = resolve_clips(
             root, split, lists[split], audio_format, audio_dir, frames_dir, skip_bad, stats, num_mel_bins)
+    class_warnings({split: [c.label for c in out[split]] for split in lists}, classes)
     out["skipped"] = stats.get("skipped", 0)
     return out
 
@@ -2996,6 +3028,7 @@ class Pair:
 
 
 IT_TAGS = {"food101": "food", "mvsa": "mvsa", "toy": "toy"}      # the MLA layout's file-name tag
+IT_NAMES = {"food101": "Food-101", "mvsa": "MVSA-Single"}
 IT_LAYOUT_HELP = """accepted layouts (<tag>: food for Food-101, mvsa for MVSA-Single):
   MMBT/QMF jsonl: train.jsonl, dev.jsonl (the validation split), test.jsonl; one JSON object a line,
                   {"id": ..., "label": ..., "text": ..., "img": <image path relative to the data root>}
@@ -3046,11 +3079,14 @@ def mla_it_rows(path):
     return rows
 
 
-def it_classes(root, tag, train_labels, train_path):
-    """Class names and where they came from: stat_<tag>.txt / classes.txt (sorted), else the train labels."""
+def it_classes(root, tag, train_labels, train_path, defined=None, rows=()):
+    """Class names and where they came from: stat_<tag>.txt / classes.txt (sorted), else the train labels,
+    as many as data set `defined` has (DEFINED_CLASSES; `rows` name the lines)."""
     for name in (f"stat_{tag}.txt", "classes.txt"):
         if (root / name).is_file():
             return sorted(_class_file(root / name)), str(root / name)
+    if defined:
+        defined_classes(rows, defined, root / f"stat_{tag}.txt")
     classes = sorted(set(train_labels))
     folded = {}
     for c in classes:
@@ -3140,7 +3176,8 @@ def load_it_splits(dataset, root, layout="auto", skip_bad=False):
         if split == "dev" and not path.is_file():
             continue
         lists[split] = (path, jsonl_rows(path) if layout == "jsonl" else mla_it_rows(path))
-    classes, class_src = it_classes(root, tag, [r[1] for r in lists["train"][1]], lists["train"][0])
+    classes, class_src = it_classes(root, tag, [r[1] for r in lists["train"][1]], lists["train"][0],
+                                    IT_NAMES.get(dataset), lists["train"][1])
     out = {"layout": layout, "classes": classes, "dev": None, "skipped": 0}
     for split, (path, rows) in lists.items():
         dirs = _mla_dirs(root, split, rows) if layout == "mla" else None
@@ -3156,6 +3193,7 @@ def load_it_splits(dataset, root, layout="auto", skip_bad=False):
         if not pairs:
             raise DataError(f"{path}: no usable pairs in the {split} split")
         out[split] = pairs
+    class_warnings({split: [p.label for p in out[split]] for split in lists}, classes)
     return out
 
 
@@ -3438,13 +3476,15 @@ def load_iemocap_splits(root, split_seed=0, audio_dir=None, image_dir=None, num_
     labels of the training list."""
     root = Path(root)
     lists, layout, class_list = iemocap_lists(root, split_seed)
-    classes, class_src = it_classes(root, "iemo", [r[1] for r in lists["train"]], class_list)
+    classes, class_src = it_classes(root, "iemo", [r[1] for r in lists["train"]], class_list, "IEMOCAP",
+                                    lists["train"])
     one = layout.startswith("one list")
     out, stats, seen = {"layout": layout, "classes": classes, "dev": None}, {}, {}
     for split, rows in lists.items():
         if rows is not None:
             out[split] = iemocap_split(root, "all" if one else split, rows, classes, class_src, audio_dir,
                                        image_dir, num_mel_bins, skip_bad, seen, stats)
+    class_warnings({split: [u.label for u in out[split]] for split in lists if out.get(split)}, classes)
     out["skipped"] = stats.get("skipped", 0)
     return out
 

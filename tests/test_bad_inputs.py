@@ -57,6 +57,12 @@ def unknown_label(root):
     return load(root)
 
 
+def cremad_label_typo_without_stat(root):
+    (root / "stat.csv").unlink()                    # the classes are CREMA-D's own: a typo is no 7th class
+    set_line(root / "train.csv", 4, "1003_DFA_FEA_XX,DISGUST")
+    return load(root)
+
+
 def duplicate_clip_id(root):
     set_line(root / "train.csv", 5, "1001_DFA_HAP_XX,HAP")
     return load(root)
@@ -187,6 +193,8 @@ CASES = [
     (empty_split, r"test\.csv: the list is empty; expected lines like '1088_IOM_NEU_XX,NEU'", False),
     (blank_lines_and_bom, None, False),
     (unknown_label, r"train\.csv:4: label 'HAPPY' is not a known class; expected one of", False),
+    (cremad_label_typo_without_stat, r"train\.csv:4: label 'DISGUST' is not a known class; expected one of "
+     r"\['NEU', 'HAP', 'SAD', 'DIS', 'ANG'\] \(from CREMA-D's emotions NEU, HAP, SAD, FEA, DIS, ANG; a stat\.csv", False),
     (duplicate_clip_id, r"train\.csv:5: clip '1001_DFA_HAP_XX' listed twice \(first at .*train\.csv:2\)", True),
     (missing_wav, r"train\.csv:3: audio of clip '1002_DFA_SAD_XX' missing: expected .*1002_DFA_SAD_XX\.wav", True),
     (zero_length_wav, r"1003_DFA_FEA_XX\.wav: WAV file holds no samples.*train\.csv:4", True),
@@ -241,6 +249,17 @@ def test_a_data_error_in_a_loader_worker_is_one_line(capsys):
     with pytest.raises(SystemExit) as e:
         C.script_main(main)
     assert e.value.code == "error: /data/x/frame_0.jpg: unreadable image (listed at /data/x/train.csv:1)"
+
+
+def test_a_label_typo_stops_the_script_with_one_line_and_trains_nothing(av, tmp_path, capsys):
+    (av / "stat.csv").unlink()
+    set_line(av / "train.csv", 4, "1003_DFA_FEA_XX,DISGUST")
+    argv = ["--dataset", "cremad", "--data_root", str(av), "--out_dir", str(tmp_path / "runs"), "--epochs", "1"]
+    with pytest.raises(SystemExit) as e:
+        C.script_main(lambda: train_av.main(argv))
+    assert e.value.code.startswith(f"error: {av / 'train.csv'}:4: label 'DISGUST' is not a known class")
+    assert "\n" not in e.value.code and not (tmp_path / "runs").exists()
+    assert "epoch" not in capsys.readouterr().out
 
 
 def test_skip_bad_run_says_how_many(av, tmp_path, capsys):

@@ -33,11 +33,13 @@ import os
 import random
 import re
 import shutil
+import socket
 import struct
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import wave
 from dataclasses import dataclass
 from pathlib import Path
@@ -3197,9 +3199,25 @@ def load_it_splits(dataset, root, layout="auto", skip_bad=False):
     return out
 
 
+def hub_reachable(timeout=3.0):
+    """Whether the Hugging Face hub can be asked for a download: False at once in offline mode or without a
+    network (a download tried then fails only after about a minute of retries)."""
+    from huggingface_hub import constants
+    if constants.HF_HUB_OFFLINE:
+        return False
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True                             # only the proxy knows
+    url = urllib.parse.urlsplit(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def load_tokenizer(name_or_path):
     """A transformers tokenizer: a folder holding only a BERT vocab.txt (read as BERT uncased), a saved
-    tokenizer folder, or a hub name (needs internet or the local HF cache)."""
+    tokenizer folder, or a hub name: from the local HF cache, else downloaded when the hub can be reached."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")      # data-loader workers fork after use
     from transformers import AutoTokenizer, BertTokenizer
     p = Path(name_or_path)
@@ -3207,9 +3225,19 @@ def load_tokenizer(name_or_path):
         if p.is_dir() and (p / "vocab.txt").is_file() and not any(
                 (p / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
             return BertTokenizer.from_pretrained(str(p), do_lower_case=True)
+        try:                                    # a folder or the HF cache: no network, an answer at once
+            return AutoTokenizer.from_pretrained(str(name_or_path), local_files_only=True)
+        except (OSError, ValueError):
+            if p.exists():
+                raise
+            if not hub_reachable():
+                raise DataError(f"{name_or_path}: no such tokenizer folder, not in the Hugging Face cache, and the "
+                                "hub cannot be reached; pass --tokenizer with a local folder holding a BERT "
+                                "uncased vocab.txt or a saved transformers tokenizer") from None
         return AutoTokenizer.from_pretrained(str(name_or_path))
     except (OSError, ValueError) as e:
-        raise DataError(f"{name_or_path}: cannot load a tokenizer ({type(e).__name__}: {str(e)[:200]}); pass "
+        why = " ".join(str(e).split())[:200]                     # one line
+        raise DataError(f"{name_or_path}: cannot load a tokenizer ({type(e).__name__}: {why}); pass "
                         "--tokenizer with a local folder holding a BERT uncased vocab.txt or a saved transformers "
                         "tokenizer (a hub name needs internet or the Hugging Face cache)") from None
 

@@ -1,5 +1,6 @@
 """Image-text loaders on tiny fixtures written here in both accepted layouts, the tokenizer, bad inputs."""
 import json
+import time
 
 import numpy as np
 import pytest
@@ -222,8 +223,21 @@ def test_missing_root_or_layout_is_a_clear_error(tmp_path):
     error(tmp_path, r"(?s)no known food101 layout found \(neither train\.jsonl nor my_train_food\.txt\).*MLA lists")
     mla_layout(tmp_path, mla_splits())
     error(tmp_path, r"train\.jsonl: file not found \(--layout jsonl\)", layout="jsonl")
-    with pytest.raises(C.DataError, match="cannot load a tokenizer"):
+    with pytest.raises(C.DataError, match="no_such_tokenizer: (no such tokenizer folder|cannot load a tokenizer)"):
         C.load_tokenizer(tmp_path / "no_such_tokenizer")
+
+
+def test_a_hub_tokenizer_not_cached_fails_at_once_offline(monkeypatch):
+    # the local HF cache is asked first (local_files_only); offline, the hub is not retried for a minute
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    import transformers  # noqa: F401  (its import time is not the tokenizer's)
+    start = time.time()
+    with pytest.raises(C.DataError) as e:
+        C.load_tokenizer("mla-tests-no-such-org/no-such-tokenizer")
+    assert time.time() - start < 5 and "\n" not in str(e.value)
+    assert str(e.value).startswith("mla-tests-no-such-org/no-such-tokenizer: ")
+    if not C.hub_reachable():                   # this machine: offline
+        assert "not in the Hugging Face cache, and the hub cannot be reached; pass --tokenizer" in str(e.value)
 
 
 def test_toy_it_is_deterministic_and_text_names_the_pair(tmp_path):

@@ -4417,8 +4417,15 @@ def load_best(run, method, device):
     method.load_state_dict(state["state_dict"])
 
 
+# first_epoch: 1, epochs counted from 1 as on the console (the run's log and last.pt count from 0); a record
+# without it is older and counts from 0 (record_epoch reads both)
 RECORD_KEYS = ("script", "dataset", "method", "seed", "args", "modalities", "epochs", "select_on",
-               "best_epoch", "test", "wall_time_s", "version")
+               "best_epoch", "test", "wall_time_s", "version", "first_epoch")
+
+
+def record_epoch(record, epoch):
+    """Epoch `epoch` of a record as the console numbers it, from 1, whether the record counts from 1 or 0."""
+    return epoch + 1 - record.get("first_epoch", 0)
 
 
 def write_record(run, method, test):
@@ -4427,14 +4434,15 @@ def write_record(run, method, test):
     s, path = run["settings"], run["folder"] / "record.json"
     record = {"script": run["script"], "dataset": s["dataset"], "method": s["method"], "seed": s["seed"],
               "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in s.items()},
-              "modalities": method.modalities, "epochs": run["log"], "select_on": s["select_on"],
-              "best_epoch": run["best_epoch"], "test": test,
-              "wall_time_s": round(run["elapsed"] + time.time() - run["start"], 2), "version": code_version()}
+              "modalities": method.modalities, "epochs": [e | {"epoch": e["epoch"] + 1} for e in run["log"]],
+              "select_on": s["select_on"], "best_epoch": run["best_epoch"] + 1, "test": test,
+              "wall_time_s": round(run["elapsed"] + time.time() - run["start"], 2), "version": code_version(),
+              "first_epoch": 1}
     assert tuple(record) == RECORD_KEYS
     if world()[0] == 0:                         # torchrun: the first process writes
         atomic_json_dump(record, path)
         run["last"].unlink(missing_ok=True)
-    chosen = "selected on TEST" if s["select_on"] == "test" else f"epoch {run['best_epoch'] + 1} by {s['select_on']}"
+    chosen = "selected on TEST" if s["select_on"] == "test" else f"epoch {record['best_epoch']} by {s['select_on']}"
     print(f"test ({chosen}): {fmt_acc(test)}\nrecord: {path}", flush=True)
     return record
 
@@ -4498,8 +4506,8 @@ def finished_record(folder, args, label):
 def announce(record, label):
     """Print a sweep's line for a finished run (nothing for a single run, label None); returns the record."""
     if label is not None:
-        print(f"{label}: test {fmt_acc(record['test'])} (epoch {record['best_epoch'] + 1} by {record['select_on']}, "
-              f"{record['wall_time_s']:.0f}s)", flush=True)
+        print(f"{label}: test {fmt_acc(record['test'])} (epoch {record_epoch(record, record['best_epoch'])} by "
+              f"{record['select_on']}, {record['wall_time_s']:.0f}s)", flush=True)
     return record
 
 
@@ -4986,7 +4994,7 @@ def load_records(runs_dir):
         except (OSError, ValueError) as e:
             print(f"warning: {path}: unreadable record ({e}); left out", file=sys.stderr)
             continue
-        if not all(k in rec for k in RECORD_KEYS):
+        if not all(k in rec for k in RECORD_KEYS if k != "first_epoch"):       # older records lack first_epoch
             print(f"warning: {path}: not a run record (keys missing); left out", file=sys.stderr)
             continue
         rec["_path"] = str(path)

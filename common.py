@@ -3883,13 +3883,11 @@ class CLIPInputs(torch.utils.data.Dataset):
 
 @torch.no_grad()
 def extract_features(tower, dataset, batch_size=256, device="cpu", num_workers=0, desc="features"):
-    """One tower over a data set of (input, label, index) items, in batches, with a progress bar:
+    """One tower over a data set of (input, label, index) items, in batches, showing its progress:
     (N, tower.dim) float32 on the CPU."""
-    from tqdm import tqdm
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
     tower.eval().to(device)
-    out = [tower(x.to(device)).float().cpu()
-           for x, _, _ in tqdm(loader, desc=desc, unit="batch", disable=not sys.stderr.isatty() or world()[0] > 0)]
+    out = [tower(x.to(device)).float().cpu() for x, _, _ in with_progress(loader, len(loader), desc)]
     return torch.cat(out)
 
 
@@ -4197,6 +4195,48 @@ def to_device(batch, device, masked=False):
     return (*out, mask.to(device, non_blocking=nb)) if masked else out
 
 
+PROGRESS_EVERY = 30.0       # seconds between plain progress lines when the output is not a terminal
+
+
+class Progress:
+    """A loop's steps: a tqdm bar on a terminal; elsewhere (a log file, a cluster job) a plain line on stdout
+    '<desc>: step S/N[, loss L] (Ts)' every `every` seconds (PROGRESS_EVERY). torchrun: the first process only."""
+
+    def __init__(self, total, desc, every=None):
+        from tqdm import tqdm
+        first, tty = world()[0] == 0, sys.stderr.isatty()
+        self.bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, disable=not (first and tty))
+        self.plain, self.total, self.desc, self.step, self.loss = first and not tty, total, desc, 0, None
+        self.every = PROGRESS_EVERY if every is None else every
+        self.start = self.shown = time.time()
+
+    def set_loss(self, loss):
+        self.loss = loss
+        self.bar.set_postfix(loss=f"{loss:.3f}")
+
+    def update(self):
+        self.step += 1
+        self.bar.update()
+        if self.plain and time.time() - self.shown >= self.every:
+            self.shown = time.time()
+            loss = "" if self.loss is None else f", loss {self.loss:.4f}"
+            print(f"{self.desc}: step {self.step}/{self.total}{loss} ({self.shown - self.start:.0f}s)", flush=True)
+
+    def close(self):
+        self.bar.close()
+
+
+def with_progress(items, total, desc):
+    """Iterate `items` (`total` of them) showing a Progress."""
+    bar = Progress(total, desc)
+    try:
+        for item in items:
+            yield item
+            bar.update()
+    finally:
+        bar.close()
+
+
 @torch.no_grad()
 def evaluate(method, loader, device, amp=False):
     """Accuracy in percent of every modality alone and of the fused prediction. With missing views
@@ -4212,7 +4252,7 @@ def evaluate(method, loader, device, amp=False):
     n = len(method.modalities) + 1
     correct = torch.zeros(n, dtype=torch.long, device=device)     # counted on the device: no sync per batch
     count = torch.zeros(n, dtype=torch.long, device=device)
-    for xs, y, _, mask in device_batches(loader, device, False, masked):
+    for xs, y, _, mask in with_progress(device_batches(loader, device, False, masked), len(loader), "evaluating"):
         with autocast(device, amp):
             fused, unis = method.predict(xs, mask=mask) if masked else method.predict(xs)
         fused, unis = fused.float(), [u.float() for u in unis]
@@ -4234,15 +4274,13 @@ def train_one_epoch(method, loader, optimizer, epoch, device, amp=False, checkpo
     non-finite batch loss raises FloatingPointError naming its epoch and step and whether `checkpoint`
     (the last.pt a --resume continues from) is there. Losses are read back every `check_every` steps
     (default: every step on the CPU, every 25 on a GPU, where each read waits for the GPU)."""
-    from tqdm import tqdm
     method.train()
     masked, uses_index = getattr(loader.dataset, "masked", False), getattr(method, "uses_index", False)
     steps = len(loader)
     if hasattr(loader.sampler, "set_epoch"):            # torchrun's DistributedSampler: this epoch's order
         loader.sampler.set_epoch(epoch)
     check_every = check_every or (25 if torch.device(device).type == "cuda" else 1)
-    bar = tqdm(total=steps, desc=f"epoch {epoch + 1}", leave=False, dynamic_ncols=True,
-               disable=not sys.stderr.isatty() or world()[0] > 0)
+    bar = Progress(steps, f"epoch {epoch + 1}")
     total, unread = 0.0, []
 
     def read_back():
@@ -4259,7 +4297,7 @@ def train_one_epoch(method, loader, optimizer, epoch, device, amp=False, checkpo
                                          f"{steps}{kept}")
             total += loss
         if unread:
-            bar.set_postfix(loss=f"{loss:.3f}")
+            bar.set_loss(loss)
         unread.clear()
 
     try:

@@ -1,0 +1,34 @@
+"""Progress when the output is not a terminal (a log file, a cluster job): plain lines at a steady interval."""
+import re
+
+import torch
+
+import common as C
+
+
+def test_plain_progress_lines_inside_an_epoch_and_an_evaluation(monkeypatch, capsys):
+    monkeypatch.setattr(C, "PROGRESS_EVERY", 0.0)            # a line every step here; 30 s in a run
+    torch.manual_seed(0)
+    xs, y = [torch.randn(24, 3), torch.randn(24, 4)], torch.arange(24) % 3
+    m = C.MLA([C.MLPEncoder(3, 8, 2), C.MLPEncoder(4, 8, 2)], 3, ["a", "b"])
+    loader = C.make_loader(C.FeatureDataset(xs, torch.ones(24, 2, dtype=torch.bool), y), 8, True)
+    mean = C.train_one_epoch(m, loader, torch.optim.SGD(m.parameters(), lr=0.1), 0, "cpu")
+    C.evaluate(m, loader, "cpu")
+    lines = capsys.readouterr().out.splitlines()
+    shape = [re.sub(r"loss \d+\.\d{4}", "loss L", re.sub(r"\(\d+s\)$", "(Ts)", s)) for s in lines]
+    assert shape == [f"epoch 1: step {k}/3, loss L (Ts)" for k in (1, 2, 3)] + \
+        [f"evaluating: step {k}/3 (Ts)" for k in (1, 2, 3)]
+    shown = [float(re.search(r"loss (\S+) ", s).group(1)) for s in lines[:3]]      # each step's batch loss
+    assert abs(sum(shown) / 3 - mean) < 1e-4
+
+
+def test_plain_lines_wait_for_the_interval(monkeypatch, capsys):
+    clock = iter([100.0, 110.0, 131.0, 140.0, 165.0])        # start, then one reading per step
+    monkeypatch.setattr(C.time, "time", lambda: next(clock))
+    bar = C.Progress(4, "epoch 2", every=30)
+    bar.set_loss(1.5)
+    for _ in range(3):
+        bar.update()
+    bar.close()
+    # 10 s: nothing; 31 s: a line (the clock read again for it); 40 s: 9 s after it, nothing
+    assert capsys.readouterr().out == "epoch 2: step 2/4, loss 1.5000 (40s)\n"

@@ -1,9 +1,26 @@
-"""Progress when the output is not a terminal (a log file, a cluster job): plain lines at a steady interval."""
+"""A new user's first hour: progress when the output is not a terminal (a log file, a cluster job), one CPU
+thread policy for the toys, one warning per sweep, messages naming only real flags."""
 import re
 
+import pytest
 import torch
 
 import common as C
+import train_ait
+import train_av
+import train_clip
+import train_it
+import train_missing
+
+SCRIPTS = [train_av, train_it, train_ait, train_missing, train_clip]
+REAL = {train_av: ["cremad"], train_it: ["food101"], train_ait: ["iemocap"], train_missing: ["features"],
+        train_clip: ["food101", "--clip_model", "folder"]}
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda s: s.__name__)
+def test_every_toy_runs_on_one_cpu_thread_real_data_on_torchs_default(script):
+    assert script.get_args([]).cpu_threads == 1
+    assert script.get_args(["--dataset", *REAL[script]]).cpu_threads == 0
 
 
 def test_plain_progress_lines_inside_an_epoch_and_an_evaluation(monkeypatch, capsys):

@@ -1755,6 +1755,17 @@ class HFEncoder(nn.Module):
         return self.proj((h * w).sum(1) / w.sum(1).clamp_min(1))
 
 
+WARNED = set()
+
+
+def warn_once(text):
+    """Print a warning to stderr the first time only in a command (list_runs starts one): a sweep builds its
+    encoders again for every run."""
+    if text not in WARNED:
+        WARNED.add(text)
+        print(text, file=sys.stderr)
+
+
 def build_it_encoders(kind, modalities=("image", "text"), vocab_size=30522, m3ae=(768, 12, 12, 4, 16), m3ae_ckpt=None,
                       models=None, pool="mean", image_size=224, proj_dim=None):
     """The image and/or text encoders, one per modality, of one width. kind "m3ae": M3AE-shaped transformers
@@ -1767,8 +1778,8 @@ def build_it_encoders(kind, modalities=("image", "text"), vocab_size=30522, m3ae
             for e in encoders:
                 load_m3ae_checkpoint(e, m3ae_ckpt)
         else:
-            print("WARNING: no --m3ae_ckpt: the M3AE encoders start from RANDOM weights (the paper fine-tunes "
-                  "pretrained M3AE-base; see README for the weights)", file=sys.stderr)
+            warn_once("WARNING: no --m3ae_ckpt: the M3AE encoders start from RANDOM weights (the paper fine-tunes "
+                      "pretrained M3AE-base; see README for the weights)")
         return encoders
     names = models or {}
     absent = [f"--{m}_model" for m in modalities if not names.get(m)]
@@ -1901,8 +1912,8 @@ def build_ait_audio_encoder(kind, dim, cavmae=(768, 12, 12, 4, 16), audio_len=10
         if ckpt:
             load_cavmae_checkpoint(enc, ckpt)
         else:
-            print("WARNING: no --cavmae_ckpt: the CAV-MAE audio encoder starts from RANDOM weights (the paper "
-                  "fine-tunes pretrained CAV-MAE; see README for the weights)", file=sys.stderr)
+            warn_once("WARNING: no --cavmae_ckpt: the CAV-MAE audio encoder starts from RANDOM weights (the paper "
+                      "fine-tunes pretrained CAV-MAE; see README for the weights)")
     return enc if enc.dim == dim else Projected(enc, dim)
 
 
@@ -4508,7 +4519,8 @@ def list_runs(args, known_methods, grid=None):
     """The runs a command asks for, as (label, args copy): one per (seed, method) of args.method (name, comma
     list or 'all') x args.seeds (comma list; default args.seed), seed by seed; `grid` ({arg name:
     [values]}, e.g. {"missing_rate": [0.1, 0.3]}) adds outer loops. label: '[k/n] mla seed 0 ...' in
-    a sweep (n > 1), None for a single run."""
+    a sweep (n > 1), None for a single run. Its warnings are shown once (warn_once)."""
+    WARNED.clear()
     methods = parse_methods(args.method, known_methods)
     seeds = [int(s) for s in str(args.seeds).split(",")] if args.seeds else [args.seed]
     grid = grid or {}

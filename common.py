@@ -4570,6 +4570,10 @@ EARLIER_BEHAVIOUR = {"feature_norm": "none", "hgm_alpha_scale": False, "hgm_forg
                      "crop_scale": 0.08, "no_augment": False, "modalities": None, "processes": None}
 
 
+# recorded settings that are no flag of the scripts, as a message names them
+NOT_FLAGS = {"processes": lambda n: "no torchrun" if n is None else f"torchrun --nproc_per_node {n}"}
+
+
 def other_settings(recorded, settings, free=()):
     """The flags (known to both, execution-only ones and `free` aside) whose recorded value differs from
     the settings now, as '--k A there, B now', or '' when there are none."""
@@ -4579,7 +4583,8 @@ def other_settings(recorded, settings, free=()):
     recorded = {**EARLIER_BEHAVIOUR, **recorded}     # what a record from before a flag existed ran with
     now = json.loads(json.dumps(settings, default=str))
     differ = [k for k in sorted(set(recorded) & set(now) - RUN_ONLY_ARGS - set(free)) if recorded[k] != now[k]]
-    return ", ".join(f"--{k} {recorded[k]} there, {now[k]} now" for k in differ[:4])
+    return ", ".join(f"{NOT_FLAGS[k](recorded[k])} there, {NOT_FLAGS[k](now[k])} now" if k in NOT_FLAGS
+                     else f"--{k} {recorded[k]} there, {now[k]} now" for k in differ[:4])
 
 
 def resume_lr(optimizer, scheduler, old_lr, new_lr):

@@ -223,7 +223,8 @@ def test_a_record_from_before_a_flag_existed_compares_as_what_it_ran():
     shown = C.other_settings({"method": "ae"}, {"method": "ae", "feature_norm": "train"})
     assert shown == "--feature_norm none there, train now"
     assert C.other_settings({"method": "mla"}, {"method": "mla", "processes": None}) == ""      # no torchrun
-    assert "--processes None there, 2 now" in C.other_settings({"method": "mla"}, {"method": "mla", "processes": 2})
+    assert C.other_settings({"method": "mla"}, {"method": "mla", "processes": 2}) == \
+        "no torchrun there, torchrun --nproc_per_node 2 now"             # a setting, not a flag: named as run
 
 
 def test_disk_full_crosses_a_process_pool():

@@ -2588,10 +2588,10 @@ def defined_classes(rows, name, class_file):
     count = collections.Counter(r[1] for r in rows)
     n = DEFINED_CLASSES[name]
     if len(count) > n:
-        label = min(count, key=lambda c: (count[c], -[r[1] for r in rows].index(c)))
+        label = min(count, key=count.get)         # of the rarest, the first listed
         src = next(r[-1] for r in rows if r[1] == label)
-        raise DataError(f"{src}: label '{label}' ({count[label]} items) makes {len(count)} classes; {name} has {n}: "
-                        f"fix the label, or name the classes in {class_file}")
+        raise DataError(f"{src}: label '{label}' ({count[label]} of {len(rows)} lines) makes {len(count)} classes; "
+                        f"{name} has {n}: fix the label, or name the classes in {class_file}")
 
 
 def class_warnings(splits, classes):
@@ -2601,7 +2601,7 @@ def class_warnings(splits, classes):
     for a, b in itertools.permutations(counts, 2):
         only = [classes[c] for c in sorted(counts[a]) if not counts[b][c]]
         if only:
-            print(f"warning: {len(only)} classes have {a} items but no {b} items: {', '.join(only[:10])}"
+            print(f"warning: classes in {a} but not in {b} ({len(only)}): {', '.join(only[:10])}"
                   f"{' ...' if len(only) > 10 else ''}", file=sys.stderr)
     train = counts.get("train", {})
     median = float(np.median(list(train.values()))) if train else 0

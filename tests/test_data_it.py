@@ -204,7 +204,7 @@ def test_a_label_past_the_data_sets_classes_is_refused_others_warned(tmp_path, c
     rows = [(f"t{i}", lab, "x", rgb) for i, lab in enumerate(["positive"] * 3 + ["neutral"] * 3 + ["negative"] * 3)]
     jsonl_layout(tmp_path, {"train": rows[:7] + [("t7", "negatve", "x", rgb)] + rows[8:],
                             "test": [("s0", "positive", "x", rgb)]})
-    with pytest.raises(C.DataError, match=r"train\.jsonl:8: label 'negatve' \(1 items\) makes 4 classes; "
+    with pytest.raises(C.DataError, match=r"train\.jsonl:8: label 'negatve' \(1 of 9 lines\) makes 4 classes; "
                                           r"MVSA-Single has 3: fix the label, or name the classes in .*stat_mvsa\.txt"):
         C.load_it_splits("mvsa", tmp_path)
     # any data set: classes missing from a split, or far rarer than the others, are warned about by name
@@ -213,8 +213,8 @@ def test_a_label_past_the_data_sets_classes_is_refused_others_warned(tmp_path, c
     (tmp_path / "classes.txt").write_text("a\nb\nc\nd\n")
     assert [p.label for p in C.load_it_splits("toy", tmp_path)["test"]] == [0, 3]
     assert capsys.readouterr().err.splitlines() == [
-        "warning: 2 classes have train items but no test items: b, c",
-        "warning: 1 classes have test items but no train items: d",
+        "warning: classes in train but not in test (2): b, c",
+        "warning: classes in test but not in train (1): d",
         "warning: classes with under a tenth of the median 30 training items: c (1)"]
 
 

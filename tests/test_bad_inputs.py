@@ -288,3 +288,14 @@ def test_clips_with_too_few_frames_are_counted(av, tmp_path, capsys):
     train_av.main(argv)
     assert (f"note: 1 clips have fewer than --frames 2 frames (e.g. {folder}/ has 1); some of their frames are "
             "used twice") in capsys.readouterr().out
+
+
+def test_own_prepared_videos_load_with_their_split_files_and_stat_csv(tmp_path):
+    # as README says for one's own videos: train.csv/test.csv '<clip>,<label>' and stat.csv naming the labels
+    rows = [(f"clip{i}", ["cat", "dog"][i % 2]) for i in range(6)]
+    ogm_layout(tmp_path, rows[:4], rows[4:], stat=False)
+    with pytest.raises(C.DataError, match=r"train\.csv:1: label 'cat' is not a known class.*a stat\.csv naming"):
+        load(tmp_path)
+    (tmp_path / "stat.csv").write_text("cat\ndog\n")
+    data = load(tmp_path)
+    assert data["classes"] == ["cat", "dog"] and [c.label for c in data["train"] + data["test"]] == [0, 1] * 3

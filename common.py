@@ -2458,7 +2458,7 @@ LAYOUT_HELP = """accepted layouts:
                            frames in e.g. Image-01-FPS/<clip>/ or visual/{split}_imgs/Image-01-FPS/<clip>/
   --audio_dir / --frames_dir override where audio and frames are looked for."""
 CREMAD_DEFAULT_ORDER = ["NEU", "HAP", "SAD", "FEA", "DIS", "ANG"]
-CREMAD_SRC = f"CREMA-D's emotions {', '.join(CREMAD_DEFAULT_ORDER)}; a stat.csv naming the classes admits others"
+CREMAD_EMOTIONS = f"CREMA-D's emotions {', '.join(CREMAD_DEFAULT_ORDER)}"
 
 
 def best_dir(folders, names, has):
@@ -2582,15 +2582,15 @@ def _label_index(label, classes, src, class_src):
 DEFINED_CLASSES = {"CREMA-D": 6, "IEMOCAP": 4, "MVSA-Single": 3, "Food-101": 101}
 
 
-def defined_classes(rows, name, class_file):
-    """Refuse the labels of `rows` [(.., label, 'file:line')] beyond the count data set `name` defines: the
-    rarest label past it (a typo: 'DISGUST' for 'DIS') is an error naming its first line."""
-    count = collections.Counter(r[1] for r in rows)
+def defined_classes(labels, srcs, name, class_file):
+    """Refuse labels (their 'file:line' srcs) beyond the count data set `name` defines: the rarest label past
+    it (a typo: 'DISGUST' for 'DIS') is an error naming its first line."""
+    count = collections.Counter(labels)
     n = DEFINED_CLASSES[name]
     if len(count) > n:
         label = min(count, key=count.get)         # of the rarest, the first listed
-        src = next(r[-1] for r in rows if r[1] == label)
-        raise DataError(f"{src}: label '{label}' ({count[label]} of {len(rows)} lines) makes {len(count)} classes; "
+        src = srcs[labels.index(label)]
+        raise DataError(f"{src}: label '{label}' ({count[label]} of {len(labels)} lines) makes {len(count)} classes; "
                         f"{name} has {n}: fix the label, or name the classes in {class_file}")
 
 
@@ -2633,7 +2633,7 @@ def cremad_mla_lists(root):
     if stat.is_file():
         classes, class_src = sorted(_class_file(stat)), str(stat)      # official order: sorted names
     else:
-        defined_classes(raw["train"], "CREMA-D", stat)
+        defined_classes([r[1] for r in raw["train"]], [r[2] for r in raw["train"]], "CREMA-D", stat)
         classes, class_src = sorted({r[1] for r in raw["train"]}), f"the labels of {root / 'my_train_cre.txt'}"
     for split, rows in raw.items():
         out[split] = [(c, _label_index(l, classes, src, class_src), src) for c, l, src in rows]
@@ -2656,7 +2656,8 @@ def cremad_ogm_lists(root):
     if stat.is_file():
         classes, class_src = _class_file(stat), str(stat)
     else:                                               # CREMA-D's emotions, those the training list has
-        classes, class_src = [c for c in CREMAD_DEFAULT_ORDER if c in {r[1] for r in raw["train"]}], CREMAD_SRC
+        classes = [c for c in CREMAD_DEFAULT_ORDER if c in {r[1] for r in raw["train"]}]
+        class_src = f"{CREMAD_EMOTIONS}; a stat.csv naming the classes admits others"
     return {split: [(c, _label_index(l, classes, src, class_src), src) for c, l, src in rows]
             for split, rows in raw.items()}, classes
 
@@ -2840,7 +2841,7 @@ def cremad_raw_lists(root, split_seed=0, test_ratio=0.1, actor_split=False):
     if todo:
         cremad_raw_frames(root, todo)
     classes = [c for c in CREMAD_DEFAULT_ORDER if c in {r[1] for r in rows}]
-    labels = [_label_index(r[1], classes, r[3], CREMAD_SRC.split(";")[0]) for r in rows]
+    labels = [_label_index(r[1], classes, r[3], CREMAD_EMOTIONS) for r in rows]
     if actor_split:
         actors = sorted({r[2] for r in rows})
         rng = np.random.RandomState(split_seed)
@@ -3092,14 +3093,14 @@ def mla_it_rows(path):
     return rows
 
 
-def it_classes(root, tag, train_labels, train_path, defined=None, rows=()):
+def it_classes(root, tag, train_labels, train_path, defined=None, srcs=()):
     """Class names and where they came from: stat_<tag>.txt / classes.txt (sorted), else the train labels,
-    as many as data set `defined` has (DEFINED_CLASSES; `rows` name the lines)."""
+    as many as data set `defined` has (DEFINED_CLASSES; `srcs`: the labels' 'file:line')."""
     for name in (f"stat_{tag}.txt", "classes.txt"):
         if (root / name).is_file():
             return sorted(_class_file(root / name)), str(root / name)
     if defined:
-        defined_classes(rows, defined, root / f"stat_{tag}.txt")
+        defined_classes(train_labels, srcs, defined, root / f"stat_{tag}.txt")
     classes = sorted(set(train_labels))
     folded = {}
     for c in classes:
@@ -3190,7 +3191,7 @@ def load_it_splits(dataset, root, layout="auto", skip_bad=False):
             continue
         lists[split] = (path, jsonl_rows(path) if layout == "jsonl" else mla_it_rows(path))
     classes, class_src = it_classes(root, tag, [r[1] for r in lists["train"][1]], lists["train"][0],
-                                    IT_NAMES.get(dataset), lists["train"][1])
+                                    IT_NAMES.get(dataset), [r[-1] for r in lists["train"][1]])
     out = {"layout": layout, "classes": classes, "dev": None, "skipped": 0}
     for split, (path, rows) in lists.items():
         dirs = _mla_dirs(root, split, rows) if layout == "mla" else None
@@ -3516,7 +3517,7 @@ def load_iemocap_splits(root, split_seed=0, audio_dir=None, image_dir=None, num_
     root = Path(root)
     lists, layout, class_list = iemocap_lists(root, split_seed)
     classes, class_src = it_classes(root, "iemo", [r[1] for r in lists["train"]], class_list, "IEMOCAP",
-                                    lists["train"])
+                                    [r[2] for r in lists["train"]])
     one = layout.startswith("one list")
     out, stats, seen = {"layout": layout, "classes": classes, "dev": None}, {}, {}
     for split, rows in lists.items():

@@ -35,11 +35,13 @@ import pickle
 import random
 import re
 import shutil
+import socket
 import struct
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import wave
 from dataclasses import dataclass
 from pathlib import Path
@@ -1925,6 +1927,17 @@ class HFEncoder(nn.Module):
         return self.proj((h * w).sum(1) / w.sum(1).clamp_min(1))
 
 
+WARNED = set()
+
+
+def warn_once(text):
+    """Print a warning to stderr the first time only in a command (list_runs starts one): a sweep builds its
+    encoders again for every run."""
+    if text not in WARNED:
+        WARNED.add(text)
+        print(text, file=sys.stderr)
+
+
 def build_it_encoders(kind, modalities=("image", "text"), vocab_size=30522, m3ae=(768, 12, 12, 4, 16), m3ae_ckpt=None,
                       models=None, pool="mean", image_size=224, proj_dim=None, partial=False):
     """The image and/or text encoders, one per modality, of one width. kind "m3ae": M3AE-shaped transformers
@@ -1938,8 +1951,8 @@ def build_it_encoders(kind, modalities=("image", "text"), vocab_size=30522, m3ae
             for e in encoders:
                 load_m3ae_checkpoint(e, m3ae_ckpt, partial)
         else:
-            print("WARNING: no --m3ae_ckpt: the M3AE encoders start from RANDOM weights (the paper fine-tunes "
-                  "pretrained M3AE-base; see README for the weights)", file=sys.stderr)
+            warn_once("WARNING: no --m3ae_ckpt: the M3AE encoders start from RANDOM weights (the paper fine-tunes "
+                      "pretrained M3AE-base; see README for the weights)")
         return encoders
     names = models or {}
     absent = [f"--{m}_model" for m in modalities if not names.get(m)]
@@ -2075,8 +2088,8 @@ def build_ait_audio_encoder(kind, dim, cavmae=(768, 12, 12, 4, 16), audio_len=10
         if ckpt:
             load_cavmae_checkpoint(enc, ckpt, partial)
         else:
-            print("WARNING: no --cavmae_ckpt: the CAV-MAE audio encoder starts from RANDOM weights (the paper "
-                  "fine-tunes pretrained CAV-MAE; see README for the weights)", file=sys.stderr)
+            warn_once("WARNING: no --cavmae_ckpt: the CAV-MAE audio encoder starts from RANDOM weights (the paper "
+                      "fine-tunes pretrained CAV-MAE; see README for the weights)")
     return enc if enc.dim == dim else Projected(enc, dim)
 
 
@@ -2621,6 +2634,7 @@ LAYOUT_HELP = """accepted layouts:
                            frames in e.g. Image-01-FPS/<clip>/ or visual/{split}_imgs/Image-01-FPS/<clip>/
   --audio_dir / --frames_dir override where audio and frames are looked for."""
 CREMAD_DEFAULT_ORDER = ["NEU", "HAP", "SAD", "FEA", "DIS", "ANG"]
+CREMAD_EMOTIONS = f"CREMA-D's emotions {', '.join(CREMAD_DEFAULT_ORDER)}"
 
 
 def best_dir(folders, names, has):
@@ -2740,6 +2754,39 @@ def _label_index(label, classes, src, class_src):
     return classes.index(label)
 
 
+# The classes a data set defines (without a class file the labels give them: more than this is a typo).
+DEFINED_CLASSES = {"CREMA-D": 6, "IEMOCAP": 4, "MVSA-Single": 3, "Food-101": 101}
+
+
+def defined_classes(labels, srcs, name, class_file):
+    """Refuse labels (their 'file:line' srcs) beyond the count data set `name` defines: the rarest label past
+    it (a typo: 'DISGUST' for 'DIS') is an error naming its first line."""
+    count = collections.Counter(labels)
+    n = DEFINED_CLASSES[name]
+    if len(count) > n:
+        label = min(count, key=count.get)         # of the rarest, the first listed
+        src = srcs[labels.index(label)]
+        raise DataError(f"{src}: label '{label}' ({count[label]} of {len(labels)} lines) makes {len(count)} classes; "
+                        f"{name} has {n}: fix the label, or name the classes in {class_file}")
+
+
+def class_warnings(splits, classes):
+    """Warn about a class with items in one split and none in another, or with under a tenth of the median
+    training class's items (a typo, or a version of the data with another class list). splits: {name: [label]}."""
+    counts = {s: collections.Counter(ys) for s, ys in splits.items() if ys}
+    for a, b in itertools.permutations(counts, 2):
+        only = [classes[c] for c in sorted(counts[a]) if not counts[b][c]]
+        if only:
+            print(f"warning: classes in {a} but not in {b} ({len(only)}): {', '.join(only[:10])}"
+                  f"{' ...' if len(only) > 10 else ''}", file=sys.stderr)
+    train = counts.get("train", {})
+    median = float(np.median(list(train.values()))) if train else 0
+    few = [f"{classes[c]} ({n})" for c, n in sorted(train.items()) if n < median / 10]
+    if few:
+        print(f"warning: classes with under a tenth of the median {median:g} training items: {', '.join(few[:10])}",
+              file=sys.stderr)
+
+
 def _nonempty(lines, path, example):
     if not lines:
         raise DataError(f"{path}: the list is empty; expected lines like '{example}'")
@@ -2762,6 +2809,7 @@ def cremad_mla_lists(root):
     if stat.is_file():
         classes, class_src = sorted(_class_file(stat)), str(stat)      # official order: sorted names
     else:
+        defined_classes([r[1] for r in raw["train"]], [r[2] for r in raw["train"]], "CREMA-D", stat)
         classes, class_src = sorted({r[1] for r in raw["train"]}), f"the labels of {root / 'my_train_cre.txt'}"
     for split, rows in raw.items():
         out[split] = [(c, _label_index(l, classes, src, class_src), src) for c, l, src in rows]
@@ -2783,11 +2831,9 @@ def cremad_ogm_lists(root):
     stat = root / "stat.csv"
     if stat.is_file():
         classes, class_src = _class_file(stat), str(stat)
-    else:
-        found = {r[1] for r in raw["train"]}
-        known = [c for c in CREMAD_DEFAULT_ORDER if c in found]
-        classes = known + sorted(found - set(known))
-        class_src = f"the labels of {root / 'train.csv'}"
+    else:                                               # CREMA-D's emotions, those the training list has
+        classes = [c for c in CREMAD_DEFAULT_ORDER if c in {r[1] for r in raw["train"]}]
+        class_src = f"{CREMAD_EMOTIONS}; a stat.csv naming the classes admits others"
     return {split: [(c, _label_index(l, classes, src, class_src), src) for c, l, src in rows]
             for split, rows in raw.items()}, classes
 
@@ -2970,9 +3016,8 @@ def cremad_raw_lists(root, split_seed=0, test_ratio=0.1, actor_split=False):
     todo = [r[0] for r in rows if not (frames_root / r[0]).is_dir() or not list_frames(frames_root / r[0])]
     if todo:
         cremad_raw_frames(root, todo)
-    found = {r[1] for r in rows}
-    classes = [c for c in CREMAD_DEFAULT_ORDER if c in found] + sorted(found - set(CREMAD_DEFAULT_ORDER))
-    labels = [classes.index(r[1]) for r in rows]
+    classes = [c for c in CREMAD_DEFAULT_ORDER if c in {r[1] for r in rows}]
+    labels = [_label_index(r[1], classes, r[3], CREMAD_EMOTIONS) for r in rows]
     if actor_split:
         actors = sorted({r[2] for r in rows})
         rng = np.random.RandomState(split_seed)
@@ -3111,6 +3156,7 @@ def load_av_splits(dataset, root, split_seed=0, actor_split=False, audio_format=
     for split in lists:                                 # train, test and (AVE) dev
         out[split], out[split + "_audio_dir"], out[split + "_frames_dir"] = resolve_clips(
             root, split, lists[split], audio_format, audio_dir, frames_dir, skip_bad, stats, num_mel_bins)
+    class_warnings({split: [c.label for c in out[split]] for split in lists}, classes)
     out["skipped"] = stats.get("skipped", 0)
     return out
 
@@ -3172,6 +3218,7 @@ class Pair:
 
 
 IT_TAGS = {"food101": "food", "mvsa": "mvsa", "toy": "toy"}      # the MLA layout's file-name tag
+IT_NAMES = {"food101": "Food-101", "mvsa": "MVSA-Single"}
 IT_LAYOUT_HELP = """accepted layouts (<tag>: food for Food-101, mvsa for MVSA-Single):
   MMBT/QMF jsonl: train.jsonl, dev.jsonl (the validation split), test.jsonl; one JSON object a line,
                   {"id": ..., "label": ..., "text": ..., "img": <image path relative to the data root>}
@@ -3222,11 +3269,14 @@ def mla_it_rows(path):
     return rows
 
 
-def it_classes(root, tag, train_labels, train_path):
-    """Class names and where they came from: stat_<tag>.txt / classes.txt (sorted), else the train labels."""
+def it_classes(root, tag, train_labels, train_path, defined=None, srcs=()):
+    """Class names and where they came from: stat_<tag>.txt / classes.txt (sorted), else the train labels,
+    as many as data set `defined` has (DEFINED_CLASSES; `srcs`: the labels' 'file:line')."""
     for name in (f"stat_{tag}.txt", "classes.txt"):
         if (root / name).is_file():
             return sorted(_class_file(root / name)), str(root / name)
+    if defined:
+        defined_classes(train_labels, srcs, defined, root / f"stat_{tag}.txt")
     classes = sorted(set(train_labels))
     folded = {}
     for c in classes:
@@ -3316,7 +3366,8 @@ def load_it_splits(dataset, root, layout="auto", skip_bad=False):
         if split == "dev" and not path.is_file():
             continue
         lists[split] = (path, jsonl_rows(path) if layout == "jsonl" else mla_it_rows(path))
-    classes, class_src = it_classes(root, tag, [r[1] for r in lists["train"][1]], lists["train"][0])
+    classes, class_src = it_classes(root, tag, [r[1] for r in lists["train"][1]], lists["train"][0],
+                                    IT_NAMES.get(dataset), [r[-1] for r in lists["train"][1]])
     out = {"layout": layout, "classes": classes, "dev": None, "skipped": 0}
     for split, (path, rows) in lists.items():
         dirs = _mla_dirs(root, split, rows) if layout == "mla" else None
@@ -3332,12 +3383,29 @@ def load_it_splits(dataset, root, layout="auto", skip_bad=False):
         if not pairs:
             raise DataError(f"{path}: no usable pairs in the {split} split")
         out[split] = pairs
+    class_warnings({split: [p.label for p in out[split]] for split in lists}, classes)
     return out
+
+
+def hub_reachable(timeout=3.0):
+    """Whether the Hugging Face hub can be asked for a download: False at once in offline mode or without a
+    network (a download tried then fails only after about a minute of retries)."""
+    from huggingface_hub import constants
+    if constants.HF_HUB_OFFLINE:
+        return False
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True                             # only the proxy knows
+    url = urllib.parse.urlsplit(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def load_tokenizer(name_or_path):
     """A transformers tokenizer: a folder holding only a BERT vocab.txt (read as BERT uncased), a saved
-    tokenizer folder, or a hub name (needs internet or the local HF cache)."""
+    tokenizer folder, or a hub name: from the local HF cache, else downloaded when the hub can be reached."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")      # data-loader workers fork after use
     from transformers import AutoTokenizer, BertTokenizer
     p = Path(name_or_path)
@@ -3345,9 +3413,19 @@ def load_tokenizer(name_or_path):
         if p.is_dir() and (p / "vocab.txt").is_file() and not any(
                 (p / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
             return BertTokenizer.from_pretrained(str(p), do_lower_case=True)
+        try:                                    # a folder or the HF cache: no network, an answer at once
+            return AutoTokenizer.from_pretrained(str(name_or_path), local_files_only=True)
+        except (OSError, ValueError):
+            if p.exists():
+                raise
+            if not hub_reachable():
+                raise DataError(f"{name_or_path}: no such tokenizer folder, not in the Hugging Face cache, and the "
+                                "hub cannot be reached; pass --tokenizer with a local folder holding a BERT "
+                                "uncased vocab.txt or a saved transformers tokenizer") from None
         return AutoTokenizer.from_pretrained(str(name_or_path))
     except (OSError, ValueError) as e:
-        raise DataError(f"{name_or_path}: cannot load a tokenizer ({type(e).__name__}: {str(e)[:200]}); pass "
+        why = " ".join(str(e).split())[:200]                     # one line
+        raise DataError(f"{name_or_path}: cannot load a tokenizer ({type(e).__name__}: {why}); pass "
                         "--tokenizer with a local folder holding a BERT uncased vocab.txt or a saved transformers "
                         "tokenizer (a hub name needs internet or the Hugging Face cache)") from None
 
@@ -3614,13 +3692,15 @@ def load_iemocap_splits(root, split_seed=0, audio_dir=None, image_dir=None, num_
     labels of the training list."""
     root = Path(root)
     lists, layout, class_list = iemocap_lists(root, split_seed)
-    classes, class_src = it_classes(root, "iemo", [r[1] for r in lists["train"]], class_list)
+    classes, class_src = it_classes(root, "iemo", [r[1] for r in lists["train"]], class_list, "IEMOCAP",
+                                    [r[2] for r in lists["train"]])
     one = layout.startswith("one list")
     out, stats, seen = {"layout": layout, "classes": classes, "dev": None}, {}, {}
     for split, rows in lists.items():
         if rows is not None:
             out[split] = iemocap_split(root, "all" if one else split, rows, classes, class_src, audio_dir,
                                        image_dir, num_mel_bins, skip_bad, seen, stats)
+    class_warnings({split: [u.label for u in out[split]] for split in lists if out.get(split)}, classes)
     out["skipped"] = stats.get("skipped", 0)
     return out
 
@@ -3991,13 +4071,11 @@ class CLIPInputs(torch.utils.data.Dataset):
 
 @torch.no_grad()
 def extract_features(tower, dataset, batch_size=256, device="cpu", num_workers=0, desc="features"):
-    """One tower over a data set of (input, label, index) items, in batches, with a progress bar:
+    """One tower over a data set of (input, label, index) items, in batches, showing its progress:
     (N, tower.dim) float32 on the CPU."""
-    from tqdm import tqdm
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
     tower.eval().to(device)
-    out = [tower(x.to(device)).float().cpu()
-           for x, _, _ in tqdm(loader, desc=desc, unit="batch", disable=not sys.stderr.isatty() or world()[0] > 0)]
+    out = [tower(x.to(device)).float().cpu() for x, _, _ in with_progress(loader, len(loader), desc)]
     return torch.cat(out)
 
 
@@ -4364,6 +4442,48 @@ def to_device(batch, device, masked=False):
     return (*out, mask.to(device, non_blocking=nb)) if masked else out
 
 
+PROGRESS_EVERY = 30.0       # seconds between plain progress lines when the output is not a terminal
+
+
+class Progress:
+    """A loop's steps: a tqdm bar on a terminal; elsewhere (a log file, a cluster job) a plain line on stdout
+    '<desc>: step S/N[, loss L] (Ts)' every `every` seconds (PROGRESS_EVERY). torchrun: the first process only."""
+
+    def __init__(self, total, desc, every=None):
+        from tqdm import tqdm
+        first, tty = world()[0] == 0, sys.stderr.isatty()
+        self.bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, disable=not (first and tty))
+        self.plain, self.total, self.desc, self.step, self.loss = first and not tty, total, desc, 0, None
+        self.every = PROGRESS_EVERY if every is None else every
+        self.start = self.shown = time.time()
+
+    def set_loss(self, loss):
+        self.loss = loss
+        self.bar.set_postfix(loss=f"{loss:.3f}")
+
+    def update(self):
+        self.step += 1
+        self.bar.update()
+        if self.plain and time.time() - self.shown >= self.every:
+            self.shown = time.time()
+            loss = "" if self.loss is None else f", loss {self.loss:.4f}"
+            print(f"{self.desc}: step {self.step}/{self.total}{loss} ({self.shown - self.start:.0f}s)", flush=True)
+
+    def close(self):
+        self.bar.close()
+
+
+def with_progress(items, total, desc):
+    """Iterate `items` (`total` of them) showing a Progress."""
+    bar = Progress(total, desc)
+    try:
+        for item in items:
+            yield item
+            bar.update()
+    finally:
+        bar.close()
+
+
 @torch.no_grad()
 def evaluate(method, loader, device, amp=False):
     """Accuracy in percent of every modality alone and of the fused prediction. With missing views
@@ -4379,7 +4499,7 @@ def evaluate(method, loader, device, amp=False):
     n = len(method.modalities) + 1
     correct = torch.zeros(n, dtype=torch.long, device=device)     # counted on the device: no sync per batch
     count = torch.zeros(n, dtype=torch.long, device=device)
-    for xs, y, _, mask in device_batches(loader, device, False, masked):
+    for xs, y, _, mask in with_progress(device_batches(loader, device, False, masked), len(loader), "evaluating"):
         with autocast(device, amp):
             fused, unis = method.predict(xs, mask=mask) if masked else method.predict(xs)
         fused, unis = fused.float(), [u.float() for u in unis]
@@ -4401,15 +4521,13 @@ def train_one_epoch(method, loader, optimizer, epoch, device, amp=False, checkpo
     non-finite batch loss raises FloatingPointError naming its epoch and step and whether `checkpoint`
     (the last.pt a --resume continues from) is there. Losses are read back every `check_every` steps
     (default: every step on the CPU, every 25 on a GPU, where each read waits for the GPU)."""
-    from tqdm import tqdm
     method.train()
     masked, uses_index = getattr(loader.dataset, "masked", False), getattr(method, "uses_index", False)
     steps = len(loader)
     if hasattr(loader.sampler, "set_epoch"):            # torchrun's DistributedSampler: this epoch's order
         loader.sampler.set_epoch(epoch)
     check_every = check_every or (25 if torch.device(device).type == "cuda" else 1)
-    bar = tqdm(total=steps, desc=f"epoch {epoch + 1}", leave=False, dynamic_ncols=True,
-               disable=not sys.stderr.isatty() or world()[0] > 0)
+    bar = Progress(steps, f"epoch {epoch + 1}")
     total, unread = 0.0, []
 
     def read_back():
@@ -4426,7 +4544,7 @@ def train_one_epoch(method, loader, optimizer, epoch, device, amp=False, checkpo
                                          f"{steps}{kept}")
             total += loss
         if unread:
-            bar.set_postfix(loss=f"{loss:.3f}")
+            bar.set_loss(loss)
         unread.clear()
 
     try:
@@ -4585,8 +4703,15 @@ def load_best(run, method):
     method.load_state_dict(state["state_dict"])                # copied onto the method's device
 
 
+# first_epoch: 1, epochs counted from 1 as on the console (the run's log and last.pt count from 0); a record
+# without it is older and counts from 0 (record_epoch reads both)
 RECORD_KEYS = ("script", "dataset", "method", "seed", "args", "modalities", "epochs", "select_on",
-               "best_epoch", "test", "wall_time_s", "version")
+               "best_epoch", "test", "wall_time_s", "version", "first_epoch")
+
+
+def record_epoch(record, epoch):
+    """Epoch `epoch` of a record as the console numbers it, from 1, whether the record counts from 1 or 0."""
+    return epoch + 1 - record.get("first_epoch", 0)
 
 
 def write_record(run, method, test):
@@ -4595,15 +4720,16 @@ def write_record(run, method, test):
     s, path = run["settings"], run["folder"] / "record.json"
     record = {"script": run["script"], "dataset": s["dataset"], "method": s["method"], "seed": s["seed"],
               "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in s.items()},
-              "modalities": method.modalities, "epochs": run["log"], "select_on": s["select_on"],
-              "best_epoch": run["best_epoch"], "test": test,
-              "wall_time_s": round(run["elapsed"] + time.time() - run["start"], 2), "version": code_version()}
+              "modalities": method.modalities, "epochs": [e | {"epoch": e["epoch"] + 1} for e in run["log"]],
+              "select_on": s["select_on"], "best_epoch": run["best_epoch"] + 1, "test": test,
+              "wall_time_s": round(run["elapsed"] + time.time() - run["start"], 2), "version": code_version(),
+              "first_epoch": 1}
     assert tuple(record) == RECORD_KEYS
     if world()[0] == 0:                         # torchrun: the first process writes
         atomic_json_dump(record, path)
         run["last"].unlink(missing_ok=True)
         Path(f"{run['last']}.sha256").unlink(missing_ok=True)
-    chosen = "selected on TEST" if s["select_on"] == "test" else f"epoch {run['best_epoch'] + 1} by {s['select_on']}"
+    chosen = "selected on TEST" if s["select_on"] == "test" else f"epoch {record['best_epoch']} by {s['select_on']}"
     print(f"test ({chosen}): {fmt_acc(test)}\nrecord: {path}", flush=True)
     return record
 
@@ -4631,7 +4757,8 @@ def list_runs(args, known_methods, grid=None):
     """The runs a command asks for, as (label, args copy): one per (seed, method) of args.method (name, comma
     list or 'all') x args.seeds (comma list; default args.seed), seed by seed; `grid` ({arg name:
     [values]}, e.g. {"missing_rate": [0.1, 0.3]}) adds outer loops. label: '[k/n] mla seed 0 ...' in
-    a sweep (n > 1), None for a single run."""
+    a sweep (n > 1), None for a single run. Its warnings are shown once (warn_once)."""
+    WARNED.clear()
     methods = parse_methods(args.method, known_methods)
     seeds = [int(s) for s in str(args.seeds).split(",")] if args.seeds else [args.seed]
     grid = grid or {}
@@ -4667,8 +4794,8 @@ def finished_record(folder, args, label):
 def announce(record, label):
     """Print a sweep's line for a finished run (nothing for a single run, label None); returns the record."""
     if label is not None:
-        print(f"{label}: test {fmt_acc(record['test'])} (epoch {record['best_epoch'] + 1} by {record['select_on']}, "
-              f"{record['wall_time_s']:.0f}s)", flush=True)
+        print(f"{label}: test {fmt_acc(record['test'])} (epoch {record_epoch(record, record['best_epoch'])} by "
+              f"{record['select_on']}, {record['wall_time_s']:.0f}s)", flush=True)
     return record
 
 
@@ -4773,6 +4900,10 @@ OWN_FLAGS = {"mmcosine": "mmcosine", "mmpareto": "mmpareto", "agm": "agm", "gb":
              "reconboost": "reconboost"}
 
 
+# recorded settings that are no flag of the scripts, as a message names them
+NOT_FLAGS = {"processes": lambda n: "no torchrun" if n is None else f"torchrun --nproc_per_node {n}"}
+
+
 def other_settings(recorded, settings, free=()):
     """The flags (known to both; execution-only ones, `free` and another method's OWN_FLAGS aside) whose recorded
     value differs from the settings now, as '--k A there, B now', or '' when there are none."""
@@ -4784,7 +4915,8 @@ def other_settings(recorded, settings, free=()):
     others = {k for k in now if OWN_FLAGS.get(k.split("_")[0], now.get("method")) != now.get("method")}
     differ = [k for k in sorted(set(recorded) & set(now) - RUN_ONLY_ARGS - set(free) - others)
               if recorded[k] != now[k]]
-    return ", ".join(f"--{k} {recorded[k]} there, {now[k]} now" for k in differ[:4])
+    return ", ".join(f"{NOT_FLAGS[k](recorded[k])} there, {NOT_FLAGS[k](now[k])} now" if k in NOT_FLAGS
+                     else f"--{k} {recorded[k]} there, {now[k]} now" for k in differ[:4])
 
 
 def resume_lr(optimizer, scheduler, old_lr, new_lr):
@@ -5330,7 +5462,7 @@ def load_records(runs_dir):
         except (OSError, ValueError) as e:
             print(f"warning: {path}: unreadable record ({e}); left out", file=sys.stderr)
             continue
-        if not all(k in rec for k in RECORD_KEYS):
+        if not all(k in rec for k in RECORD_KEYS if k != "first_epoch"):       # older records lack first_epoch
             print(f"warning: {path}: not a run record (keys missing); left out", file=sys.stderr)
             continue
         rec["_path"] = str(path)

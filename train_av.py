@@ -19,10 +19,10 @@ MODALITIES = ["audio", "video"]
 # The paper's settings for real data; the toy set has its own small defaults.
 DEFAULTS = {
     "paper": dict(epochs=100, batch_size=64, lr=1e-3, lr_decay_step=70, lr_decay_ratio=0.1,
-                  image_size=224, frames=3, audio_len=1024, num_mel_bins=128, num_workers=8,
+                  image_size=224, frames=3, audio_len=1024, num_mel_bins=128, num_workers=8, cpu_threads=0,
                   reconboost_stage_epochs=4, reconboost_correct_epochs=4),
     "toy": dict(epochs=10, batch_size=32, lr=1e-2, lr_decay_step=70, lr_decay_ratio=0.1,
-                image_size=32, frames=2, audio_len=64, num_mel_bins=32, num_workers=0,
+                image_size=32, frames=2, audio_len=64, num_mel_bins=32, num_workers=0, cpu_threads=1,
                 reconboost_stage_epochs=1, reconboost_correct_epochs=1),
 }
 
@@ -60,8 +60,9 @@ def get_args(argv=None):
     a = p.add_argument_group("speed").add_argument
     a("--num_workers", type=int, default=None,
       help="data loader workers (on CUDA with the cache: threads reading whole batches); paper 8; toy 0")
-    a("--cpu_threads", type=int, default=0,
-      help="torch CPU threads, 0 = torch's default (one per core); 1 when another job shares the cores")
+    a("--cpu_threads", type=int, default=None, help=C._default_help(
+        DEFAULTS, "cpu_threads", "torch CPU threads, 0 = torch's default (one per core); 1 when another job shares "
+                                 "the cores; every toy: 1, the same record on any machine"))
     a("--amp", action=argparse.BooleanOptionalAction, default=None,
       help="bf16 autocast and channels_last ResNets on CUDA (default: on with a CUDA GPU that has bf16, "
            "Ampere or later; CPU runs never use it)")

@@ -19,8 +19,8 @@ import common as C
 
 # The paper's settings for real data; the toy set has its own small defaults.
 DEFAULTS = {
-    "paper": dict(epochs=100, batch_size=64, lr=1e-3, lr_decay_step=70, lr_decay_ratio=0.1),
-    "toy": dict(epochs=15, batch_size=64, lr=1e-2, lr_decay_step=70, lr_decay_ratio=0.1),
+    "paper": dict(epochs=100, batch_size=64, lr=1e-3, lr_decay_step=70, lr_decay_ratio=0.1, cpu_threads=0),
+    "toy": dict(epochs=15, batch_size=64, lr=1e-2, lr_decay_step=70, lr_decay_ratio=0.1, cpu_threads=1),
 }
 
 
@@ -65,6 +65,8 @@ def get_args(argv=None):
     a("--code_steps", type=int, default=20, help="cpm_net: code refinement steps per batch and at test time")
     a("--tate_layers", type=int, default=2, help="tate: transformer encoder layers")
     a("--tate_heads", type=int, default=4, help="tate: attention heads")
+    a("--cpu_threads", type=int, default=None, help=C._default_help(
+        DEFAULTS, "cpu_threads", "torch CPU threads, 0 = torch's default (one per core)"))
     a = C.add_toy_args(p, "samples", 1000, 400, dev=200, dev_flag="val")
     a("--toy_dims", type=lambda s: [int(v) for v in s.split(",")], default=[32, 48, 64],
       help="toy: widths of audio, visual, text (comma list)")
@@ -101,9 +103,10 @@ def run_folder(args):
 def main(argv=None):
     args = get_args(argv)
     rates = parse_rates(args.missing_rates) if args.missing_rates else [args.missing_rate]
-    # each run once, holding a lock on its folder while it trains; a sweep skips the runs it finished before
-    # and comes back to those another process holds
-    return C.train_runs(C.list_runs(args, C.MISSING_METHODS, grid={"missing_rate": rates}), run_folder, run)
+    with C.torch_threads(args.cpu_threads):
+        # each run once, holding a lock on its folder while it trains; a sweep skips the runs it finished before
+        # and comes back to those another process holds
+        return C.train_runs(C.list_runs(args, C.MISSING_METHODS, grid={"missing_rate": rates}), run_folder, run)
 
 
 def load_data(args):

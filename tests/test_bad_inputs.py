@@ -57,6 +57,12 @@ def unknown_label(root):
     return load(root)
 
 
+def cremad_label_typo_without_stat(root):
+    (root / "stat.csv").unlink()                    # the classes are CREMA-D's own: a typo is no 7th class
+    set_line(root / "train.csv", 4, "1003_DFA_FEA_XX,DISGUST")
+    return load(root)
+
+
 def duplicate_clip_id(root):
     set_line(root / "train.csv", 5, "1001_DFA_HAP_XX,HAP")
     return load(root)
@@ -187,6 +193,8 @@ CASES = [
     (empty_split, r"test\.csv: the list is empty; expected lines like '1088_IOM_NEU_XX,NEU'", False),
     (blank_lines_and_bom, None, False),
     (unknown_label, r"train\.csv:4: label 'HAPPY' is not a known class; expected one of", False),
+    (cremad_label_typo_without_stat, r"train\.csv:4: label 'DISGUST' is not a known class; expected one of "
+     r"\['NEU', 'HAP', 'SAD', 'DIS', 'ANG'\] \(from CREMA-D's emotions NEU, HAP, SAD, FEA, DIS, ANG; a stat\.csv", False),
     (duplicate_clip_id, r"train\.csv:5: clip '1001_DFA_HAP_XX' listed twice \(first at .*train\.csv:2\)", True),
     (missing_wav, r"train\.csv:3: audio of clip '1002_DFA_SAD_XX' missing: expected .*1002_DFA_SAD_XX\.wav", True),
     (zero_length_wav, r"1003_DFA_FEA_XX\.wav: WAV file holds no samples.*train\.csv:4", True),
@@ -243,6 +251,17 @@ def test_a_data_error_in_a_loader_worker_is_one_line(capsys):
     assert e.value.code == "error: /data/x/frame_0.jpg: unreadable image (listed at /data/x/train.csv:1)"
 
 
+def test_a_label_typo_stops_the_script_with_one_line_and_trains_nothing(av, tmp_path, capsys):
+    (av / "stat.csv").unlink()
+    set_line(av / "train.csv", 4, "1003_DFA_FEA_XX,DISGUST")
+    argv = ["--dataset", "cremad", "--data_root", str(av), "--out_dir", str(tmp_path / "runs"), "--epochs", "1"]
+    with pytest.raises(SystemExit) as e:
+        C.script_main(lambda: train_av.main(argv))
+    assert e.value.code.startswith(f"error: {av / 'train.csv'}:4: label 'DISGUST' is not a known class")
+    assert "\n" not in e.value.code and not (tmp_path / "runs").exists()
+    assert "epoch" not in capsys.readouterr().out
+
+
 def test_skip_bad_run_says_how_many(av, tmp_path, capsys):
     (av / "AudioWAV" / "1002_DFA_SAD_XX.wav").unlink()
     argv = ["--dataset", "cremad", "--data_root", str(av), "--out_dir", str(tmp_path / "runs"), "--no_cache",
@@ -269,3 +288,14 @@ def test_clips_with_too_few_frames_are_counted(av, tmp_path, capsys):
     train_av.main(argv)
     assert (f"note: 1 clips have fewer than --frames 2 frames (e.g. {folder}/ has 1); some of their frames are "
             "used twice") in capsys.readouterr().out
+
+
+def test_own_prepared_videos_load_with_their_split_files_and_stat_csv(tmp_path):
+    # as README says for one's own videos: train.csv/test.csv '<clip>,<label>' and stat.csv naming the labels
+    rows = [(f"clip{i}", ["cat", "dog"][i % 2]) for i in range(6)]
+    ogm_layout(tmp_path, rows[:4], rows[4:], stat=False)
+    with pytest.raises(C.DataError, match=r"train\.csv:1: label 'cat' is not a known class.*a stat\.csv naming"):
+        load(tmp_path)
+    (tmp_path / "stat.csv").write_text("cat\ndog\n")
+    data = load(tmp_path)
+    assert data["classes"] == ["cat", "dog"] and [c.label for c in data["train"] + data["test"]] == [0, 1] * 3

@@ -145,6 +145,12 @@ def test_loader_errors_name_file_line_and_expectation(tmp_path):
     with pytest.raises(C.DataError, match=r"my_test_iemo\.txt:1: label 'Frustrated' is not a known class; "
                                           r"expected one of \['Angry', 'Happy', 'Neutral', 'Sad'\]"):
         C.load_iemocap_splits(root, num_mel_bins=8)
+    root = fresh("typo")                      # IEMOCAP has 4 classes: a 5th label without stat_iemo.txt
+    labels = ["Neutral", "Angry", "Sad", "Happy"] * 2 + ["Angyr"]
+    (root / "my_train_iemo.txt").write_text("".join(f"u{i}.mp4{SEP}ok{SEP}{l}\n" for i, l in enumerate(labels)))
+    with pytest.raises(C.DataError, match=r"my_train_iemo\.txt:9: label 'Angyr' \(1 of 9 lines\) makes 5 classes; "
+                                          r"IEMOCAP has 4: fix the label, or name the classes in .*stat_iemo\.txt$"):
+        C.load_iemocap_splits(root, num_mel_bins=8)
     root = fresh("npy")
     (root / "audio" / "train_fbank" / "u2.npy").unlink()
     with pytest.raises(C.DataError, match=r"my_train_iemo\.txt:3: audio of 'u2' missing: expected .*train_fbank/u2\.npy"):

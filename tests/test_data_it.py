@@ -1,5 +1,6 @@
 """Image-text loaders on tiny fixtures written here in both accepted layouts, the tokenizer, bad inputs."""
 import json
+import time
 
 import numpy as np
 import pytest
@@ -197,13 +198,46 @@ def test_mla_bad_inputs_name_file_and_line(tmp_path):
         C.ITDataset(data["train"], False, 8, 6, vocab_size=len(VOCAB))[1]
 
 
+def test_a_label_past_the_data_sets_classes_is_refused_others_warned(tmp_path, capsys):
+    # MVSA-Single has 3 classes: a 4th label without a stat_mvsa.txt is a typo; the rarest one is named
+    rgb = (9, 9, 9)
+    rows = [(f"t{i}", lab, "x", rgb) for i, lab in enumerate(["positive"] * 3 + ["neutral"] * 3 + ["negative"] * 3)]
+    jsonl_layout(tmp_path, {"train": rows[:7] + [("t7", "negatve", "x", rgb)] + rows[8:],
+                            "test": [("s0", "positive", "x", rgb)]})
+    with pytest.raises(C.DataError, match=r"train\.jsonl:8: label 'negatve' \(1 of 9 lines\) makes 4 classes; "
+                                          r"MVSA-Single has 3: fix the label, or name the classes in .*stat_mvsa\.txt"):
+        C.load_it_splits("mvsa", tmp_path)
+    # any data set: classes missing from a split, or far rarer than the others, are warned about by name
+    many = [(f"t{i}", "a" if i < 30 else "b", "x", rgb) for i in range(60)] + [("t60", "c", "x", rgb)]
+    jsonl_layout(tmp_path, {"train": many, "test": [("s0", "a", "x", rgb), ("s1", "d", "x", rgb)]})
+    (tmp_path / "classes.txt").write_text("a\nb\nc\nd\n")
+    assert [p.label for p in C.load_it_splits("toy", tmp_path)["test"]] == [0, 3]
+    assert capsys.readouterr().err.splitlines() == [
+        "warning: classes in train but not in test (2): b, c",
+        "warning: classes in test but not in train (1): d",
+        "warning: classes with under a tenth of the median 30 training items: c (1)"]
+
+
 def test_missing_root_or_layout_is_a_clear_error(tmp_path):
     error(tmp_path / "absent", r"(?s)data root not found.*accepted layouts")
     error(tmp_path, r"(?s)no known food101 layout found \(neither train\.jsonl nor my_train_food\.txt\).*MLA lists")
     mla_layout(tmp_path, mla_splits())
     error(tmp_path, r"train\.jsonl: file not found \(--layout jsonl\)", layout="jsonl")
-    with pytest.raises(C.DataError, match="cannot load a tokenizer"):
+    with pytest.raises(C.DataError, match="no_such_tokenizer: (no such tokenizer folder|cannot load a tokenizer)"):
         C.load_tokenizer(tmp_path / "no_such_tokenizer")
+
+
+def test_a_hub_tokenizer_not_cached_fails_at_once_offline(monkeypatch):
+    # the local HF cache is asked first (local_files_only); offline, the hub is not retried for a minute
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    import transformers  # noqa: F401  (its import time is not the tokenizer's)
+    start = time.time()
+    with pytest.raises(C.DataError) as e:
+        C.load_tokenizer("mla-tests-no-such-org/no-such-tokenizer")
+    assert time.time() - start < 5 and "\n" not in str(e.value)
+    assert str(e.value).startswith("mla-tests-no-such-org/no-such-tokenizer: ")
+    if not C.hub_reachable():                   # this machine: offline
+        assert "not in the Hugging Face cache, and the hub cannot be reached; pass --tokenizer" in str(e.value)
 
 
 def test_toy_it_is_deterministic_and_text_names_the_pair(tmp_path):

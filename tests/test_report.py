@@ -110,3 +110,12 @@ def test_report_notes_runs_of_one_method_with_other_settings(tmp_path):
     for seed in (0, 1):
         record(tmp_path / "same", "train_av.py", "toy", "mla", seed, {"audio": 1.0, "video": 1.0, "multi": 1.0})
     assert "note:" not in C.report(tmp_path / "same")
+
+
+def test_sweep_line_counts_epochs_from_1_in_new_and_older_records(capsys):
+    # a record with first_epoch 1 counts as the console does; an older one (no first_epoch) from 0
+    new = {"test": {"multi": 80.0}, "best_epoch": 9, "select_on": "val", "wall_time_s": 3.0, "first_epoch": 1}
+    old = {k: v for k, v in new.items() if k != "first_epoch"} | {"best_epoch": 8}
+    C.announce(new, "mla seed 0")
+    C.announce(old, "mla seed 1")
+    assert [line.split("(")[1] for line in capsys.readouterr().out.splitlines()] == ["epoch 9 by val, 3s)"] * 2

@@ -223,7 +223,8 @@ def test_a_record_from_before_a_flag_existed_compares_as_what_it_ran():
     shown = C.other_settings({"method": "ae"}, {"method": "ae", "feature_norm": "train"})
     assert shown == "--feature_norm none there, train now"
     assert C.other_settings({"method": "mla"}, {"method": "mla", "processes": None}) == ""      # no torchrun
-    assert "--processes None there, 2 now" in C.other_settings({"method": "mla"}, {"method": "mla", "processes": 2})
+    assert C.other_settings({"method": "mla"}, {"method": "mla", "processes": 2}) == \
+        "no torchrun there, torchrun --nproc_per_node 2 now"             # a setting, not a flag: named as run
     agm = {"method": "agm", "agm_epochs": 20, "pmr_ends": 70}       # AGM modulated 21 epochs before --agm_epochs
     assert C.other_settings({"method": "agm"}, agm) == "--agm_epochs 21 there, 20 now"
     assert C.other_settings({"method": "concat"}, {**agm, "method": "concat"}) == ""     # another method's flags

@@ -36,7 +36,8 @@ def test_every_method_trains_one_toy_epoch_and_writes_record(method, toy_root, t
     assert set(on_disk["epochs"][0]["val"]) == {"audio", "video", "multi"}
     assert set(on_disk["test"]) == {"audio", "video", "multi"}
     assert all(0 <= v <= 100 for v in on_disk["test"].values())
-    assert on_disk["best_epoch"] == 0 and on_disk["wall_time_s"] > 0 and on_disk["version"]
+    assert on_disk["best_epoch"] == 1 and on_disk["epochs"][0]["epoch"] == 1 and on_disk["first_epoch"] == 1
+    assert on_disk["wall_time_s"] > 0 and on_disk["version"]
     ckpt = torch.load(run_dir / "best.pt", weights_only=False)
     assert ckpt["epoch"] == 0 and ckpt["method"] == method
     if method == "mla":
@@ -54,13 +55,15 @@ def test_same_seed_gives_identical_records(toy_root, tmp_path):
     assert strip(a)["epochs"] != strip(c)["epochs"]
 
 
-def test_select_on_last_and_test(toy_root, tmp_path):
+def test_select_on_last_and_test(toy_root, tmp_path, capsys):
     last = run(toy_root, tmp_path, "--method", "concat", "--epochs", "2", "--select_on", "last")
-    assert last["best_epoch"] == 1
+    out = capsys.readouterr().out           # console and record count the epochs alike, from 1
+    assert [e["epoch"] for e in last["epochs"]] == [1, 2] and last["best_epoch"] == 2
+    assert "epoch   2/2  loss" in out and "test (epoch 2 by last)" in out
     t = run(toy_root, tmp_path, "--method", "sum", "--epochs", "2", "--select_on", "test", "--val_ratio", "0")
     assert all(e["val"] is None and set(e["test"]) == {"audio", "video", "multi"} for e in t["epochs"])
     best = max(range(2), key=lambda i: (t["epochs"][i]["test"]["multi"], -i))
-    assert t["best_epoch"] == best and t["test"] == t["epochs"][best]["test"]
+    assert t["best_epoch"] == best + 1 and t["test"] == t["epochs"][best]["test"]
 
 
 def test_missing_data_root_is_a_clear_error(tmp_path):

@@ -160,7 +160,7 @@ def test_both_methods_train_one_toy_epoch_on_cached_features(saved, tmp_path, to
         assert on_disk["modalities"] == ["image", "text"] and on_disk["select_on"] == "val"
         assert set(on_disk["args"]) == set(vars(train_clip.get_args([])))
         assert set(on_disk["epochs"][0]["val"]) == set(on_disk["test"]) == {"image", "text", "multi"}
-        assert all(0 <= v <= 100 for v in on_disk["test"].values()) and on_disk["best_epoch"] == 0
+        assert all(0 <= v <= 100 for v in on_disk["test"].values()) and on_disk["best_epoch"] == 1
     heads = {r["method"]: torch.load(out / "toy_clip" / r["method"] / "seed0" / "best.pt", weights_only=False)
              for r in records}
     assert heads["clip"]["state_dict"]["head.weight"].shape == (6, 32)           # concat of two 16-d features

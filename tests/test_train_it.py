@@ -43,7 +43,7 @@ def test_every_method_trains_one_toy_epoch_and_writes_record(method, it_root, tm
     assert set(on_disk["epochs"][0]["val"]) == {"image", "text", "multi"}
     assert set(on_disk["test"]) == {"image", "text", "multi"}
     assert all(0 <= v <= 100 for v in on_disk["test"].values())
-    assert on_disk["best_epoch"] == 0 and on_disk["wall_time_s"] > 0 and on_disk["version"]
+    assert on_disk["best_epoch"] == 1 and on_disk["wall_time_s"] > 0 and on_disk["version"]
     ckpt = torch.load(run_dir / "best.pt", weights_only=False)
     sd = ckpt["state_dict"]
     assert ckpt["epoch"] == 0 and ckpt["method"] == method
@@ -131,7 +131,7 @@ def test_mla_epochs_record_the_trace_of_P(it_root, tmp_path, capsys):
     traces = [e["hgm_p_trace"] for e in rec["epochs"]]
     assert all(0 < t <= 1 for t in traces) and traces == sorted(traces, reverse=True) and traces[0] > traces[-1]
     P = torch.load(tmp_path / "hgm" / "toy_it" / "mla" / "seed0" / "best.pt", weights_only=False)["state_dict"]["P"]
-    assert abs(traces[rec["best_epoch"]] - float(torch.trace(P)) / P.shape[0]) < 1e-5
+    assert abs(traces[rec["best_epoch"] - 1] - float(torch.trace(P)) / P.shape[0]) < 1e-5
     assert f"P trace {traces[-1]:.3f}" in capsys.readouterr().out
     off = run(it_root, tmp_path / "off", "--method", "mla", "--no_hgm", "--epochs", "2")
     assert [e["hgm_p_trace"] for e in off["epochs"]] == [None, None]

@@ -44,6 +44,12 @@ def _delete_tmp_path_of_a_passing_test(request):
         shutil.rmtree(path, ignore_errors=True)
 
 
+def written(root):
+    """The files a run wrote under root (a record, checkpoints, ...): everything but the empty run.lock a run
+    holds while it trains and leaves behind."""
+    return sorted(str(f.relative_to(root)) for f in Path(root).rglob("*") if f.is_file() and f.name != "run.lock")
+
+
 class TinyEncoder(nn.Module):
     """A small stand-in encoder with the interface of the real ones (a `dim` attribute)."""
 

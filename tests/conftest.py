@@ -77,8 +77,10 @@ def toy_root(tmp_path_factory):
     return root
 
 
+# the A-V toy's defaults made smaller; every core (--cpu_threads 0): a toy run's one thread is for the records of
+# runs on a shared machine, the tests' runs compare records made alike
 TINY = ["--image_size", "16", "--frames", "2", "--audio_len", "32", "--num_mel_bins", "16",
-        "--batch_size", "16", "--epochs", "1"]
+        "--batch_size", "16", "--epochs", "1", "--cpu_threads", "0"]
 
 
 def step(method, xs, y, idx, optimizer, epoch=0, batch=0, steps=1, mask=None):

@@ -2239,19 +2239,15 @@ class CLIPBundle:
 
 
 def load_clip(name_or_path, tokenizer=None, max_len=None, image_size=None, feature="embeds"):
-    """A CLIPBundle from a local folder written by save_pretrained or a hub name (which needs internet or
-    the Hugging Face cache). The image processor is the folder's (CLIP's standard one for the model's
-    image size when the folder has none); the tokenizer is the folder's or `tokenizer`'s."""
+    """A CLIPBundle from a local folder written by save_pretrained or a hub name (from the Hugging Face cache,
+    else downloaded when the hub can be reached). The image processor is the folder's (CLIP's standard one for
+    the model's image size when the folder has none); the tokenizer is the folder's or `tokenizer`'s."""
     from transformers import CLIPImageProcessor, CLIPModel
+    model = from_local_or_hub(CLIPModel.from_pretrained, name_or_path, "CLIP model", "pass --clip_model a local "
+                              "folder written by save_pretrained (or a hub name such as openai/clip-vit-base-patch32)")
     try:
-        model = CLIPModel.from_pretrained(str(name_or_path))
-    except (OSError, ValueError) as e:
-        raise DataError(f"{name_or_path}: cannot load a CLIP model ({type(e).__name__}: {str(e)[:200]}); pass "
-                        "--clip_model a local folder written by save_pretrained (a hub name such as "
-                        "openai/clip-vit-base-patch32 needs internet or the Hugging Face cache)") from None
-    try:
-        processor = CLIPImageProcessor.from_pretrained(str(name_or_path))
-    except (OSError, ValueError):
+        processor = from_local_or_hub(CLIPImageProcessor.from_pretrained, name_or_path, "CLIP image processor", "")
+    except DataError:
         side = model.config.vision_config.image_size
         print(f"{name_or_path}: no image processor settings (preprocessor_config.json); using CLIP's standard "
               f"ones: bicubic resize of the short side to {side}, centre crop, CLIP mean and std")
@@ -3403,31 +3399,40 @@ def hub_reachable(timeout=3.0):
         return False
 
 
+def from_local_or_hub(load, name_or_path, what, hint):
+    """load(name, local_files_only=...) (a transformers from_pretrained): a folder or the local HF cache first (no
+    network, an answer at once), the hub only when it can be reached; a failure is a one-line DataError naming
+    the `what` and ending with `hint`."""
+    try:
+        try:
+            return load(str(name_or_path), local_files_only=True)
+        except (OSError, ValueError):
+            p, name = Path(name_or_path), str(name_or_path)
+            if p.exists():
+                raise
+            if p.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1:      # a path, not a hub name
+                raise DataError(f"{name_or_path}: no such {what} folder; {hint}") from None
+            if not hub_reachable():
+                raise DataError(f"{name_or_path}: no such {what} folder, not in the Hugging Face cache, and the hub "
+                                f"cannot be reached; {hint}") from None
+        return load(str(name_or_path))
+    except (OSError, ValueError) as e:
+        why = " ".join(str(e).split())[:200]                     # one line
+        raise DataError(f"{name_or_path}: cannot load a {what} ({type(e).__name__}: {why}); {hint} (a hub name "
+                        "needs internet or the Hugging Face cache)") from None
+
+
 def load_tokenizer(name_or_path):
     """A transformers tokenizer: a folder holding only a BERT vocab.txt (read as BERT uncased), a saved
     tokenizer folder, or a hub name: from the local HF cache, else downloaded when the hub can be reached."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")      # data-loader workers fork after use
     from transformers import AutoTokenizer, BertTokenizer
     p = Path(name_or_path)
-    try:
-        if p.is_dir() and (p / "vocab.txt").is_file() and not any(
-                (p / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
-            return BertTokenizer.from_pretrained(str(p), do_lower_case=True)
-        try:                                    # a folder or the HF cache: no network, an answer at once
-            return AutoTokenizer.from_pretrained(str(name_or_path), local_files_only=True)
-        except (OSError, ValueError):
-            if p.exists():
-                raise
-            if not hub_reachable():
-                raise DataError(f"{name_or_path}: no such tokenizer folder, not in the Hugging Face cache, and the "
-                                "hub cannot be reached; pass --tokenizer with a local folder holding a BERT "
-                                "uncased vocab.txt or a saved transformers tokenizer") from None
-        return AutoTokenizer.from_pretrained(str(name_or_path))
-    except (OSError, ValueError) as e:
-        why = " ".join(str(e).split())[:200]                     # one line
-        raise DataError(f"{name_or_path}: cannot load a tokenizer ({type(e).__name__}: {why}); pass "
-                        "--tokenizer with a local folder holding a BERT uncased vocab.txt or a saved transformers "
-                        "tokenizer (a hub name needs internet or the Hugging Face cache)") from None
+    if p.is_dir() and (p / "vocab.txt").is_file() and not any(
+            (p / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        return BertTokenizer.from_pretrained(str(p), do_lower_case=True)
+    return from_local_or_hub(AutoTokenizer.from_pretrained, name_or_path, "tokenizer", "pass --tokenizer with a local "
+                             "folder holding a BERT uncased vocab.txt or a saved transformers tokenizer")
 
 
 def fit_length(ids, pad, length, pad_id=0):

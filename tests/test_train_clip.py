@@ -234,11 +234,25 @@ def test_toy_clip_pretraining_aligns_the_pairs(saved):
     assert loss() < before - 0.1 and clip.fingerprint() != print_before
 
 
+def test_a_hub_clip_model_not_cached_fails_at_once_offline(monkeypatch):
+    """The local HF cache first, the hub only when it can be reached: offline, one line at once (no packet leaves
+    the machine: the reachability check's connection fails as without a network)."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(v, raising=False)
+    monkeypatch.setattr(C.socket, "create_connection", lambda *a, **k: (_ for _ in ()).throw(OSError("unreachable")))
+    with pytest.raises(C.DataError) as e:
+        C.load_clip("mla-tests-no-such-org/no-such-clip")
+    assert str(e.value) == ("mla-tests-no-such-org/no-such-clip: no such CLIP model folder, not in the Hugging Face "
+                            "cache, and the hub cannot be reached; pass --clip_model a local folder written by "
+                            "save_pretrained (or a hub name such as openai/clip-vit-base-patch32)")
+
+
 def test_bad_inputs_are_clear_errors(saved, tmp_path):
     root, folder, _ = saved
     with pytest.raises(SystemExit):
         train_clip.get_args(["--dataset", "food101", "--data_root", str(root)])      # --clip_model is needed
-    with pytest.raises(C.DataError, match=r"absent: cannot load a CLIP model.*save_pretrained"):
+    with pytest.raises(C.DataError, match=r"absent: no such CLIP model folder; pass --clip_model a local folder"):
         train_clip.main(["--data_root", str(root), "--clip_model", str(tmp_path / "absent"), "--out_dir", str(tmp_path)])
     mla_layout(tmp_path / "mla", {"train": [("a", "soup", ids("hot", "soup"), (200, 0, 0))],
                                   "test": [("b", "soup", ids("soup"), (200, 0, 0))]})

@@ -5880,9 +5880,9 @@ def finish_args(p, args, methods, defaults):
 
 
 def script_main(main, again="rerun the same command with --resume to continue from the last finished epoch"):
-    """Run a script's main() and turn the failures a user can act on into one clear line and a
-    non-zero exit: bad data, a non-finite loss, a full disk, Ctrl-C (exit 130, then `again` says how to go on);
-    under torchrun any failure, as one line naming the process's rank."""
+    """Run a script's main() and turn the failures a user can act on into one clear line and a non-zero exit:
+    bad data, a non-finite loss, a full disk, a folder it may not write, Ctrl-C (exit 130, then `again` says
+    how to go on); under torchrun any failure, as one line naming the process's rank."""
     rank = f"rank {os.environ['RANK']}: " if "RANK" in os.environ and "WORLD_SIZE" in os.environ else ""
 
     def stop(text, code=1):                    # torchrun: at once, not through a teardown the others never join
@@ -5904,6 +5904,9 @@ def script_main(main, again="rerun the same command with --resume to continue fr
         stop(f"error: {rank}{e}")
     except DiskFull as e:
         stop(f"error: {rank}{e.strerror}")
+    except PermissionError as e:               # a folder this user cannot write: --out_dir, --cache_dir, ...
+        stop(f"error: {rank}{e.filename}: {e.strerror}: pass a folder you can write to (--out_dir, --cache_dir) "
+             "or change its permissions")
     except KeyboardInterrupt:                  # exit status 130, as a shell reports Ctrl-C
         print(f"interrupted: {again}", file=sys.stderr)
         stop("", 130)

@@ -301,3 +301,14 @@ def test_own_prepared_videos_load_with_their_split_files_and_stat_csv(tmp_path):
     (tmp_path / "stat.csv").write_text("cat\ndog\n")
     data = load(tmp_path)
     assert data["classes"] == ["cat", "dog"] and [c.label for c in data["train"] + data["test"]] == [0, 1] * 3
+
+
+def test_a_folder_the_user_cannot_write_is_one_line(tmp_path):
+    """A PermissionError (a read-only --out_dir or --cache_dir: the tests run as root, so it is raised here) ends
+    the script with one line naming the file, not a traceback."""
+    def main():
+        raise PermissionError(13, "Permission denied", str(tmp_path / "cache" / ".train-x.building"))
+    with pytest.raises(SystemExit) as e:
+        C.script_main(main)
+    assert e.value.code == (f"error: {tmp_path / 'cache' / '.train-x.building'}: Permission denied: pass a folder you "
+                            "can write to (--out_dir, --cache_dir) or change its permissions")

@@ -2768,19 +2768,19 @@ def defined_classes(labels, srcs, name, class_file):
 
 def class_warnings(splits, classes):
     """Warn about a class with items in one split and none in another, or with under a tenth of the median
-    training class's items (a typo, or a version of the data with another class list). splits: {name: [label]}."""
+    training class's items (a typo, or a version of the data with another class list), once a command (warn_once).
+    splits: {name: [label]}."""
     counts = {s: collections.Counter(ys) for s, ys in splits.items() if ys}
     for a, b in itertools.permutations(counts, 2):
         only = [classes[c] for c in sorted(counts[a]) if not counts[b][c]]
         if only:
-            print(f"warning: classes in {a} but not in {b} ({len(only)}): {', '.join(only[:10])}"
-                  f"{' ...' if len(only) > 10 else ''}", file=sys.stderr)
+            warn_once(f"warning: classes in {a} but not in {b} ({len(only)}): {', '.join(only[:10])}"
+                      f"{' ...' if len(only) > 10 else ''}")
     train = counts.get("train", {})
     median = float(np.median(list(train.values()))) if train else 0
     few = [f"{classes[c]} ({n})" for c, n in sorted(train.items()) if n < median / 10]
     if few:
-        print(f"warning: classes with under a tenth of the median {median:g} training items: {', '.join(few[:10])}",
-              file=sys.stderr)
+        warn_once(f"warning: classes with under a tenth of the median {median:g} training items: {', '.join(few[:10])}")
 
 
 def _nonempty(lines, path, example):
@@ -4375,11 +4375,18 @@ def load_checkpoint(path, remedy):
     """torch.load (on the CPU) a checkpoint this code wrote, or a one-line DataError naming it and `remedy` (what
     to do) when it is damaged: its bytes match no digest in path.sha256 (when it has one), or torch cannot read it."""
     path, sums = Path(path), Path(f"{path}.sha256")
+    intact = False
     try:
-        if sums.is_file() and sha256(path) not in sums.read_text().split():
-            raise ValueError(f"its SHA-256 is not the one written with it, in {sums.name}")
+        if sums.is_file():
+            if sha256(path) not in sums.read_text().split():
+                raise ValueError(f"its SHA-256 is not the one written with it, in {sums.name}")
+            intact = True
         return torch.load(path, map_location="cpu", weights_only=False)
+    except MemoryError:
+        raise
     except Exception as e:      # a truncated or overwritten file raises many kinds of errors in torch.load
+        if intact:              # the bytes written with it, yet unreadable: another torch or code, not damage
+            raise
         raise DataError(f"{path}: damaged, it cannot be read ({type(e).__name__}: {(str(e).splitlines() or [''])[0]}); "
                         f"{remedy}") from None
 
@@ -4771,7 +4778,7 @@ def list_runs(args, known_methods, grid=None):
     for vals in itertools.product(*grid.values()):
         for seed, method in itertools.product(seeds, methods):
             a = copy.copy(args)
-            a.method, a.seed = method, seed
+            a.method, a.seed, a.revision = method, seed, METHOD_REVISION.get(method, 1)
             for name, v in zip(grid, vals):
                 setattr(a, name, v)
             runs.append((f"{method} seed {seed}" + "".join(f" {n} {v}" for n, v in zip(grid, vals)), a))
@@ -4863,9 +4870,15 @@ def take_lock(folder):
         return None, holder or "another process"
     if holder:
         print(f"note: {path} names {holder}, which is no longer running; this run takes the folder over", flush=True)
-    f.truncate(0)
-    f.write(f"{socket.gethostname()} pid {os.getpid()}\n")
-    f.flush()
+    try:
+        f.truncate(0)
+        f.write(f"{socket.gethostname()} pid {os.getpid()}\n")
+        f.flush()
+    except OSError as e:                        # a full disk: the lock is let go with the file
+        f.close()
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFull(f"could not write {path}: its disk is full; free space or pass another --out_dir") from e
+        raise
     return f, None
 
 
@@ -4898,7 +4911,14 @@ RUN_ONLY_ARGS = {"resume", "device", "num_workers", "cpu_threads", "amp", "compi
 
 EARLIER_BEHAVIOUR = {"feature_norm": "none", "hgm_alpha_scale": False, "hgm_forget": 1.0, "qmf_rank": "paper",
                      "crop_scale": 0.08, "no_augment": False, "modalities": None, "processes": None,
-                     "agm_epochs": 21, "pmr_ends": None}     # AGM modulated epochs 0..20; PMR's terms every epoch
+                     "agm_epochs": 21, "pmr_ends": None,      # AGM modulated epochs 0..20; PMR's terms every epoch
+                     "gb_abs_gain": False, "pmr_val_prototypes": False, "partial_ckpt": False, "revision": 1}
+
+# a method whose computation changed without a flag to restore the old one: the revision its runs record
+# (list_runs), so a finished run or a last.pt of the earlier code is not taken for one of today's.
+# if_mmin 2: its autoencoder as IF-MMIN's autoencoder_2 (2024); agm 2: the authors' window, held coefficients,
+# cap 7 for 3+ modalities and the order of its passes
+METHOD_REVISION = {"if_mmin": 2, "agm": 2}
 
 # a balancing method's own flags, by their prefix: another method's run compares none of them
 OWN_FLAGS = {"mmcosine": "mmcosine", "mmpareto": "mmpareto", "agm": "agm", "gb": "gblending", "pmr": "pmr",
@@ -4906,17 +4926,21 @@ OWN_FLAGS = {"mmcosine": "mmcosine", "mmpareto": "mmpareto", "agm": "agm", "gb":
 
 
 # recorded settings that are no flag of the scripts, as a message names them
-NOT_FLAGS = {"processes": lambda n: "no torchrun" if n is None else f"torchrun --nproc_per_node {n}"}
+NOT_FLAGS = {"processes": lambda n: "no torchrun" if n is None else f"torchrun --nproc_per_node {n}",
+             "revision": lambda n: f"the method's revision {n}"}
 
 
 def other_settings(recorded, settings, free=()):
     """The flags (known to both; execution-only ones, `free` and another method's OWN_FLAGS aside) whose recorded
     value differs from the settings now, as '--k A there, B now', or '' when there are none."""
-    recorded = json.loads(json.dumps(recorded, default=str))
-    if "no_hgm" in recorded:                    # a record written before --hgm/--no_hgm became one setting
-        recorded.setdefault("hgm", not recorded.pop("no_hgm"))
-    recorded = {**EARLIER_BEHAVIOUR, **recorded}     # what a record from before a flag existed ran with
-    now = json.loads(json.dumps(settings, default=str))
+    def filled(settings):                       # what a record from before a flag existed ran with
+        settings = json.loads(json.dumps(settings, default=str))
+        if "no_hgm" in settings:                # written before --hgm/--no_hgm became one setting
+            settings.setdefault("hgm", not settings.pop("no_hgm"))
+        if "agm_ends" in settings:              # before --agm_epochs: AGM modulated epochs 0..agm_ends
+            settings.setdefault("agm_epochs", settings.pop("agm_ends") + 1)
+        return {**EARLIER_BEHAVIOUR, **settings}
+    recorded, now = filled(recorded), filled(settings)
     others = {k for k in now if OWN_FLAGS.get(k.split("_")[0], now.get("method")) != now.get("method")}
     differ = [k for k in sorted(set(recorded) & set(now) - RUN_ONLY_ARGS - set(free) - others)
               if recorded[k] != now[k]]
@@ -5192,6 +5216,9 @@ class CachedAVDataset(torch.utils.data.Dataset):
         if self.folder.exists():                # one that failed its check: out of the way of the rename below
             discard(self.folder)
         tmp = Path(tempfile.mkdtemp(dir=self.folder.parent, prefix=f".{self.folder.name}.building."))
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)               # mkdtemp's 0700: the folder others may read, as mkdir makes it
         try:
             n, layout = len(self.clips), self.layout(params)
             need = sum(math.prod(shape) * np.dtype(dtype).itemsize for shape, dtype in layout.values())
@@ -5857,6 +5884,9 @@ def finish_args(p, args, methods, defaults):
         if args.val_ratio == 0 and ("gblending" in args.method.split(",") or args.method == "all"):
             p.error("gblending measures overfitting on a validation split, which --val_ratio 0 leaves out: leave it "
                     "out of --method (all includes it)")
+        pmr = "pmr" in args.method.split(",") or args.method == "all"
+        if args.val_ratio == 0 and args.pmr_val_prototypes and pmr:
+            p.error("--pmr_val_prototypes takes the prototypes from a validation split, which --val_ratio 0 leaves out")
     if args.val_ratio == 0 and args.select_on == "val":
         p.error("--val_ratio 0 leaves no validation split to select the epoch on: add --select_on test or last")
     try:

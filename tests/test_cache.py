@@ -47,6 +47,17 @@ def test_cache_built_once_reused_and_rebuilt_on_change(clips, tmp_path, monkeypa
     assert not [p for p in cache.iterdir() if ".building." in p.name]
 
 
+def test_a_cache_folder_gets_the_umasks_permissions(clips, tmp_path):
+    import stat
+    old = os.umask(0o022)
+    try:
+        ds = C.CachedAVDataset(clips["train"], True, **SIZES, cache_dir=tmp_path / "cache")
+    finally:
+        os.umask(old)
+    assert stat.filemode(ds.folder.stat().st_mode) == "drwxr-xr-x"        # others may read it, as mkdir makes it
+    assert {stat.filemode(p.stat().st_mode) for p in ds.folder.iterdir()} == {"-rw-r--r--"}
+
+
 def test_cached_and_uncached_give_the_same_test_tensors(clips, tmp_path):
     plain = C.AVDataset(clips["test"], False, **SIZES)
     cached = C.CachedAVDataset(clips["test"], False, **SIZES, cache_dir=tmp_path / "cache")

@@ -228,6 +228,18 @@ def test_a_record_from_before_a_flag_existed_compares_as_what_it_ran():
     agm = {"method": "agm", "agm_epochs": 20, "pmr_ends": 70}       # AGM modulated 21 epochs before --agm_epochs
     assert C.other_settings({"method": "agm"}, agm) == "--agm_epochs 21 there, 20 now"
     assert C.other_settings({"method": "concat"}, {**agm, "method": "concat"}) == ""     # another method's flags
+    assert C.other_settings({"method": "agm", "agm_ends": 5}, {"method": "agm", "agm_epochs": 6}) == ""   # 0..5
+    for flag in ("gb_abs_gain", "pmr_val_prototypes", "partial_ckpt"):     # new flags: off in every older run
+        method = {"gb": "gblending", "pmr": "pmr"}.get(flag.split("_")[0], "mla")
+        assert C.other_settings({"method": method}, {"method": method, flag: True}) == f"--{flag} False there, True now"
+        assert C.other_settings({"method": method, flag: True}, {"method": method}) == f"--{flag} True there, False now"
+    # a method whose code changed records its revision: a run of the earlier code is not taken for today's
+    [(_, a)] = C.list_runs(train_missing.get_args(["--method", "if_mmin"]), C.MISSING_METHODS)
+    assert a.revision == 2
+    assert C.other_settings({"method": "if_mmin"}, {"method": "if_mmin", "revision": a.revision}) == \
+        "the method's revision 1 there, the method's revision 2 now"
+    [(_, a)] = C.list_runs(train_missing.get_args(["--method", "ae"]), C.MISSING_METHODS)
+    assert a.revision == 1 and C.other_settings({"method": "ae"}, {"method": "ae", "revision": a.revision}) == ""
 
 
 def test_disk_full_crosses_a_process_pool():

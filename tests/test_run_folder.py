@@ -182,3 +182,18 @@ def test_files_get_the_umasks_permissions(umask, mode, tmp_path):
         os.umask(old)
     modes = {p.name: stat.filemode(p.stat().st_mode) for p in tmp_path.iterdir()}
     assert modes == dict.fromkeys(["record.json", "best.pt", "last.pt", "last.pt.sha256"], mode)
+
+
+def test_a_checkpoint_written_intact_but_unreadable_is_not_called_damaged(tmp_path, monkeypatch):
+    """Bytes that match the SHA-256 written with them are not damage: the real error (another torch, a class
+    renamed in the code) comes through instead of advice to start over."""
+    C.save_checksummed({"w": torch.ones(2)}, tmp_path / "last.pt")
+
+    def load(*a, **k):
+        raise AttributeError("Can't get attribute 'Gone' on <module 'common'>")
+    monkeypatch.setattr(C.torch, "load", load)
+    with pytest.raises(AttributeError, match="Gone"):
+        C.load_checkpoint(tmp_path / "last.pt", "rerun without --resume")
+    (tmp_path / "last.pt.sha256").unlink()                  # no digest to tell: as before, damaged
+    with pytest.raises(C.DataError, match=r"last.pt: damaged, it cannot be read \(AttributeError: Can't get"):
+        C.load_checkpoint(tmp_path / "last.pt", "rerun without --resume")

@@ -180,6 +180,9 @@ def test_no_validation_split_needs_another_selection(script):
     with pytest.raises(SystemExit):
         get_args(["--val_ratio", "0"])
     assert get_args(["--val_ratio", "0", "--select_on", "last"]).select_on == "last"
+    if script in ("train_av", "train_it", "train_ait"):          # PMR's prototypes from a split that is not there
+        with pytest.raises(SystemExit):
+            get_args(["--val_ratio", "0", "--select_on", "last", "--method", "pmr", "--pmr_val_prototypes"])
 
 
 def test_a_toy_set_made_with_other_settings_is_reused_with_a_warning(tmp_path, capsys):

@@ -522,7 +522,7 @@ def test_every_method_trains_one_toy_epoch_and_writes_record(method, tmp_path):
     assert tuple(on_disk) == C.RECORD_KEYS and on_disk == json.loads(json.dumps(rec))
     assert on_disk["script"] == "train_missing.py" and on_disk["method"] == method
     assert on_disk["modalities"] == MODS and on_disk["args"]["missing_rate"] == 0.3
-    assert set(on_disk["args"]) == set(vars(train_missing.get_args([])))
+    assert set(on_disk["args"]) == set(vars(train_missing.get_args([]))) | {"revision"}     # + the method's revision
     assert set(on_disk["test"]) == set(MODS) | {"multi"}
     assert all(0 <= v <= 100 for v in on_disk["test"].values())
     mla_only = {"hgm_p_trace"} if method == "mla" else set()

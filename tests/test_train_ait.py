@@ -38,7 +38,7 @@ def test_every_method_trains_one_toy_epoch_and_writes_record(method, ait_root, t
     assert on_disk == json.loads(json.dumps(rec))
     assert on_disk["script"] == "train_ait.py" and on_disk["dataset"] == "toy" and on_disk["method"] == method
     assert on_disk["modalities"] == ["audio", "image", "text"] and on_disk["select_on"] == "val"
-    assert set(on_disk["args"]) == set(vars(train_ait.get_args([])))
+    assert set(on_disk["args"]) == set(vars(train_ait.get_args([]))) | {"revision"}     # + the method's revision
     assert on_disk["args"]["condition"] == "audio" and on_disk["args"]["audio_encoder"] == "cavmae"
     own = {"mla": {"hgm_p_trace"}, "gblending": {"gb_weights"}}.get(method, set())     # a method's own log
     assert [set(e) for e in on_disk["epochs"]] == [{"epoch", "lr", "train_loss", "val"} | own]

@@ -30,7 +30,7 @@ def test_every_method_trains_one_toy_epoch_and_writes_record(method, toy_root, t
     assert on_disk == json.loads(json.dumps(rec))
     assert on_disk["script"] == "train_av.py" and on_disk["dataset"] == "toy" and on_disk["method"] == method
     assert on_disk["modalities"] == ["audio", "video"] and on_disk["select_on"] == "val"
-    assert set(on_disk["args"]) == set(vars(train_av.get_args([])))
+    assert set(on_disk["args"]) == set(vars(train_av.get_args([]))) | {"revision"}     # + the method's revision
     own = {"mla": {"hgm_p_trace"}, "gblending": {"gb_weights"}}.get(method, set())     # a method's own log
     assert [set(e) for e in on_disk["epochs"]] == [{"epoch", "lr", "train_loss", "val"} | own]
     assert set(on_disk["epochs"][0]["val"]) == {"audio", "video", "multi"}

@@ -158,7 +158,7 @@ def test_both_methods_train_one_toy_epoch_on_cached_features(saved, tmp_path, to
         assert tuple(on_disk) == C.RECORD_KEYS and on_disk == json.loads(json.dumps(rec))
         assert on_disk["script"] == "train_clip.py" and on_disk["dataset"] == "toy"
         assert on_disk["modalities"] == ["image", "text"] and on_disk["select_on"] == "val"
-        assert set(on_disk["args"]) == set(vars(train_clip.get_args([])))
+        assert set(on_disk["args"]) == set(vars(train_clip.get_args([]))) | {"revision"}     # + the method's revision
         assert set(on_disk["epochs"][0]["val"]) == set(on_disk["test"]) == {"image", "text", "multi"}
         assert all(0 <= v <= 100 for v in on_disk["test"].values()) and on_disk["best_epoch"] == 1
     heads = {r["method"]: torch.load(out / "toy_clip" / r["method"] / "seed0" / "best.pt", weights_only=False)

@@ -36,7 +36,7 @@ def test_every_method_trains_one_toy_epoch_and_writes_record(method, it_root, tm
     assert on_disk == json.loads(json.dumps(rec))
     assert on_disk["script"] == "train_it.py" and on_disk["dataset"] == "toy" and on_disk["method"] == method
     assert on_disk["modalities"] == ["image", "text"] and on_disk["select_on"] == "val"
-    assert set(on_disk["args"]) == set(vars(train_it.get_args([])))
+    assert set(on_disk["args"]) == set(vars(train_it.get_args([]))) | {"revision"}     # + the method's revision
     assert on_disk["args"]["condition"] == "text" and on_disk["args"]["encoder"] == "m3ae"
     own = {"mla": {"hgm_p_trace"}, "gblending": {"gb_weights"}}.get(method, set())     # a method's own log
     assert [set(e) for e in on_disk["epochs"]] == [{"epoch", "lr", "train_loss", "val"} | own]

@@ -26,6 +26,7 @@ import csv
 import datetime
 import errno
 import importlib
+import inspect
 import io
 import itertools
 import json
@@ -43,7 +44,7 @@ import tempfile
 import time
 import urllib.parse
 import wave
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -58,9 +59,9 @@ HERE = Path(__file__).resolve().parent
 # ======== 1. Methods.  1a. MLA: the alternating unimodal update and its test-time fusion (needs only torch) ====
 
 def fusion_weights(unis, mode="dynamic", fixed=None, mask=None):
-    """MLA's test-time fusion weights from the unimodal logits (M tensors (B, C)). dynamic: per sample, softmax over
-    m of -entropy(logits_m), (B, M); dynamic_batch (the official code's): entropy of a softmax over the batch axis,
-    (M,); fixed: the given weights, (M,). A mask (B, M) of present views: 0 for the missing, renormalised."""
+    """MLA's test-time fusion weights from unimodal logits (M of (B, C)). dynamic: per sample, softmax over m of
+    -entropy(logits_m), (B, M); dynamic_batch (the official code's): the entropy of a softmax over the batch, (M,);
+    fixed: the given weights, (M,). A mask (B, M) of present views: 0 for the missing, renormalised."""
     if mode == "dynamic":
         ent = torch.stack([-(u.softmax(1) * u.log_softmax(1)).sum(1) for u in unis], 1)
         ent = ent if mask is None else ent.masked_fill(~mask, float("inf"))          # weight exp(-inf) = 0
@@ -79,37 +80,42 @@ def fusion_weights(unis, mode="dynamic", fixed=None, mask=None):
 
 
 class MLA(nn.Module):
-    """Multimodal Learning with Alternating unimodal adaptation: encoders of one width `dim` (batch -> (B, dim)), one
-    shared linear head. train_step: per modality in turn, its encoder alone runs forward, CE on head(z), backward,
-    the head's weight gradient projected with P (HGM), one optimizer step. P (dim x dim, from the identity) keeps
-    earlier steps' head-input directions; `alpha`: HGM's next (schedule() sets it). Test: entropy-weighted fusion."""
+    """Multimodal Learning with Alternating unimodal adaptation: encoders of one width, one linear head. Per modality
+    in turn: its encoder alone forward, loss(head(z), y), backward, the head's weight gradient projected with P (HGM;
+    P keeps earlier steps' head-input directions), a step. Test: entropy-weighted fusion. common.Method's contract."""
 
     def __init__(self, encoders, num_classes, modalities=None, hgm=True, hgm_alpha=None, fusion="dynamic",
                  fusion_weights=None, hgm_alpha_scale=False, hgm_forget=1.0):
         super().__init__()
-        self.encoders = nn.ModuleList(encoders)
-        self.modalities = list(modalities or [f"m{i}" for i in range(len(encoders))])
-        self.num_classes, self.dim = num_classes, encoders[0].dim
-        if any(f.dim != self.dim for f in encoders):
+        self.encoders, self.dim = nn.ModuleList(encoders), encoders[0].dim
+        if any(f.dim != self.dim for f in encoders):     # common.one_width's check; a copy, so that MLA stands alone
             raise ValueError(f"encoders of widths {[f.dim for f in encoders]}; the methods expect one width (`dim`) "
                              "for all: project the others to it, e.g. with common.Projected(encoder, dim)")
+        self.modalities, self.num_classes = list(modalities or [f"m{i}" for i in range(len(encoders))]), num_classes
         self.head = nn.Linear(self.dim, num_classes)
         self.hgm, self.hgm_alpha, self.hgm_alpha_scale, self.hgm_forget = hgm, hgm_alpha, hgm_alpha_scale, hgm_forget
         self.alpha = 0.1 if hgm_alpha is None else hgm_alpha
         paper = {2: [0.5, 0.5], 3: [0.35, 0.25, 0.4]}.get(len(encoders), [1 / len(encoders)] * len(encoders))
         self.fusion, self.fixed_weights = fusion, list(paper if fusion_weights is None else fusion_weights)
         self.register_buffer("P", torch.eye(self.dim))
-        if hgm_alpha_scale:             # per modality, the running mean (momentum 0.1) of hbar^T hbar
-            self.register_buffer("hbar_sq", torch.zeros(len(encoders)))
+        self.register_buffer("hbar_sq", torch.zeros(len(encoders)) if hgm_alpha_scale else None)  # mean hbar^T hbar
 
-    def schedule(self, epoch, step, steps):
-        """Set alpha for batch `step` of `steps`: the official 0.1 ** (1 + step / steps), or hgm_alpha."""
+    def schedule(self, epoch, step, steps):         # HGM's alpha: the official 0.1 ** (1 + step / steps), or hgm_alpha
         self.alpha = 0.1 ** (1 + step / max(1, steps)) if self.hgm_alpha is None else self.hgm_alpha
+
+    def start_epoch(self, epoch, epochs, loaders, optimizer, device, amp=False): pass        # hooks MLA needs not
+
+    def end_epoch(self, epoch, loaders, device, amp=False): pass
+
+    def epoch_log(self):                # the share of the head-input space P leaves open, trace(P) / dim
+        return {"hgm_p_trace": round(float(torch.trace(self.P)) / self.dim, 6) if self.hgm else None}
+
+    def loss(self, logits, y):          # one modality's loss from its logits head(z): override to try another
+        return F.cross_entropy(logits, y)
 
     @torch.no_grad()
     def project_head_grad(self, hbar, alpha, m=0):
-        """grad_W <- grad_W P (keep earlier steps' directions); absorb hbar: k = P hbar, P <- (P - k k^T /
-        (a + hbar^T k)) / hgm_forget, a = alpha (with hgm_alpha_scale: times modality m's mean hbar^T hbar)."""
+        """grad_W <- grad_W P; k = P hbar, P <- (P - k k^T / (a + hbar^T k)) / hgm_forget, a = alpha (x mean hbar^2)"""
         with torch.autocast(self.P.device.type, enabled=False):    # P stays in full precision under AMP
             if (g := self.head.weight.grad) is not None:          # None: no rows here (torchrun)
                 g.copy_(g.to(self.P.dtype) @ self.P)
@@ -119,9 +125,8 @@ class MLA(nn.Module):
             k = self.P @ hbar
             self.P.sub_(torch.outer(k, k) / (alpha + hbar @ k)).div_(self.hgm_forget)
 
-    def train_step(self, xs, y, optimizer, mask=None):
-        """One step per modality; returns their mean loss (a 0-dim tensor left on the device). With a mask (B, M),
-        True = present, modality m's step uses the rows where view m is present (h-bar: their mean), if any."""
+    def train_step(self, xs, y, optimizer, mask=None, idx=None):
+        """A step per modality (a mask (B, M), True = present: on m's present rows); their mean loss, on the device"""
         total, steps = 0.0, 0
         for m, f in enumerate(self.encoders):
             rows = slice(None) if mask is None else mask[:, m]
@@ -134,7 +139,7 @@ class MLA(nn.Module):
                 continue
             optimizer.zero_grad(set_to_none=True)
             if here:                            # x rows x processes / job's rows: the processes' mean is the job's
-                loss = F.cross_entropy(self.head(z), y[rows]) * (len(z) * job[-1] / job[-2])
+                loss = self.loss(self.head(z), y[rows]) * (len(z) * job[-1] / job[-2])
                 loss.backward()
             if self.hgm:
                 self.project_head_grad(job[:-2] / job[-2], self.alpha, m)
@@ -142,13 +147,8 @@ class MLA(nn.Module):
             total, steps = total + (loss.detach().double() if here else 0.0), steps + 1   # stays on the device
         return total / steps if steps else torch.zeros((), dtype=torch.float64, device=y.device)
 
-    def fuse_unimodal(self, unis, mask=None):
-        w = fusion_weights(unis, self.fusion, self.fixed_weights, mask).expand(len(unis[0]), -1)     # (B, M)
-        return sum(w[:, m:m + 1] * u for m, u in enumerate(unis))
-
     @torch.no_grad()
-    def predict(self, xs, mask=None):
-        """(fused logits, [unimodal logits]). With a mask, an encoder sees only its present rows (zeros elsewhere)."""
+    def predict(self, xs, mask=None):       # (fused, [unimodal] logits); with a mask an encoder sees its present rows
         if mask is None:
             unis = [self.head(f(x)) for f, x in zip(self.encoders, xs)]
         else:
@@ -156,19 +156,56 @@ class MLA(nn.Module):
             for f, x, u, present in zip(self.encoders, xs, unis, mask.T):
                 if present.any():
                     u[present] = self.head(f(x[present]))
-        return self.fuse_unimodal(unis, mask), unis
+        w = fusion_weights(unis, self.fusion, self.fixed_weights, mask).expand(len(unis[0]), -1)     # (B, M)
+        return sum(w[:, m:m + 1] * u for m, u in enumerate(unis)), unis
 
 
-# ======== 1b. The Table 5 baselines: sum, concat, late_fusion, film, bigated, ogm, ogm_ge, qmf ======
+# ======== 1b. The contract of every method ========
 
-# Every method is an nn.Module with `modalities`, train_step(xs, y, optimizer[, mask]) -> loss (a detached
-# 0-dim tensor left on the device, so that a step never waits for the GPU) and predict(xs[, mask]) ->
-# (fused logits, [unimodal logits]); xs holds one tensor per modality. The loop also calls, when a
-# method has them: schedule(epoch, step, steps) before each step (MLA's alpha, OGM's active epochs),
-# and passes idx= (the batch's sample indices) to methods with uses_index = True (QMF, CPM-Net).
-# Unimodal accuracy: methods with a head per modality (sum, late_fusion, qmf, mla) report that head's
-# prediction; methods that fuse features before one head (concat, film, bigated, ogm, ogm_ge) report the
-# fused head's prediction with every other modality's features set to zero.
+class Method(nn.Module):
+    """The contract every method meets (MLA meets it on its own, above). The loop calls, for every method:
+      start_epoch(epoch, epochs, loaders, optimizer, device, amp)  before an epoch, every split's loader at hand
+      schedule(epoch, step, steps)                                  before each of the epoch's steps
+      train_step(xs, y, optimizer, mask=None, idx=None) -> loss   one step; the loss a detached 0-dim tensor left
+                                                                    on the device (so a step never waits for the GPU)
+      end_epoch(epoch, loaders, device, amp)                        after the epoch's steps, before its evaluation
+      epoch_log() -> {name: value}                                  added to the epoch's entry of the record
+      predict(xs, mask=None) -> (fused logits, [unimodal logits])  evaluation
+    xs: one tensor per modality, in the order of `modalities`; mask (B, M) bool, True = view present (the Table 6
+    data; None elsewhere); idx: the batch's sample indices (QMF's and CPM-Net's per-sample state). The hooks
+    here do nothing: a method overrides those it needs. epoch, step: from 0."""
+
+    def __init__(self, num_classes, modalities):
+        super().__init__()
+        self.num_classes, self.modalities = num_classes, list(modalities)
+
+    def start_epoch(self, epoch, epochs, loaders, optimizer, device, amp=False):
+        """G-Blending's weights, PMR's prototypes, CCA's closed-form fit."""
+
+    def schedule(self, epoch, step, steps):
+        """OGM's and AGM's active epochs, PMR's terms, ReconBoost's phase."""
+
+    def train_step(self, xs, y, optimizer, mask=None, idx=None):
+        raise NotImplementedError
+
+    def end_epoch(self, epoch, loaders, device, amp=False):
+        """DCCA's projections and classifier fitted on the training split."""
+
+    def epoch_log(self):
+        """G-Blending's weights (MLA: its P's trace)."""
+        return {}
+
+    def predict(self, xs, mask=None):
+        raise NotImplementedError
+
+
+def one_width(encoders):
+    """The width `dim` of every encoder's output (batch -> (B, dim)); ValueError when they differ."""
+    if len({f.dim for f in encoders}) > 1:
+        raise ValueError(f"encoders of widths {[f.dim for f in encoders]}; the methods expect one width (`dim`) for "
+                         "all: project the others to it, e.g. with common.Projected(encoder, dim)")
+    return encoders[0].dim
+
 
 def optimizer_step(optimizer, loss):
     """zero_grad, backward, step; returns the detached loss."""
@@ -178,21 +215,19 @@ def optimizer_step(optimizer, loss):
     return loss.detach()
 
 
-class Method(nn.Module):
-    """Base of the Table 5 baselines: encoders of one width (`dim`); a subclass defines fuse(zs) (one head
-    on fused features) or logits(zs) (a head per modality)."""
-    uses_index = False
+# ======== 1c. The Table 5 baselines (sum, concat, late_fusion, film, bigated, ogm, ogm_ge, qmf) and the balancing methods
+
+# Unimodal accuracy: methods with a head per modality (sum, late_fusion, qmf, mla) report that head's
+# prediction; methods that fuse features before one head (concat, film, bigated, ogm, ogm_ge) report the
+# fused head's prediction with every other modality's features set to zero.
+
+class Fusion(Method):
+    """Base of the Table 5 baselines and the balancing methods: encoders of one width (`dim`); a subclass defines
+    fuse(zs) (one head on fused features) or logits(zs) (a head per modality)."""
 
     def __init__(self, encoders, num_classes, modalities):
-        super().__init__()
-        self.encoders = nn.ModuleList(encoders)
-        self.modalities = list(modalities)
-        self.num_classes = num_classes
-        self.dim = encoders[0].dim
-        widths = [f.dim for f in encoders]
-        if len(set(widths)) > 1:
-            raise ValueError(f"encoders of widths {widths}; the methods expect one width (`dim`) for all: "
-                             "project the others to it, e.g. with common.Projected(encoder, dim)")
+        super().__init__(num_classes, modalities)
+        self.encoders, self.dim = nn.ModuleList(encoders), one_width(encoders)
 
     def encode(self, xs):
         return [f(x) for f, x in zip(self.encoders, xs)]
@@ -218,19 +253,19 @@ class Method(nn.Module):
                 for m in range(len(zs))]
         return fused, unis
 
-    def loss(self, fused, unis, y):
+    def loss(self, fused, unis, y, mask=None, idx=None):
         return F.cross_entropy(fused, y)
 
-    def train_step(self, xs, y, optimizer):
+    def train_step(self, xs, y, optimizer, mask=None, idx=None):
         fused, unis = self.logits(self.encode(xs))
         return optimizer_step(optimizer, self.loss(fused, unis, y))
 
     @torch.no_grad()
-    def predict(self, xs):
+    def predict(self, xs, mask=None):
         return self.logits(self.encode(xs))
 
 
-class Sum(Method):
+class Sum(Fusion):
     """One linear head per modality; fused logits are their sum, trained by CE on the sum."""
 
     def __init__(self, encoders, num_classes, modalities):
@@ -245,7 +280,7 @@ class Sum(Method):
         return torch.stack(unis).sum(0), unis
 
 
-class Concat(Method):
+class Concat(Fusion):
     """One linear head on the concatenated features."""
 
     def __init__(self, encoders, num_classes, modalities):
@@ -292,13 +327,14 @@ class LateFusion(Sum):
         return self.fuse_unimodal(unis, mask), unis
 
 
-class FiLM(Method):
+class FiLM(Fusion):
     """The condition modality gives (gamma, beta) = Linear(z_c); every other modality becomes
-    gamma * z_m + beta; the modulated features (concatenated) go through a linear head."""
+    gamma * z_m + beta; the modulated features (concatenated) go through a linear head. condition: a modality's
+    name (default the first)."""
 
-    def __init__(self, encoders, num_classes, modalities, condition=0):
+    def __init__(self, encoders, num_classes, modalities, condition=None):
         super().__init__(encoders, num_classes, modalities)
-        self.condition = condition
+        self.condition = self.modalities.index(condition) if condition else 0
         self.film = nn.Linear(self.dim, 2 * self.dim)
         self.head = nn.Linear(self.dim * (len(encoders) - 1), num_classes)
 
@@ -307,13 +343,13 @@ class FiLM(Method):
         return self.head(torch.cat([gamma * z + beta for m, z in enumerate(zs) if m != self.condition], 1))
 
 
-class BiGated(Method):
+class BiGated(Fusion):
     """u_m = Linear_m(z_m); the gate modality gives g = sigmoid(u_gate); the other hidden states are
-    multiplied by g, concatenated and classified by a linear head."""
+    multiplied by g, concatenated and classified by a linear head. condition: the gate's name (default the first)."""
 
-    def __init__(self, encoders, num_classes, modalities, condition=0):
+    def __init__(self, encoders, num_classes, modalities, condition=None):
         super().__init__(encoders, num_classes, modalities)
-        self.condition = condition
+        self.condition = self.modalities.index(condition) if condition else 0
         self.hidden = nn.ModuleList(nn.Linear(self.dim, self.dim) for _ in encoders)
         self.head = nn.Linear(self.dim * (len(encoders) - 1), num_classes)
 
@@ -349,7 +385,7 @@ class OGM(Concat):
     def schedule(self, epoch, step, steps):
         self.active = self.starts <= epoch <= self.ends
 
-    def train_step(self, xs, y, optimizer):
+    def train_step(self, xs, y, optimizer, mask=None, idx=None):
         zs = self.encode(xs)
         fused = self.fuse(zs)
         loss = F.cross_entropy(fused, y)
@@ -383,7 +419,6 @@ class QMF(LateFusion):
     detached in the fusion; loss = CE(fused) + sum CE(logits_m) + lambda * sum rank_m, where rank_m
     asks a sample whose cumulative training loss (its history, by sample index) is higher to have lower
     confidence."""
-    uses_index = True
 
     def __init__(self, encoders, num_classes, modalities, num_train, temperature=10.0, lam=0.1, rank="paper"):
         super().__init__(encoders, num_classes, modalities)
@@ -485,7 +520,7 @@ class AGM(Concat):
         return [sum(w(bin(S).count("1")) * (v[S | 1 << m] - v[S]) for S in range(2 ** M) if not S >> m & 1)
                 for m in range(M)]
 
-    def train_step(self, xs, y, optimizer):
+    def train_step(self, xs, y, optimizer, mask=None, idx=None):
         phis = self.responses(xs)
         if self.active:                              # new coefficients; after the window the last ones are held
             with torch.no_grad():
@@ -506,7 +541,7 @@ class AGM(Concat):
         return loss.detach()
 
     @torch.no_grad()
-    def predict(self, xs):
+    def predict(self, xs, mask=None):
         phis = self.responses(xs)
         return sum(phis), phis
 
@@ -566,7 +601,7 @@ class MMPareto(ConcatHeads):
         super().__init__(encoders, num_classes, modalities)
         self.gamma = gamma
 
-    def train_step(self, xs, y, optimizer):
+    def train_step(self, xs, y, optimizer, mask=None, idx=None):
         fused, unis = self.logits(self.encode(xs))
         losses = [F.cross_entropy(fused, y)] + [F.cross_entropy(u, y) for u in unis]
         params = [[p for p in f.parameters() if p.requires_grad] for f in self.encoders]
@@ -618,7 +653,7 @@ class GBlending(ConcatHeads):
         return [*self.parameters()] if k == len(self.encoders) else [*self.encoders[k].parameters(),
                                                                       *self.heads[k].parameters()]
 
-    def train_step(self, xs, y, optimizer):
+    def train_step(self, xs, y, optimizer, mask=None, idx=None):
         fused, unis = self.logits(self.encode(xs))
         loss = sum(w * F.cross_entropy(u, y) for w, u in zip(self.weights, unis + [fused]))
         return optimizer_step(optimizer, loss)
@@ -649,8 +684,7 @@ class GBlending(ConcatHeads):
             opt.register_step_pre_hook(lambda *_: mean_grads(twin.parameters()))      # torchrun: as the model
             twin.train()
             for i in range(n):
-                if hasattr(loaders["train"].sampler, "set_epoch"):     # torchrun: a new order each pass
-                    loaders["train"].sampler.set_epoch(epoch + i)
+                set_epoch(loaders["train"], epoch + i)             # torchrun: a new order each pass
                 for xs, y, _, _ in device_batches(loaders["train"], device, True):
                     with autocast(device, amp):
                         optimizer_step(opt, F.cross_entropy(twin.branch(xs, k).float(), y))
@@ -722,7 +756,7 @@ class PMR(Concat):
         keep = self.momentum if epoch > 1 else 0.0               # the authors' first blend: after epoch 1
         self.prototypes[:, seen] = keep * self.prototypes[:, seen] + (1 - keep) * sums[:, seen] / counts[seen, None]
 
-    def train_step(self, xs, y, optimizer):
+    def train_step(self, xs, y, optimizer, mask=None, idx=None):
         zs = self.encode(xs)
         loss = F.cross_entropy(self.fuse(zs), y)
         if self.epoch > self.ends:
@@ -738,7 +772,7 @@ class PMR(Concat):
         return optimizer_step(optimizer, loss)
 
     @torch.no_grad()
-    def predict(self, xs):
+    def predict(self, xs, mask=None):
         zs = self.encode(xs)
         return self.fuse(zs), [proto_logits(z, c) for z, c in zip(zs, self.prototypes)]
 
@@ -751,7 +785,7 @@ def reconboost_loss(logits, ensemble, y, w1=5.0, w2=1.0):
     return ((w1 - w2 * q_y) / logits.shape[1] * F.cross_entropy(logits, y, reduction="none")).mean()
 
 
-class ReconBoost(Method):
+class ReconBoost(Fusion):
     """ReconBoost (Hua et al., ICML 2024; huacong/ReconBoost): one head shared by every encoder (Linear, ReLU, Linear;
     256 hidden, the authors' common space) and a learned scalar boost_rate (starts at 1): F = boost_rate x the sum of
     head(encoder_m(x_m)) over the modalities trained so far. The epochs go in stages: modality m (in turn) trains
@@ -759,11 +793,12 @@ class ReconBoost(Method):
     without gradients), then every parameter for `correct_epochs` on CE(F) (the global rectification). Each phase
     starts from a fresh optimizer state, as the authors' new optimizer per phase. Predicts with F."""
 
-    def __init__(self, encoders, num_classes, modalities, stage_epochs=4, correct_epochs=4, w1=5.0, w2=1.0, hidden=256):
+    def __init__(self, encoders, num_classes, modalities, stage_epochs=4, correct_epochs=4, weights=(5.0, 1.0),
+                 hidden=256):
         super().__init__(encoders, num_classes, modalities)
         self.head = nn.Sequential(nn.Linear(self.dim, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
         self.boost_rate = nn.Parameter(torch.ones(()))
-        self.stage_epochs, self.correct_epochs, self.w1, self.w2 = stage_epochs, correct_epochs, w1, w2
+        self.stage_epochs, self.correct_epochs, (self.w1, self.w2) = stage_epochs, correct_epochs, weights
         self.register_buffer("members", torch.zeros(len(encoders), dtype=torch.bool))    # saved with the weights
         self.current, self.fresh, self.joined = 0, False, [False] * len(encoders)
 
@@ -780,7 +815,7 @@ class ReconBoost(Method):
         chosen = [u for m, u in enumerate(unis) if members[m] and m != skip]
         return self.boost_rate * sum(chosen) if chosen else None
 
-    def train_step(self, xs, y, optimizer):
+    def train_step(self, xs, y, optimizer, mask=None, idx=None):
         if self.fresh:
             optimizer.state.clear()
         m, joined = self.current, self.joined
@@ -796,54 +831,13 @@ class ReconBoost(Method):
         return optimizer_step(optimizer, loss)
 
     @torch.no_grad()
-    def predict(self, xs):
+    def predict(self, xs, mask=None):
         unis = [self.head(z) for z in self.encode(xs)]
         fused = self.ensemble(unis, self.members.tolist())
         return (self.boost_rate * sum(unis) if fused is None else fused), unis
 
 
-METHODS = ["sum", "concat", "late_fusion", "film", "bigated", "ogm", "ogm_ge", "qmf", "mla", "mmcosine",
-           "mmpareto", "agm", "gblending", "pmr", "reconboost"]
-
-
-def build_method(name, encoders, num_classes, modalities, num_train=0, condition=None, ogm=(0.3, 0, 50),
-                 mla=None, table6=None, qmf_rank="paper", mmcosine_scale=10.0, mmpareto_gamma=1.5, agm=(1.0, 20),
-                 gb=(10, False), pmr=None, reconboost=None):
-    """The method object `name`: condition, the FiLM/BiGated conditioning modality (a name in modalities);
-    ogm, OGM's (alpha, first epoch, last epoch); mla, MLA's keyword arguments; table6, the keyword
-    arguments of build_missing_method (the Table 6 methods' settings); qmf_rank, QMF's ranking margin;
-    mmcosine_scale and mmpareto_gamma, MMCosine's logit scale and MMPareto's gradient scale; agm, AGM's
-    (alpha, modulated epochs); gb, G-Blending's (super-epoch, abs_gain); pmr and reconboost, PMR's and ReconBoost's keywords."""
-    cond = modalities.index(condition) if condition else 0
-    if name in ("sum", "concat", "late_fusion"):
-        return {"sum": Sum, "concat": Concat, "late_fusion": LateFusion}[name](encoders, num_classes, modalities)
-    if name in ("film", "bigated"):
-        return (FiLM if name == "film" else BiGated)(encoders, num_classes, modalities, condition=cond)
-    if name in ("ogm", "ogm_ge"):
-        alpha, starts, ends = ogm
-        return OGM(encoders, num_classes, modalities, alpha=alpha, starts=starts, ends=ends, ge=name == "ogm_ge")
-    if name == "qmf":
-        return QMF(encoders, num_classes, modalities, num_train=num_train, rank=qmf_rank)
-    if name == "mla":
-        return MLA(encoders, num_classes, modalities, **(mla or {}))
-    if name == "mmcosine":
-        return MMCosine(encoders, num_classes, modalities, scale=mmcosine_scale)
-    if name == "mmpareto":
-        return MMPareto(encoders, num_classes, modalities, gamma=mmpareto_gamma)
-    if name == "agm":
-        return AGM(encoders, num_classes, modalities, alpha=agm[0], epochs=agm[1])
-    if name == "gblending":
-        return GBlending(encoders, num_classes, modalities, super_epoch=gb[0], abs_gain=gb[1])
-    if name == "pmr":
-        return PMR(encoders, num_classes, modalities, **(pmr or {}))
-    if name == "reconboost":
-        return ReconBoost(encoders, num_classes, modalities, **(reconboost or {}))
-    if name in MISSING_ONLY_METHODS:
-        return build_missing_method(name, encoders, num_classes, modalities, num_train, **(table6 or {}))
-    raise ValueError(f"unknown method {name!r}; expected one of {METHODS + MISSING_ONLY_METHODS}")
-
-
-# ======== 1c. The Table 6 methods: cca, dcca, dccae, ae, cra, mmin, if_mmin, cpm_net, tate ========
+# ======== 1d. The Table 6 methods: cca, dcca, dccae, ae, cra, mmin, if_mmin, cpm_net, tate ========
 
 def mlp_decoder(dim, d_out, layers=3):
     """The mirror of MLPEncoder: dim -> ... -> dim (ReLU) -> d_out (linear)."""
@@ -1018,28 +1012,26 @@ class CascadedResidualAE(nn.Module):
 
 # ---- the nine Table-6-only methods
 
-class MissingMethod(nn.Module):
-    """Base of the Table-6-only methods. A subclass defines loss(xs, y, mask) for training and
+class MissingMethod(Method):
+    """Base of the Table-6-only methods. A subclass defines objective(xs, y, mask) for training and
     classify(xs, mask), the logits from each sample's present views (missing views are zeros in xs).
     predict() also gives each view's unimodal logits: the prediction from that view alone, on the
     samples where it is present (zeros elsewhere; evaluate() counts only those samples)."""
 
     grad_clip = None                           # a maximum gradient norm, for the methods that need one
-    uses_index = False
 
     def __init__(self, encoders, num_classes, modalities):
-        super().__init__()
-        self.modalities, self.num_classes = list(modalities), num_classes
+        super().__init__(num_classes, modalities)
         self.dims = [e.d_in for e in encoders]
 
-    def loss(self, xs, y, mask):
+    def objective(self, xs, y, mask):
         raise NotImplementedError
 
     def classify(self, xs, mask):
         raise NotImplementedError
 
-    def train_step(self, xs, y, optimizer, mask=None):
-        loss = self.loss(xs, y, full_mask(xs) if mask is None else mask)
+    def train_step(self, xs, y, optimizer, mask=None, idx=None):
+        loss = self.objective(xs, y, full_mask(xs) if mask is None else mask)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.grad_clip:
@@ -1077,15 +1069,17 @@ class CCA(MissingMethod):
         self.reg = reg
         self.classifier = nn.Linear(self.k, num_classes)
 
-    def fit_start(self, loader, device):
-        xs, mask, _ = collect(loader, device)
+    def start_epoch(self, epoch, epochs, loaders, optimizer, device, amp=False):
+        if epoch > 0:                               # fitted once, before the first epoch
+            return
+        xs, mask, _ = collect(loaders["train"], device)
         Ws, mus, _ = multiset_cca(xs, mask, self.k, self.reg)
         store_projection(self, Ws, mus)
 
     def classify(self, xs, mask):
         return self.classifier(mean_projection(self, xs, mask))
 
-    def loss(self, xs, y, mask):
+    def objective(self, xs, y, mask):
         return F.cross_entropy(self.classify(xs, mask), y)
 
 
@@ -1123,17 +1117,17 @@ class DCCA(MissingMethod):
                     loss = loss - corr.to(hs[i].dtype)
         return job_grad(loss)
 
-    def loss(self, xs, y, mask):
+    def objective(self, xs, y, mask):
         return self.correlation_loss(self.features(xs), mask)
 
     def classify(self, xs, mask):
         return self.classifier(mean_projection(self, self.features(xs), mask))
 
     @torch.no_grad()
-    def epoch_end(self, loader, device):
+    def end_epoch(self, epoch, loaders, device, amp=False):
         was_training = self.training
         self.eval()
-        xs, mask, y = collect(loader, device)
+        xs, mask, y = collect(loaders["train"], device)
         hs = self.features(xs)
         Ws, mus, _ = multiset_cca(hs, mask, self.k, self.reg)
         store_projection(self, Ws, mus)
@@ -1151,7 +1145,7 @@ class DCCAE(DCCA):
                                       for e in encoders)
         self.recon_weight = recon_weight
 
-    def loss(self, xs, y, mask):
+    def objective(self, xs, y, mask):
         hs = self.features(xs)
         recon = view_mse([g(h) for g, h in zip(self.decoders, hs)], xs, mask)
         return self.correlation_loss(hs, mask) + self.recon_weight * recon
@@ -1162,9 +1156,9 @@ class AE(MissingMethod):
     reconstruct every view whose value is known (with views hidden by hide_views, so it learns to fill
     them in), jointly with a linear classifier on the bottleneck."""
 
-    def __init__(self, encoders, num_classes, modalities, dim=128, layers=3, recon_weight=1.0, hide_prob=0.5):
+    def __init__(self, encoders, num_classes, modalities, dim=None, layers=3, recon_weight=1.0, hide_prob=0.5):
         super().__init__(encoders, num_classes, modalities)
-        d = sum(self.dims)
+        d, dim = sum(self.dims), dim or encoders[0].dim         # the bottleneck: the encoders' width
         self.encoder = MLPEncoder(d + len(self.dims), dim, layers)
         self.decoder = mlp_decoder(dim, d, layers)
         self.classifier = nn.Linear(dim, num_classes)
@@ -1180,7 +1174,7 @@ class AE(MissingMethod):
     def classify(self, xs, mask):
         return self.classifier(self.bottleneck(xs, mask))
 
-    def loss(self, xs, y, mask):
+    def objective(self, xs, y, mask):
         b = self.bottleneck(xs, hide_views(mask, self.hide_prob))
         recon = view_mse(split_views(self.decoder(b), self.dims), xs, mask)
         return F.cross_entropy(self.classifier(b), y) + self.recon_weight * recon
@@ -1192,9 +1186,10 @@ class CRA(MissingMethod):
     of the zero-filled concatenated input (trained to output every known view, hidden ones included);
     the classifier (an MLP encoder and a linear layer) reads the input with its missing views imputed."""
 
-    def __init__(self, encoders, num_classes, modalities, dim=128, layers=3, widths=(128, 64, 32), blocks=3,
+    def __init__(self, encoders, num_classes, modalities, dim=None, layers=3, widths=(128, 64, 32), blocks=3,
                  recon_weight=1.0, hide_prob=0.5):
         super().__init__(encoders, num_classes, modalities)
+        dim = dim or encoders[0].dim                             # the classifier's width: the encoders'
         self.cra = CascadedResidualAE(sum(self.dims), widths, blocks)
         self.classifier = nn.Sequential(MLPEncoder(sum(self.dims), dim, layers), nn.Linear(dim, num_classes))
         self.recon_weight, self.hide_prob = recon_weight, hide_prob
@@ -1208,7 +1203,7 @@ class CRA(MissingMethod):
     def classify(self, xs, mask):
         return self.classifier(self.completed(self.impute(xs, mask), xs, mask))
 
-    def loss(self, xs, y, mask):
+    def objective(self, xs, y, mask):
         seen = hide_views(mask, self.hide_prob)
         views = self.impute(xs, seen)
         recon = view_mse(views, xs, mask)
@@ -1249,7 +1244,7 @@ class MMIN(MissingMethod):
     def classify(self, xs, mask):
         return self.classifier(self.imagine(self.embed(xs, mask), mask)[1])
 
-    def loss(self, xs, y, mask):
+    def objective(self, xs, y, mask):
         return self.imagination_loss(xs, y, mask, hide_views(mask, self.hide_prob))[0]
 
     def imagination_loss(self, xs, y, mask, seen):
@@ -1287,7 +1282,7 @@ class IFMMIN(MMIN):
     def imagine(self, es, mask):
         return self.forward_ae(torch.cat(es, 1), torch.cat([self.invariant(e) for e in es], 1))
 
-    def loss(self, xs, y, mask):
+    def objective(self, xs, y, mask):
         seen = hide_views(mask, self.hide_prob)
         loss, es, target = self.imagination_loss(xs, y, mask, seen)
         inv = [self.invariant(e) for e in es]
@@ -1315,10 +1310,10 @@ class CPMNet(MissingMethod):
     takes one optimizer step of the networks. A test sample's code is inferred from its present views by
     reconstruction alone (from the mean training code), the networks fixed; its class is argmax_c s_c(h)
     with the class means of all stored codes."""
-    uses_index = True
 
-    def __init__(self, encoders, num_classes, modalities, num_train, dim=128, lam=1.0, code_lr=0.05, code_steps=20):
+    def __init__(self, encoders, num_classes, modalities, num_train, dim=None, lam=1.0, code_lr=0.05, code_steps=20):
         super().__init__(encoders, num_classes, modalities)
+        dim = dim or encoders[0].dim                             # the codes' width: the encoders'
         self.decoders = nn.ModuleList(nn.Sequential(nn.Linear(dim, dim), nn.Linear(dim, d), nn.Dropout(0.1))
                                       for d in self.dims)
         self.register_buffer("codes", 0.1 * torch.randn(num_train, dim))
@@ -1409,47 +1404,146 @@ class TATE(MissingMethod):
     def classify(self, xs, mask):
         return self.classifier(self.encode(xs, mask).mean(1))
 
-    def loss(self, xs, y, mask):
+    def objective(self, xs, y, mask):
         seen = hide_views(mask, self.hide_prob)
         out = self.encode(xs, seen)
         recon = view_mse([dec(out[:, 1 + m]) for m, dec in enumerate(self.decoders)], xs, mask)
         return F.cross_entropy(self.classifier(out.mean(1)), y) + self.recon_weight * recon
 
 
-MISSING_METHODS = ["late_fusion", "qmf", "cca", "dcca", "dccae", "ae", "cra", "mmin", "if_mmin", "cpm_net",
-                   "tate", "mla"]                    # Table 6, in the paper's order
-MISSING_ONLY_METHODS = [m for m in MISSING_METHODS if m not in METHODS]
+# ======== 1f. The registry: a method's name, class, paper, the scripts that run it, its flags ========
+
+@dataclass(frozen=True)
+class Registered:
+    cls: type
+    paper: str
+    scripts: tuple        # of av, it, ait (Table 5), missing (Table 6), clip (Table 7)
+    flags: dict           # constructor keyword -> (flag, help[, argparse keywords]); see add_method_args
+    fixed: dict           # constructor keywords the name sets (ogm_ge: ge=True)
 
 
-def build_missing_method(name, encoders, num_classes, modalities, num_train, layers=3, recon_weight=1.0,
-                         hide_prob=0.5, ae_widths=(128, 64, 32), ae_blocks=3, cca_dim=32, dcca_dim=10, cca_reg=1e-3,
-                         cmd_weight=0.1, cmd_order=5, cpm_lambda=1.0, code_lr=0.05, code_steps=20, tate_layers=2,
-                         tate_heads=4):
-    """A Table-6-only method (build_method calls this with its `table6` keywords; train_missing.py's
-    --help says what each does)."""
-    dim, rw, hp, ae = encoders[0].dim, recon_weight, hide_prob, dict(widths=list(ae_widths), blocks=ae_blocks)
-    if name == "cca":
-        return CCA(encoders, num_classes, modalities, dim=cca_dim, reg=cca_reg)
-    if name == "dcca":
-        return DCCA(encoders, num_classes, modalities, dim=dcca_dim, reg=cca_reg)
-    if name == "dccae":
-        return DCCAE(encoders, num_classes, modalities, dim=dcca_dim, reg=cca_reg, recon_weight=rw, layers=layers)
-    if name == "ae":
-        return AE(encoders, num_classes, modalities, dim=dim, layers=layers, recon_weight=rw, hide_prob=hp)
-    if name == "cra":
-        return CRA(encoders, num_classes, modalities, dim=dim, layers=layers, recon_weight=rw, hide_prob=hp, **ae)
-    if name == "mmin":
-        return MMIN(encoders, num_classes, modalities, recon_weight=rw, hide_prob=hp, **ae)
-    if name == "if_mmin":
-        return IFMMIN(encoders, num_classes, modalities, recon_weight=rw, hide_prob=hp, cmd_weight=cmd_weight,
-                      cmd_order=cmd_order, **ae)
-    if name == "cpm_net":
-        return CPMNet(encoders, num_classes, modalities, num_train, dim=dim, lam=cpm_lambda,
-                      code_lr=code_lr, code_steps=code_steps)
-    if name == "tate":
-        return TATE(encoders, num_classes, modalities, heads=tate_heads, layers=tate_layers, recon_weight=rw,
-                    hide_prob=hp)
-    raise ValueError(f"unknown method {name!r}; expected one of {MISSING_METHODS}")
+REGISTRY = {}             # in the order of --method all, the report's columns and README's table
+
+
+def register(name, cls, paper, scripts, flags=None, **fixed):
+    REGISTRY[name] = Registered(cls, paper, tuple(scripts.split()), flags or {}, fixed)
+
+
+def methods_of(script):
+    """The names of the methods a script runs ('av', 'it', 'ait', 'missing', 'clip'), in the registry's order."""
+    return [name for name, r in REGISTRY.items() if script in r.scripts]
+
+
+T5 = "av it ait"
+OGM_FLAGS = {"alpha": ("alpha", "modulation strength"), "starts": ("modulation_starts", "first epoch modulated"),
+             "ends": ("modulation_ends", "last epoch modulated")}
+CONDITION = {"condition": ("condition", "the conditioning modality")}
+RECON = {"recon_weight": ("recon_weight", "weight of the reconstruction (imagination) loss"),
+         "hide_prob": ("hide_prob", "chance that a training sample with 2+ views has one hidden, to be imputed")}
+CASCADE = {"widths": ("ae_widths", "widths of each residual AE's encoder (comma list)",
+                      dict(type=lambda s: [int(v) for v in s.split(",")], default=[128, 64, 32])),
+           "blocks": ("ae_blocks", "residual AEs in the cascade")}
+LAYERS = {"layers": ("layers", "linear layers of its MLPs")}
+CCA_REG = {"reg": ("cca_reg", "ridge added to the covariances")}
+register("sum", Sum, "the sum of unimodal heads' logits", T5)
+register("concat", Concat, "one head on the concatenated features", T5)
+register("clip", Concat, "Table 7's CLIP: one head on both towers' features, trained jointly", "clip")
+register("late_fusion", LateFusion, "independent unimodal models, their mean logits", T5 + " missing")
+register("film", FiLM, "Perez et al., AAAI 2018", T5, CONDITION)
+register("bigated", BiGated, "Kiela et al., 2018 (gated fusion)", T5, CONDITION)
+register("ogm", OGM, "Peng et al., CVPR 2022, without GE", T5, OGM_FLAGS)
+register("ogm_ge", OGM, "Peng et al., CVPR 2022", T5, OGM_FLAGS, ge=True)
+register("qmf", QMF, "Zhang et al., ICML 2023", T5 + " missing", {"rank": (
+    "qmf_rank", "its ranking loss: relu(t (c_i - c_j) + margin), the confidence-ranking loss QMF builds on; code: "
+    "- margin, as the authors' code computes it", dict(choices=["paper", "code"]))})
+register("cca", CCA, "Hotelling 1936; multiset CCA", "missing",
+         {"dim": ("cca_dim", "canonical components kept"), **CCA_REG})
+register("dcca", DCCA, "Andrew et al., ICML 2013", "missing",
+         {"dim": ("dcca_dim", "output units per view (= canonical correlations)"), **CCA_REG})
+register("dccae", DCCAE, "Wang et al., ICML 2015", "missing",
+         {"dim": ("dcca_dim", "output units per view (= canonical correlations)"), **CCA_REG,
+          "recon_weight": RECON["recon_weight"], **LAYERS})
+register("ae", AE, "an autoencoder over the views", "missing", {**LAYERS, **RECON})
+register("cra", CRA, "Tran et al., CVPR 2017", "missing", {**LAYERS, **CASCADE, **RECON})
+register("mmin", MMIN, "Zhao et al., ACL 2021", "missing", {**CASCADE, **RECON})
+register("if_mmin", IFMMIN, "Zuo et al., ICASSP 2023", "missing", {
+    **CASCADE, **RECON, "cmd_weight": ("cmd_weight", "weight of the central moment discrepancy"),
+    "cmd_order": ("cmd_order", "highest central moment in the CMD")})
+register("cpm_net", CPMNet, "Zhang et al., CVPR 2019", "missing", {
+    "lam": ("cpm_lambda", "weight of the classification loss on the codes"),
+    "code_lr": ("code_lr", "Adam step size of the latent codes"),
+    "code_steps": ("code_steps", "code refinement steps per batch and at test time")})
+register("tate", TATE, "Zeng et al., SIGIR 2022", "missing", {
+    "layers": ("tate_layers", "transformer encoder layers"), "heads": ("tate_heads", "attention heads"), **RECON})
+register("mla", MLA, "Zhang et al., CVPR 2024; this paper", T5 + " missing clip", {
+    "fusion": ("fusion", "test-time fusion: per-sample entropy weights; fixed weights; or the official code's "
+                         "batch-axis entropy (one weight per batch)", dict(choices=["dynamic", "fixed", "dynamic_batch"])),
+    "fusion_weights": ("fusion_weights", "weights for --fusion fixed (default 0.5 0.5; audio, image, text 0.35 0.25 "
+                                         "0.4)", dict(type=float, nargs="+")),
+    "hgm": ("hgm", "head-gradient projection (HGM); --no_hgm: off, what the official code effectively runs"),
+    "hgm_alpha": ("hgm_alpha", "HGM alpha, a constant; default: 0.1 ** (1 + i/n) for batch i of n. A step absorbs the "
+                               "share hbar'P hbar / (alpha + hbar'P hbar) of its direction: an alpha comparable to "
+                               "hbar'P hbar absorbs it partly, so P fills up more slowly", dict(type=float)),
+    "hgm_alpha_scale": ("hgm_alpha_scale", "alpha times the running mean of hbar'hbar (per modality): the share "
+                                           "absorbed no longer depends on the features' units"),
+    "hgm_forget": ("hgm_forget", "forgetting factor L in (0, 1] as in recursive least squares: P <- (P - k k' / "
+                                 "(alpha + hbar'k)) / L, so absorbed directions come back (1: the paper's); as in RLS, "
+                                 "a direction no step excites grows by 1/L a step (L^-t), so the head gradient can be "
+                                 "amplified there: keep L near 1 for long runs")})
+register("mmcosine", MMCosine, "Xu et al., ICASSP 2023", T5,
+         {"scale": ("mmcosine_scale", "the cosine logits' scale (GeWu-Lab/MMCosine_ICASSP23's --scaling 10)")})
+register("mmpareto", MMPareto, "Wei and Hu, ICML 2024", T5,
+         {"gamma": ("mmpareto_gamma", "the final gradient scale (GeWu-Lab/MMPareto_ICML2024's 1.5)")})
+register("agm", AGM, "Li et al., ICCV 2023", T5, {
+    "alpha": ("agm_alpha", "modulation strength (AGM_ICCV2023's --alpha 1)"),
+    "epochs": ("agm_epochs", "epochs that update the coefficients; later ones keep the last (AGM_ICCV2023's "
+                             "--modulation_ends 20, its epochs counted from 1)")})
+register("gblending", GBlending, "Wang et al., CVPR 2020 (online)", T5, {
+    "super_epoch": ("gb_super_epoch", "epochs between weight estimates, each training a copy of every branch that "
+                                      "long (GeWu-Lab/BalanceBenchmark's super_epoch 10; the authors publish no "
+                                      "online code)"),
+    "abs_gain": ("gb_abs_gain", "weigh a branch whose validation loss rose by |G| / O^2, as BalanceBenchmark "
+                                "(default: ~0; the paper assumes a gain)")})
+register("pmr", PMR, "Fan et al., CVPR 2023", T5, {
+    "alpha": ("pmr_alpha", "weight of the weaker modality's prototype CE, times the paper's clip(1/rho - 1, 0, 1) "
+                           "(Modal-Imbalance-PMR's --alpha 1; its released script weighs it alpha or 0)"),
+    "mu": ("pmr_mu", "weight of the dominant modality's prototype entropy, summed over the batch (BalanceBenchmark "
+                     "01458a1's PMR_PER mu 0.01, since removed; 0: none, as the authors' script)"),
+    "entropy_ends": ("pmr_entropy_ends", "last epoch (from 0) with the entropy term (BalanceBenchmark 01458a1's "
+                                         "norm_epoch 10)"),
+    "ends": ("pmr_ends", "last epoch (from 0) with the prototype terms; plain concat after (the authors' released "
+                         "CREMA-D and AVE runs: --modulation_ends 70)"),
+    "val_prototypes": ("pmr_val_prototypes", "prototypes from the whole validation split, not a tenth of the "
+                                             "training batches (the authors' AVE runs)"),
+    "momentum": ("pmr_momentum", "share of the old prototype kept each epoch (the authors' runs: 0)"),
+    "binary": ("pmr_binary", "coefficients 0 or 1 instead of the paper's clipped ratio; with --pmr_mu 0 the authors' "
+                             "released script (main_Prototype_grad.py: alpha x the weaker modality's prototype CE)")})
+register("reconboost", ReconBoost, "Hua et al., ICML 2024", T5, {
+    "stage_epochs": ("reconboost_stage_epochs", "epochs of each modality's stage (default 4, huacong/ReconBoost's "
+                                                "--epochs_per_stage; the toy sets: 1)", dict(default=None, type=int)),
+    "correct_epochs": ("reconboost_correct_epochs", "epochs of the global rectification after each stage (default 4, "
+                                                    "ReconBoost's --correct_epoch; the toy sets: 1)",
+                       dict(default=None, type=int)),
+    "weights": ("reconboost_weights", "the loss (w1 - w2 q_y) / C x CE; w2 weighs the reconcilement (ReconBoost's "
+                                      "--weight1 5 --weight2 1 for CREMA-D)",
+                dict(type=float, nargs=2, metavar=("W1", "W2"), default=[5.0, 1.0]))})
+
+
+def build_method(name, encoders, num_classes, modalities, num_train=0, **options):
+    """The registered method `name` on the encoders: its class with the keywords its name fixes, num_train (the
+    training split's size, for the classes that take it: per-sample state) and `options`, constructor keywords
+    (method_options gives them from the flags; the others keep the constructor's defaults)."""
+    if name not in REGISTRY:
+        raise ValueError(f"unknown method {name!r}; expected one of {', '.join(REGISTRY)}")
+    r = REGISTRY[name]
+    takes = inspect.signature(r.cls).parameters
+    return r.cls(encoders, num_classes, modalities, **({"num_train": num_train} if "num_train" in takes else {}),
+                 **r.fixed, **options)
+
+
+def method_options(name, args):
+    """The constructor keywords of method `name` from its flags' values in args (add_method_args)."""
+    return {kw: getattr(args, f[0]) for kw, f in REGISTRY[name].flags.items()}
 
 
 # ======== 2. Encoders.  2a. torchvision ResNet-18 for audio and video, the initialisation =========
@@ -4201,10 +4295,15 @@ def world():
     return (torch.distributed.get_rank(), torch.distributed.get_world_size()) if under_torchrun() else (0, 1)
 
 
+def torchrun_processes():
+    """The processes of the torchrun job this process belongs to (RANK and WORLD_SIZE in the environment), else None."""
+    return int(os.environ["WORLD_SIZE"]) if "RANK" in os.environ and "WORLD_SIZE" in os.environ else None
+
+
 def init_distributed(device):
     """Under torchrun (RANK and WORLD_SIZE in the environment): join the job (NCCL and GPU LOCAL_RANK on CUDA,
     gloo on the CPU); the processes after the first print nothing. Returns the process's device."""
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+    if torchrun_processes() is None:
         return device
     cuda = str(device).startswith("cuda")
     if cuda:
@@ -4405,10 +4504,9 @@ def code_version():
         return "unknown"
 
 
-def make_loader(dataset, batch_size, train, seed=0, num_workers=0, device="cpu"):
-    """A DataLoader (shuffled from a generator seeded with `seed` when training), or on CUDA, for a data
-    set that can read whole batches (`gatherable`, e.g. the cache with crops on the GPU), a GatherLoader
-    with `num_workers` threads. Under torchrun: a DistributedSampler (seeded, set_epoch by train_one_epoch)
+def make_loader(dataset, batch_size, train, seed=0, num_workers=0, device="cpu", gather=False):
+    """A DataLoader (shuffled from a generator seeded with `seed` when training), or with `gather` (a data set that
+    reads whole batches, e.g. the cache with crops on the GPU) a GatherLoader with `num_workers` threads. Under torchrun: a DistributedSampler (seeded, set_epoch by train_one_epoch)
     gives each process batch_size / processes items of each batch (a split that does not divide by the number
     of processes is padded with repeated items, as DistributedSampler does); evaluation shards take every item
     once. The processes draw the same random numbers (augmentations, dropout): seeded alike, they stay in step."""
@@ -4426,8 +4524,10 @@ def make_loader(dataset, batch_size, train, seed=0, num_workers=0, device="cpu")
             worker_init_fn=seed_worker, pin_memory=str(device).startswith("cuda"),
             drop_last=train and len(sampler) % batch_size == 1, persistent_workers=num_workers > 0 and not train)
     drop_last = train and len(dataset) % batch_size == 1      # BatchNorm cannot train on 1 sample
-    if str(device).startswith("cuda") and getattr(dataset, "gatherable", False):
-        return GatherLoader(dataset, batch_size, train, g, num_workers, drop_last, pin=True)
+    if gather:
+        if not dataset.gatherable:
+            raise ValueError("gather=True needs a data set that reads whole batches (the cache with augment_on='device')")
+        return GatherLoader(dataset, batch_size, train, g, num_workers, drop_last, pin=str(device).startswith("cuda"))
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=train, generator=g, num_workers=num_workers,
         worker_init_fn=seed_worker, pin_memory=str(device).startswith("cuda"), drop_last=drop_last,
@@ -4513,7 +4613,7 @@ def evaluate(method, loader, device, amp=False):
     count = torch.zeros(n, dtype=torch.long, device=device)
     for xs, y, _, mask in with_progress(device_batches(loader, device, False, masked), len(loader), "evaluating"):
         with autocast(device, amp):
-            fused, unis = method.predict(xs, mask=mask) if masked else method.predict(xs)
+            fused, unis = method.predict(xs, mask=mask)
         fused, unis = fused.float(), [u.float() for u in unis]
         mask = mask if masked else torch.ones(len(y), len(unis), dtype=torch.bool, device=y.device)
         for m, u in enumerate(unis):
@@ -4527,17 +4627,16 @@ def evaluate(method, loader, device, amp=False):
 
 
 def train_one_epoch(method, loader, optimizer, epoch, device, amp=False, checkpoint=None, check_every=None):
-    """One pass over the loader; returns the mean batch loss. Before each step the method's
-    schedule(epoch, step, steps) runs when it has one; methods with uses_index get the batch's sample
-    indices (idx=), masked data sets' batches their mask. With amp, forward passes run under bf16 autocast (bf16 needs no loss scaling). A
+    """One pass over the loader; returns the mean batch loss. Each step: the method's schedule(epoch, step, steps),
+    then its train_step with the batch's mask (masked data sets; else None) and sample indices. With amp, forward
+    passes run under bf16 autocast (bf16 needs no loss scaling). A
     non-finite batch loss raises FloatingPointError naming its epoch and step and whether `checkpoint`
     (the last.pt a --resume continues from) is there. Losses are read back every `check_every` steps
     (default: every step on the CPU, every 25 on a GPU, where each read waits for the GPU)."""
     method.train()
-    masked, uses_index = getattr(loader.dataset, "masked", False), getattr(method, "uses_index", False)
+    masked = getattr(loader.dataset, "masked", False)
     steps = len(loader)
-    if hasattr(loader.sampler, "set_epoch"):            # torchrun's DistributedSampler: this epoch's order
-        loader.sampler.set_epoch(epoch)
+    set_epoch(loader, epoch)                            # torchrun's DistributedSampler: this epoch's order
     check_every = check_every or (25 if torch.device(device).type == "cuda" else 1)
     bar = Progress(steps, f"epoch {epoch + 1}")
     total, unread = 0.0, []
@@ -4561,11 +4660,9 @@ def train_one_epoch(method, loader, optimizer, epoch, device, amp=False, checkpo
 
     try:
         for step, (xs, y, idx, mask) in enumerate(device_batches(loader, device, True, masked)):
-            if hasattr(method, "schedule"):
-                method.schedule(epoch, step, steps)
-            extra = ({"mask": mask} if masked else {}) | ({"idx": idx} if uses_index else {})
+            method.schedule(epoch, step, steps)
             with autocast(device, amp):
-                unread.append((step, method.train_step(xs, y, optimizer, **extra)))
+                unread.append((step, method.train_step(xs, y, optimizer, mask=mask, idx=idx)))
             if len(unread) >= check_every:
                 read_back()
             bar.update()
@@ -4575,13 +4672,11 @@ def train_one_epoch(method, loader, optimizer, epoch, device, amp=False, checkpo
     return total / max(steps, 1)
 
 
-def start_epoch(method, epoch, epochs, loaders, optimizer, device, amp=False):
-    """What a method does before an epoch with all the loaders at hand, when it has a start_epoch: G-Blending
-    estimates its weights (every super-epoch), PMR computes its prototypes. Call it before train_one_epoch."""
-    if hasattr(method, "start_epoch"):
-        if hasattr(loaders["train"].sampler, "set_epoch"):    # torchrun: this epoch's order, as a resumed run's
-            loaders["train"].sampler.set_epoch(epoch)
-        method.start_epoch(epoch, epochs, loaders, optimizer, device, amp)
+def set_epoch(loader, epoch):
+    """Under torchrun: the training loader's DistributedSampler draws epoch `epoch`'s order (a resumed run's too);
+    a no-op otherwise. Call it before anything reads the epoch's batches (a method's start_epoch, the epoch)."""
+    if isinstance(loader.sampler, torch.utils.data.DistributedSampler):
+        loader.sampler.set_epoch(epoch)
 
 
 def train_val_test(data, val_ratio, seed, name, what):
@@ -4606,6 +4701,26 @@ def evaluate_epoch(method, loaders, select_on, device, amp=False):
     return val, evaluate(method, loaders["test"], device, amp) if select_on == "test" else None
 
 
+@dataclass
+class Run:
+    """A run writing into `folder`: its settings (vars(args)), the epoch log, the selected epoch so far (counted from
+    0, as the log) and its score, the next epoch to train, the clock; last.pt saves it after every epoch."""
+    folder: Path
+    script: str
+    settings: dict
+    log: list = field(default_factory=list)
+    best_epoch: int | None = None
+    best_score: float = -1.0
+    next_epoch: int = 0
+    elapsed: float = 0.0                        # seconds of the earlier sessions of a resumed run
+    start: float = field(default_factory=time.time)
+    tick: float = field(default_factory=time.time)
+
+    @property
+    def last(self):
+        return self.folder / "last.pt"
+
+
 def start_run(folder, script, settings, method, optimizer, scheduler, loaders):
     """The state of a run writing into `folder` (made here): its settings (vars(args)), the epoch log, the
     selection so far, the clock; saved in last.pt after every epoch. With settings["resume"] the run
@@ -4616,13 +4731,11 @@ def start_run(folder, script, settings, method, optimizer, scheduler, loaders):
         print("NOTE: selecting the epoch on the TEST set (--select_on test, the official protocol); "
               "the reported test accuracy is optimistic.")
     Path(folder).mkdir(parents=True, exist_ok=True)
-    run = {"folder": Path(folder), "last": Path(folder) / "last.pt", "script": script, "settings": settings,
-           "log": [], "best_epoch": None, "best_score": -1.0, "next_epoch": 0, "elapsed": 0.0,
-           "start": time.time(), "tick": time.time()}
+    run = Run(Path(folder), script, settings)
     if settings.get("resume"):
         resume_run(run, method, optimizer, scheduler, loaders["train"])
-    elif run["last"].is_file():
-        print(f"note: {run['last']} holds an unfinished run; it is started over (rerun with --resume to continue "
+    elif run.last.is_file():
+        print(f"note: {run.last} holds an unfinished run; it is started over (rerun with --resume to continue "
               "it instead)", flush=True)
     return run
 
@@ -4630,7 +4743,7 @@ def start_run(folder, script, settings, method, optimizer, scheduler, loaders):
 def resume_run(run, method, optimizer, scheduler, train_loader):
     """--resume: continue `run` from its last.pt (restores the model, optimizer, scheduler, RNG states and the
     log). Only --lr (applied from the next epoch) and --epochs may differ from the checkpoint's settings."""
-    path, settings = run["last"], run["settings"]
+    path, settings = run.last, run.settings
     if not path.is_file():
         print(f"--resume: no {path}, starting from the first epoch", flush=True)
         return
@@ -4647,37 +4760,35 @@ def resume_run(run, method, optimizer, scheduler, train_loader):
     method.load_state_dict(state["state_dict"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    run.update(log=state["log"], best_epoch=state["best_epoch"], best_score=state["best_score"],
-               next_epoch=state["epoch"] + 1, elapsed=state["elapsed"])
+    run.log, run.best_epoch, run.best_score = state["log"], state["best_epoch"], state["best_score"]
+    run.next_epoch, run.elapsed = state["epoch"] + 1, state["elapsed"]
     set_rng_states(state["rng"], train_loader)
-    print(f"resuming from {path}: {run['next_epoch']} of {settings['epochs']} epochs done", flush=True)
+    print(f"resuming from {path}: {run.next_epoch} of {settings['epochs']} epochs done", flush=True)
     if state["args"].get("lr") not in (None, settings["lr"]):
         resume_lr(optimizer, scheduler, state["args"]["lr"], settings["lr"])
-        print(f"--lr {settings['lr']} replaces {state['args']['lr']} from epoch {run['next_epoch'] + 1} on (each "
+        print(f"--lr {settings['lr']} replaces {state['args']['lr']} from epoch {run.next_epoch + 1} on (each "
               "epoch's lr is in the record's epoch log)", flush=True)
 
 
 def log_epoch(run, epoch, loss, optimizer, val, test, method):
-    """Log the epoch (loss, lr, accuracies; MLA's hgm_p_trace = trace(P)/dim, None without HGM; what a method's
-    epoch_log adds) and print it;
-    True when it is the selected epoch so far (call it before the scheduler steps)."""
-    select_on = run["settings"]["select_on"]
+    """Log the epoch (loss, lr, accuracies and what the method's epoch_log adds, e.g. MLA's hgm_p_trace = trace(P) /
+    dim, None without HGM) and print it; True when it is the selected epoch so far (call it before the scheduler
+    steps)."""
+    select_on = run.settings["select_on"]
     entry = {"epoch": epoch, "lr": float(f"{optimizer.param_groups[0]['lr']:.6g}"), "train_loss": round(loss, 6)}
-    entry["val"], trace = val, ""
-    if isinstance(method, MLA):
-        entry["hgm_p_trace"] = round(float(torch.trace(method.P)) / method.dim, 6) if method.hgm else None
-        trace = f"  P trace {entry['hgm_p_trace']:.3f}" if method.hgm else ""
-    entry.update(method.epoch_log() if hasattr(method, "epoch_log") else {})      # e.g. G-Blending's weights
+    entry["val"] = val
+    entry.update(method.epoch_log())
+    trace = f"  P trace {entry['hgm_p_trace']:.3f}" if entry.get("hgm_p_trace") is not None else ""
     if select_on == "test":
         entry["test"] = test
-    run["log"].append(entry)
+    run.log.append(entry)
     shown = test if select_on == "test" else val
-    print(f"epoch {epoch + 1:3d}/{run['settings']['epochs']}  loss {loss:.4f}  {'test' if select_on == 'test' else 'val'}: "
-          f"{fmt_acc(shown) if shown else '-'}{trace}  ({time.time() - run['tick']:.1f}s)", flush=True)
+    print(f"epoch {epoch + 1:3d}/{run.settings['epochs']}  loss {loss:.4f}  {'test' if select_on == 'test' else 'val'}: "
+          f"{fmt_acc(shown) if shown else '-'}{trace}  ({time.time() - run.tick:.1f}s)", flush=True)
     score = {"val": (val or {}).get("multi"), "test": (test or {}).get("multi"), "last": epoch}[select_on]
     score = -1 if score is None else score
-    if score > run["best_score"]:
-        run["best_score"], run["best_epoch"] = score, epoch
+    if score > run.best_score:
+        run.best_score, run.best_epoch = score, epoch
         return True
     return False
 
@@ -4686,31 +4797,31 @@ def save_best(run, method, epoch):
     """best.pt: the selected epoch's weights (with the run's settings and modalities); torchrun: the first process."""
     if world()[0] > 0:
         return
-    atomic_torch_save({"method": run["settings"]["method"], "epoch": epoch, "args": run["settings"],
-                       "modalities": method.modalities, "state_dict": method.state_dict()}, run["folder"] / "best.pt")
+    atomic_torch_save({"method": run.settings["method"], "epoch": epoch, "args": run.settings,
+                       "modalities": method.modalities, "state_dict": method.state_dict()}, run.folder / "best.pt")
 
 
 def save_checkpoint(run, method, optimizer, scheduler, train_loader):
     """last.pt, written atomically after every epoch: all a --resume needs to continue exactly as an
     uninterrupted run (model incl. MLA's P and QMF's histories, optimizer, scheduler, every RNG state and
     the training loader's generator, the epoch log and the selection so far)."""
-    settings = run["settings"]
+    settings = run.settings
     if world()[0] > 0:                          # torchrun: the first process writes
-        run["tick"] = time.time()
+        run.tick = time.time()
         return
-    save_checksummed({"method": settings["method"], "seed": settings["seed"], "epoch": run["log"][-1]["epoch"],
+    save_checksummed({"method": settings["method"], "seed": settings["seed"], "epoch": run.log[-1]["epoch"],
                       "args": settings, "state_dict": method.state_dict(), "optimizer": optimizer.state_dict(),
-                      "scheduler": scheduler.state_dict(), "rng": rng_states(train_loader), "log": run["log"],
-                      "best_epoch": run["best_epoch"], "best_score": run["best_score"],
-                      "elapsed": run["elapsed"] + time.time() - run["start"]}, run["last"])
-    run["tick"] = time.time()
+                      "scheduler": scheduler.state_dict(), "rng": rng_states(train_loader), "log": run.log,
+                      "best_epoch": run.best_epoch, "best_score": run.best_score,
+                      "elapsed": run.elapsed + time.time() - run.start}, run.last)
+    run.tick = time.time()
 
 
 def load_best(run, method):
     """Load the run's best.pt (the selected epoch) into the method (under torchrun once the first process wrote it)."""
     if under_torchrun():
         torch.distributed.barrier()
-    state = load_checkpoint(run["folder"] / "best.pt", "the selected epoch's weights are lost: rerun without "
+    state = load_checkpoint(run.folder / "best.pt", "the selected epoch's weights are lost: rerun without "
                             "--resume to train the run again")
     method.load_state_dict(state["state_dict"])                # copied onto the method's device
 
@@ -4729,18 +4840,18 @@ def record_epoch(record, epoch):
 def write_record(run, method, test):
     """record.json: the settings, the epoch log, the selected epoch and its test accuracies `test`; the run
     is then finished (last.pt is removed). Returns the record."""
-    s, path = run["settings"], run["folder"] / "record.json"
-    record = {"script": run["script"], "dataset": s["dataset"], "method": s["method"], "seed": s["seed"],
+    s, path = run.settings, run.folder / "record.json"
+    record = {"script": run.script, "dataset": s["dataset"], "method": s["method"], "seed": s["seed"],
               "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in s.items()},
-              "modalities": method.modalities, "epochs": [e | {"epoch": e["epoch"] + 1} for e in run["log"]],
-              "select_on": s["select_on"], "best_epoch": run["best_epoch"] + 1, "test": test,
-              "wall_time_s": round(run["elapsed"] + time.time() - run["start"], 2), "version": code_version(),
+              "modalities": method.modalities, "epochs": [e | {"epoch": e["epoch"] + 1} for e in run.log],
+              "select_on": s["select_on"], "best_epoch": run.best_epoch + 1, "test": test,
+              "wall_time_s": round(run.elapsed + time.time() - run.start, 2), "version": code_version(),
               "first_epoch": 1}
     assert tuple(record) == RECORD_KEYS
     if world()[0] == 0:                         # torchrun: the first process writes
         atomic_json_dump(record, path)
-        run["last"].unlink(missing_ok=True)
-        Path(f"{run['last']}.sha256").unlink(missing_ok=True)
+        run.last.unlink(missing_ok=True)
+        Path(f"{run.last}.sha256").unlink(missing_ok=True)
     chosen = "selected on TEST" if s["select_on"] == "test" else f"epoch {record['best_epoch']} by {s['select_on']}"
     print(f"test ({chosen}): {fmt_acc(test)}\nrecord: {path}", flush=True)
     return record
@@ -5464,7 +5575,7 @@ PAPER_RESULTS = """
 7 food101 | clip image=63.07±0.12 text=83.98±0.08 multi=93.07±0.08 | clip_mla image=72.22±0.1 text=85.34±0.06 multi=93.47±0.04
 """
 # Rows in the paper's order; the data set the toy sets stand in for; Table 7's name for CLIP + MLA.
-TABLE_METHODS = {5: METHODS, 6: MISSING_METHODS, 7: ["clip", "mla"]}
+TABLE_METHODS = {5: methods_of("av"), 6: methods_of("missing"), 7: methods_of("clip")}
 SCRIPT_TABLE = {"train_av.py": 5, "train_it.py": 5, "train_ait.py": 5, "train_missing.py": 6, "train_clip.py": 7}
 TOY_STANDS_FOR = {"train_av.py": "cremad", "train_it.py": "food101", "train_ait.py": "iemocap",
                   "train_missing.py": "iemocap", "train_clip.py": "food101"}
@@ -5678,13 +5789,10 @@ def _default_help(defaults, key, text=""):
     return (text + "; " if text else "") + f"paper {paper}; toy {toy}"
 
 
-HGM_DEFAULT = True      # --method mla's head-gradient projection: the paper's
-
-
 def add_common_args(p, methods, defaults, modalities=None, condition=None):
-    """The flags every train_*.py shares, declared once: the run (--method, --seed, --seeds), SGD and
-    StepLR (defaults None: the script's DEFAULTS['paper'] or ['toy'], filled by finish_args), MLA's,
-    OGM's and FiLM/BiGated's (when `condition` names the default conditioning modality) and the
+    """The flags every train_*.py shares, declared once: the run (--method, --seed, --seeds), SGD and StepLR
+    (defaults None: the script's DEFAULTS['paper'] or ['toy'], filled by finish_args), the conditioning modality
+    of FiLM/BiGated (when `condition` names its default), the flags of `methods` (add_method_args) and the
     protocol (--select_on, --val_ratio, --out_dir, --device)."""
     g = p.add_argument_group("run")
     g.add_argument("--method", default="mla", help=f"one of {', '.join(methods)}; a comma list; or 'all' (a sweep)")
@@ -5698,40 +5806,10 @@ def add_common_args(p, methods, defaults, modalities=None, condition=None):
     g.add_argument("--weight_decay", type=float, default=1e-4)
     g.add_argument("--lr_decay_step", type=int, default=None, help=_default_help(defaults, "lr_decay_step", "epochs"))
     g.add_argument("--lr_decay_ratio", type=float, default=None, help=_default_help(defaults, "lr_decay_ratio"))
-    g = p.add_argument_group("MLA")
-    g.add_argument("--fusion", default="dynamic", choices=["dynamic", "fixed", "dynamic_batch"],
-                   help="test-time fusion: per-sample entropy weights; fixed weights; or the official code's "
-                        "batch-axis entropy (one weight per batch)")
-    g.add_argument("--fusion_weights", type=float, nargs="+", default=None,
-                   help="weights for --fusion fixed (default 0.5 0.5; audio, image, text 0.35 0.25 0.4)")
-    g.add_argument("--hgm", dest="hgm", action="store_true", default=HGM_DEFAULT,
-                   help="head-gradient projection (HGM) on" + (" (default)" if HGM_DEFAULT else ""))
-    g.add_argument("--no_hgm", dest="hgm", action="store_false",
-                   help="HGM off (what the official code effectively runs)" + ("" if HGM_DEFAULT else " (default)"))
-    g.add_argument("--hgm_alpha", type=float, default=None,
-                   help="HGM alpha, a constant; default: 0.1 ** (1 + i/n) for batch i of n. A step absorbs the "
-                        "share hbar'P hbar / (alpha + hbar'P hbar) of its direction: an alpha comparable to "
-                        "hbar'P hbar absorbs it partly, so P fills up more slowly")
-    g.add_argument("--hgm_alpha_scale", action="store_true",
-                   help="alpha times the running mean of hbar'hbar (per modality): the share absorbed no longer "
-                        "depends on the features' units")
-    g.add_argument("--hgm_forget", type=float, default=1.0,
-                   help="forgetting factor L in (0, 1] as in recursive least squares: P <- (P - k k' / (alpha + "
-                        "hbar'k)) / L, so absorbed directions come back (1: the paper's); as in RLS, a direction "
-                        "no step excites grows by 1/L a step (L^-t), so the head gradient can be amplified there: "
-                        "keep L near 1 for long runs")
-    g = p.add_argument_group("QMF")
-    g.add_argument("--qmf_rank", default="paper", choices=["paper", "code"],
-                   help="qmf's ranking loss: relu(t (c_i - c_j) + margin), the confidence-ranking loss QMF builds on; "
-                        "code: - margin, as the authors' code computes it")
-    if "mmcosine" in methods:
-        add_balancing_args(p)
     if condition:
-        g = p.add_argument_group("OGM / OGM-GE, FiLM / BiGated")
-        g.add_argument("--alpha", type=float, default=0.3, help="OGM modulation strength")
-        g.add_argument("--modulation_starts", type=int, default=0, help="first epoch with OGM modulation")
-        g.add_argument("--modulation_ends", type=int, default=50, help="last epoch with OGM modulation")
-        g.add_argument("--condition", default=condition, choices=modalities, help="FiLM/BiGated conditioning modality")
+        p.add_argument_group("FiLM / BiGated").add_argument(
+            "--condition", default=condition, choices=modalities, help="FiLM/BiGated conditioning modality")
+    add_method_args(p, methods)
     g = p.add_argument_group("protocol and output")
     g.add_argument("--select_on", default="val", choices=["val", "test", "last"],
                    help="epoch selection: validation split (default), test set (the official protocol) or last epoch")
@@ -5748,52 +5826,34 @@ def add_common_args(p, methods, defaults, modalities=None, condition=None):
     g.add_argument("--no_sync_bn", dest="sync_bn", action="store_false", help="under torchrun: each process's statistics")
 
 
-def add_balancing_args(p):
-    """The flags of the six balancing methods after the paper's (train_av, train_it, train_ait): the authors'
-    defaults."""
-    g = p.add_argument_group("MMCosine, MMPareto, AGM, G-Blending, PMR, ReconBoost")
-    g.add_argument("--mmcosine_scale", type=float, default=10.0,
-                   help="mmcosine: the cosine logits' scale (GeWu-Lab/MMCosine_ICASSP23's --scaling 10)")
-    g.add_argument("--mmpareto_gamma", type=float, default=1.5,
-                   help="mmpareto: the final gradient scale (GeWu-Lab/MMPareto_ICML2024's 1.5)")
-    g.add_argument("--agm_alpha", type=float, default=1.0, help="agm: modulation strength (AGM_ICCV2023's --alpha 1)")
-    g.add_argument("--agm_epochs", type=int, default=20,
-                   help="agm: epochs that update the coefficients; later ones keep the last (AGM_ICCV2023's "
-                        "--modulation_ends 20, its epochs counted from 1)")
-    g.add_argument("--gb_super_epoch", type=int, default=10,
-                   help="gblending: epochs between weight estimates, each training a copy of every branch that "
-                        "long (GeWu-Lab/BalanceBenchmark's super_epoch 10; the authors publish no online code)")
-    g.add_argument("--gb_abs_gain", action="store_true",
-                   help="gblending: weigh a branch whose validation loss rose by |G| / O^2, as BalanceBenchmark "
-                        "(default: ~0; the paper assumes a gain)")
-    g.add_argument("--pmr_alpha", type=float, default=1.0,
-                   help="pmr: weight of the weaker modality's prototype CE, times the paper's clip(1/rho - 1, 0, 1) "
-                        "(Modal-Imbalance-PMR's --alpha 1; its released script weighs it alpha or 0)")
-    g.add_argument("--pmr_mu", type=float, default=0.01,
-                   help="pmr: weight of the dominant modality's prototype entropy, summed over the batch "
-                        "(BalanceBenchmark 01458a1's PMR_PER mu 0.01, since removed; 0: none, as the authors' script)")
-    g.add_argument("--pmr_entropy_ends", type=int, default=10,
-                   help="pmr: last epoch (from 0) with the entropy term (BalanceBenchmark 01458a1's norm_epoch 10)")
-    g.add_argument("--pmr_ends", type=int, default=70,
-                   help="pmr: last epoch (from 0) with the prototype terms; plain concat after (the authors' "
-                        "released CREMA-D and AVE runs: --modulation_ends 70)")
-    g.add_argument("--pmr_val_prototypes", action="store_true",
-                   help="pmr: prototypes from the whole validation split, not a tenth of the training batches "
-                        "(the authors' AVE runs)")
-    g.add_argument("--pmr_momentum", type=float, default=0.0,
-                   help="pmr: share of the old prototype kept each epoch (the authors' runs: 0)")
-    g.add_argument("--pmr_binary", action="store_true",
-                   help="pmr: coefficients 0 or 1 instead of the paper's clipped ratio; with --pmr_mu 0 the authors' "
-                        "released script (main_Prototype_grad.py: alpha x the weaker modality's prototype CE)")
-    g.add_argument("--reconboost_stage_epochs", type=int, default=None,
-                   help="reconboost: epochs of each modality's stage (default 4, huacong/ReconBoost's "
-                        "--epochs_per_stage; the toy sets: 1)")
-    g.add_argument("--reconboost_correct_epochs", type=int, default=None,
-                   help="reconboost: epochs of the global rectification after each stage (default 4, ReconBoost's "
-                        "--correct_epoch; the toy sets: 1)")
-    g.add_argument("--reconboost_weights", type=float, nargs=2, default=[5.0, 1.0], metavar=("W1", "W2"),
-                   help="reconboost: the loss (w1 - w2 q_y) / C x CE; w2 weighs the reconcilement "
-                        "(ReconBoost's --weight1 5 --weight2 1 for CREMA-D)")
+def add_method_args(p, methods):
+    """The registered flags of `methods` (REGISTRY), a group per method; a flag several of them share is declared
+    once, in the first one's group, and one the script declared itself (e.g. --layers, --condition) is left to it.
+    A flag's default and type are its constructor keyword's default's unless its argparse keywords say otherwise;
+    a bool keyword is a switch: --name when its default is False, --name and --no_name when it is True."""
+    users = collections.defaultdict(list)
+    for name in methods:
+        for f in REGISTRY[name].flags.values():
+            users[f[0]].append(name)
+    for name in methods:
+        r, g = REGISTRY[name], None
+        defaults = {k: v.default for k, v in inspect.signature(r.cls).parameters.items()}
+        for kw, (flag, text, *more) in r.flags.items():
+            if f"--{flag}" in p._option_string_actions or users[flag][0] != name:
+                continue
+            g = g or p.add_argument_group(f"{name} ({r.paper})")
+            extra = dict(more[0]) if more else {}
+            extra.setdefault("default", defaults[kw])
+            text = f"{'/'.join(users[flag])}: {text}"
+            if isinstance(extra["default"], bool):
+                g.add_argument(f"--{flag}", action="store_true", help=text + (" (default)" if extra["default"] else ""),
+                               **extra)
+                if extra["default"]:
+                    g.add_argument(f"--no_{flag}", dest=flag, action="store_false", help=f"--{flag} off")
+                continue
+            if extra["default"] is not None and "type" not in extra:
+                extra["type"] = type(extra["default"])
+            g.add_argument(f"--{flag}", help=text, **extra)
 
 
 def add_it_encoder_args(p, defaults):
@@ -5842,25 +5902,6 @@ def add_toy_args(p, what, train, test, dev=None, dev_flag="dev", seed_help="the 
     return a
 
 
-def method_options(args):
-    """build_method's keywords from the method flags of add_common_args (OGM's, the conditioning modality and
-    the balancing methods' where the script declares them)."""
-    options = dict(mla=dict(hgm=args.hgm, hgm_alpha=args.hgm_alpha, fusion=args.fusion,
-                            fusion_weights=args.fusion_weights, hgm_alpha_scale=args.hgm_alpha_scale,
-                            hgm_forget=args.hgm_forget), qmf_rank=args.qmf_rank)
-    if "mmcosine_scale" in vars(args):
-        options.update(mmcosine_scale=args.mmcosine_scale, mmpareto_gamma=args.mmpareto_gamma,
-                       agm=(args.agm_alpha, args.agm_epochs), gb=(args.gb_super_epoch, args.gb_abs_gain),
-                       pmr=dict(alpha=args.pmr_alpha, mu=args.pmr_mu, entropy_ends=args.pmr_entropy_ends,
-                                momentum=args.pmr_momentum, binary=args.pmr_binary, ends=args.pmr_ends,
-                                val_prototypes=args.pmr_val_prototypes),
-                       reconboost=dict(stage_epochs=args.reconboost_stage_epochs, w1=args.reconboost_weights[0],
-                                       correct_epochs=args.reconboost_correct_epochs, w2=args.reconboost_weights[1]))
-    if "condition" in vars(args):
-        options.update(condition=args.condition, ogm=(args.alpha, args.modulation_starts, args.modulation_ends))
-    return options
-
-
 def it_encoder_options(args):
     """build_it_encoders' keywords from the image and text encoder flags (add_it_encoder_args)."""
     return dict(m3ae=(args.m3ae_dim, args.m3ae_depth, args.m3ae_heads, args.m3ae_mlp_ratio, args.patch_size),
@@ -5895,8 +5936,7 @@ def finish_args(p, args, methods, defaults):
     except ValueError as e:
         p.error(f"--seeds {args.seeds}: expected a comma list of whole numbers, e.g. 0,1,2" if "int()" in str(e)
                 else str(e))
-    args.device = init_distributed(args.device)          # torchrun: join the job, this process's GPU
-    args.processes = world()[1] if under_torchrun() else None     # recorded: a torchrun run draws another order
+    args.processes = torchrun_processes()       # recorded: a torchrun run draws another order
     for k, v in defaults["toy" if args.dataset == "toy" else "paper"].items():
         if getattr(args, k, None) is None:       # the paper's 8 loader workers, but never more than the cores
             setattr(args, k, min(v, os.cpu_count() or 1) if k == "num_workers" else v)

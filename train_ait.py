@@ -14,6 +14,7 @@ import torch
 
 import common as C
 
+METHODS = C.methods_of("ait")        # the registry's, in its order (common.py)
 # The paper's settings for real data; the toy set has its own small defaults.
 DEFAULTS = {
     "paper": dict(epochs=100, batch_size=64, lr=1e-3, lr_decay_step=70, lr_decay_ratio=0.1, image_size=256,
@@ -35,7 +36,7 @@ def get_args(argv=None):
     a = p.add_argument
     a("--dataset", default="toy", choices=["toy", "iemocap"], help="toy: a generated IEMOCAP-like set")
     a("--data_root", default=None, help="data folder (default data/<dataset>; toy: generated in a temp dir)")
-    C.add_common_args(p, C.METHODS, DEFAULTS, MODALITIES, condition="audio")
+    C.add_common_args(p, METHODS, DEFAULTS, MODALITIES, condition="audio")
     a = p.add_argument_group("audio encoder").add_argument
     a("--audio_encoder", default="cavmae", choices=["cavmae", "resnet18"],
       help="cavmae: CAV-MAE's audio transformer (the paper's); resnet18: the A-V ResNet-18 from scratch")
@@ -70,7 +71,7 @@ def get_args(argv=None):
         DEFAULTS, "cpu_threads", "torch CPU threads, 0 = torch's default; the toy's tiny layers gain nothing from "
                                  "threads, which stall on a busy CPU"))
     C.add_toy_args(p, "utterances", 1000, 400, dev=200)
-    args = C.finish_args(p, p.parse_args(argv), C.METHODS, DEFAULTS)
+    args = C.finish_args(p, p.parse_args(argv), METHODS, DEFAULTS)
     if args.encoder == "m3ae" and args.image_size % args.patch_size:
         p.error(f"--image_size {args.image_size} is not a multiple of --patch_size {args.patch_size}")
     if args.audio_encoder == "cavmae" and (args.audio_len % args.cavmae_patch or args.num_mel_bins % args.cavmae_patch):
@@ -89,9 +90,13 @@ def run_folder(args):
 
 def main(argv=None):
     args = get_args(argv)
+    # torchrun (RANK, WORLD_SIZE set): join the job (gloo on the CPU; NCCL on CUDA, this process's GPU LOCAL_RANK).
+    # From here on only the first process prints and writes files (locks, checkpoints, records); the others train
+    # their share of each batch alongside it. Without torchrun: nothing changes.
+    args.device = C.init_distributed(args.device)
     # each run once, holding a lock on its folder while it trains; a sweep skips the runs it finished before
     # and comes back to those another process holds
-    return C.train_runs(C.list_runs(args, C.METHODS), run_folder, run)
+    return C.train_runs(C.list_runs(args, METHODS), run_folder, run)
 
 
 def run(args):
@@ -124,7 +129,7 @@ def train(args, root, device):
 
     # ---- method: the heads over CAV-MAE (or ResNet-18) audio and M3AE-shaped image and text encoders
     method = C.build_method(args.method, [audio, *image_text], len(data["classes"]), MODALITIES, len(splits["train"]),
-                            **C.method_options(args))
+                            **C.method_options(args.method, args))
     C.init_heads(method)                            # encoders keep their own weights
     method.to(device, memory_format=torch.channels_last if args.amp else torch.contiguous_format)
     optimizer = torch.optim.SGD(method.parameters(), args.lr, args.momentum, weight_decay=args.weight_decay)
@@ -133,9 +138,11 @@ def train(args, root, device):
 
     # ---- train: evaluate every epoch, keep the selected one (best.pt) and all that --resume needs (last.pt)
     state = C.start_run(run_folder(args), "train_ait.py", vars(args), method, optimizer, scheduler, loaders)
-    for epoch in range(state["next_epoch"], args.epochs):
-        C.start_epoch(method, epoch, args.epochs, loaders, optimizer, device, args.amp)   # G-Blending, PMR
-        loss = C.train_one_epoch(method, loaders["train"], optimizer, epoch, device, args.amp, state["last"])
+    for epoch in range(state.next_epoch, args.epochs):
+        C.set_epoch(loaders["train"], epoch)          # torchrun: this epoch's order, before anything reads it
+        method.start_epoch(epoch, args.epochs, loaders, optimizer, device, args.amp)   # G-Blending, PMR: their pass
+        loss = C.train_one_epoch(method, loaders["train"], optimizer, epoch, device, args.amp, state.last)
+        method.end_epoch(epoch, loaders, device, args.amp)
         val, test = C.evaluate_epoch(method, loaders, args.select_on, device, args.amp)
         if C.log_epoch(state, epoch, loss, optimizer, val, test, method):     # prints it; True: best so far
             C.save_best(state, method, epoch)

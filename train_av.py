@@ -14,6 +14,7 @@ import torch
 
 import common as C
 
+METHODS = C.methods_of("av")        # the registry's, in its order (common.py)
 MODALITIES = ["audio", "video"]
 
 # The paper's settings for real data; the toy set has its own small defaults.
@@ -34,7 +35,7 @@ def get_args(argv=None):
       help="toy: a generated CREMA-D-like set; ave, vggsound: their release lists (prepare the videos first: "
            "python common.py prepare)")
     a("--data_root", default=None, help="data folder (default data/<dataset>; toy: generated in a temp dir)")
-    C.add_common_args(p, C.METHODS, DEFAULTS, ["audio", "video"], condition="audio")
+    C.add_common_args(p, METHODS, DEFAULTS, ["audio", "video"], condition="audio")
     a = p.add_argument_group("inputs").add_argument
     a("--image_size", type=int, default=None, help="frame crop size; paper 224; toy 32")
     a("--frames", type=int, default=None, help="frames per clip, taken evenly in sorted order; paper 3")
@@ -70,7 +71,7 @@ def get_args(argv=None):
       help="torch.compile the encoders (fused kernels; the first epoch pays about a minute per encoder to "
            "compile; checkpoints are unchanged)")
     C.add_toy_args(p, "clips", 600, 240)
-    args = C.finish_args(p, p.parse_args(argv), C.METHODS, DEFAULTS)
+    args = C.finish_args(p, p.parse_args(argv), METHODS, DEFAULTS)
     if not 0 < args.crop_scale <= 1:
         p.error("--crop_scale must be in (0, 1]")
     return args
@@ -82,9 +83,13 @@ def run_folder(args):
 
 def main(argv=None):
     args = get_args(argv)
+    # torchrun (RANK, WORLD_SIZE set): join the job (gloo on the CPU; NCCL on CUDA, this process's GPU LOCAL_RANK).
+    # From here on only the first process prints and writes files (locks, checkpoints, records); the others train
+    # their share of each batch alongside it. Without torchrun: nothing changes.
+    args.device = C.init_distributed(args.device)
     # each run once, holding a lock on its folder while it trains; a sweep skips the runs it finished before
     # and comes back to those another process holds
-    return C.train_runs(C.list_runs(args, C.METHODS), run_folder, run)
+    return C.train_runs(C.list_runs(args, METHODS), run_folder, run)
 
 
 def run(args):
@@ -114,22 +119,25 @@ def train(args, root, device):
               f"{few[0].n_frames}); some of their frames are used twice")
     sizes = dict(image_size=args.image_size, frames=args.frames, audio_len=args.audio_len,
                  num_mel_bins=args.num_mel_bins, crop_scale=args.crop_scale, augment=not args.no_augment)
-    if args.no_cache or (args.dataset == "toy" and args.data_root is None):      # a temporary toy set: no cache
+    cached = not (args.no_cache or (args.dataset == "toy" and args.data_root is None))  # a temporary toy: no cache
+    if not cached:
         dataset = lambda clips, train: C.AVDataset(clips, train, **sizes)
     else:                                                   # the preprocessed cache (common.py, section 5)
         cache_dir = Path(args.cache_dir) if args.cache_dir else C.default_cache_dir(root)
         dataset = lambda clips, train: C.CachedAVDataset(
             clips, train, **sizes, cache_dir=cache_dir, num_workers=args.num_workers,
             augment_on="device" if device.type == "cuda" else "workers")
+    # on CUDA the cache's batches are read whole by --num_workers threads and cropped on the GPU (gather)
     with C.rank0_first():                   # torchrun: the cache is built once
-        loaders = {split: clips and C.make_loader(dataset(clips, split == "train"), args.batch_size,
-                                                  split == "train", args.seed, args.num_workers, device)
+        loaders = {split: clips and C.make_loader(dataset(clips, split == "train"), args.batch_size, split == "train",
+                                                  args.seed, args.num_workers, device,
+                                                  gather=cached and device.type == "cuda")
                    for split, clips in splits.items()}
 
     # ---- model and method: a ResNet-18 per modality, the method's heads; the paper's SGD and StepLR
     encoders = [C.AudioResNet(), C.VideoResNet()]
     method = C.build_method(args.method, encoders, len(data["classes"]), MODALITIES, len(splits["train"]),
-                            **C.method_options(args))
+                            **C.method_options(args.method, args))
     method.apply(C.init_weights)
     method.to(device, memory_format=torch.channels_last if args.amp else torch.contiguous_format)
     if args.compile:
@@ -140,9 +148,11 @@ def train(args, root, device):
 
     # ---- train: evaluate every epoch, keep the selected one (best.pt) and all that --resume needs (last.pt)
     state = C.start_run(run_folder(args), "train_av.py", vars(args), method, optimizer, scheduler, loaders)
-    for epoch in range(state["next_epoch"], args.epochs):
-        C.start_epoch(method, epoch, args.epochs, loaders, optimizer, device, args.amp)   # G-Blending, PMR
-        loss = C.train_one_epoch(method, loaders["train"], optimizer, epoch, device, args.amp, state["last"])
+    for epoch in range(state.next_epoch, args.epochs):
+        C.set_epoch(loaders["train"], epoch)          # torchrun: this epoch's order, before anything reads it
+        method.start_epoch(epoch, args.epochs, loaders, optimizer, device, args.amp)   # G-Blending, PMR: their pass
+        loss = C.train_one_epoch(method, loaders["train"], optimizer, epoch, device, args.amp, state.last)
+        method.end_epoch(epoch, loaders, device, args.amp)
         val, test = C.evaluate_epoch(method, loaders, args.select_on, device, args.amp)
         if C.log_epoch(state, epoch, loss, optimizer, val, test, method):     # prints it; True: best so far
             C.save_best(state, method, epoch)

@@ -16,7 +16,7 @@ import torch
 
 import common as C
 
-METHODS = ["clip", "mla"]          # clip: joint training of one concat head on both modalities (Table 7's "CLIP")
+METHODS = C.methods_of("clip")     # clip: joint training of one concat head on both modalities (Table 7's "CLIP")
 MODALITIES = ["image", "text"]
 
 # The paper's settings for real data; the toy set has its own small defaults.
@@ -90,6 +90,10 @@ def run_folder(args):
 
 def main(argv=None):
     args = get_args(argv)
+    # torchrun (RANK, WORLD_SIZE set): join the job (gloo on the CPU; NCCL on CUDA, this process's GPU LOCAL_RANK).
+    # From here on only the first process prints and writes files (locks, checkpoints, records); the others train
+    # their share of each batch alongside it. Without torchrun: nothing changes.
+    args.device = C.init_distributed(args.device)
     # each run once, holding a lock on its folder while it trains; a sweep skips the runs it finished before
     # and comes back to those another process holds
     return C.train_runs(C.list_runs(args, METHODS), run_folder, run)
@@ -104,8 +108,8 @@ def run(args):
             loaders, encoders, classes, num_train = data_and_encoders(args, root, device)
 
         # ---- method: "clip" is joint training of one concat head; mla the alternating heads
-        method = C.build_method("concat" if args.method == "clip" else args.method, encoders, len(classes),
-                                MODALITIES, num_train, **C.method_options(args))
+        method = C.build_method(args.method, encoders, len(classes), MODALITIES, num_train,
+                                **C.method_options(args.method, args))
         C.init_heads(method)                            # encoders keep their own weights
         method.to(device)
         optimizer = torch.optim.SGD(method.parameters(), args.lr, args.momentum, weight_decay=args.weight_decay)
@@ -114,8 +118,11 @@ def run(args):
 
         # ---- train: evaluate every epoch, keep the selected one (best.pt) and all that --resume needs (last.pt)
         state = C.start_run(run_folder(args), "train_clip.py", vars(args), method, optimizer, scheduler, loaders)
-        for epoch in range(state["next_epoch"], args.epochs):
-            loss = C.train_one_epoch(method, loaders["train"], optimizer, epoch, device, args.amp, state["last"])
+        for epoch in range(state.next_epoch, args.epochs):
+            C.set_epoch(loaders["train"], epoch)      # torchrun: this epoch's order, before anything reads it
+            method.start_epoch(epoch, args.epochs, loaders, optimizer, device, args.amp)
+            loss = C.train_one_epoch(method, loaders["train"], optimizer, epoch, device, args.amp, state.last)
+            method.end_epoch(epoch, loaders, device, args.amp)
             val, test = C.evaluate_epoch(method, loaders, args.select_on, device, args.amp)
             if C.log_epoch(state, epoch, loss, optimizer, val, test, method):     # prints it; True: best so far
                 C.save_best(state, method, epoch)

@@ -14,6 +14,7 @@ import torch
 
 import common as C
 
+METHODS = C.methods_of("it")        # the registry's, in its order (common.py)
 MODALITIES = ["image", "text"]
 
 # The paper's settings for real data; the toy set has its own small defaults.
@@ -36,7 +37,7 @@ def get_args(argv=None):
     a("--data_root", default=None, help="data folder (default data/<dataset>; toy: generated in a temp dir)")
     a("--layout", default="auto", choices=["auto", "jsonl", "mla"],
       help="on-disk layout: MMBT/QMF jsonl or MLA lists; auto detects it (jsonl first)")
-    C.add_common_args(p, C.METHODS, DEFAULTS, MODALITIES, condition="text")
+    C.add_common_args(p, METHODS, DEFAULTS, MODALITIES, condition="text")
     C.add_it_encoder_args(p, DEFAULTS)
     a = p.add_argument_group("data").add_argument
     a("--skip_bad", action="store_true", help="skip pairs with missing files (and print how many)")
@@ -48,7 +49,7 @@ def get_args(argv=None):
     a("--cpu_threads", type=int, default=None, help="torch CPU threads, 0 = torch's default (paper); toy 1: its "
                                                     "tiny layers gain nothing from threads, which stall on a busy CPU")
     C.add_toy_args(p, "pairs", 600, 240, dev=120)
-    args = C.finish_args(p, p.parse_args(argv), C.METHODS, DEFAULTS)
+    args = C.finish_args(p, p.parse_args(argv), METHODS, DEFAULTS)
     if args.encoder == "m3ae" and args.image_size % args.patch_size:
         p.error(f"--image_size {args.image_size} is not a multiple of --patch_size {args.patch_size}")
     return args
@@ -60,9 +61,13 @@ def run_folder(args):
 
 def main(argv=None):
     args = get_args(argv)
+    # torchrun (RANK, WORLD_SIZE set): join the job (gloo on the CPU; NCCL on CUDA, this process's GPU LOCAL_RANK).
+    # From here on only the first process prints and writes files (locks, checkpoints, records); the others train
+    # their share of each batch alongside it. Without torchrun: nothing changes.
+    args.device = C.init_distributed(args.device)
     # each run once, holding a lock on its folder while it trains; a sweep skips the runs it finished before
     # and comes back to those another process holds
-    return C.train_runs(C.list_runs(args, C.METHODS), run_folder, run)
+    return C.train_runs(C.list_runs(args, METHODS), run_folder, run)
 
 
 def run(args):
@@ -89,7 +94,7 @@ def train(args, root, device):
 
     # ---- model and method: an M3AE-shaped (or transformers) encoder per modality, the method's heads
     method = C.build_method(args.method, encoders, len(data["classes"]), MODALITIES, len(splits["train"]),
-                            **C.method_options(args))
+                            **C.method_options(args.method, args))
     C.init_heads(method)                            # encoders keep their own weights
     method.to(device)
     optimizer = torch.optim.SGD(method.parameters(), args.lr, args.momentum, weight_decay=args.weight_decay)
@@ -98,9 +103,11 @@ def train(args, root, device):
 
     # ---- train: evaluate every epoch, keep the selected one (best.pt) and all that --resume needs (last.pt)
     state = C.start_run(run_folder(args), "train_it.py", vars(args), method, optimizer, scheduler, loaders)
-    for epoch in range(state["next_epoch"], args.epochs):
-        C.start_epoch(method, epoch, args.epochs, loaders, optimizer, device, args.amp)   # G-Blending, PMR
-        loss = C.train_one_epoch(method, loaders["train"], optimizer, epoch, device, args.amp, state["last"])
+    for epoch in range(state.next_epoch, args.epochs):
+        C.set_epoch(loaders["train"], epoch)          # torchrun: this epoch's order, before anything reads it
+        method.start_epoch(epoch, args.epochs, loaders, optimizer, device, args.amp)   # G-Blending, PMR: their pass
+        loss = C.train_one_epoch(method, loaders["train"], optimizer, epoch, device, args.amp, state.last)
+        method.end_epoch(epoch, loaders, device, args.amp)
         val, test = C.evaluate_epoch(method, loaders, args.select_on, device, args.amp)
         if C.log_epoch(state, epoch, loss, optimizer, val, test, method):     # prints it; True: best so far
             C.save_best(state, method, epoch)

@@ -17,6 +17,7 @@ import torch
 
 import common as C
 
+METHODS = C.methods_of("missing")     # Table 6, in the registry's order (common.py)
 # The paper's settings for real data; the toy set has its own small defaults.
 DEFAULTS = {
     "paper": dict(epochs=100, batch_size=64, lr=1e-3, lr_decay_step=70, lr_decay_ratio=0.1, cpu_threads=0),
@@ -42,35 +43,18 @@ def get_args(argv=None):
     a("--missing_rate", type=float, default=0.5, help="fraction of (sample, view) entries removed")
     a("--missing_rates", default=None, help="comma list of rates to sweep, e.g. 0.1,0.3,0.5,0.7 "
                                             "(overrides --missing_rate)")
-    C.add_common_args(p, C.MISSING_METHODS, DEFAULTS)
     a = p.add_argument_group("model sizes (the paper's: 3 layers of 128 per modality, classifier 128 -> C)").add_argument
     a("--hidden", type=int, default=128, help="width of the per-modality MLP encoders (and codes, tokens)")
     a("--layers", type=int, default=3, help="linear layers per MLP encoder (and decoder; cpm_net's are linear, "
                                             "dim -> dim -> d, as the authors')")
-    a = p.add_argument_group("Table-6-only methods").add_argument
-    a("--cca_dim", type=int, default=32, help="cca: canonical components kept")
-    a("--dcca_dim", type=int, default=10, help="dcca/dccae: output units per view (= canonical correlations)")
-    a("--cca_reg", type=float, default=1e-3, help="cca/dcca/dccae: ridge added to the covariances")
-    a("--recon_weight", type=float, default=1.0, help="dccae/ae/cra/mmin/if_mmin/tate: weight of the "
-                                                      "reconstruction (imagination) loss")
-    a("--hide_prob", type=float, default=0.5, help="ae/cra/mmin/if_mmin/tate: chance that a training sample "
-                                                   "with 2+ views has one hidden, to be imputed")
-    a("--ae_widths", type=lambda s: [int(v) for v in s.split(",")], default=[128, 64, 32],
-      help="cra/mmin/if_mmin: widths of each residual AE's encoder (comma list)")
-    a("--ae_blocks", type=int, default=3, help="cra/mmin/if_mmin: residual AEs in the cascade")
-    a("--cmd_weight", type=float, default=0.1, help="if_mmin: weight of the central moment discrepancy")
-    a("--cmd_order", type=int, default=5, help="if_mmin: highest central moment in the CMD")
-    a("--cpm_lambda", type=float, default=1.0, help="cpm_net: weight of the classification loss on the codes")
-    a("--code_lr", type=float, default=0.05, help="cpm_net: Adam step size of the latent codes")
-    a("--code_steps", type=int, default=20, help="cpm_net: code refinement steps per batch and at test time")
-    a("--tate_layers", type=int, default=2, help="tate: transformer encoder layers")
-    a("--tate_heads", type=int, default=4, help="tate: attention heads")
+    C.add_common_args(p, METHODS, DEFAULTS)                 # with the methods' flags (the registry's)
+    a = p.add_argument_group("speed").add_argument
     a("--cpu_threads", type=int, default=None, help=C._default_help(
         DEFAULTS, "cpu_threads", "torch CPU threads, 0 = torch's default (one per core)"))
     a = C.add_toy_args(p, "samples", 1000, 400, dev=200, dev_flag="val")
     a("--toy_dims", type=lambda s: [int(v) for v in s.split(",")], default=[32, 48, 64],
       help="toy: widths of audio, visual, text (comma list)")
-    args = C.finish_args(p, p.parse_args(argv), C.MISSING_METHODS, DEFAULTS)
+    args = C.finish_args(p, p.parse_args(argv), METHODS, DEFAULTS)
     try:
         rates = parse_rates(args.missing_rates) if args.missing_rates else [args.missing_rate]
     except ValueError as e:
@@ -102,11 +86,15 @@ def run_folder(args):
 
 def main(argv=None):
     args = get_args(argv)
+    # torchrun (RANK, WORLD_SIZE set): join the job (gloo on the CPU; NCCL on CUDA, this process's GPU LOCAL_RANK).
+    # From here on only the first process prints and writes files (locks, checkpoints, records); the others train
+    # their share of each batch alongside it. Without torchrun: nothing changes.
+    args.device = C.init_distributed(args.device)
     rates = parse_rates(args.missing_rates) if args.missing_rates else [args.missing_rate]
     with C.torch_threads(args.cpu_threads):
         # each run once, holding a lock on its folder while it trains; a sweep skips the runs it finished before
         # and comes back to those another process holds
-        return C.train_runs(C.list_runs(args, C.MISSING_METHODS, grid={"missing_rate": rates}), run_folder, run)
+        return C.train_runs(C.list_runs(args, METHODS, grid={"missing_rate": rates}), run_folder, run)
 
 
 def load_data(args):
@@ -156,11 +144,8 @@ def run(args):
 
     # ---- model and method: an MLP encoder per view, the method's heads; the paper's SGD and StepLR
     encoders = [C.MLPEncoder(x.shape[1], args.hidden, args.layers) for x in data["train"][0]]
-    table6 = {k: getattr(args, k) for k in ("layers", "recon_weight", "hide_prob", "ae_widths", "ae_blocks", "cca_dim",
-                                            "dcca_dim", "cca_reg", "cmd_weight", "cmd_order", "cpm_lambda", "code_lr",
-                                            "code_steps", "tate_layers", "tate_heads")}
-    method = C.build_method(args.method, encoders, len(classes), modalities, len(data["train"][1]), table6=table6,
-                            **C.method_options(args))
+    method = C.build_method(args.method, encoders, len(classes), modalities, len(data["train"][1]),
+                            **C.method_options(args.method, args))
     method.apply(C.init_weights)
     if norm is not None:
         method.feature_norm = norm             # its statistics go into best.pt and last.pt with the weights
@@ -170,14 +155,13 @@ def run(args):
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_decay_step, args.lr_decay_ratio)
 
     # ---- train: evaluate every epoch, keep the selected one (best.pt) and all that --resume needs (last.pt);
-    # the CCA family fits its projections in closed form before the first epoch and after each one
+    # the CCA family fits its projections in closed form before the first epoch (cca) or after each one (dcca)
     state = C.start_run(out, "train_missing.py", vars(args), method, optimizer, scheduler, loaders)
-    if state["next_epoch"] == 0 and hasattr(method, "fit_start"):
-        method.fit_start(loaders["train"], device)
-    for epoch in range(state["next_epoch"], args.epochs):
-        loss = C.train_one_epoch(method, loaders["train"], optimizer, epoch, device, checkpoint=state["last"])
-        if hasattr(method, "epoch_end"):
-            method.epoch_end(loaders["train"], device)
+    for epoch in range(state.next_epoch, args.epochs):
+        C.set_epoch(loaders["train"], epoch)          # torchrun: this epoch's order, before anything reads it
+        method.start_epoch(epoch, args.epochs, loaders, optimizer, device)
+        loss = C.train_one_epoch(method, loaders["train"], optimizer, epoch, device, checkpoint=state.last)
+        method.end_epoch(epoch, loaders, device)
         val, test = C.evaluate_epoch(method, loaders, args.select_on, device)
         if C.log_epoch(state, epoch, loss, optimizer, val, test, method):     # prints it; True: best so far
             C.save_best(state, method, epoch)

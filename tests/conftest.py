@@ -1,3 +1,4 @@
+import argparse
 import os
 import shutil
 import sys
@@ -84,12 +85,20 @@ TINY = ["--image_size", "16", "--frames", "2", "--audio_len", "32", "--num_mel_b
 
 
 def step(method, xs, y, idx, optimizer, epoch=0, batch=0, steps=1, mask=None):
-    """One training step as common.train_one_epoch takes it: the method's schedule(epoch, batch, steps)
-    when it has one, then train_step with the mask (if any) and, for methods with uses_index, the
-    batch's sample indices."""
-    if hasattr(method, "schedule"):
-        method.schedule(epoch, batch, steps)
-    extra = {"mask": mask} if mask is not None else {}
-    if getattr(method, "uses_index", False):
-        extra["idx"] = idx
-    return method.train_step(xs, y, optimizer, **extra)
+    """One training step as common.train_one_epoch takes it: the method's schedule(epoch, batch, steps), then
+    train_step with the mask (or None) and the batch's sample indices."""
+    method.schedule(epoch, batch, steps)
+    return method.train_step(xs, y, optimizer, mask=mask, idx=idx)
+
+
+def options(name, **flags):
+    """The constructor keywords of method `name` as a script gets them from its flags (add_method_args, then
+    method_options): `flags` by flag name (e.g. ae_widths=[8, 4]), the flags' defaults for the others."""
+    import common as C
+    p = argparse.ArgumentParser()
+    C.add_method_args(p, [name])
+    args = p.parse_args([])
+    for k, v in flags.items():
+        if k in vars(args):
+            setattr(args, k, v)
+    return C.method_options(name, args)

@@ -1,6 +1,6 @@
 """Started under torchrun by tests/test_ddp.py (not collected by pytest). `train OUT`: each method trains two
 epochs of two batches of 32 on a fixed feature set through train_av.py's helpers (build_method, make_loader,
-distribute, start_epoch, train_one_epoch, evaluate); every process saves what it ends with, then train_missing.py runs
+distribute, set_epoch, start_epoch, train_one_epoch, end_epoch, evaluate); every process saves what it ends with, then train_missing.py runs
 (its record: OUT/missing); then Table 6's own methods the same way, on a three-view set with missing views. `fail OUT`: train_missing.py, with process 1 failing in its second evaluation;
 `resume OUT`: the same run with --resume (from scratch where there is no last.pt)."""
 import sys
@@ -11,6 +11,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common as C          # noqa: E402
 import train_missing        # noqa: E402
+from conftest import options  # noqa: E402
+
+TABLE5 = C.methods_of("av")                                            # Table 5's and the six balancing methods
+TABLE6_ONLY = [m for m in C.methods_of("missing") if m not in TABLE5]  # Table 6's own
 
 
 
@@ -34,7 +38,7 @@ def train(out):
     C.init_distributed("cpu")
     rank = C.world()[0]
     data = Pairs()
-    for name in C.METHODS:                     # Table 5's and the six balancing methods
+    for name in TABLE5:                        # Table 5's and the six balancing methods
         C.seed_everything(0)
         encoders = [C.MLPEncoder(5, 16, 2), C.MLPEncoder(7, 16, 2)]
         method = C.build_method(name, encoders, 4, ["audio", "video"], len(data))
@@ -43,29 +47,29 @@ def train(out):
         loaders = {"train": C.make_loader(data, 32, True, seed=0), "val": C.make_loader(data, 32, False)}
         losses = []
         for epoch in range(2):
-            C.start_epoch(method, epoch, 2, loaders, optimizer, "cpu")         # G-Blending's weights, PMR's prototypes
+            C.set_epoch(loaders["train"], epoch)
+            method.start_epoch(epoch, 2, loaders, optimizer, "cpu")         # G-Blending's weights, PMR's prototypes
             losses.append(C.train_one_epoch(method, loaders["train"], optimizer, epoch, "cpu"))
         acc = C.evaluate(method, loaders["val"], "cpu")
         torch.save({"losses": losses, "acc": acc, "state": method.state_dict()}, Path(out) / f"{name}_{rank}.pt")
     views = Pairs(n=64)                        # Table 6's own methods: three views, 30 % of them missing
     xs, mask = [views.a, views.v, views.a[:, :3] - views.v[:, :3]], torch.as_tensor(C.missing_mask(64, 3, 0.3, 0))
     data = C.FeatureDataset(xs, mask, views.y)
-    for name in C.MISSING_ONLY_METHODS:
+    for name in TABLE6_ONLY:
         C.seed_everything(0)
         encoders = [C.MLPEncoder(x.shape[1], 16, 2) for x in xs]
-        method = C.build_method(name, encoders, 4, ["audio", "visual", "text"], len(data),
-                                table6=dict(layers=2, hide_prob=0.0, ae_widths=(16, 8), ae_blocks=2, cca_dim=3,
-                                            dcca_dim=2, code_steps=3, tate_heads=2))
+        method = C.build_method(name, encoders, 4, ["audio", "visual", "text"], len(data), **options(
+            name, layers=2, hide_prob=0.0, ae_widths=(16, 8), ae_blocks=2, cca_dim=3, dcca_dim=2, code_steps=3,
+            tate_heads=2))
         optimizer = torch.optim.SGD(method.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
         method = C.distribute(method, optimizer)
         loaders = {"train": C.make_loader(data, 32, True, seed=0), "val": C.make_loader(data, 32, False)}
-        if hasattr(method, "fit_start"):
-            method.fit_start(loaders["train"], "cpu")
         losses = []
         for epoch in range(2):
+            C.set_epoch(loaders["train"], epoch)
+            method.start_epoch(epoch, 2, loaders, optimizer, "cpu")         # CCA's fit
             losses.append(C.train_one_epoch(method, loaders["train"], optimizer, epoch, "cpu"))
-            if hasattr(method, "epoch_end"):
-                method.epoch_end(loaders["train"], "cpu")
+            method.end_epoch(epoch, loaders, "cpu")                          # DCCA's
         acc = C.evaluate(method, loaders["val"], "cpu")
         torch.save({"losses": losses, "acc": acc, "state": method.state_dict()}, Path(out) / f"{name}_{rank}.pt")
     train_missing.main(MISSING + ["--out_dir", str(Path(out) / "missing")])

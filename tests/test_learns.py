@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import common as C
+from conftest import options
 
 N, DIMS, CLASSES = 24, (5, 6, 7), 4
 
@@ -34,8 +35,8 @@ def learned(name, num_views, masked, epochs=1, **kw):
     torch.manual_seed(0)
     mods = ["audio", "visual", "text"][:num_views]
     encoders = [C.MLPEncoder(d, 8, 2) for d in DIMS[:num_views]]
-    table6 = dict(ae_widths=(8, 4), ae_blocks=3, cca_dim=3, dcca_dim=2, code_steps=2, tate_heads=2, tate_layers=1)
-    method = C.build_method(name, encoders, CLASSES, mods, N, table6=table6, **kw)
+    flags = dict(ae_widths=(8, 4), ae_blocks=3, cca_dim=3, dcca_dim=2, code_steps=2, tate_heads=2, tate_layers=1)
+    method = C.build_method(name, encoders, CLASSES, mods, N, **(options(name, **flags) | kw))
     method.apply(C.init_weights)
     ls = loaders(num_views, masked)
     opt = torch.optim.SGD(method.parameters(), lr=0.05)
@@ -51,31 +52,28 @@ def learned(name, num_views, masked, epochs=1, **kw):
                     got_grad.add(n)
 
     opt.register_step_pre_hook(spy)
-    if hasattr(method, "fit_start"):                    # as train_missing.py: the CCA family's closed-form fit
-        method.fit_start(ls["train"], "cpu")
-    for epoch in range(epochs):
-        C.start_epoch(method, epoch, epochs, ls, opt, "cpu")
+    for epoch in range(epochs):                          # as the scripts: the CCA family's closed-form fits included
+        method.start_epoch(epoch, epochs, ls, opt, "cpu")
         C.train_one_epoch(method, ls["train"], opt, epoch, "cpu")
-        if hasattr(method, "epoch_end"):
-            method.epoch_end(ls["train"], "cpu")
+        method.end_epoch(epoch, ls, "cpu")
     after = dict(method.named_parameters())
     assert all(torch.isfinite(p).all() for p in after.values()), f"{name}: non-finite parameters"
     return {n: n in got_grad or not torch.equal(before[n], after[n].detach()) for n in before}
 
 
 # ReconBoost trains one modality per stage, then all: stages of 1 epoch, so M + 1 epochs cover every phase
-PHASES = {"reconboost": dict(reconboost=dict(stage_epochs=1, correct_epochs=1, hidden=8))}
+PHASES = {"reconboost": dict(stage_epochs=1, correct_epochs=1, hidden=8)}
 
 
 @pytest.mark.parametrize("num_views", [2, 3])
-@pytest.mark.parametrize("name", C.METHODS)
+@pytest.mark.parametrize("name", C.methods_of("av"))
 def test_every_parameter_of_a_table5_method_learns(name, num_views):
     epochs = 2 * num_views if name == "reconboost" else 1
     ok = learned(name, num_views, masked=False, epochs=epochs, **PHASES.get(name, {}))
     assert all(ok.values()), f"{name} ({num_views} modalities): never learned: {[n for n, v in ok.items() if not v]}"
 
 
-@pytest.mark.parametrize("name", C.MISSING_METHODS)
+@pytest.mark.parametrize("name", C.methods_of("missing"))
 def test_every_parameter_of_a_table6_method_learns_with_missing_views(name):
     ok = learned(name, 3, masked=True)
     assert all(ok.values()), f"{name}: never learned: {[n for n, v in ok.items() if not v]}"

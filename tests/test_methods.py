@@ -362,7 +362,7 @@ def test_late_fusion_branches_independent(tiny_encoders):
 
 @pytest.mark.parametrize("name", ["concat", "film", "bigated", "ogm"])
 def test_fused_feature_methods_unimodal_zeroes_others(name, tiny_encoders):
-    m = C.build_method(name, tiny_encoders(5, 7), 4, MODS, 12, condition=None, ogm=(0.3, 0, 50))
+    m = C.build_method(name, tiny_encoders(5, 7), 4, MODS, 12)
     xs, _, _ = batch()
     zs = m.encode(xs)
     fused, (ua, uv) = m.predict(xs)
@@ -570,7 +570,7 @@ def test_gblending_abs_gain_weighs_a_rising_validation_loss_by_its_rise():
     end = torch.tensor([[0.5, 1.5], [0.4, 0.8]]).double()
     assert torch.allclose(C.gb_weights(start, end, abs_gain=True), torch.tensor([2 / 7, 5 / 7]).double())
     assert torch.allclose(C.gb_weights(start, end), torch.tensor([0.0, 1.0]).double(), atol=1e-7)
-    m = C.build_method("gblending", [Lin(5, 3), Lin(7, 3)], 4, MODS, gb=(3, True))
+    m = C.build_method("gblending", [Lin(5, 3), Lin(7, 3)], 4, MODS, super_epoch=3, abs_gain=True)
     assert (m.super_epoch, m.abs_gain) == (3, True)
 
 
@@ -590,7 +590,7 @@ def test_gblending_estimates_its_weights_on_copies_every_super_epoch(tiny_encode
     loaders = {s: C.make_loader(Pairs(seed=i), 8, False) for i, s in enumerate(("train", "val"))}   # fixed order
     opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
     ref = copy.deepcopy(m)
-    C.start_epoch(m, 0, 4, loaders, opt, "cpu")
+    m.start_epoch(0, 4, loaders, opt, "cpu")
     assert same(params(ref), params(m)) and not opt.state           # the copies trained, not the model
 
     @torch.no_grad()
@@ -609,11 +609,11 @@ def test_gblending_estimates_its_weights_on_copies_every_super_epoch(tiny_encode
     want = C.gb_weights(torch.tensor(start).double(), torch.tensor(end).double())
     assert torch.allclose(m.weights, want.float(), atol=1e-6) and not torch.allclose(want, torch.full((3,), 1 / 3).double())
     w = m.weights.clone()
-    C.start_epoch(m, 1, 4, loaders, opt, "cpu")                     # within the super-epoch: kept
+    m.start_epoch(1, 4, loaders, opt, "cpu")                     # within the super-epoch: kept
     assert torch.equal(m.weights, w) and m.epoch_log() == {"gb_weights": [round(v, 6) for v in w.tolist()]}
     assert "weights" in m.state_dict()                              # saved with the model: --resume keeps them
     with pytest.raises(ValueError, match="validation split"):
-        C.start_epoch(m, 2, 4, {"train": loaders["train"], "val": None}, opt, "cpu")
+        m.start_epoch(2, 4, {"train": loaders["train"], "val": None}, opt, "cpu")
 
 
 class Ident(torch.nn.Identity):
@@ -647,7 +647,7 @@ def test_pmr_prototypes_are_class_means_of_a_tenth_of_the_training_batches():
     data = Pairs(n=40)
     data.a, data.v = data.a[:, :2], data.v[:, :2]
     loaders = {"train": C.make_loader(data, 2, False)}         # unshuffled: batches 0 and 1 are items 0-3
-    C.start_epoch(m, 0, 2, loaders, None, "cpu")
+    m.start_epoch(0, 2, loaders, None, "cpu")
     y = data.y[:4]
     for k in range(4):
         want = data.a[:4][y == k].mean(0) if (y == k).any() else torch.zeros(2)    # unseen: kept (0)
@@ -655,10 +655,10 @@ def test_pmr_prototypes_are_class_means_of_a_tenth_of_the_training_batches():
     old = m.prototypes.clone()
     data.a = data.a + 1.0
     seen = torch.bincount(y, minlength=4) > 0
-    C.start_epoch(m, 1, 3, loaders, None, "cpu")              # after epoch 0: the new means (as the authors')
+    m.start_epoch(1, 3, loaders, None, "cpu")              # after epoch 0: the new means (as the authors')
     assert torch.allclose(m.prototypes[0, seen], old[0, seen] + 1.0)
     data.a = data.a + 1.0
-    C.start_epoch(m, 2, 3, loaders, None, "cpu")              # then momentum 0.5 of the old prototype
+    m.start_epoch(2, 3, loaders, None, "cpu")              # then momentum 0.5 of the old prototype
     assert torch.allclose(m.prototypes[0, seen], old[0, seen] + 1.5)
     assert torch.equal(m.prototypes[0, ~seen], old[0, ~seen])
 
@@ -668,11 +668,11 @@ def test_pmr_val_prototypes_are_class_means_of_the_whole_validation_split():
     train, val = Pairs(n=40), Pairs(n=40, seed=1)
     for d in (train, val):
         d.a, d.v = d.a[:, :2], d.v[:, :2]
-    C.start_epoch(m, 0, 2, {"train": C.make_loader(train, 2, False), "val": C.make_loader(val, 2, False)}, None, "cpu")
+    m.start_epoch(0, 2, {"train": C.make_loader(train, 2, False), "val": C.make_loader(val, 2, False)}, None, "cpu")
     for k in range(4):                                         # every validation item, none of the training ones
         assert torch.allclose(m.prototypes[1, k], val.v[val.y == k].mean(0), atol=1e-6)
     with pytest.raises(ValueError, match="--pmr_val_prototypes takes the prototypes from the validation split"):
-        C.start_epoch(m, 1, 2, {"train": C.make_loader(train, 2, False), "val": None}, None, "cpu")
+        m.start_epoch(1, 2, {"train": C.make_loader(train, 2, False), "val": None}, None, "cpu")
 
 
 def test_reconboost_loss_by_hand():

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import common as C
 import train_missing
-from conftest import step, ROOT
+from conftest import options, step, ROOT
 
 MODS = ["audio", "visual", "text"]
 TINY = ["--toy_train", "64", "--toy_val", "32", "--toy_test", "32", "--toy_dims", "6,7,8", "--hidden", "16",
@@ -243,7 +243,7 @@ def build(name, encoders, num_train=800):
     table6 = dict(layers=2, recon_weight=1.0, hide_prob=0.5, ae_widths=[32, 16], ae_blocks=2, cca_dim=4, dcca_dim=3,
                   cca_reg=1e-3, cmd_weight=1.0, cmd_order=3, cpm_lambda=1.0, code_lr=0.05, code_steps=5, tate_heads=2,
                   tate_layers=1)
-    return C.build_method(name, encoders, 4, MODS, num_train, table6=table6)
+    return C.build_method(name, encoders, 4, MODS, num_train, **options(name, **table6))
 
 
 @pytest.mark.parametrize("name", ["ae", "cra", "mmin"])
@@ -365,7 +365,7 @@ def test_if_mmin_adds_invariant_features_and_averages_cmd_over_pairs():
     pairs = [(0, 1), (0, 2), (1, 2)]
     cmds = [C.cmd(inv[i][mask[:, i] & mask[:, j]], inv[j][mask[:, i] & mask[:, j]], 3) for i, j in pairs]
     expected = base + match + 1.0 * sum(cmds) / 3                    # cmd_weight 1, the authors' loss / 3.0
-    assert torch.allclose(m.loss(xs, y, mask), expected, atol=1e-5)
+    assert torch.allclose(m.objective(xs, y, mask), expected, atol=1e-5)
 
 
 def test_cpm_net_leave_one_out_scores_and_its_classification_loss():
@@ -436,7 +436,7 @@ def nan_batch(n=24, seed=0):
 def test_encoders_never_see_a_missing_view(name):
     torch.manual_seed(0)
     spies = [Spy(C.MLPEncoder(d, 8, 2)) for d in (3, 4, 5)]
-    m = C.build_method(name, spies, 4, MODS, 24, mla=dict(hgm=True, hgm_alpha=None, fusion="dynamic"))
+    m = C.build_method(name, spies, 4, MODS, 24)                      # mla: HGM on, the official alpha, dynamic
     opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
     xs, y, idx, mask = nan_batch()
     loss = step(m, xs, y, idx, opt, epoch=0, batch=0, steps=1, mask=mask)
@@ -514,7 +514,7 @@ def test_mla_fixed_weights_renormalised_over_present_views():
 
 # ---------------------------------------------------------------------------------------------- train_missing.py
 
-@pytest.mark.parametrize("method", C.MISSING_METHODS)
+@pytest.mark.parametrize("method", C.methods_of("missing"))
 def test_every_method_trains_one_toy_epoch_and_writes_record(method, tmp_path):
     [rec] = train_missing.main(argv(tmp_path, "--method", method, "--missing_rate", "0.3"))
     run_dir = tmp_path / "toy_missing" / method / "seed0" / "missing0.3"
@@ -576,7 +576,7 @@ def write_features_at_real_scales(path, n=240, seed=0):
     return path
 
 
-@pytest.mark.parametrize("method", C.MISSING_METHODS)
+@pytest.mark.parametrize("method", C.methods_of("missing"))
 def test_every_method_trains_finite_on_features_at_any_scale(method, tmp_path):
     """At the paper's settings (lr 1e-3, batch 64, the default --feature_norm train), no Table 6 method gives
     a non-finite loss on views of very different scales; the statistics are those of the training split."""
@@ -601,7 +601,7 @@ def test_two_view_feature_set_trains_every_method(tmp_path):
              label=y, split=np.array(["train"] * 80 + ["val"] * 20 + ["test"] * 20))
     recs = train_missing.main(["--dataset", "features", "--data_root", str(tmp_path), "--method", "all", "--epochs",
                                "1", "--out_dir", str(tmp_path / "runs"), "--hidden", "16", "--code_steps", "2"])
-    assert [r["method"] for r in recs] == C.MISSING_METHODS
+    assert [r["method"] for r in recs] == C.methods_of("missing")
     assert all(r["modalities"] == ["audio", "visual"] and set(r["test"]) == {"audio", "visual", "multi"} for r in recs)
 
 

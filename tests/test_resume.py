@@ -234,11 +234,11 @@ def test_a_record_from_before_a_flag_existed_compares_as_what_it_ran():
         assert C.other_settings({"method": method}, {"method": method, flag: True}) == f"--{flag} False there, True now"
         assert C.other_settings({"method": method, flag: True}, {"method": method}) == f"--{flag} True there, False now"
     # a method whose code changed records its revision: a run of the earlier code is not taken for today's
-    [(_, a)] = C.list_runs(train_missing.get_args(["--method", "if_mmin"]), C.MISSING_METHODS)
+    [(_, a)] = C.list_runs(train_missing.get_args(["--method", "if_mmin"]), train_missing.METHODS)
     assert a.revision == 2
     assert C.other_settings({"method": "if_mmin"}, {"method": "if_mmin", "revision": a.revision}) == \
         "the method's revision 1 there, the method's revision 2 now"
-    [(_, a)] = C.list_runs(train_missing.get_args(["--method", "ae"]), C.MISSING_METHODS)
+    [(_, a)] = C.list_runs(train_missing.get_args(["--method", "ae"]), train_missing.METHODS)
     assert a.revision == 1 and C.other_settings({"method": "ae"}, {"method": "ae", "revision": a.revision}) == ""
 
 

@@ -78,7 +78,7 @@ def test_an_unreadable_best_pt_is_one_line(unfinished, tmp_path):
     best = run_dir / "best.pt"
     best.write_bytes(best.read_bytes()[:100])
     with pytest.raises(C.DataError) as e:
-        C.load_best({"folder": run_dir}, torch.nn.Linear(2, 2))
+        C.load_best(C.Run(run_dir, "train_av.py", {}), torch.nn.Linear(2, 2))
     assert str(e.value).startswith(f"{best}: damaged, it cannot be read (") and "\n" not in str(e.value)
     assert str(e.value).endswith("the selected epoch's weights are lost: rerun without --resume to train the run again")
 

@@ -29,7 +29,7 @@ def run(root, out, *extra):
     return record
 
 
-@pytest.mark.parametrize("method", C.METHODS)
+@pytest.mark.parametrize("method", train_ait.METHODS)
 def test_every_method_trains_one_toy_epoch_and_writes_record(method, ait_root, tmp_path):
     rec = run(ait_root, tmp_path, "--method", method)
     run_dir = tmp_path / "toy_ait" / method / "seed0"

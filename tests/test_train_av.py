@@ -21,7 +21,7 @@ def run(toy_root, out, *extra):
     return record
 
 
-@pytest.mark.parametrize("method", C.METHODS)
+@pytest.mark.parametrize("method", train_av.METHODS)
 def test_every_method_trains_one_toy_epoch_and_writes_record(method, toy_root, tmp_path):
     rec = run(toy_root, tmp_path, "--method", method)
     run_dir = tmp_path / "toy_av" / method / "seed0"

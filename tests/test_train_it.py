@@ -27,7 +27,7 @@ def run(root, out, *extra):
     return record
 
 
-@pytest.mark.parametrize("method", C.METHODS)
+@pytest.mark.parametrize("method", train_it.METHODS)
 def test_every_method_trains_one_toy_epoch_and_writes_record(method, it_root, tmp_path):
     rec = run(it_root, tmp_path, "--method", method)
     run_dir = tmp_path / "toy_it" / method / "seed0"
@@ -58,7 +58,7 @@ def test_every_method_trains_one_toy_epoch_and_writes_record(method, it_root, tm
 def test_condition_and_toy_dev_split(it_root, tmp_path, capsys):
     args = train_it.get_args(["--method", "film"])
     film = C.build_method("film", [C.M3AEEncoder("image", 16, 1, 2, 2, 8, 10), C.M3AEEncoder("text", 16, 1, 2, 2, 8, 10)],
-                          6, ["image", "text"], 10, **C.method_options(args))
+                          6, ["image", "text"], 10, **C.method_options("film", args))
     assert film.condition == 1                                     # the text
     threads = torch.get_num_threads()
     rec = run(it_root, tmp_path, "--method", "sum", "--cpu_threads", "1")

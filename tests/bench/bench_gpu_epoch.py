@@ -67,7 +67,8 @@ class Bench:
         self.amp = self.dev.type == "cuda"
         cached = C.CachedAVDataset(clips, True, **SIZES, cache_dir=cache_dir, num_workers=args.workers,
                                    augment_on="device" if self.amp else "workers")
-        make = {"pipeline": lambda: C.make_loader(cached, args.batch_size, True, 0, args.workers, self.dev),
+        make = {"pipeline": lambda: C.make_loader(cached, args.batch_size, True, 0, args.workers, self.dev,
+                                                   gather=True),
                 "cache_workers": lambda: torch.utils.data.DataLoader(
                     cached, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
                     worker_init_fn=C.seed_worker, pin_memory=self.amp),
@@ -123,7 +124,8 @@ class Bench:
 
     def check(self):
         """The side-stream path hands out exactly what a plain copy + transform gives (CUDA only)."""
-        fresh = lambda: C.make_loader(self.cached, self.args.batch_size, True, 1, self.args.workers, self.dev)
+        fresh = lambda: C.make_loader(self.cached, self.args.batch_size, True, 1, self.args.workers, self.dev,
+                                      gather=True)
         same, pairs = True, zip(C.device_batches(fresh(), self.dev, False), fresh())
         for (xs, y, idx, _), batch in itertools.islice(pairs, 6):
             px, py, pidx = C.to_device(batch, self.dev)

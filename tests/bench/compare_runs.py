@@ -38,10 +38,11 @@ def one(code, script, method):
                 "epochs": [{"train_loss": e["train_loss"], "val": e["val"]} for e in r["epochs"]]}
 
 
-def run(code, out, jobs):
+def run(code, out, jobs, only=None):
+    runs = [(s, m) for s, m in RUNS if only is None or s in only.split(",")]
     with ThreadPoolExecutor(jobs) as pool:
-        results = list(pool.map(lambda sm: one(code, *sm), RUNS))
-    got = {f"{s} {m}": r for (s, m), r in zip(RUNS, results)}
+        results = list(pool.map(lambda sm: one(code, *sm), runs))
+    got = {f"{s} {m}": r for (s, m), r in zip(runs, results)}
     Path(out).write_text(json.dumps(got, indent=1))
     failed = [k for k, r in got.items() if "error" in r]
     print(f"{len(got) - len(failed)} runs finished, {len(failed)} failed: {failed}")
@@ -49,6 +50,7 @@ def run(code, out, jobs):
 
 def compare(a, b):
     a, b = json.loads(Path(a).read_text()), json.loads(Path(b).read_text())
+    a = {k: v for k, v in a.items() if k in b} if len(b) < len(a) else a      # a partial run: the runs it has
     same = [k for k in a if k in b and "error" not in a[k] and a[k] == b[k]]
     for k in a:
         if k not in same:
@@ -63,8 +65,9 @@ if __name__ == "__main__":
     r.add_argument("code")
     r.add_argument("out")
     r.add_argument("--jobs", type=int, default=2)
+    r.add_argument("--only", default=None, help="a comma list of scripts to run (default: all five)")
     c = sub.add_parser("compare")
     c.add_argument("before")
     c.add_argument("after")
     args = p.parse_args()
-    run(args.code, args.out, args.jobs) if args.cmd == "run" else compare(args.before, args.after)
+    run(args.code, args.out, args.jobs, args.only) if args.cmd == "run" else compare(args.before, args.after)

@@ -178,8 +178,9 @@ def test_non_finite_loss_stops_with_epoch_step_and_keeps_checkpoint(toy_root, tm
 
     monkeypatch.setattr(C.Concat, "schedule", lambda self, *at: setattr(self, "at", at), raising=False)
     monkeypatch.setattr(C.Concat, "train_step", poisoned)
+    # --batch_size 8: three steps an epoch on the toy set's 18 training clips
     argv = ["--dataset", "toy", "--data_root", str(toy_root), "--method", "concat", *TINY, "--epochs", "3",
-            "--out_dir", str(tmp_path)]
+            "--batch_size", "8", "--out_dir", str(tmp_path)]
     with pytest.raises(FloatingPointError, match=r"non-finite loss \(nan\) at epoch 2, step 2 of 3; the last good "
                                                  r"checkpoint, .*last\.pt \(after epoch 1\), is kept"):
         train_av.main(argv)

@@ -32,7 +32,8 @@ def kill_after_first_epoch(script, argv, run_dir, cwd):
 
 @pytest.mark.parametrize("method", ["mla", "qmf"])
 def test_train_av_killed_and_resumed_equals_uninterrupted(method, toy_root, tmp_path):
-    argv = ["--dataset", "toy", "--data_root", str(toy_root), "--method", method, *TINY, "--epochs", "3"]
+    # two epochs: killed once the first is saved, the resumed run trains the second from last.pt
+    argv = ["--dataset", "toy", "--data_root", str(toy_root), "--method", method, *TINY, "--epochs", "2"]
     [whole] = train_av.main(argv + ["--out_dir", str(tmp_path / "whole")])
     out = tmp_path / "killed"
     run_dir = out / "toy_av" / method / "seed0"
@@ -54,7 +55,8 @@ def test_train_av_killed_and_resumed_equals_uninterrupted(method, toy_root, tmp_
 
 @pytest.mark.parametrize("method, extra, stop_after", [
     ("gblending", ["--epochs", "2", "--gb_super_epoch", "1"], 1),      # re-estimates its weights at epoch 2
-    ("pmr", ["--epochs", "3", "--pmr_momentum", "0.5"], 2),           # blends its saved prototypes at epoch 3
+    ("pmr", ["--epochs", "3", "--pmr_momentum", "0.5", "--batch_size", "18"], 2),   # blends its saved prototypes
+    # at epoch 3; one batch of the toy set's 18 training clips an epoch (16 and 2 diverge to a NaN at epoch 2)
     ("reconboost", ["--epochs", "3"], 2)])                             # starts video's stage at epoch 3
 def test_stateful_balancing_methods_stopped_between_epochs_resume_exactly(method, extra, stop_after, toy_root,
                                                                            tmp_path, monkeypatch):
@@ -178,8 +180,9 @@ def test_non_finite_loss_stops_with_epoch_step_and_keeps_checkpoint(toy_root, tm
 
     monkeypatch.setattr(C.Concat, "schedule", lambda self, *at: setattr(self, "at", at), raising=False)
     monkeypatch.setattr(C.Concat, "train_step", poisoned)
+    # --batch_size 8: three steps an epoch on the toy set's 18 training clips
     argv = ["--dataset", "toy", "--data_root", str(toy_root), "--method", "concat", *TINY, "--epochs", "3",
-            "--out_dir", str(tmp_path)]
+            "--batch_size", "8", "--out_dir", str(tmp_path)]
     with pytest.raises(FloatingPointError, match=r"non-finite loss \(nan\) at epoch 2, step 2 of 3; the last good "
                                                  r"checkpoint, .*last\.pt \(after epoch 1\), is kept"):
         train_av.main(argv)

@@ -87,7 +87,7 @@ def test_sweep_methods_and_seeds_in_one_call(toy_root, tmp_path, capsys):
         train_av.get_args(["--method", "sum,nope"])
 
 
-def test_killed_sweep_reruns_only_missing_runs(toy_root, tmp_path):
+def test_killed_sweep_reruns_only_missing_runs_and_reuses_only_runs_of_the_same_settings(toy_root, tmp_path):
     import signal
     import time
     argv = toy_argv(toy_root, tmp_path, "--method", "sum,concat")
@@ -109,6 +109,17 @@ def test_killed_sweep_reruns_only_missing_runs(toy_root, tmp_path):
     after = {p: p.read_bytes() for p in tmp_path.rglob("record.json")}
     assert len(after) == 2
     assert all(after[p] == b for p, b in done.items())       # finished runs were not run again
+    # the finished sweep again (formerly test_a_sweep_does_not_reuse_a_run_of_other_settings, which trained the
+    # same two runs afresh): a sweep skips a finished run only when it had the same settings (device-only flags
+    # aside)
+    first = recs
+    again = train_av.main(argv + ["--num_workers", "0"])              # how it runs: the records are reused
+    assert again == first
+    with pytest.raises(C.DataError, match=r"toy_av/sum/seed0/record.json: a finished run with other settings "
+                                          r"\(--lr 0\.01 there, 0\.02 now\)"):
+        train_av.main(argv + ["--lr", "0.02"])
+    with pytest.raises(C.DataError, match=r"a finished run with other settings \(--lr 0\.01 there, 0\.02 now\)"):
+        train_av.main(toy_argv(toy_root, tmp_path, "--method", "sum", "--lr", "0.02"))    # a single run too
 
 
 def test_autocast_keeps_P_in_full_precision(tiny_encoders):
@@ -159,19 +170,6 @@ def test_compile_flag_compiles_each_encoder_in_place(toy_root, tmp_path, monkeyp
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compiled.append((type(self).__name__, k)))
     run(toy_root, tmp_path, "--method", "mla", "--compile")
     assert compiled == [("AudioResNet", {"dynamic": False}), ("VideoResNet", {"dynamic": False})]
-
-
-def test_a_sweep_does_not_reuse_a_run_of_other_settings(toy_root, tmp_path):
-    """A sweep skips a finished run only when it had the same settings (device-only flags aside)."""
-    argv = toy_argv(toy_root, tmp_path, "--method", "sum,concat")
-    first = train_av.main(argv)
-    again = train_av.main(argv + ["--num_workers", "0"])              # how it runs: the records are reused
-    assert again == first
-    with pytest.raises(C.DataError, match=r"toy_av/sum/seed0/record.json: a finished run with other settings "
-                                          r"\(--lr 0\.01 there, 0\.02 now\)"):
-        train_av.main(argv + ["--lr", "0.02"])
-    with pytest.raises(C.DataError, match=r"a finished run with other settings \(--lr 0\.01 there, 0\.02 now\)"):
-        train_av.main(toy_argv(toy_root, tmp_path, "--method", "sum", "--lr", "0.02"))    # a single run too
 
 
 @pytest.mark.parametrize("script", ["train_av", "train_it", "train_ait", "train_missing", "train_clip"])

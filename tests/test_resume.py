@@ -174,11 +174,11 @@ def test_crash_in_a_checkpoint_write_then_resume(toy_root, tmp_path, monkeypatch
 def test_non_finite_loss_stops_with_epoch_step_and_keeps_checkpoint(toy_root, tmp_path, monkeypatch):
     real = C.Concat.train_step
 
-    def poisoned(self, xs, y, optimizer):
-        loss = real(self, xs, y, optimizer)
+    def poisoned(self, xs, y, optimizer, mask=None, idx=None):
+        loss = real(self, xs, y, optimizer, mask, idx)
         return float("nan") if self.at[:2] == (1, 1) else loss
 
-    monkeypatch.setattr(C.Concat, "schedule", lambda self, *at: setattr(self, "at", at), raising=False)
+    monkeypatch.setattr(C.Concat, "schedule", lambda self, *at: setattr(self, "at", at))
     monkeypatch.setattr(C.Concat, "train_step", poisoned)
     # --batch_size 8: three steps an epoch on the toy set's 18 training clips
     argv = ["--dataset", "toy", "--data_root", str(toy_root), "--method", "concat", *TINY, "--epochs", "3",
@@ -198,11 +198,11 @@ def test_resume_after_divergence_takes_a_lower_lr_and_refuses_other_changes(toy_
     epoch at the same point of the schedule (lr x0.1 every epoch here); any other changed setting stops."""
     real = C.Concat.train_step
 
-    def poisoned(self, xs, y, optimizer):
-        loss = real(self, xs, y, optimizer)
+    def poisoned(self, xs, y, optimizer, mask=None, idx=None):
+        loss = real(self, xs, y, optimizer, mask, idx)
         return float("nan") if self.at[0] == 1 else loss
 
-    monkeypatch.setattr(C.Concat, "schedule", lambda self, *at: setattr(self, "at", at), raising=False)
+    monkeypatch.setattr(C.Concat, "schedule", lambda self, *at: setattr(self, "at", at))
     monkeypatch.setattr(C.Concat, "train_step", poisoned)
     argv = ["--dataset", "toy", "--data_root", str(toy_root), "--method", "concat", *TINY, "--epochs", "3",
             "--lr_decay_step", "1", "--out_dir", str(tmp_path)]

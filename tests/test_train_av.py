@@ -149,7 +149,7 @@ def test_losses_read_back_late_still_name_the_first_non_finite_step():
         def schedule(self, epoch, step, steps):
             self.step = step
 
-        def train_step(self, xs, y, optimizer):
+        def train_step(self, xs, y, optimizer, mask=None, idx=None):
             return torch.tensor(float("nan") if self.step == self.bad_step else float(self.step))
 
     ds = torch.utils.data.TensorDataset(torch.zeros(6, 2), torch.zeros(6, dtype=torch.long), torch.arange(6))

@@ -3716,141 +3716,145 @@ def random_resized_crop_flip(images, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 
     return F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-class CachedAVDataset(torch.utils.data.Dataset):
-    """The clips of one split preprocessed once into memory-mapped arrays under `cache_dir`:
-    fbank.npy (N, audio_len, mel_bins) float16, frames.npy (N, frames, 3, H, W) uint8 and extents.npy
-    (N, frames, 2) int32: the (h, w) each training frame fills at the top left of its H x W canvas (its own
-    aspect ratio kept; the crops are drawn inside it).
+@dataclass(frozen=True)
+class AVSizes:
+    """The sizes of an A-V item: `frames` frames of image_size x image_size, an audio_len x num_mel_bins fbank."""
+    image_size: int = 224
+    frames: int = 3
+    audio_len: int = 1024
+    num_mel_bins: int = 128
 
-    The folder name is a hash of every preprocessing parameter and of each clip's files (path, size,
-    modification time), so a change rebuilds it instead of reading stale data. A build writes to a
-    temporary folder and renames it, so two runs building at once cannot corrupt it. meta.json records
-    each array's shape, byte size and checksum; every open checks them (`problem`), and a folder that fails
-    is built again (one line says why), never read. Items are
-    (audio float16 (1, T, F), frames uint8 (K, 3, H, W), label, index); `device_transform` turns a
-    batch into float32 audio and normalised float frames on the training device. Training crops and flips are drawn per
-    frame in the loader workers with torchvision (augment_on='workers', best on a CPU), or for the
-    whole batch at once on the device (augment_on='device', for a GPU; bilinear without antialias).
-    """
-    VERSION = 2     # bump when the preprocessing code changes (2: training frames keep their aspect ratio)
 
-    def __init__(self, clips, train, image_size=224, frames=3, audio_len=1024, num_mel_bins=128,
-                 cache_dir=None, num_workers=0, augment_on="workers", crop_scale=0.08, augment=True):
-        from torchvision.transforms import v2 as T
-        train = train and augment               # augment=False: training clips stored and read as test clips
-        self.clips, self.train, self.image_size = list(clips), train, image_size
-        self.augment_on, self.crop_scale = augment_on, crop_scale
-        self.crop = T.Compose([T.RandomResizedCrop(image_size, scale=(crop_scale, 1.0), antialias=True),
-                               T.RandomHorizontalFlip()])
-        size = frame_cache_size(self.clips, image_size, train)
-        params = {"version": self.VERSION, "train": train, "size": size, "frames": frames,
-                  "audio_len": audio_len, "num_mel_bins": num_mel_bins}
-        self.folder = Path(cache_dir) / f"{'train' if train else 'eval'}-{self.key(params)}"
-        bad = self.problem(params) if self.folder.exists() else None
-        if bad is not None:
-            cache_damaged(*bad, self.folder.parent, "pass --no_cache, or give --cache_dir a writable folder")
-        if bad is not None or not self.folder.exists():
-            self.build(params, size, num_workers)
-        self._arrays = None
-        self.extents = torch.from_numpy(np.load(self.folder / "extents.npy"))     # small: kept in memory
+def av_cache_key(clips, params):
+    """The name of a cache folder: a hash of every preprocessing parameter and of each clip's files (path,
+    size, modification time), so a change rebuilds it instead of reading stale data."""
+    import hashlib
+    h = hashlib.sha1(json.dumps(params, sort_keys=True).encode())
+    for c in clips:
+        a, f = os.stat(c.audio), os.stat(c.frames)
+        h.update(f"{c.id}|{c.label}|{c.audio}|{a.st_size}|{a.st_mtime_ns}|{c.frames}|{f.st_mtime_ns}".encode())
+        # a frame rewritten in place leaves its folder's mtime alone; the names listed by resolve_clips
+        paths = [Path(c.frames) / n for n in c.frame_names] or list_frames(c.frames)
+        for k in pick_even(len(paths), params["frames"]) if paths else []:
+            s = os.stat(paths[k])
+            h.update(f"|{paths[k].name}|{s.st_size}|{s.st_mtime_ns}".encode())
+        h.update(b"\n")
+    return h.hexdigest()[:16]
 
-    def key(self, params):
-        import hashlib
-        h = hashlib.sha1(json.dumps(params, sort_keys=True).encode())
-        for c in self.clips:
-            a, f = os.stat(c.audio), os.stat(c.frames)
-            h.update(f"{c.id}|{c.label}|{c.audio}|{a.st_size}|{a.st_mtime_ns}|{c.frames}|{f.st_mtime_ns}".encode())
-            # a frame rewritten in place leaves its folder's mtime alone; the names listed by resolve_clips
-            paths = [Path(c.frames) / n for n in c.frame_names] or list_frames(c.frames)
-            for k in pick_even(len(paths), params["frames"]) if paths else []:
-                s = os.stat(paths[k])
-                h.update(f"|{paths[k].name}|{s.st_size}|{s.st_mtime_ns}".encode())
-            h.update(b"\n")
-        return h.hexdigest()[:16]
 
-    def layout(self, params):
-        """Each cached array's (shape, dtype)."""
-        n, k = len(self.clips), params["frames"]
-        return {"fbank.npy": ((n, params["audio_len"], params["num_mel_bins"]), "float16"),
-                "frames.npy": ((n, k, 3, *params["size"]), "uint8"), "extents.npy": ((n, k, 2), "int32")}
+def av_cache_layout(clips, params):
+    """Each cached array's (shape, dtype)."""
+    n, k = len(clips), params["frames"]
+    return {"fbank.npy": ((n, params["audio_len"], params["num_mel_bins"]), "float16"),
+            "frames.npy": ((n, k, 3, *params["size"]), "uint8"), "extents.npy": ((n, k, 2), "int32")}
 
-    def problem(self, params):
-        """(file, why) when the cache folder must not be read, else None. It must have a meta.json that
-        describes these settings and clips, and arrays of the shapes, types and byte sizes it records,
-        whose every byte gives the checksum taken at build time: a sample of blocks could miss a few KB
-        overwritten in a GB file, and every byte is checked at about 1 GB/s on 2 busy cores: about 5 s for
-        CREMA-D's 6,698 training clips at the paper's sizes (4.6 GB), which the first epoch then finds in
-        the page cache where memory allows."""
-        meta_path, layout = self.folder / "meta.json", self.layout(params)
-        want = json.loads(json.dumps({**params, "clips": [c.id for c in self.clips]}))
+
+def av_cache_problem(folder, clips, params):
+    """(file, why) when the cache folder must not be read, else None. It must have a meta.json that
+    describes these settings and clips, and arrays of the shapes, types and byte sizes it records,
+    whose every byte gives the checksum taken at build time: a sample of blocks could miss a few KB
+    overwritten in a GB file, and every byte is checked at about 1 GB/s on 2 busy cores: about 5 s for
+    CREMA-D's 6,698 training clips at the paper's sizes (4.6 GB), which the first epoch then finds in
+    the page cache where memory allows."""
+    meta_path, layout = folder / "meta.json", av_cache_layout(clips, params)
+    want = json.loads(json.dumps({**params, "clips": [c.id for c in clips]}))
+    try:
+        meta = json.loads(meta_path.read_text())
+        files = {name: dict(meta["files"][name]) for name in layout}
+        same = {k: meta[k] for k in want} == want
+    except FileNotFoundError:
+        return meta_path, "missing (deleted, or left out of a copy)"
+    except (KeyError, TypeError):
+        return meta_path, "holds no checksums (a cache built by an earlier version)"
+    except (OSError, ValueError) as e:
+        return meta_path, f"unreadable ({type(e).__name__}: {str(e)[:120]})"
+    if not same:
+        return meta_path, "describes other settings or clips"
+    for name, (shape, dtype) in layout.items():
+        path, rec = folder / name, files[name]
+        if [rec.get("shape"), rec.get("dtype")] != [list(shape), dtype]:
+            return meta_path, f"says {name} is {rec.get('dtype')} {rec.get('shape')}; expected {dtype} {list(shape)}"
+        size = path.stat().st_size if path.is_file() else None
+        if size != rec.get("bytes"):
+            return path, f"{'missing' if size is None else f'{size} bytes'}; meta.json says {rec.get('bytes')}"
+    for name in layout:
+        if file_checksum(folder / name) != files[name].get("crc32"):
+            return folder / name, "its bytes differ from those it was built with (overwritten or damaged)"
+    return None
+
+
+def build_av_cache(folder, clips, params, size, num_workers, train, image_size):
+    """Decode `clips` once into a temporary folder beside `folder` (arrays, meta.json with their checksums)
+    and rename it to `folder`: two runs building at once cannot corrupt it."""
+    from tqdm import tqdm
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    if folder.exists():                # one that failed its check: out of the way of the rename below
+        discard(folder)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.building."))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)               # mkdtemp's 0700: the folder others may read, as mkdir makes it
+    try:
+        n, layout = len(clips), av_cache_layout(clips, params)
+        need = sum(math.prod(shape) * np.dtype(dtype).itemsize for shape, dtype in layout.values())
+        free = free_bytes(tmp)
+        if free is not None and need > free:
+            raise DiskFull(f"{folder}: the cache needs {mb(need)} and its disk has {mb(free)} free; "
+                           f"{CACHE_ELSEWHERE}")
+        fb, fr = (np.lib.format.open_memmap(tmp / f, "w+", *layout[f][::-1]) for f in ("fbank.npy", "frames.npy"))
+        for f in ("fbank.npy", "frames.npy"):
+            reserve(tmp / f, folder)
+        hw = np.zeros(*layout["extents.npy"])
+        src = _CacheBuild(clips, size, params["frames"], params["audio_len"], params["num_mel_bins"],
+                          train, image_size)
+        # its own generator: building must not draw from the global RNG, or a run that builds the
+        # cache would train differently from one that finds it built
+        loader = torch.utils.data.DataLoader(src, batch_size=None, num_workers=num_workers,
+                                             generator=torch.Generator().manual_seed(0))
+        for i, (a, v, e) in enumerate(tqdm(loader, total=n, desc=f"caching {folder.name}", unit="clip",
+                                           disable=not sys.stderr.isatty() or world()[0] > 0)):
+            fb[i], fr[i], hw[i] = a, v, e
+        fb.flush()
+        fr.flush()
+        del fb, fr
+        np.save(tmp / "extents.npy", hw)
+        files = {f: {"shape": list(shape), "dtype": dtype, "bytes": os.path.getsize(tmp / f),
+                     "crc32": file_checksum(tmp / f)} for f, (shape, dtype) in layout.items()}
+        atomic_json_dump({**params, "clips": [c.id for c in clips], "files": files}, tmp / "meta.json")
         try:
-            meta = json.loads(meta_path.read_text())
-            files = {name: dict(meta["files"][name]) for name in layout}
-            same = {k: meta[k] for k in want} == want
-        except FileNotFoundError:
-            return meta_path, "missing (deleted, or left out of a copy)"
-        except (KeyError, TypeError):
-            return meta_path, "holds no checksums (a cache built by an earlier version)"
-        except (OSError, ValueError) as e:
-            return meta_path, f"unreadable ({type(e).__name__}: {str(e)[:120]})"
-        if not same:
-            return meta_path, "describes other settings or clips"
-        for name, (shape, dtype) in layout.items():
-            path, rec = self.folder / name, files[name]
-            if [rec.get("shape"), rec.get("dtype")] != [list(shape), dtype]:
-                return meta_path, f"says {name} is {rec.get('dtype')} {rec.get('shape')}; expected {dtype} {list(shape)}"
-            size = path.stat().st_size if path.is_file() else None
-            if size != rec.get("bytes"):
-                return path, f"{'missing' if size is None else f'{size} bytes'}; meta.json says {rec.get('bytes')}"
-        for name in layout:
-            if file_checksum(self.folder / name) != files[name].get("crc32"):
-                return self.folder / name, "its bytes differ from those it was built with (overwritten or damaged)"
-        return None
+            os.rename(tmp, folder)
+        except OSError:             # another run finished the same cache first: use theirs
+            if not (folder / "meta.json").is_file():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
-    def build(self, params, size, num_workers):
-        from tqdm import tqdm
-        self.folder.parent.mkdir(parents=True, exist_ok=True)
-        if self.folder.exists():                # one that failed its check: out of the way of the rename below
-            discard(self.folder)
-        tmp = Path(tempfile.mkdtemp(dir=self.folder.parent, prefix=f".{self.folder.name}.building."))
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)               # mkdtemp's 0700: the folder others may read, as mkdir makes it
-        try:
-            n, layout = len(self.clips), self.layout(params)
-            need = sum(math.prod(shape) * np.dtype(dtype).itemsize for shape, dtype in layout.values())
-            free = free_bytes(tmp)
-            if free is not None and need > free:
-                raise DiskFull(f"{self.folder}: the cache needs {mb(need)} and its disk has {mb(free)} free; "
-                               f"{CACHE_ELSEWHERE}")
-            fb, fr = (np.lib.format.open_memmap(tmp / f, "w+", *layout[f][::-1]) for f in ("fbank.npy", "frames.npy"))
-            for f in ("fbank.npy", "frames.npy"):
-                reserve(tmp / f, self.folder)
-            hw = np.zeros(*layout["extents.npy"])
-            src = _CacheBuild(self.clips, size, params["frames"], params["audio_len"], params["num_mel_bins"],
-                              self.train, self.image_size)
-            # its own generator: building must not draw from the global RNG, or a run that builds the
-            # cache would train differently from one that finds it built
-            loader = torch.utils.data.DataLoader(src, batch_size=None, num_workers=num_workers,
-                                                 generator=torch.Generator().manual_seed(0))
-            for i, (a, v, e) in enumerate(tqdm(loader, total=n, desc=f"caching {self.folder.name}", unit="clip",
-                                               disable=not sys.stderr.isatty() or world()[0] > 0)):
-                fb[i], fr[i], hw[i] = a, v, e
-            fb.flush()
-            fr.flush()
-            del fb, fr
-            np.save(tmp / "extents.npy", hw)
-            files = {f: {"shape": list(shape), "dtype": dtype, "bytes": os.path.getsize(tmp / f),
-                         "crc32": file_checksum(tmp / f)} for f, (shape, dtype) in layout.items()}
-            atomic_json_dump({**params, "clips": [c.id for c in self.clips], "files": files}, tmp / "meta.json")
-            try:
-                os.rename(tmp, self.folder)
-            except OSError:             # another run finished the same cache first: use theirs
-                if not (self.folder / "meta.json").is_file():
-                    raise
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+
+def av_device_transform(dataset, xs, train, index=None):
+    """CachedAVDataset.device_transform: on the batch, on its device: uint8 frames -> (training,
+    augment_on='device') random resized crop + flip inside each frame's extent (`index`: the batch's item
+    indices, on the CPU) -> float, ImageNet-normalised (B, K, 3, S, S)."""
+    audio, video = xs
+    audio = audio.float()
+    b, k = video.shape[:2]
+    v = video.flatten(0, 1)
+    if train and dataset.train and dataset.augment_on == "device":
+        extents = None if index is None else dataset.extents[index].flatten(0, 1)
+        v = random_resized_crop_flip(v, dataset.image_size, (dataset.crop_scale, 1.0), extents=extents)
+    else:
+        v = v.float()
+    # built on the CPU and sent without waiting (torch.tensor(..., device=cuda) would sync)
+    nb = v.device.type == "cuda"
+    mean = (torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255).to(v.device, non_blocking=nb)
+    std = (torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255).to(v.device, non_blocking=nb)
+    v = ((v - mean) / std).view(b, k, 3, *v.shape[-2:])
+    return [audio, v]
+
+
+class MappedAVClips(torch.utils.data.Dataset):
+    """The reading side of the preprocessed A-V cache (CachedAVDataset sets clips, train, augment_on, crop,
+    extents, folder and _arrays = None): items, and whole batches read in one go, from its memory maps."""
 
     # the memory maps are opened in each process that reads them, and never pickled (a pickled memmap
     # would copy the whole array into every loader worker started with 'spawn', as on macOS)
@@ -3902,25 +3906,53 @@ class CachedAVDataset(torch.utils.data.Dataset):
             video = torch.stack([self.crop(f[:, :h, :w]) for f, (h, w) in zip(video, self.extents[i].tolist())])
         return audio, video, self.clips[i].label, i
 
+
+class CachedAVDataset(MappedAVClips):
+    """The clips of one split preprocessed once into memory-mapped arrays under `cache_dir`:
+    fbank.npy (N, audio_len, mel_bins) float16, frames.npy (N, frames, 3, H, W) uint8 and extents.npy
+    (N, frames, 2) int32: the (h, w) each training frame fills at the top left of its H x W canvas (its own
+    aspect ratio kept; the crops are drawn inside it).
+
+    The folder name is a hash of every preprocessing parameter and of each clip's files (path, size,
+    modification time), so a change rebuilds it instead of reading stale data. A build writes to a
+    temporary folder and renames it, so two runs building at once cannot corrupt it. meta.json records
+    each array's shape, byte size and checksum; every open checks them (`av_cache_problem`), and a folder
+    that fails is built again (one line says why), never read. Items are
+    (audio float16 (1, T, F), frames uint8 (K, 3, H, W), label, index); `device_transform` turns a
+    batch into float32 audio and normalised float frames on the training device. Training crops and flips are drawn per
+    frame in the loader workers with torchvision (augment_on='workers', best on a CPU), or for the
+    whole batch at once on the device (augment_on='device', for a GPU; bilinear without antialias).
+    """
+    VERSION = 2     # bump when the preprocessing code changes (2: training frames keep their aspect ratio)
+
+    def __init__(self, clips, train, sizes=AVSizes(), cache_dir=None, num_workers=0, augment_on="workers",
+                 crop_scale=0.08, augment=True):
+        from torchvision.transforms import v2 as T
+        image_size, frames = sizes.image_size, sizes.frames
+        audio_len, num_mel_bins = sizes.audio_len, sizes.num_mel_bins
+        train = train and augment               # augment=False: training clips stored and read as test clips
+        self.clips, self.train, self.image_size = list(clips), train, image_size
+        self.augment_on, self.crop_scale = augment_on, crop_scale
+        self.crop = T.Compose([T.RandomResizedCrop(image_size, scale=(crop_scale, 1.0), antialias=True),
+                               T.RandomHorizontalFlip()])
+        size = frame_cache_size(self.clips, image_size, train)
+        params = {"version": self.VERSION, "train": train, "size": size, "frames": frames,
+                  "audio_len": audio_len, "num_mel_bins": num_mel_bins}
+        self.folder = Path(cache_dir) / f"{'train' if train else 'eval'}-{av_cache_key(self.clips, params)}"
+        bad = av_cache_problem(self.folder, self.clips, params) if self.folder.exists() else None
+        if bad is not None:
+            cache_damaged(*bad, self.folder.parent, "pass --no_cache, or give --cache_dir a writable folder")
+        if bad is not None or not self.folder.exists():
+            self.build(params, size, num_workers)
+        self._arrays = None
+        self.extents = torch.from_numpy(np.load(self.folder / "extents.npy"))     # small: kept in memory
+
+    def build(self, params, size, num_workers):
+        build_av_cache(self.folder, self.clips, params, size, num_workers, self.train, self.image_size)
+
     def device_transform(self, xs, train, index=None):
-        """On the batch, on its device: uint8 frames -> (training, augment_on='device') random resized
-        crop + flip inside each frame's extent (`index`: the batch's item indices, on the CPU) -> float,
-        ImageNet-normalised (B, K, 3, S, S)."""
-        audio, video = xs
-        audio = audio.float()
-        b, k = video.shape[:2]
-        v = video.flatten(0, 1)
-        if train and self.train and self.augment_on == "device":
-            extents = None if index is None else self.extents[index].flatten(0, 1)
-            v = random_resized_crop_flip(v, self.image_size, (self.crop_scale, 1.0), extents=extents)
-        else:
-            v = v.float()
-        # built on the CPU and sent without waiting (torch.tensor(..., device=cuda) would sync)
-        nb = v.device.type == "cuda"
-        mean = (torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255).to(v.device, non_blocking=nb)
-        std = (torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255).to(v.device, non_blocking=nb)
-        v = ((v - mean) / std).view(b, k, 3, *v.shape[-2:])
-        return [audio, v]
+        """The batch on its device as the model takes it (av_device_transform)."""
+        return av_device_transform(self, xs, train, index)
 
 
 class GatherLoader:

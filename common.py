@@ -1,17 +1,26 @@
 """What the train_*.py scripts share: the methods, the encoders, the data, the training helpers.
 
-Contents (each part starts at a '# ======== N.' line):
-  1. Methods ........ 1a MLA and its test-time fusion (copy that block out: it needs only torch);
-                      1b the Table 5 baselines; 1c the Table 6 methods; build_method picks one
-  2. Encoders ....... ResNet-18 audio/video, M3AE-shaped and transformers image/text, CAV-MAE audio,
-                      the Table 6 MLP, CLIP towers
-  3. Data ........... WAV, fbank, frames; a part per family (A-V, I-T, IEMOCAP, Table 6 features, CLIP
-                      features), each with its layouts, its data set and its toy generator; videos -> the A-V
-                      folders (`python common.py prepare`)
-  4. Training ....... seeding, the loader, train_one_epoch, evaluate, the run (start_run, log_epoch,
-                      save_best, save_checkpoint, resume_run, write_record), sweeps
-  5. Speed .......... the preprocessed A-V cache, batched reads, the GPU input path, torch.compile
-  6. Report ......... `python common.py report RUNS_DIR [--paper]`, `plot RUNS_DIR`, `prepare`; the shared flags
+Contents, in reading order (a part uses only what stands above it; each starts at its '# ======== '
+line, whose title is repeated here):
+  1. Methods.  1a. MLA: the alternating unimodal update and its test-time fusion (needs only torch)
+      1b. The contract of every method; the collectives and batch helpers the methods call; small helpers
+      1c. The Table 5 baselines (sum, concat, late_fusion, film, bigated, ogm, ogm_ge, qmf), the balancing ones
+      1d. The Table 6 methods (cca, dcca, dccae, ae, cra, mmin, if_mmin, cpm_net, tate) and their MLP encoder
+      1e. The registry: a method's name, class, paper, the scripts that run it, its flags
+  2. Encoders.  2a. torchvision ResNet-18 for audio and video, the initialisation
+      2b. Image and text: M3AE-shaped encoders, their checkpoints, transformers models and tokenizers
+      2c. CAV-MAE's audio transformer and its checkpoint loader; the A-I-T audio encoder
+      2d. CLIP towers (transformers' CLIPModel) and the toy CLIP
+  3. Data.  3a. Files (full disk, atomic writes, checksums), WAV, fbank, frames, transforms, splits, toys
+      3b. Audio-video: CREMA-D (three layouts), Kinetics-Sounds, AVE, VGGSound, videos (PyAV), toy, the cache
+      3c. Image-text sets: Food-101 and MVSA-Single (jsonl and MLA layouts), the toy I-T set
+      3d. IEMOCAP (audio fbank, face image, text) in the MLA list layout, the toy A-I-T set
+      3e. Table 6 features (features.npz, the MMIN layout), the missing-view mask, the toy features
+      3f. Table 7 CLIP features: batched extraction, the feature cache and data set; the toy CLIP's pretraining
+  4. The loop: seeding, the loader, evaluation, one epoch, train/val/test, torch.compile
+  5. Torchrun helpers the scripts call: the process group, the processes, the model, rank 0's values
+  6. The run: checkpoints, other settings, Run, resume, the record, sweeps and their locks, the shared flags
+  7. Report, plot, command line: python common.py report RUNS_DIR | plot RUNS_DIR | prepare | convert_m3ae
 
 A batch is (xs, y, idx[, mask]): xs one tensor per modality, in the order of `modalities`; mask (B, M)
 bool, True = view present, for the Table 6 data sets (their `masked = True`).
@@ -56,7 +65,7 @@ import torch.nn.functional as F
 HERE = Path(__file__).resolve().parent
 
 
-# ======== 1. Methods.  1a. MLA: the alternating unimodal update and its test-time fusion (needs only torch) ====
+# ======== 1. Methods.  1a. MLA: the alternating unimodal update and its test-time fusion (needs only torch) ========
 
 def fusion_weights(unis, mode="dynamic", fixed=None, mask=None):
     """MLA's test-time fusion weights from unimodal logits (M of (B, C)). dynamic: per sample, softmax over m of
@@ -160,7 +169,7 @@ class MLA(nn.Module):
         return sum(w[:, m:m + 1] * u for m, u in enumerate(unis)), unis
 
 
-# ======== 1b. The contract of every method ========
+# ======== 1b. The contract of every method; the collectives and batch helpers the methods call; small helpers ========
 
 class Method(nn.Module):
     """The contract every method meets (MLA meets it on its own, above). The loop calls, for every method:
@@ -215,7 +224,228 @@ def optimizer_step(optimizer, loss):
     return loss.detach()
 
 
-# ======== 1c. The Table 5 baselines (sum, concat, late_fusion, film, bigated, ogm, ogm_ge, qmf) and the balancing methods
+# torchrun: one process per GPU (or CPU process), the global batch split evenly over them
+
+def under_torchrun():
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def world():
+    """(rank, processes) of a torchrun job; (0, 1) in a single process."""
+    return (torch.distributed.get_rank(), torch.distributed.get_world_size()) if under_torchrun() else (0, 1)
+
+
+def all_sum(t):
+    """t summed over the processes of a torchrun job, in place (t itself in a single process)."""
+    if under_torchrun():
+        torch.distributed.all_reduce(t)
+    return t
+
+
+def all_mean(tensors):
+    """The tensors (a list) averaged over the processes of a torchrun job, in place, in one all-reduce."""
+    if under_torchrun() and tensors:
+        flat = all_sum(torch.cat([t.flatten().float() for t in tensors])) / world()[1]
+        for t, v in zip(tensors, flat.split([t.numel() for t in tensors])):
+            t.copy_(v.view_as(t))
+    return tensors
+
+
+def mean_grads(params):
+    """Under torchrun: every gradient that exists in any process becomes its mean over the processes (a process
+    without it adds zeros: e.g. no row of a modality in its share); one that exists nowhere stays None."""
+    if not under_torchrun():
+        return
+    params = list(params)
+    has = all_sum(torch.tensor([p.grad is not None for p in params], dtype=torch.float32,
+                               device=params[0].device)).tolist()
+    grads = []
+    for p, h in zip(params, has):
+        if h:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            grads.append(p.grad)
+    all_mean(grads)
+
+
+def job_batch(t):
+    """Under torchrun: the job's batch of a per-row tensor t (b, ...), its rows in the order one process would see
+    them (the DistributedSampler deals the rows round-robin), this process's keeping their gradient."""
+    if not under_torchrun():
+        return t
+    rank, n = world()
+    parts = [torch.empty_like(t) for _ in range(n)]
+    torch.distributed.all_gather(parts, t.detach().contiguous())
+    parts[rank] = t
+    return torch.stack(parts, 1).flatten(0, 1)
+
+
+def job_grad(loss):
+    """A loss of the job's batch (job_batch) whose value stays and whose gradient is times the processes: each holds
+    its own rows' part of the gradient, and the optimizer's mean over the processes (mean_grads) sums them."""
+    n = world()[1]
+    return loss if n == 1 else loss + (n - 1) * (loss - loss.detach())
+
+
+def split_rows(t, total):
+    """Under torchrun: a split's rows from every process's evaluation shard (item i in process i % n), in order."""
+    pad = -(-total // world()[1]) - len(t)                  # shards differ by at most a row
+    return job_batch(torch.cat([t, t.new_zeros(pad, *t.shape[1:])]))[:total]
+
+
+@contextlib.contextmanager
+def rank0_first():
+    """Under torchrun the body runs in the first process, then in the others (a cache built once, then read); they
+    wait up to the job's timeout, 3 hours (for more, build the cache in one process first)."""
+    rank, n = world()
+    if rank > 0:
+        torch.distributed.barrier()
+    yield
+    if rank == 0 and n > 1:
+        torch.distributed.barrier()
+
+
+def set_epoch(loader, epoch):
+    """Under torchrun: the training loader's DistributedSampler draws epoch `epoch`'s order (a resumed run's too);
+    a no-op otherwise. Call it before anything reads the epoch's batches (a method's start_epoch, the epoch)."""
+    if isinstance(loader.sampler, torch.utils.data.DistributedSampler):
+        loader.sampler.set_epoch(epoch)
+
+
+def autocast(device, amp):
+    """bf16 autocast on `device` when amp (bf16 needs no loss scaling); a no-op context otherwise."""
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=amp)
+
+
+def to_device(batch, device, masked=False):
+    """A batch (*xs, y, idx) -> (xs, y, idx) on the device. With masked=True (the data set has
+    `masked = True`) the batch is (*xs, mask, y, idx) -> (xs, y, idx, mask), mask (B, M) bool,
+    True = view present."""
+    nb = str(device).startswith("cuda")
+    if masked:
+        *xs, mask, y, idx = batch
+    else:
+        *xs, y, idx = batch
+    out = [x.to(device, non_blocking=nb) for x in xs], y.to(device, non_blocking=nb), idx.to(device, non_blocking=nb)
+    return (*out, mask.to(device, non_blocking=nb)) if masked else out
+
+
+def device_batches(loader, device, train, masked=False):
+    """Each batch of the loader on the device, after the data set's `device_transform` (if it has one),
+    as (xs, y, idx, mask or None). On CUDA the copy and the transform of batch k+1 are queued on a side
+    stream before batch k is handed out, so they run on the GPU while batch k trains."""
+    tf = getattr(loader.dataset, "device_transform", None)
+
+    def move(batch):
+        xs, y, idx, *mask = to_device(batch, device, masked)
+        if tf is not None:
+            xs = tf(xs, train=train, index=batch[-1])      # the item indices, still on the CPU
+        return xs, y, idx, (mask[0] if masked else None)
+
+    device = torch.device(device)
+    if device.type != "cuda":
+        yield from map(move, loader)
+        return
+    main, side = torch.cuda.current_stream(device), torch.cuda.Stream(device)
+
+    def stage(batch):
+        with torch.cuda.stream(side):
+            out = move(batch)
+        return out, side.record_event()
+
+    def ready(staged):
+        out, done = staged
+        main.wait_event(done)
+        xs, y, idx, mask = out
+        for t in [*xs, y, idx] + ([mask] if mask is not None else []):
+            t.record_stream(main)       # made on the side stream, used on the main one
+        return out
+
+    staged = None
+    for batch in loader:
+        following = stage(batch)
+        if staged is not None:
+            yield ready(staged)
+        staged = following
+    if staged is not None:
+        yield ready(staged)
+
+
+def collect(loader, device):
+    """The whole (masked) split of a loader as tensors: (xs, mask, y); under torchrun every process's share
+    (each item once) gathered into the split's order, the same in every process."""
+    if under_torchrun():
+        rank, n = world()
+        shard = range(rank, len(loader.dataset), n)
+        loader = torch.utils.data.DataLoader(loader.dataset, loader.batch_size, sampler=shard)
+    parts = [to_device(b, device, masked=True) for b in loader]
+    xs = [torch.cat([p[0][m] for p in parts]) for m in range(len(parts[0][0]))]
+    out = xs, torch.cat([p[3] for p in parts]), torch.cat([p[1] for p in parts])
+    if not under_torchrun():
+        return out
+    rows = lambda t: split_rows(t, len(loader.dataset))
+    return [rows(x) for x in out[0]], rows(out[1]), rows(out[2])
+
+
+# ---- small helpers every part uses: the data error, one-time warnings, progress lines
+class DataError(Exception):
+    """Bad or missing input data. The message names the file (and line) and what was expected."""
+
+
+WARNED = set()
+
+
+def warn_once(text):
+    """Print a warning to stderr the first time only in a command (list_runs starts one): a sweep builds its
+    encoders again for every run."""
+    if text not in WARNED:
+        WARNED.add(text)
+        print(text, file=sys.stderr)
+
+
+PROGRESS_EVERY = 30.0       # seconds between plain progress lines when the output is not a terminal
+
+
+class Progress:
+    """A loop's steps: a tqdm bar on a terminal; elsewhere (a log file, a cluster job) a plain line on stdout
+    '<desc>: step S/N[, loss L] (Ts)' every `every` seconds (PROGRESS_EVERY). torchrun: the first process only."""
+
+    def __init__(self, total, desc, every=None):
+        from tqdm import tqdm
+        first, tty = world()[0] == 0, sys.stderr.isatty()
+        self.bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, disable=not (first and tty))
+        self.plain, self.total, self.desc, self.step, self.loss = first and not tty, total, desc, 0, None
+        self.every = PROGRESS_EVERY if every is None else every
+        self.start = self.shown = time.time()
+
+    def set_loss(self, loss):
+        self.loss = loss
+        self.bar.set_postfix(loss=f"{loss:.3f}")
+
+    def update(self):
+        self.step += 1
+        self.bar.update()
+        if self.plain and time.time() - self.shown >= self.every:
+            self.shown = time.time()
+            loss = "" if self.loss is None else f", loss {self.loss:.4f}"
+            print(f"{self.desc}: step {self.step}/{self.total}{loss} ({self.shown - self.start:.0f}s)", flush=True)
+
+    def close(self):
+        self.bar.close()
+
+
+def with_progress(items, total, desc):
+    """Iterate `items` (`total` of them) showing a Progress."""
+    bar = Progress(total, desc)
+    try:
+        for item in items:
+            yield item
+            bar.update()
+    finally:
+        bar.close()
+
+
+# ======== 1c. The Table 5 baselines (sum, concat, late_fusion, film, bigated, ogm, ogm_ge, qmf), the balancing ones ========
 
 # Unimodal accuracy: methods with a head per modality (sum, late_fusion, qmf, mla) report that head's
 # prediction; methods that fuse features before one head (concat, film, bigated, ogm, ogm_ge) report the
@@ -837,7 +1067,29 @@ class ReconBoost(Fusion):
         return (self.boost_rate * sum(unis) if fused is None else fused), unis
 
 
-# ======== 1d. The Table 6 methods: cca, dcca, dccae, ae, cra, mmin, if_mmin, cpm_net, tate ========
+# ======== 1d. The Table 6 methods (cca, dcca, dccae, ae, cra, mmin, if_mmin, cpm_net, tate) and their MLP encoder ========
+
+# ---- shared parts of the Table 6 models
+
+def mlp(sizes):
+    """Linear + ReLU for every consecutive pair of sizes."""
+    layers = []
+    for a, b in zip(sizes[:-1], sizes[1:]):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    return nn.Sequential(*layers)
+
+
+class MLPEncoder(nn.Module):
+    """The per-modality encoder of Table 6 (the paper's): input -> 128 -> 128 -> 128, ReLU after each."""
+
+    def __init__(self, d_in, dim=128, layers=3):
+        super().__init__()
+        self.d_in, self.dim = d_in, dim
+        self.net = mlp([d_in] + [dim] * layers)
+
+    def forward(self, x):
+        return self.net(x)
+
 
 def mlp_decoder(dim, d_out, layers=3):
     """The mirror of MLPEncoder: dim -> ... -> dim (ReLU) -> d_out (linear)."""
@@ -870,22 +1122,6 @@ def hide_views(mask, p):
     out = mask.clone()
     out[rows, pick[rows]] = False
     return out
-
-
-def collect(loader, device):
-    """The whole (masked) split of a loader as tensors: (xs, mask, y); under torchrun every process's share
-    (each item once) gathered into the split's order, the same in every process."""
-    if under_torchrun():
-        rank, n = world()
-        shard = range(rank, len(loader.dataset), n)
-        loader = torch.utils.data.DataLoader(loader.dataset, loader.batch_size, sampler=shard)
-    parts = [to_device(b, device, masked=True) for b in loader]
-    xs = [torch.cat([p[0][m] for p in parts]) for m in range(len(parts[0][0]))]
-    out = xs, torch.cat([p[3] for p in parts]), torch.cat([p[1] for p in parts])
-    if not under_torchrun():
-        return out
-    rows = lambda t: split_rows(t, len(loader.dataset))
-    return [rows(x) for x in out[0]], rows(out[1]), rows(out[2])
 
 
 def split_views(z, sizes):
@@ -1411,7 +1647,7 @@ class TATE(MissingMethod):
         return F.cross_entropy(self.classifier(out.mean(1)), y) + self.recon_weight * recon
 
 
-# ======== 1f. The registry: a method's name, class, paper, the scripts that run it, its flags ========
+# ======== 1e. The registry: a method's name, class, paper, the scripts that run it, its flags ========
 
 @dataclass(frozen=True)
 class Registered:
@@ -1546,7 +1782,7 @@ def method_options(name, args):
     return {kw: getattr(args, f[0]) for kw, f in REGISTRY[name].flags.items()}
 
 
-# ======== 2. Encoders.  2a. torchvision ResNet-18 for audio and video, the initialisation =========
+# ======== 2. Encoders.  2a. torchvision ResNet-18 for audio and video, the initialisation ========
 
 def init_weights(module):
     """The paper's init: Kaiming-normal (fan_out) convs, Xavier-normal linear layers, zero biases."""
@@ -1602,7 +1838,7 @@ class VideoResNet(AudioResNet):
         return self.net(x.flatten(0, 1)).view(b, t, -1).mean(1)
 
 
-# ======== 2b. Image and text transformers: M3AE-shaped encoders, their checkpoints, transformers models
+# ======== 2b. Image and text: M3AE-shaped encoders, their checkpoints, transformers models and tokenizers ========
 
 # M3AE-shaped encoder in plain PyTorch (weights: young-geng/m3ae_public). Parameter names follow the official
 # conversion of the M3AE JAX weights to PyTorch (cls_token, image_embedding, text_embedding, encoder_{image,text}_type_embedding,
@@ -1933,41 +2169,56 @@ def m3ae_torch_name(name):
     return f"{module}.{M3AE_LEAF[leaf]}" if leaf in M3AE_LEAF else None
 
 
-def convert_m3ae(src, out):
-    """Write the M3AEEncoder state dict of both modalities (what --m3ae_ckpt loads) converted from the M3AE
-    pickle `src` to `out`; return a line naming the sizes and the flags that build encoders of them."""
-    params, variant = read_m3ae_pickle(src)
-    sd = {}
-    for name, value in params.items():
-        new = m3ae_torch_name(name)
-        if new is not None:
-            t = torch.from_numpy(np.array(value, dtype=np.float32))
-            sd[new] = t.T.contiguous() if name.endswith("/kernel") else t
-    if "cls_token" not in sd or "image_embedding.weight" not in sd or "text_embedding.weight" not in sd:
-        raise DataError(f"{src}: no M3AE encoder parameters (cls_token, image_embedding, text_embedding) in "
-                        f"state.params['params']; it holds {_short(params, 6)}")
-    dim, vocab = sd["cls_token"].shape[-1], sd["text_embedding.weight"].shape[0]
-    depth = len({k.split(".")[2] for k in sd if k.startswith("encoder.blocks.")})
-    patch = round((sd["image_embedding.weight"].shape[1] / 3) ** 0.5)
-    ratio = sd["encoder.blocks.0.transformer_mlp.fc1.weight"].shape[0] // dim if depth else 4
-    kind = variant.get("m3ae.model_type") if isinstance(variant.get("m3ae.model_type"), str) else None
-    heads = M3AE_HEADS.get(kind) or variant.get("m3ae.num_heads")
-    if not isinstance(heads, int) or dim % heads:
-        heads = None
-    own = ["cls_token", "encoder_image_type_embedding", "encoder_text_type_embedding", "image_embedding.weight",
-           "image_embedding.bias", "text_embedding.weight"] + [
-        f"encoder.blocks.{i}.{part}.{leaf}" for i in range(depth) for part in M3AE_BLOCK.values()
-        for leaf in ("weight", "bias")] + ["encoder.layer_norm.weight", "encoder.layer_norm.bias"]
-    missing = [k for k in own if k not in sd]
-    if missing:
-        raise DataError(f"{src}: the M3AE encoder of width {dim}, depth {depth} lacks {_short(missing, 6)}")
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    torch.save({k: sd[k] for k in own}, out)               # every tensor both encoders load, in module order
-    flags = f"--m3ae_dim {dim} --m3ae_depth {depth} --m3ae_heads {heads or '<heads>'} --patch_size {patch} " \
-            f"--vocab_size {vocab}" + (f" --m3ae_mlp_ratio {ratio}" if ratio != 4 else "")
-    return (f"convert_m3ae: {src} -> {out}: {len(sd)} encoder tensors of {len(params)} (the decoder left out), "
-            f"width {dim}, depth {depth}, heads {heads or 'not recorded'}" + (f" ({kind})" if kind else "") +
-            f", MLP ratio {ratio}, patch {patch}, vocabulary {vocab}; train with --m3ae_ckpt {out} {flags}")
+def hub_reachable(timeout=3.0):
+    """Whether the Hugging Face hub can be asked for a download: False at once in offline mode or without a
+    network (a download tried then fails only after about a minute of retries)."""
+    from huggingface_hub import constants
+    if constants.HF_HUB_OFFLINE:
+        return False
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True                             # only the proxy knows
+    url = urllib.parse.urlsplit(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def from_local_or_hub(load, name_or_path, what, hint):
+    """load(name, local_files_only=...) (a transformers from_pretrained): a folder or the local HF cache first (no
+    network, an answer at once), the hub only when it can be reached; a failure is a one-line DataError naming
+    the `what` and ending with `hint`."""
+    try:
+        try:
+            return load(str(name_or_path), local_files_only=True)
+        except (OSError, ValueError):
+            p, name = Path(name_or_path), str(name_or_path)
+            if p.exists():
+                raise
+            if p.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1:      # a path, not a hub name
+                raise DataError(f"{name_or_path}: no such {what} folder; {hint}") from None
+            if not hub_reachable():
+                raise DataError(f"{name_or_path}: no such {what} folder, not in the Hugging Face cache, and the hub "
+                                f"cannot be reached; {hint}") from None
+        return load(str(name_or_path))
+    except (OSError, ValueError) as e:
+        why = " ".join(str(e).split())[:200]                     # one line
+        raise DataError(f"{name_or_path}: cannot load a {what} ({type(e).__name__}: {why}); {hint} (a hub name "
+                        "needs internet or the Hugging Face cache)") from None
+
+
+def load_tokenizer(name_or_path):
+    """A transformers tokenizer: a folder holding only a BERT vocab.txt (read as BERT uncased), a saved
+    tokenizer folder, or a hub name: from the local HF cache, else downloaded when the hub can be reached."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")      # data-loader workers fork after use
+    from transformers import AutoTokenizer, BertTokenizer
+    p = Path(name_or_path)
+    if p.is_dir() and (p / "vocab.txt").is_file() and not any(
+            (p / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        return BertTokenizer.from_pretrained(str(p), do_lower_case=True)
+    return from_local_or_hub(AutoTokenizer.from_pretrained, name_or_path, "tokenizer", "pass --tokenizer with a local "
+                             "folder holding a BERT uncased vocab.txt or a saved transformers tokenizer")
 
 
 class HFEncoder(nn.Module):
@@ -2021,17 +2272,6 @@ class HFEncoder(nn.Module):
         return self.proj((h * w).sum(1) / w.sum(1).clamp_min(1))
 
 
-WARNED = set()
-
-
-def warn_once(text):
-    """Print a warning to stderr the first time only in a command (list_runs starts one): a sweep builds its
-    encoders again for every run."""
-    if text not in WARNED:
-        WARNED.add(text)
-        print(text, file=sys.stderr)
-
-
 def build_it_encoders(kind, modalities=("image", "text"), vocab_size=30522, m3ae=(768, 12, 12, 4, 16), m3ae_ckpt=None,
                       models=None, pool="mean", image_size=224, proj_dim=None, partial=False):
     """The image and/or text encoders, one per modality, of one width. kind "m3ae": M3AE-shaped transformers
@@ -2075,7 +2315,7 @@ def image_text_encoders(kind, raw_text, tokenizer=None, vocab_size=None, image_s
                           vocab_size=vocab_size)
 
 
-# ======== 2c. CAV-MAE's audio transformer and its checkpoint loader; the A-I-T audio encoder ======
+# ======== 2c. CAV-MAE's audio transformer and its checkpoint loader; the A-I-T audio encoder ========
 
 # The audio branch of CAV-MAE as the MLA code runs it for IEMOCAP: the fbank turned to (mel bins x frames),
 # 16 x 16 patches by a strided convolution, fixed 2-D sin-cos positions (rows = frequency, columns = time),
@@ -2187,29 +2427,7 @@ def build_ait_audio_encoder(kind, dim, cavmae=(768, 12, 12, 4, 16), audio_len=10
     return enc if enc.dim == dim else Projected(enc, dim)
 
 
-# ======== 2d. The MLP encoder of the Table 6 features; CLIP towers and the toy CLIP ===========
-
-# ---- shared parts of the Table 6 models
-
-def mlp(sizes):
-    """Linear + ReLU for every consecutive pair of sizes."""
-    layers = []
-    for a, b in zip(sizes[:-1], sizes[1:]):
-        layers += [nn.Linear(a, b), nn.ReLU()]
-    return nn.Sequential(*layers)
-
-
-class MLPEncoder(nn.Module):
-    """The per-modality encoder of Table 6 (the paper's): input -> 128 -> 128 -> 128, ReLU after each."""
-
-    def __init__(self, d_in, dim=128, layers=3):
-        super().__init__()
-        self.d_in, self.dim = d_in, dim
-        self.net = mlp([d_in] + [dim] * layers)
-
-    def forward(self, x):
-        return self.net(x)
-
+# ======== 2d. CLIP towers (transformers' CLIPModel) and the toy CLIP ========
 
 # transformers' CLIPModel towers (a local folder or a hub name) as fixed feature extractors: each split's
 # image and text features are computed once and cached on disk, and the Table 7 heads (concat = joint
@@ -2370,34 +2588,96 @@ def toy_clip(tokenizer, image_size=32, patch_size=8, width=32, layers=2, heads=2
     return CLIPBundle(model, processor, tokenizer, "toy-clip", max_len, None, feature)
 
 
-def pretrain_toy_clip(clip, pairs, epochs=15, batch_size=64, lr=2e-3, seed=0):
-    """Stand-in for CLIP's pretraining, for the toy CLIP: CLIP's own contrastive loss (CLIPModel with
-    return_loss=True: symmetric cross-entropy of the image-text similarities of a batch) on `pairs` (the
-    toy's training pairs; labels are not used), AdamW, seeded. A random CLIP's features are unaligned and
-    its image features barely above chance; after this they are aligned and informative."""
-    g = torch.Generator()
-    g.manual_seed(seed)
-    loader = torch.utils.data.DataLoader(CLIPInputs(pairs, clip), batch_size=batch_size, shuffle=True, generator=g)
-    optimizer = torch.optim.AdamW(clip.model.parameters(), lr=lr)
-    clip.model.train()
-    for epoch in range(epochs):
-        for pixels, text, _, _ in loader:
-            loss = clip.model(input_ids=text[:, 0], attention_mask=(text[:, 1] == 0).long(), pixel_values=pixels,
-                              return_loss=True).loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        print(f"toy CLIP: contrastive pretraining on {len(pairs)} pairs, epoch {epoch + 1}/{epochs}, loss {loss.item():.3f}",
-              flush=True)
-    clip.model.eval()
-    clip._fingerprint = None            # the weights changed
-    return clip
+# ======== 3. Data.  3a. Files (full disk, atomic writes, checksums), WAV, fbank, frames, transforms, splits, toys ========
+
+class DiskFull(OSError):
+    """A file could not be written because its disk is full. Written files are replaced atomically, so
+    the previous version of the file (a checkpoint, say) is still there."""
+
+    def __init__(self, message):
+        super().__init__(errno.ENOSPC, message)
+
+    def __reduce__(self):                     # one argument: it crosses a process pool's pipe intact
+        return DiskFull, (self.strerror,)
 
 
-# ======== 3. Data.  3a. Errors, files, WAV and fbank, frames, transforms, splits ==================
+def free_bytes(folder):
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
 
-class DataError(Exception):
-    """Bad or missing input data. The message names the file (and line) and what was expected."""
+
+def mb(n):
+    return "?" if n is None else f"{n / 2**20:,.0f} MB"
+
+
+def atomic_write(path, write, ready=None):
+    """Write a file so that a crash at any moment leaves either the old file or the new one:
+    write(f) into a temporary file beside it, flush and fsync, ready(temporary path) when given, then rename
+    over the old one. The file gets the umask's permissions, as open() would give it. MLA_NO_FSYNC=1
+    (the tests set it) leaves out the fsync, which only guards against a power loss, not a crash."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{os.getpid()}-{os.urandom(4).hex()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)   # 0o666 & ~umask
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            if os.environ.get("MLA_NO_FSYNC") != "1":
+                os.fsync(f.fileno())
+        if ready is not None:
+            ready(tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        # torch.save reports a short write as a RuntimeError ("unexpected pos ..."), not as ENOSPC
+        free = free_bytes(path.parent) if isinstance(e, (OSError, RuntimeError)) else None
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        if (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or (free is not None
+                                                                                   and free < 2**20):
+            kept = f"the previous {path.name} is kept" if path.exists() else "nothing was written"
+            raise DiskFull(f"could not write {path}: its disk is full ({mb(free)} free; {type(e).__name__}: "
+                           f"{e}); {kept}. Free some space, or write elsewhere (--out_dir, --cache_dir), and "
+                           "rerun the same command (with --resume a run continues after its last finished epoch)"
+                           ) from e
+        raise
+
+
+def atomic_torch_save(obj, path):
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_json_dump(obj, path):
+    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=1) + "\n").encode()))
+
+
+def checksum(data, chunk=1 << 24):
+    """CRC-32 of the CRC-32s of a 1-D uint8 array's 16 MB chunks, as 8 hex digits. Every byte is read, by
+    up to 8 threads (zlib lets go of the GIL), at 1-2 GB/s a core (sha1 runs at about half that, blake2b
+    at a quarter); damage to a chunk goes unseen with probability 2**-32."""
+    import zlib
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+        crcs = pool.map(lambda at: zlib.crc32(data[at:at + chunk]).to_bytes(4, "little"), range(0, len(data), chunk))
+        return f"{zlib.crc32(b''.join(crcs)):08x}"
+
+
+def file_checksum(path, chunk=1 << 24):
+    return checksum(np.memmap(path, np.uint8, "r") if os.path.getsize(path) else np.zeros(0, np.uint8), chunk)
+
+
+def tensor_checksum(t):
+    return checksum(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+
+
+def cache_damaged(path, why, folder, elsewhere):
+    """A cache file that failed its check: one line saying why before it is built again; when `folder`
+    (where it would be rebuilt) is read-only, a one-line error saying what to do instead."""
+    if not os.access(folder, os.W_OK):
+        raise DataError(f"{path}: {why}; the cache cannot be rebuilt in read-only {folder}: {elsewhere}")
+    print(f"warning: {path}: {why}; building it again", file=sys.stderr, flush=True)
 
 
 def where(path, line=None):
@@ -2620,14 +2900,6 @@ def data_root(dataset, root, toy_prefix):
         yield Path(root or f"data/{dataset}")
 
 
-def ensure_toy(root, first_file, make, **params):
-    """Generate a toy set into `root` with make(root, **params), unless `first_file` is there already.
-    A toy set found there that was made with other parameters (its toy.json says) is used as it is,
-    with a warning naming them."""
-    with rank0_first():                         # torchrun: a shared --data_root is written once
-        _ensure_toy(Path(root), first_file, make, params)
-
-
 def _ensure_toy(root, first_file, make, params):
     marker = root / "toy.json"
     if (root / first_file).is_file():
@@ -2642,7 +2914,15 @@ def _ensure_toy(root, first_file, make, params):
     atomic_json_dump(params, marker)
 
 
-# ======== 3b. Audio-video sets: CREMA-D (three layouts), Kinetics-Sounds, AVE, VGGSound, videos (PyAV), toy ===
+def ensure_toy(root, first_file, make, **params):
+    """Generate a toy set into `root` with make(root, **params), unless `first_file` is there already.
+    A toy set found there that was made with other parameters (its toy.json says) is used as it is,
+    with a warning naming them."""
+    with rank0_first():                         # torchrun: a shared --data_root is written once
+        _ensure_toy(Path(root), first_file, make, params)
+
+
+# ======== 3b. Audio-video: CREMA-D (three layouts), Kinetics-Sounds, AVE, VGGSound, videos (PyAV), toy, the cache ========
 
 @dataclass
 class Clip:
@@ -2952,6 +3232,13 @@ def list_videos(folder):
     if not videos:
         raise DataError(f"{folder}: no videos found; expected files ending in {', '.join(VIDEO_EXTS)}")
     return videos
+
+
+def short_side_size(h, w, side):
+    """(h, w) scaled so that the short side is `side`."""
+    if w >= h:
+        return side, max(side, round(side * w / h))
+    return max(side, round(side * h / w)), side
 
 
 def decode_clip(video, fps, frame_size, sample_rate=None):
@@ -3295,7 +3582,419 @@ def make_toy_av(root, seed=0, n_train=600, n_test=240, rate=8000, seconds=0.7, f
     return root
 
 
-# ======== 3c. Image-text sets: Food-101 and MVSA-Single (jsonl and MLA layouts), the toy I-T set =====
+# ---- The preprocessed A-V cache (memory-mapped arrays, built once), batched reads, the GPU input transform
+def default_cache_dir(root):
+    """<data root>/.mla_cache when the data root is writable, else ~/.cache/mla (or $XDG_CACHE_HOME/mla)."""
+    root = Path(root)
+    if os.access(root, os.W_OK):
+        return root / ".mla_cache"
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mla"
+
+
+def frame_cache_size(clips, image_size, train):
+    """Stored frame size: test-time frames exactly as the test transform makes them (S x S); the canvas of
+    training frames: short side = S, the aspect ratio of the data's first frame (see fit_frame)."""
+    if not train:
+        return image_size, image_size
+    paths = list_frames(clips[0].frames)
+    if not paths:
+        raise DataError(f"{clips[0].frames}: no frames (clip at {clips[0].src}); expected .jpg files")
+    w, h = load_image(paths[0], clips[0].src).size
+    return short_side_size(h, w, image_size)
+
+
+def fit_frame(image, canvas, side):
+    """A training frame for the cache: resized with its own aspect ratio to short side `side` (or, when
+    that overflows the canvas, as large as fits), at the top left of a uint8 canvas (3, H, W) whose
+    rest repeats the last row and column (so bilinear sampling at the frame's edge reads the edge).
+    Returns (canvas, (h, w) of the frame in it)."""
+    from torchvision.transforms import v2 as T
+    H, W = canvas
+    h, w = short_side_size(image.height, image.width, side)
+    if h > H or w > W:
+        s = min(H / h, W / w)
+        h, w = max(1, min(H, round(h * s))), max(1, min(W, round(w * s)))
+    x = T.Resize((h, w), antialias=True)(T.ToImage()(image))
+    out = torch.empty((3, H, W), dtype=torch.uint8)
+    out[:, :h, :w] = x
+    out[:, :h, w:] = x[:, :, -1:]
+    out[:, h:, :] = out[:, h - 1:h, :]
+    return out, (h, w)
+
+
+class _CacheBuild(torch.utils.data.Dataset):
+    """One clip decoded once: (fbank float16 (T, F), picked frames uint8 (K, 3, H, W), each frame's
+    (h, w) in its canvas (K, 2)). Test frames are resized to exactly S x S, as the test transform does;
+    training frames keep their aspect ratio (fit_frame)."""
+
+    def __init__(self, clips, size, frames, audio_len, num_mel_bins, train, image_size):
+        from torchvision.transforms import v2 as T
+        self.av = AVDataset(clips, False, size[0], frames, audio_len, num_mel_bins)
+        self.size, self.train, self.image_size = size, train, image_size
+        self.resize = T.Compose([T.ToImage(), T.Resize(size, antialias=True)])
+
+    def __len__(self):
+        return len(self.av)
+
+    def __getitem__(self, i):
+        clip = self.av.clips[i]
+        fb = self.av.load_audio(clip)[0].numpy().astype(np.float16)
+        paths = list_frames(clip.frames)
+        if not paths:
+            raise DataError(f"{clip.frames}: no frames (clip at {clip.src}); expected .jpg files")
+        images = [load_image(paths[k], clip.src) for k in pick_even(len(paths), self.av.frames)]
+        if self.train:
+            fr, hw = zip(*(fit_frame(im, self.size, self.image_size) for im in images))
+        else:
+            fr, hw = [self.resize(im) for im in images], [self.size] * len(images)
+        return fb, torch.stack(fr).numpy(), np.array(hw, dtype=np.int32)
+
+
+CACHE_ELSEWHERE = "give --cache_dir a folder on a larger disk, or pass --no_cache to decode every epoch"
+
+
+def reserve(path, folder):
+    """Allocate every block of a file that a memory map created sparse: a full disk is then an error
+    here, not a SIGBUS at some later write through the map."""
+    if not hasattr(os, "posix_fallocate"):          # macOS, Windows: the free-space check alone
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFull(f"{folder}: no room on its disk for the cache's {path.name} "
+                           f"({mb(os.fstat(fd).st_size)}); {CACHE_ELSEWHERE}") from e
+        # a file system without fallocate (EOPNOTSUPP, EINVAL): go on as before
+    finally:
+        os.close(fd)
+
+
+def discard(folder):
+    """Move a damaged cache folder aside (one rename: a run opening it now finds it gone, not half deleted)
+    and delete it."""
+    aside = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.damaged."))
+    try:
+        os.rename(folder, aside / folder.name)
+    except FileNotFoundError:       # another run moved it first
+        pass
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def random_resized_crop_flip(images, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), extents=None):
+    """RandomResizedCrop + RandomHorizontalFlip for a whole batch of uint8 images (N, 3, H, W) in one
+    grid_sample (bilinear). Crop boxes are drawn as torchvision draws them (area share in `scale`,
+    log-uniform aspect in `ratio`, ten tries, then a centre crop), inside each image's (h, w) at the top
+    left (`extents`, (N, 2) on the CPU; default the whole image); returns float (N, 3, size, size)."""
+    n, _, H, W = images.shape
+    dev = images.device
+    hw = torch.tensor([[H, W]] * n) if extents is None else extents
+    h, w = hw[:, 0].double(), hw[:, 1].double()
+    area = (h * w)[:, None] * torch.empty(n, 10).uniform_(*scale)
+    logr = torch.empty(n, 10).uniform_(math.log(ratio[0]), math.log(ratio[1]))
+    cw = torch.sqrt(area * torch.exp(logr)).round()
+    ch = torch.sqrt(area / torch.exp(logr)).round()
+    ok = (cw > 0) & (cw <= w[:, None]) & (ch > 0) & (ch <= h[:, None])
+    first = torch.where(ok.any(1), ok.float().argmax(1), torch.full((n,), -1))
+    pick = first.clamp_min(0)
+    cw, ch = cw[torch.arange(n), pick], ch[torch.arange(n), pick]
+    # no try fitted: the whole image, cut to the nearest allowed aspect ratio, centred
+    fw = torch.where(w / h > ratio[1], torch.round(h * ratio[1]), w)
+    fh = torch.where(w / h < ratio[0], torch.round(w / ratio[0]), h)
+    bad = first < 0
+    cw, ch = torch.where(bad, fw, cw), torch.where(bad, fh, ch)
+    x0 = torch.floor(torch.rand(n) * (w - cw + 1))
+    y0 = torch.floor(torch.rand(n) * (h - ch + 1))
+    x0, y0 = torch.where(bad, torch.floor((w - fw) / 2), x0), torch.where(bad, torch.floor((h - fh) / 2), y0)
+    flip = torch.where(torch.rand(n) < 0.5, -1.0, 1.0)
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0] = cw / W * flip
+    theta[:, 0, 2] = (2 * x0 + cw) / W - 1
+    theta[:, 1, 1] = ch / H
+    theta[:, 1, 2] = (2 * y0 + ch) / H - 1
+    grid = F.affine_grid(theta.to(dev, non_blocking=dev.type == "cuda"), (n, 3, size, size), align_corners=False)
+    return F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+@dataclass(frozen=True)
+class AVSizes:
+    """The sizes of an A-V item: `frames` frames of image_size x image_size, an audio_len x num_mel_bins fbank."""
+    image_size: int = 224
+    frames: int = 3
+    audio_len: int = 1024
+    num_mel_bins: int = 128
+
+
+def av_cache_key(clips, params):
+    """The name of a cache folder: a hash of every preprocessing parameter and of each clip's files (path,
+    size, modification time), so a change rebuilds it instead of reading stale data."""
+    import hashlib
+    h = hashlib.sha1(json.dumps(params, sort_keys=True).encode())
+    for c in clips:
+        a, f = os.stat(c.audio), os.stat(c.frames)
+        h.update(f"{c.id}|{c.label}|{c.audio}|{a.st_size}|{a.st_mtime_ns}|{c.frames}|{f.st_mtime_ns}".encode())
+        # a frame rewritten in place leaves its folder's mtime alone; the names listed by resolve_clips
+        paths = [Path(c.frames) / n for n in c.frame_names] or list_frames(c.frames)
+        for k in pick_even(len(paths), params["frames"]) if paths else []:
+            s = os.stat(paths[k])
+            h.update(f"|{paths[k].name}|{s.st_size}|{s.st_mtime_ns}".encode())
+        h.update(b"\n")
+    return h.hexdigest()[:16]
+
+
+def av_cache_layout(clips, params):
+    """Each cached array's (shape, dtype)."""
+    n, k = len(clips), params["frames"]
+    return {"fbank.npy": ((n, params["audio_len"], params["num_mel_bins"]), "float16"),
+            "frames.npy": ((n, k, 3, *params["size"]), "uint8"), "extents.npy": ((n, k, 2), "int32")}
+
+
+def av_cache_problem(folder, clips, params):
+    """(file, why) when the cache folder must not be read, else None. It must have a meta.json that
+    describes these settings and clips, and arrays of the shapes, types and byte sizes it records,
+    whose every byte gives the checksum taken at build time: a sample of blocks could miss a few KB
+    overwritten in a GB file, and every byte is checked at about 1 GB/s on 2 busy cores: about 5 s for
+    CREMA-D's 6,698 training clips at the paper's sizes (4.6 GB), which the first epoch then finds in
+    the page cache where memory allows."""
+    meta_path, layout = folder / "meta.json", av_cache_layout(clips, params)
+    want = json.loads(json.dumps({**params, "clips": [c.id for c in clips]}))
+    try:
+        meta = json.loads(meta_path.read_text())
+        files = {name: dict(meta["files"][name]) for name in layout}
+        same = {k: meta[k] for k in want} == want
+    except FileNotFoundError:
+        return meta_path, "missing (deleted, or left out of a copy)"
+    except (KeyError, TypeError):
+        return meta_path, "holds no checksums (a cache built by an earlier version)"
+    except (OSError, ValueError) as e:
+        return meta_path, f"unreadable ({type(e).__name__}: {str(e)[:120]})"
+    if not same:
+        return meta_path, "describes other settings or clips"
+    for name, (shape, dtype) in layout.items():
+        path, rec = folder / name, files[name]
+        if [rec.get("shape"), rec.get("dtype")] != [list(shape), dtype]:
+            return meta_path, f"says {name} is {rec.get('dtype')} {rec.get('shape')}; expected {dtype} {list(shape)}"
+        size = path.stat().st_size if path.is_file() else None
+        if size != rec.get("bytes"):
+            return path, f"{'missing' if size is None else f'{size} bytes'}; meta.json says {rec.get('bytes')}"
+    for name in layout:
+        if file_checksum(folder / name) != files[name].get("crc32"):
+            return folder / name, "its bytes differ from those it was built with (overwritten or damaged)"
+    return None
+
+
+def build_av_cache(folder, clips, params, size, num_workers, train, image_size):
+    """Decode `clips` once into a temporary folder beside `folder` (arrays, meta.json with their checksums)
+    and rename it to `folder`: two runs building at once cannot corrupt it."""
+    from tqdm import tqdm
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    if folder.exists():                # one that failed its check: out of the way of the rename below
+        discard(folder)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.building."))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)               # mkdtemp's 0700: the folder others may read, as mkdir makes it
+    try:
+        n, layout = len(clips), av_cache_layout(clips, params)
+        need = sum(math.prod(shape) * np.dtype(dtype).itemsize for shape, dtype in layout.values())
+        free = free_bytes(tmp)
+        if free is not None and need > free:
+            raise DiskFull(f"{folder}: the cache needs {mb(need)} and its disk has {mb(free)} free; "
+                           f"{CACHE_ELSEWHERE}")
+        fb, fr = (np.lib.format.open_memmap(tmp / f, "w+", *layout[f][::-1]) for f in ("fbank.npy", "frames.npy"))
+        for f in ("fbank.npy", "frames.npy"):
+            reserve(tmp / f, folder)
+        hw = np.zeros(*layout["extents.npy"])
+        src = _CacheBuild(clips, size, params["frames"], params["audio_len"], params["num_mel_bins"],
+                          train, image_size)
+        # its own generator: building must not draw from the global RNG, or a run that builds the
+        # cache would train differently from one that finds it built
+        loader = torch.utils.data.DataLoader(src, batch_size=None, num_workers=num_workers,
+                                             generator=torch.Generator().manual_seed(0))
+        for i, (a, v, e) in enumerate(tqdm(loader, total=n, desc=f"caching {folder.name}", unit="clip",
+                                           disable=not sys.stderr.isatty() or world()[0] > 0)):
+            fb[i], fr[i], hw[i] = a, v, e
+        fb.flush()
+        fr.flush()
+        del fb, fr
+        np.save(tmp / "extents.npy", hw)
+        files = {f: {"shape": list(shape), "dtype": dtype, "bytes": os.path.getsize(tmp / f),
+                     "crc32": file_checksum(tmp / f)} for f, (shape, dtype) in layout.items()}
+        atomic_json_dump({**params, "clips": [c.id for c in clips], "files": files}, tmp / "meta.json")
+        try:
+            os.rename(tmp, folder)
+        except OSError:             # another run finished the same cache first: use theirs
+            if not (folder / "meta.json").is_file():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def av_device_transform(dataset, xs, train, index=None):
+    """CachedAVDataset.device_transform: on the batch, on its device: uint8 frames -> (training,
+    augment_on='device') random resized crop + flip inside each frame's extent (`index`: the batch's item
+    indices, on the CPU) -> float, ImageNet-normalised (B, K, 3, S, S)."""
+    audio, video = xs
+    audio = audio.float()
+    b, k = video.shape[:2]
+    v = video.flatten(0, 1)
+    if train and dataset.train and dataset.augment_on == "device":
+        extents = None if index is None else dataset.extents[index].flatten(0, 1)
+        v = random_resized_crop_flip(v, dataset.image_size, (dataset.crop_scale, 1.0), extents=extents)
+    else:
+        v = v.float()
+    # built on the CPU and sent without waiting (torch.tensor(..., device=cuda) would sync)
+    nb = v.device.type == "cuda"
+    mean = (torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255).to(v.device, non_blocking=nb)
+    std = (torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255).to(v.device, non_blocking=nb)
+    v = ((v - mean) / std).view(b, k, 3, *v.shape[-2:])
+    return [audio, v]
+
+
+class MappedAVClips(torch.utils.data.Dataset):
+    """The reading side of the preprocessed A-V cache (CachedAVDataset sets clips, train, augment_on, crop,
+    extents, folder and _arrays = None): items, and whole batches read in one go, from its memory maps."""
+
+    # the memory maps are opened in each process that reads them, and never pickled (a pickled memmap
+    # would copy the whole array into every loader worker started with 'spawn', as on macOS)
+    def _open(self):
+        if self._arrays is None:
+            self._arrays = (np.load(self.folder / "fbank.npy", mmap_mode="r"),
+                            np.load(self.folder / "frames.npy", mmap_mode="r"))
+        return self._arrays
+
+    @property
+    def fbank(self):
+        return self._open()[0]
+
+    @property
+    def frames(self):
+        return self._open()[1]
+
+    def __getstate__(self):
+        return {**self.__dict__, "_arrays": None}
+
+    def __len__(self):
+        return len(self.clips)
+
+    @property
+    def gatherable(self):
+        """True when an item is only a read (no crop in the loader workers): see `gather`."""
+        return not (self.train and self.augment_on == "workers")
+
+    def gather(self, indices, pin=False):
+        """The batch a DataLoader would collate from these items, read in one go from the memory maps
+        straight into (pinned, with pin=True) tensors; for `gatherable` data sets. numpy's take does
+        not hold the GIL, so several threads can gather batches at once (see GatherLoader)."""
+        idx = np.asarray(indices, dtype=np.int64)
+        fb, fr = self._open()
+        audio = torch.empty((len(idx), 1, *fb.shape[1:]), dtype=torch.float16, pin_memory=pin)
+        video = torch.empty((len(idx), *fr.shape[1:]), dtype=torch.uint8, pin_memory=pin)
+        np.take(fb, idx, axis=0, out=audio.numpy()[:, 0], mode="clip")   # indices come from a sampler
+        np.take(fr, idx, axis=0, out=video.numpy(), mode="clip")
+        labels = torch.tensor([self.clips[i].label for i in idx])
+        index = torch.from_numpy(idx)
+        if pin:
+            labels, index = labels.pin_memory(), index.pin_memory()
+        return audio, video, labels, index
+
+    def __getitem__(self, i):
+        audio = torch.from_numpy(np.array(self.fbank[i])).unsqueeze(0)         # float16 until the device
+        video = torch.from_numpy(np.array(self.frames[i]))
+        if self.train and self.augment_on == "workers":
+            video = torch.stack([self.crop(f[:, :h, :w]) for f, (h, w) in zip(video, self.extents[i].tolist())])
+        return audio, video, self.clips[i].label, i
+
+
+class CachedAVDataset(MappedAVClips):
+    """The clips of one split preprocessed once into memory-mapped arrays under `cache_dir`:
+    fbank.npy (N, audio_len, mel_bins) float16, frames.npy (N, frames, 3, H, W) uint8 and extents.npy
+    (N, frames, 2) int32: the (h, w) each training frame fills at the top left of its H x W canvas (its own
+    aspect ratio kept; the crops are drawn inside it).
+
+    The folder name is a hash of every preprocessing parameter and of each clip's files (path, size,
+    modification time), so a change rebuilds it instead of reading stale data. A build writes to a
+    temporary folder and renames it, so two runs building at once cannot corrupt it. meta.json records
+    each array's shape, byte size and checksum; every open checks them (`av_cache_problem`), and a folder
+    that fails is built again (one line says why), never read. Items are
+    (audio float16 (1, T, F), frames uint8 (K, 3, H, W), label, index); `device_transform` turns a
+    batch into float32 audio and normalised float frames on the training device. Training crops and flips are drawn per
+    frame in the loader workers with torchvision (augment_on='workers', best on a CPU), or for the
+    whole batch at once on the device (augment_on='device', for a GPU; bilinear without antialias).
+    """
+    VERSION = 2     # bump when the preprocessing code changes (2: training frames keep their aspect ratio)
+
+    def __init__(self, clips, train, sizes=AVSizes(), cache_dir=None, num_workers=0, augment_on="workers",
+                 crop_scale=0.08, augment=True):
+        from torchvision.transforms import v2 as T
+        image_size, frames = sizes.image_size, sizes.frames
+        audio_len, num_mel_bins = sizes.audio_len, sizes.num_mel_bins
+        train = train and augment               # augment=False: training clips stored and read as test clips
+        self.clips, self.train, self.image_size = list(clips), train, image_size
+        self.augment_on, self.crop_scale = augment_on, crop_scale
+        self.crop = T.Compose([T.RandomResizedCrop(image_size, scale=(crop_scale, 1.0), antialias=True),
+                               T.RandomHorizontalFlip()])
+        size = frame_cache_size(self.clips, image_size, train)
+        params = {"version": self.VERSION, "train": train, "size": size, "frames": frames,
+                  "audio_len": audio_len, "num_mel_bins": num_mel_bins}
+        self.folder = Path(cache_dir) / f"{'train' if train else 'eval'}-{av_cache_key(self.clips, params)}"
+        bad = av_cache_problem(self.folder, self.clips, params) if self.folder.exists() else None
+        if bad is not None:
+            cache_damaged(*bad, self.folder.parent, "pass --no_cache, or give --cache_dir a writable folder")
+        if bad is not None or not self.folder.exists():
+            self.build(params, size, num_workers)
+        self._arrays = None
+        self.extents = torch.from_numpy(np.load(self.folder / "extents.npy"))     # small: kept in memory
+
+    def build(self, params, size, num_workers):
+        build_av_cache(self.folder, self.clips, params, size, num_workers, self.train, self.image_size)
+
+    def device_transform(self, xs, train, index=None):
+        """The batch on its device as the model takes it (av_device_transform)."""
+        return av_device_transform(self, xs, train, index)
+
+
+class GatherLoader:
+    """Batches of a data set with `gather(indices, pin)`, read by `threads` threads (0: in the caller)
+    straight into pinned memory, a few batches ahead. The order is drawn from `generator` as a shuffled
+    DataLoader draws it. No worker processes: nothing to start each epoch and no second copy into
+    pinned memory, which is what limits a DataLoader fed from memory-mapped arrays."""
+
+    def __init__(self, dataset, batch_size, train, generator, threads=4, drop_last=False, pin=True):
+        self.dataset, self.generator, self.threads, self.pin = dataset, generator, threads, pin
+        sampler = (torch.utils.data.RandomSampler(dataset, generator=generator) if train
+                   else torch.utils.data.SequentialSampler(dataset))
+        self.batch_sampler = torch.utils.data.BatchSampler(sampler, batch_size, drop_last)
+
+    def __len__(self):
+        return len(self.batch_sampler)
+
+    def __iter__(self):
+        from concurrent.futures import ThreadPoolExecutor
+        # a DataLoader first draws its workers' base seed from the generator, then the order: the same
+        # draws here give the same order for the same generator state
+        torch.empty((), dtype=torch.int64).random_(generator=self.generator)
+        batches = iter(list(self.batch_sampler))
+        if self.threads == 0:
+            for b in batches:
+                yield self.dataset.gather(b, self.pin)
+            return
+        pool = ThreadPoolExecutor(self.threads, thread_name_prefix="gather")
+        try:
+            ahead = collections.deque(pool.submit(self.dataset.gather, b, self.pin)
+                                      for b in itertools.islice(batches, self.threads + 2))
+            while ahead:
+                batch = ahead.popleft().result()
+                following = next(batches, None)
+                if following is not None:
+                    ahead.append(pool.submit(self.dataset.gather, following, self.pin))
+                yield batch
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+# ======== 3c. Image-text sets: Food-101 and MVSA-Single (jsonl and MLA layouts), the toy I-T set ========
 
 @dataclass
 class Pair:
@@ -3477,58 +4176,6 @@ def load_it_splits(dataset, root, layout="auto", skip_bad=False):
     return out
 
 
-def hub_reachable(timeout=3.0):
-    """Whether the Hugging Face hub can be asked for a download: False at once in offline mode or without a
-    network (a download tried then fails only after about a minute of retries)."""
-    from huggingface_hub import constants
-    if constants.HF_HUB_OFFLINE:
-        return False
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return True                             # only the proxy knows
-    url = urllib.parse.urlsplit(constants.ENDPOINT)
-    try:
-        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
-        return True
-    except OSError:
-        return False
-
-
-def from_local_or_hub(load, name_or_path, what, hint):
-    """load(name, local_files_only=...) (a transformers from_pretrained): a folder or the local HF cache first (no
-    network, an answer at once), the hub only when it can be reached; a failure is a one-line DataError naming
-    the `what` and ending with `hint`."""
-    try:
-        try:
-            return load(str(name_or_path), local_files_only=True)
-        except (OSError, ValueError):
-            p, name = Path(name_or_path), str(name_or_path)
-            if p.exists():
-                raise
-            if p.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1:      # a path, not a hub name
-                raise DataError(f"{name_or_path}: no such {what} folder; {hint}") from None
-            if not hub_reachable():
-                raise DataError(f"{name_or_path}: no such {what} folder, not in the Hugging Face cache, and the hub "
-                                f"cannot be reached; {hint}") from None
-        return load(str(name_or_path))
-    except (OSError, ValueError) as e:
-        why = " ".join(str(e).split())[:200]                     # one line
-        raise DataError(f"{name_or_path}: cannot load a {what} ({type(e).__name__}: {why}); {hint} (a hub name "
-                        "needs internet or the Hugging Face cache)") from None
-
-
-def load_tokenizer(name_or_path):
-    """A transformers tokenizer: a folder holding only a BERT vocab.txt (read as BERT uncased), a saved
-    tokenizer folder, or a hub name: from the local HF cache, else downloaded when the hub can be reached."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")      # data-loader workers fork after use
-    from transformers import AutoTokenizer, BertTokenizer
-    p = Path(name_or_path)
-    if p.is_dir() and (p / "vocab.txt").is_file() and not any(
-            (p / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
-        return BertTokenizer.from_pretrained(str(p), do_lower_case=True)
-    return from_local_or_hub(AutoTokenizer.from_pretrained, name_or_path, "tokenizer", "pass --tokenizer with a local "
-                             "folder holding a BERT uncased vocab.txt or a saved transformers tokenizer")
-
-
 def fit_length(ids, pad, length, pad_id=0):
     """Cut or pad token ids and padding mask (1 = padding) to `length`."""
     ids, pad = ids[:length], pad[:length]
@@ -3642,7 +4289,7 @@ def make_toy_it(root, seed=0, n_train=600, n_dev=120, n_test=240, px=32, cue=0.8
     return root
 
 
-# ======== 3d. IEMOCAP (audio fbank, face image, text) in the MLA list layout, the toy A-I-T set ====
+# ======== 3d. IEMOCAP (audio fbank, face image, text) in the MLA list layout, the toy A-I-T set ========
 
 # The MLA code's IEMOCAP layout: list lines '<utt>.mp4 [split|sign] <text> [split|sign] <Label>', a
 # fbank .npy per utterance, a folder of face images per utterance, text pre-tokenised or in the line.
@@ -3894,7 +4541,7 @@ def make_toy_ait(root, seed=0, n_train=1000, n_dev=200, n_test=400, frames=64, m
     return root
 
 
-# ======== 3e. Table 6 features (features.npz, the MMIN layout), the missing-view mask, the toy features ====
+# ======== 3e. Table 6 features (features.npz, the MMIN layout), the missing-view mask, the toy features ========
 
 # Pre-extracted features of two or more views (IEMOCAP's: audio, visual, text) and a seeded mask of missing views.
 
@@ -4137,7 +4784,7 @@ def make_toy_features(path, seed=0, n_train=1000, n_val=200, n_test=400, dims=(3
     return path
 
 
-# ======== 3f. Table 7 CLIP features: batched extraction, the on-disk feature cache, the feature data set ====
+# ======== 3f. Table 7 CLIP features: batched extraction, the feature cache and data set; the toy CLIP's pretraining ========
 
 class CLIPInputs(torch.utils.data.Dataset):
     """Pairs as CLIP's inputs: (pixels (3, S, S) made by the image processor, text (2, max_len) = token ids
@@ -4235,29 +4882,31 @@ class CLIPFeatureDataset(torch.utils.data.Dataset):
         return self.image[i], self.text[i], self.labels[i], i
 
 
-# ======== 4. Training helpers: seeding, the loader, one epoch, evaluation, checkpoints, the run record ====
+def pretrain_toy_clip(clip, pairs, epochs=15, batch_size=64, lr=2e-3, seed=0):
+    """Stand-in for CLIP's pretraining, for the toy CLIP: CLIP's own contrastive loss (CLIPModel with
+    return_loss=True: symmetric cross-entropy of the image-text similarities of a batch) on `pairs` (the
+    toy's training pairs; labels are not used), AdamW, seeded. A random CLIP's features are unaligned and
+    its image features barely above chance; after this they are aligned and informative."""
+    g = torch.Generator()
+    g.manual_seed(seed)
+    loader = torch.utils.data.DataLoader(CLIPInputs(pairs, clip), batch_size=batch_size, shuffle=True, generator=g)
+    optimizer = torch.optim.AdamW(clip.model.parameters(), lr=lr)
+    clip.model.train()
+    for epoch in range(epochs):
+        for pixels, text, _, _ in loader:
+            loss = clip.model(input_ids=text[:, 0], attention_mask=(text[:, 1] == 0).long(), pixel_values=pixels,
+                              return_loss=True).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        print(f"toy CLIP: contrastive pretraining on {len(pairs)} pairs, epoch {epoch + 1}/{epochs}, loss {loss.item():.3f}",
+              flush=True)
+    clip.model.eval()
+    clip._fingerprint = None            # the weights changed
+    return clip
 
-class DiskFull(OSError):
-    """A file could not be written because its disk is full. Written files are replaced atomically, so
-    the previous version of the file (a checkpoint, say) is still there."""
 
-    def __init__(self, message):
-        super().__init__(errno.ENOSPC, message)
-
-    def __reduce__(self):                     # one argument: it crosses a process pool's pipe intact
-        return DiskFull, (self.strerror,)
-
-
-def free_bytes(folder):
-    try:
-        return shutil.disk_usage(folder).free
-    except OSError:
-        return None
-
-
-def mb(n):
-    return "?" if n is None else f"{n / 2**20:,.0f} MB"
-
+# ======== 4. The loop: seeding, the loader, evaluation, one epoch, train/val/test, torch.compile ========
 
 def seed_everything(seed):
     random.seed(seed)
@@ -4282,226 +4931,6 @@ def seed_worker(_worker_id):
     s = torch.initial_seed() % 2**32
     np.random.seed(s)
     random.seed(s)
-
-
-# torchrun: one process per GPU (or CPU process), the global batch split evenly over them
-
-def under_torchrun():
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def world():
-    """(rank, processes) of a torchrun job; (0, 1) in a single process."""
-    return (torch.distributed.get_rank(), torch.distributed.get_world_size()) if under_torchrun() else (0, 1)
-
-
-def torchrun_processes():
-    """The processes of the torchrun job this process belongs to (RANK and WORLD_SIZE in the environment), else None."""
-    return int(os.environ["WORLD_SIZE"]) if "RANK" in os.environ and "WORLD_SIZE" in os.environ else None
-
-
-def init_distributed(device):
-    """Under torchrun (RANK and WORLD_SIZE in the environment): join the job (NCCL and GPU LOCAL_RANK on CUDA,
-    gloo on the CPU); the processes after the first print nothing. Returns the process's device."""
-    if torchrun_processes() is None:
-        return device
-    cuda = str(device).startswith("cuda")
-    if cuda:
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-        torch.cuda.set_device(device)
-    if not under_torchrun():                # a long timeout: the others wait while the first builds a cache
-        torch.distributed.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=3))
-    if world()[0] > 0:
-        sys.stdout = open(os.devnull, "w")
-    return device
-
-
-def all_sum(t):
-    """t summed over the processes of a torchrun job, in place (t itself in a single process)."""
-    if under_torchrun():
-        torch.distributed.all_reduce(t)
-    return t
-
-
-def from_rank0(value):
-    """Under torchrun: the first process's value (any picklable object) in every process; else value itself."""
-    if under_torchrun():
-        box = [value]
-        torch.distributed.broadcast_object_list(box, src=0)
-        value = box[0]
-    return value
-
-
-@contextlib.contextmanager
-def rank0_first():
-    """Under torchrun the body runs in the first process, then in the others (a cache built once, then read); they
-    wait up to the job's timeout, 3 hours (for more, build the cache in one process first)."""
-    rank, n = world()
-    if rank > 0:
-        torch.distributed.barrier()
-    yield
-    if rank == 0 and n > 1:
-        torch.distributed.barrier()
-
-
-def job_batch(t):
-    """Under torchrun: the job's batch of a per-row tensor t (b, ...), its rows in the order one process would see
-    them (the DistributedSampler deals the rows round-robin), this process's keeping their gradient."""
-    if not under_torchrun():
-        return t
-    rank, n = world()
-    parts = [torch.empty_like(t) for _ in range(n)]
-    torch.distributed.all_gather(parts, t.detach().contiguous())
-    parts[rank] = t
-    return torch.stack(parts, 1).flatten(0, 1)
-
-
-def job_grad(loss):
-    """A loss of the job's batch (job_batch) whose value stays and whose gradient is times the processes: each holds
-    its own rows' part of the gradient, and the optimizer's mean over the processes (mean_grads) sums them."""
-    n = world()[1]
-    return loss if n == 1 else loss + (n - 1) * (loss - loss.detach())
-
-
-def split_rows(t, total):
-    """Under torchrun: a split's rows from every process's evaluation shard (item i in process i % n), in order."""
-    pad = -(-total // world()[1]) - len(t)                  # shards differ by at most a row
-    return job_batch(torch.cat([t, t.new_zeros(pad, *t.shape[1:])]))[:total]
-
-
-def mean_grads(params):
-    """Under torchrun: every gradient that exists in any process becomes its mean over the processes (a process
-    without it adds zeros: e.g. no row of a modality in its share); one that exists nowhere stays None."""
-    if not under_torchrun():
-        return
-    params = list(params)
-    has = all_sum(torch.tensor([p.grad is not None for p in params], dtype=torch.float32,
-                               device=params[0].device)).tolist()
-    grads = []
-    for p, h in zip(params, has):
-        if h:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            grads.append(p.grad)
-    all_mean(grads)
-
-
-def all_mean(tensors):
-    """The tensors (a list) averaged over the processes of a torchrun job, in place, in one all-reduce."""
-    if under_torchrun() and tensors:
-        flat = all_sum(torch.cat([t.flatten().float() for t in tensors])) / world()[1]
-        for t, v in zip(tensors, flat.split([t.numel() for t in tensors])):
-            t.copy_(v.view_as(t))
-    return tensors
-
-
-def distribute(method, optimizer, sync_bn=True):
-    """Under torchrun: rank 0's weights and buffers in every process, SyncBatchNorm on CUDA (sync_bn; on the CPU,
-    where it does not exist, per-process statistics), and before every optimizer step mean_grads. Returns the
-    method (its BatchNorms converted)."""
-    if not under_torchrun():
-        return method
-    bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in method.modules())
-    if bn and sync_bn and next(method.parameters()).is_cuda:
-        method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
-    elif bn:
-        print("note: BatchNorm statistics are each process's (SyncBatchNorm needs CUDA and --sync_bn); the first "
-              "process's are evaluated")
-    for t in [*method.parameters(), *method.buffers()]:
-        torch.distributed.broadcast(t.data, 0)
-    optimizer.register_step_pre_hook(lambda opt, args, kwargs: mean_grads(method.parameters()))
-    return method
-
-
-def atomic_write(path, write, ready=None):
-    """Write a file so that a crash at any moment leaves either the old file or the new one:
-    write(f) into a temporary file beside it, flush and fsync, ready(temporary path) when given, then rename
-    over the old one. The file gets the umask's permissions, as open() would give it. MLA_NO_FSYNC=1
-    (the tests set it) leaves out the fsync, which only guards against a power loss, not a crash."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{os.getpid()}-{os.urandom(4).hex()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)   # 0o666 & ~umask
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            if os.environ.get("MLA_NO_FSYNC") != "1":
-                os.fsync(f.fileno())
-        if ready is not None:
-            ready(tmp)
-        os.replace(tmp, path)
-    except BaseException as e:
-        # torch.save reports a short write as a RuntimeError ("unexpected pos ..."), not as ENOSPC
-        free = free_bytes(path.parent) if isinstance(e, (OSError, RuntimeError)) else None
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        if (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or (free is not None
-                                                                                   and free < 2**20):
-            kept = f"the previous {path.name} is kept" if path.exists() else "nothing was written"
-            raise DiskFull(f"could not write {path}: its disk is full ({mb(free)} free; {type(e).__name__}: "
-                           f"{e}); {kept}. Free some space, or write elsewhere (--out_dir, --cache_dir), and "
-                           "rerun the same command (with --resume a run continues after its last finished epoch)"
-                           ) from e
-        raise
-
-
-def atomic_torch_save(obj, path):
-    atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def atomic_json_dump(obj, path):
-    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=1) + "\n").encode()))
-
-
-def sha256(path):
-    import hashlib
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def save_checksummed(obj, path):
-    """torch.save obj to path atomically, with its SHA-256 in path.sha256 (written atomically just before the
-    rename): the new file's digest, then the one of the file it replaces (what a crash between the two renames
-    leaves). load_checkpoint checks it."""
-    sums = Path(f"{path}.sha256")
-    old = sums.read_text().split()[:1] if sums.is_file() else []
-    atomic_write(path, lambda f: torch.save(obj, f), ready=lambda tmp: atomic_write(
-        sums, lambda f: f.write("".join(f"{d}\n" for d in [sha256(tmp), *old]).encode())))
-
-
-def load_checkpoint(path, remedy):
-    """torch.load (on the CPU) a checkpoint this code wrote, or a one-line DataError naming it and `remedy` (what
-    to do) when it is damaged: its bytes match no digest in path.sha256 (when it has one), or torch cannot read it."""
-    path, sums = Path(path), Path(f"{path}.sha256")
-    intact = False
-    try:
-        if sums.is_file():
-            if sha256(path) not in sums.read_text().split():
-                raise ValueError(f"its SHA-256 is not the one written with it, in {sums.name}")
-            intact = True
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except MemoryError:
-        raise
-    except Exception as e:      # a truncated or overwritten file raises many kinds of errors in torch.load
-        if intact:              # the bytes written with it, yet unreadable: another torch or code, not damage
-            raise
-        raise DataError(f"{path}: damaged, it cannot be read ({type(e).__name__}: {(str(e).splitlines() or [''])[0]}); "
-                        f"{remedy}") from None
-
-
-def code_version():
-    """Git commit of this code ('+dirty' when tracked files differ from it), or 'unknown'."""
-    try:
-        rev = subprocess.run(["git", "-C", str(HERE), "rev-parse", "HEAD"], capture_output=True,
-                             text=True, timeout=10)
-        if rev.returncode != 0:
-            return "unknown"
-        dirty = subprocess.run(["git", "-C", str(HERE), "diff", "--quiet", "HEAD"],
-                               capture_output=True, timeout=10).returncode != 0
-        return rev.stdout.strip() + ("+dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def make_loader(dataset, batch_size, train, seed=0, num_workers=0, device="cpu", gather=False):
@@ -4534,66 +4963,6 @@ def make_loader(dataset, batch_size, train, seed=0, num_workers=0, device="cpu",
         # training workers start afresh each epoch, seeded from the generator, so a resumed run draws
         # the same augmentations as an uninterrupted one
         persistent_workers=num_workers > 0 and not train)
-
-
-def autocast(device, amp):
-    """bf16 autocast on `device` when amp (bf16 needs no loss scaling); a no-op context otherwise."""
-    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=amp)
-
-
-def to_device(batch, device, masked=False):
-    """A batch (*xs, y, idx) -> (xs, y, idx) on the device. With masked=True (the data set has
-    `masked = True`) the batch is (*xs, mask, y, idx) -> (xs, y, idx, mask), mask (B, M) bool,
-    True = view present."""
-    nb = str(device).startswith("cuda")
-    if masked:
-        *xs, mask, y, idx = batch
-    else:
-        *xs, y, idx = batch
-    out = [x.to(device, non_blocking=nb) for x in xs], y.to(device, non_blocking=nb), idx.to(device, non_blocking=nb)
-    return (*out, mask.to(device, non_blocking=nb)) if masked else out
-
-
-PROGRESS_EVERY = 30.0       # seconds between plain progress lines when the output is not a terminal
-
-
-class Progress:
-    """A loop's steps: a tqdm bar on a terminal; elsewhere (a log file, a cluster job) a plain line on stdout
-    '<desc>: step S/N[, loss L] (Ts)' every `every` seconds (PROGRESS_EVERY). torchrun: the first process only."""
-
-    def __init__(self, total, desc, every=None):
-        from tqdm import tqdm
-        first, tty = world()[0] == 0, sys.stderr.isatty()
-        self.bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, disable=not (first and tty))
-        self.plain, self.total, self.desc, self.step, self.loss = first and not tty, total, desc, 0, None
-        self.every = PROGRESS_EVERY if every is None else every
-        self.start = self.shown = time.time()
-
-    def set_loss(self, loss):
-        self.loss = loss
-        self.bar.set_postfix(loss=f"{loss:.3f}")
-
-    def update(self):
-        self.step += 1
-        self.bar.update()
-        if self.plain and time.time() - self.shown >= self.every:
-            self.shown = time.time()
-            loss = "" if self.loss is None else f", loss {self.loss:.4f}"
-            print(f"{self.desc}: step {self.step}/{self.total}{loss} ({self.shown - self.start:.0f}s)", flush=True)
-
-    def close(self):
-        self.bar.close()
-
-
-def with_progress(items, total, desc):
-    """Iterate `items` (`total` of them) showing a Progress."""
-    bar = Progress(total, desc)
-    try:
-        for item in items:
-            yield item
-            bar.update()
-    finally:
-        bar.close()
 
 
 @torch.no_grad()
@@ -4672,11 +5041,10 @@ def train_one_epoch(method, loader, optimizer, epoch, device, amp=False, checkpo
     return total / max(steps, 1)
 
 
-def set_epoch(loader, epoch):
-    """Under torchrun: the training loader's DistributedSampler draws epoch `epoch`'s order (a resumed run's too);
-    a no-op otherwise. Call it before anything reads the epoch's batches (a method's start_epoch, the epoch)."""
-    if isinstance(loader.sampler, torch.utils.data.DistributedSampler):
-        loader.sampler.set_epoch(epoch)
+def evaluate_epoch(method, loaders, select_on, device, amp=False):
+    """(validation accuracies or None, test accuracies when the epoch is selected on the test set, else None)."""
+    val = evaluate(method, loaders["val"], device, amp) if loaders.get("val") else None
+    return val, evaluate(method, loaders["test"], device, amp) if select_on == "test" else None
 
 
 def train_val_test(data, val_ratio, seed, name, what):
@@ -4695,10 +5063,195 @@ def train_val_test(data, val_ratio, seed, name, what):
     return {"train": train, "val": val, "test": data["test"]}
 
 
-def evaluate_epoch(method, loaders, select_on, device, amp=False):
-    """(validation accuracies or None, test accuracies when the epoch is selected on the test set, else None)."""
-    val = evaluate(method, loaders["val"], device, amp) if loaders.get("val") else None
-    return val, evaluate(method, loaders["test"], device, amp) if select_on == "test" else None
+def compile_encoders(method):
+    """torch.compile each encoder of `method` in place, so state_dict keys stay those of the eager module.
+    dynamic=False: one static graph per input shape (the full batch, a short last batch, eval mode)
+    instead of one shape-generic graph for every batch after the first short one."""
+    for encoder in method.encoders:
+        encoder.compile(dynamic=False)
+
+
+# ======== 5. Torchrun helpers the scripts call: the process group, the processes, the model, rank 0's values ========
+
+def torchrun_processes():
+    """The processes of the torchrun job this process belongs to (RANK and WORLD_SIZE in the environment), else None."""
+    return int(os.environ["WORLD_SIZE"]) if "RANK" in os.environ and "WORLD_SIZE" in os.environ else None
+
+
+def init_distributed(device):
+    """Under torchrun (RANK and WORLD_SIZE in the environment): join the job (NCCL and GPU LOCAL_RANK on CUDA,
+    gloo on the CPU); the processes after the first print nothing. Returns the process's device."""
+    if torchrun_processes() is None:
+        return device
+    cuda = str(device).startswith("cuda")
+    if cuda:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(device)
+    if not under_torchrun():                # a long timeout: the others wait while the first builds a cache
+        torch.distributed.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=3))
+    if world()[0] > 0:
+        sys.stdout = open(os.devnull, "w")
+    return device
+
+
+def distribute(method, optimizer, sync_bn=True):
+    """Under torchrun: rank 0's weights and buffers in every process, SyncBatchNorm on CUDA (sync_bn; on the CPU,
+    where it does not exist, per-process statistics), and before every optimizer step mean_grads. Returns the
+    method (its BatchNorms converted)."""
+    if not under_torchrun():
+        return method
+    bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in method.modules())
+    if bn and sync_bn and next(method.parameters()).is_cuda:
+        method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
+    elif bn:
+        print("note: BatchNorm statistics are each process's (SyncBatchNorm needs CUDA and --sync_bn); the first "
+              "process's are evaluated")
+    for t in [*method.parameters(), *method.buffers()]:
+        torch.distributed.broadcast(t.data, 0)
+    optimizer.register_step_pre_hook(lambda opt, args, kwargs: mean_grads(method.parameters()))
+    return method
+
+
+def from_rank0(value):
+    """Under torchrun: the first process's value (any picklable object) in every process; else value itself."""
+    if under_torchrun():
+        box = [value]
+        torch.distributed.broadcast_object_list(box, src=0)
+        value = box[0]
+    return value
+
+
+# ======== 6. The run: checkpoints, other settings, Run, resume, the record, sweeps and their locks, the shared flags ========
+
+def sha256(path):
+    import hashlib
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def save_checksummed(obj, path):
+    """torch.save obj to path atomically, with its SHA-256 in path.sha256 (written atomically just before the
+    rename): the new file's digest, then the one of the file it replaces (what a crash between the two renames
+    leaves). load_checkpoint checks it."""
+    sums = Path(f"{path}.sha256")
+    old = sums.read_text().split()[:1] if sums.is_file() else []
+    atomic_write(path, lambda f: torch.save(obj, f), ready=lambda tmp: atomic_write(
+        sums, lambda f: f.write("".join(f"{d}\n" for d in [sha256(tmp), *old]).encode())))
+
+
+def load_checkpoint(path, remedy):
+    """torch.load (on the CPU) a checkpoint this code wrote, or a one-line DataError naming it and `remedy` (what
+    to do) when it is damaged: its bytes match no digest in path.sha256 (when it has one), or torch cannot read it."""
+    path, sums = Path(path), Path(f"{path}.sha256")
+    intact = False
+    try:
+        if sums.is_file():
+            if sha256(path) not in sums.read_text().split():
+                raise ValueError(f"its SHA-256 is not the one written with it, in {sums.name}")
+            intact = True
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except MemoryError:
+        raise
+    except Exception as e:      # a truncated or overwritten file raises many kinds of errors in torch.load
+        if intact:              # the bytes written with it, yet unreadable: another torch or code, not damage
+            raise
+        raise DataError(f"{path}: damaged, it cannot be read ({type(e).__name__}: {(str(e).splitlines() or [''])[0]}); "
+                        f"{remedy}") from None
+
+
+def code_version():
+    """Git commit of this code ('+dirty' when tracked files differ from it), or 'unknown'."""
+    try:
+        rev = subprocess.run(["git", "-C", str(HERE), "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=10)
+        if rev.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(["git", "-C", str(HERE), "diff", "--quiet", "HEAD"],
+                               capture_output=True, timeout=10).returncode != 0
+        return rev.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def fmt_acc(acc):
+    return "  ".join(f"{k} {v:5.1f}" if v is not None else f"{k}   n/a" for k, v in acc.items())
+
+
+def rng_states(train_loader):
+    """Every random state a run draws from: Python, NumPy, torch (CPU and CUDA) and the training
+    loader's generator (its shuffle order and its workers' seeds)."""
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "loader": train_loader.generator.get_state() if train_loader.generator is not None else None}
+
+
+def set_rng_states(state, train_loader):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"].cpu())
+    if state["cuda"] is not None and torch.cuda.is_available() and under_torchrun():   # the first process's GPU's
+        torch.cuda.set_rng_state(state["cuda"][0].cpu())                                  # (every process's is alike)
+    elif state["cuda"] is not None and torch.cuda.is_available():    # as many GPUs as both runs have
+        for i, s in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(s.cpu(), i)
+    if state["loader"] is not None:
+        train_loader.generator.set_state(state["loader"].cpu())
+
+
+def resume_lr(optimizer, scheduler, old_lr, new_lr):
+    """Scale the learning rate of a resumed optimizer and StepLR from old_lr to new_lr, keeping the
+    schedule's position (a run that diverged continues with a lower --lr)."""
+    scale = new_lr / old_lr
+    for g in optimizer.param_groups:
+        g["lr"] *= scale
+        if "initial_lr" in g:
+            g["initial_lr"] *= scale
+    scheduler.base_lrs = [b * scale for b in scheduler.base_lrs]
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+
+
+# flags that change how a run executes, not what it computes (or which runs a sweep lists)
+RUN_ONLY_ARGS = {"resume", "device", "num_workers", "cpu_threads", "amp", "compile", "cache_dir", "out_dir",
+                 "seeds", "missing_rates"}
+
+
+EARLIER_BEHAVIOUR = {"feature_norm": "none", "hgm_alpha_scale": False, "hgm_forget": 1.0, "qmf_rank": "paper",
+                     "crop_scale": 0.08, "no_augment": False, "modalities": None, "processes": None,
+                     "agm_epochs": 21, "pmr_ends": None,      # AGM modulated epochs 0..20; PMR's terms every epoch
+                     "gb_abs_gain": False, "pmr_val_prototypes": False, "partial_ckpt": False, "revision": 1}
+
+# a method whose computation changed without a flag to restore the old one: the revision its runs record
+# (list_runs), so a finished run or a last.pt of the earlier code is not taken for one of today's.
+# if_mmin 2: its autoencoder as IF-MMIN's autoencoder_2 (2024); agm 2: the authors' window, held coefficients,
+# cap 7 for 3+ modalities and the order of its passes
+METHOD_REVISION = {"if_mmin": 2, "agm": 2}
+
+# a balancing method's own flags, by their prefix: another method's run compares none of them
+OWN_FLAGS = {"mmcosine": "mmcosine", "mmpareto": "mmpareto", "agm": "agm", "gb": "gblending", "pmr": "pmr",
+             "reconboost": "reconboost"}
+
+
+# recorded settings that are no flag of the scripts, as a message names them
+NOT_FLAGS = {"processes": lambda n: "no torchrun" if n is None else f"torchrun --nproc_per_node {n}",
+             "revision": lambda n: f"the method's revision {n}"}
+
+
+def other_settings(recorded, settings, free=()):
+    """The flags (known to both; execution-only ones, `free` and another method's OWN_FLAGS aside) whose recorded
+    value differs from the settings now, as '--k A there, B now', or '' when there are none."""
+    def filled(settings):                       # what a record from before a flag existed ran with
+        settings = json.loads(json.dumps(settings, default=str))
+        if "no_hgm" in settings:                # written before --hgm/--no_hgm became one setting
+            settings.setdefault("hgm", not settings.pop("no_hgm"))
+        if "agm_ends" in settings:              # before --agm_epochs: AGM modulated epochs 0..agm_ends
+            settings.setdefault("agm_epochs", settings.pop("agm_ends") + 1)
+        return {**EARLIER_BEHAVIOUR, **settings}
+    recorded, now = filled(recorded), filled(settings)
+    others = {k for k in now if OWN_FLAGS.get(k.split("_")[0], now.get("method")) != now.get("method")}
+    differ = [k for k in sorted(set(recorded) & set(now) - RUN_ONLY_ARGS - set(free) - others)
+              if recorded[k] != now[k]]
+    return ", ".join(f"{NOT_FLAGS[k](recorded[k])} there, {NOT_FLAGS[k](now[k])} now" if k in NOT_FLAGS
+                     else f"--{k} {recorded[k]} there, {now[k]} now" for k in differ[:4])
 
 
 @dataclass
@@ -4719,25 +5272,6 @@ class Run:
     @property
     def last(self):
         return self.folder / "last.pt"
-
-
-def start_run(folder, script, settings, method, optimizer, scheduler, loaders):
-    """The state of a run writing into `folder` (made here): its settings (vars(args)), the epoch log, the
-    selection so far, the clock; saved in last.pt after every epoch. With settings["resume"] the run
-    continues from folder/last.pt when there is one (resume_run)."""
-    if settings["select_on"] == "val" and not loaders.get("val"):
-        raise ValueError("--select_on val needs a validation split (--val_ratio > 0)")
-    if settings["select_on"] == "test":
-        print("NOTE: selecting the epoch on the TEST set (--select_on test, the official protocol); "
-              "the reported test accuracy is optimistic.")
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    run = Run(Path(folder), script, settings)
-    if settings.get("resume"):
-        resume_run(run, method, optimizer, scheduler, loaders["train"])
-    elif run.last.is_file():
-        print(f"note: {run.last} holds an unfinished run; it is started over (rerun with --resume to continue "
-              "it instead)", flush=True)
-    return run
 
 
 def resume_run(run, method, optimizer, scheduler, train_loader):
@@ -4768,6 +5302,25 @@ def resume_run(run, method, optimizer, scheduler, train_loader):
         resume_lr(optimizer, scheduler, state["args"]["lr"], settings["lr"])
         print(f"--lr {settings['lr']} replaces {state['args']['lr']} from epoch {run.next_epoch + 1} on (each "
               "epoch's lr is in the record's epoch log)", flush=True)
+
+
+def start_run(folder, script, settings, method, optimizer, scheduler, loaders):
+    """The state of a run writing into `folder` (made here): its settings (vars(args)), the epoch log, the
+    selection so far, the clock; saved in last.pt after every epoch. With settings["resume"] the run
+    continues from folder/last.pt when there is one (resume_run)."""
+    if settings["select_on"] == "val" and not loaders.get("val"):
+        raise ValueError("--select_on val needs a validation split (--val_ratio > 0)")
+    if settings["select_on"] == "test":
+        print("NOTE: selecting the epoch on the TEST set (--select_on test, the official protocol); "
+              "the reported test accuracy is optimistic.")
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    run = Run(Path(folder), script, settings)
+    if settings.get("resume"):
+        resume_run(run, method, optimizer, scheduler, loaders["train"])
+    elif run.last.is_file():
+        print(f"note: {run.last} holds an unfinished run; it is started over (rerun with --resume to continue "
+              "it instead)", flush=True)
+    return run
 
 
 def log_epoch(run, epoch, loss, optimizer, val, test, method):
@@ -4925,36 +5478,18 @@ def announce(record, label):
 LOCK_POLL_S = 10          # how often a sweep looks again at the runs other processes hold
 
 
-def train_runs(runs, folder_of, train):
-    """The records of `runs` (list_runs' (label, args)) in their order, each run once: train(args) while this
-    process holds the lock of its folder folder_of(args) (take_lock), or the record a sweep finds there
-    (finished_record). A single run whose folder another live process holds stops with an error; a sweep goes
-    on with its other runs and comes back to it, waiting at the end for those still held, so that two sweeps
-    started together share the runs. Torchrun: the first process takes the locks, the others follow it."""
-    records, waiting, told = {}, list(enumerate(runs)), set()
-    while waiting:
-        later = []
-        for k, (label, args) in waiting:
-            folder = folder_of(args)
-            lock, holder = take_lock(folder) if world()[0] == 0 else (None, None)
-            holder = from_rank0(holder)
-            if holder is not None and label is None:
-                raise DataError(f"{folder}: another run writes into this folder ({holder} holds its run.lock); "
-                                "wait until it ends, or pass another --out_dir")
-            if holder is not None:
-                if k not in told:
-                    print(f"{label}: {folder} is held by {holder}; this sweep comes back to it", flush=True)
-                told.add(k)
-                later.append((k, (label, args)))
-                continue
-            try:
-                records[k] = finished_record(folder, args, label) or announce(train(args), label)
-            finally:
-                release_lock(lock)
-        if len(later) == len(waiting):                  # every run left is held by another process
-            time.sleep(LOCK_POLL_S)
-        waiting = later
-    return [records[k] for k in sorted(records)]
+def pid_is_gone(holder, host):
+    """True when a lock's '<host> pid <pid>' names a process of this host that no longer runs."""
+    name, _, pid = holder.rpartition(" pid ")
+    if name != host or not pid.isdigit() or os.name == "nt":
+        return False                            # another machine's process (or Windows, where os.kill ends it)
+    try:
+        os.kill(int(pid), 0)                    # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return True
+    except OSError:                             # alive, another user's (or no such check here)
+        return False
+    return False
 
 
 def take_lock(folder):
@@ -4993,20 +5528,6 @@ def take_lock(folder):
     return f, None
 
 
-def pid_is_gone(holder, host):
-    """True when a lock's '<host> pid <pid>' names a process of this host that no longer runs."""
-    name, _, pid = holder.rpartition(" pid ")
-    if name != host or not pid.isdigit() or os.name == "nt":
-        return False                            # another machine's process (or Windows, where os.kill ends it)
-    try:
-        os.kill(int(pid), 0)                    # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return True
-    except OSError:                             # alive, another user's (or no such check here)
-        return False
-    return False
-
-
 def release_lock(f):
     """Let go of take_lock's file: emptied (a killed run leaves its line, for take_lock's note), then closed,
     which drops the flock."""
@@ -5015,778 +5536,71 @@ def release_lock(f):
         f.close()
 
 
-# flags that change how a run executes, not what it computes (or which runs a sweep lists)
-RUN_ONLY_ARGS = {"resume", "device", "num_workers", "cpu_threads", "amp", "compile", "cache_dir", "out_dir",
-                 "seeds", "missing_rates"}
-
-
-EARLIER_BEHAVIOUR = {"feature_norm": "none", "hgm_alpha_scale": False, "hgm_forget": 1.0, "qmf_rank": "paper",
-                     "crop_scale": 0.08, "no_augment": False, "modalities": None, "processes": None,
-                     "agm_epochs": 21, "pmr_ends": None,      # AGM modulated epochs 0..20; PMR's terms every epoch
-                     "gb_abs_gain": False, "pmr_val_prototypes": False, "partial_ckpt": False, "revision": 1}
-
-# a method whose computation changed without a flag to restore the old one: the revision its runs record
-# (list_runs), so a finished run or a last.pt of the earlier code is not taken for one of today's.
-# if_mmin 2: its autoencoder as IF-MMIN's autoencoder_2 (2024); agm 2: the authors' window, held coefficients,
-# cap 7 for 3+ modalities and the order of its passes
-METHOD_REVISION = {"if_mmin": 2, "agm": 2}
-
-# a balancing method's own flags, by their prefix: another method's run compares none of them
-OWN_FLAGS = {"mmcosine": "mmcosine", "mmpareto": "mmpareto", "agm": "agm", "gb": "gblending", "pmr": "pmr",
-             "reconboost": "reconboost"}
-
-
-# recorded settings that are no flag of the scripts, as a message names them
-NOT_FLAGS = {"processes": lambda n: "no torchrun" if n is None else f"torchrun --nproc_per_node {n}",
-             "revision": lambda n: f"the method's revision {n}"}
-
-
-def other_settings(recorded, settings, free=()):
-    """The flags (known to both; execution-only ones, `free` and another method's OWN_FLAGS aside) whose recorded
-    value differs from the settings now, as '--k A there, B now', or '' when there are none."""
-    def filled(settings):                       # what a record from before a flag existed ran with
-        settings = json.loads(json.dumps(settings, default=str))
-        if "no_hgm" in settings:                # written before --hgm/--no_hgm became one setting
-            settings.setdefault("hgm", not settings.pop("no_hgm"))
-        if "agm_ends" in settings:              # before --agm_epochs: AGM modulated epochs 0..agm_ends
-            settings.setdefault("agm_epochs", settings.pop("agm_ends") + 1)
-        return {**EARLIER_BEHAVIOUR, **settings}
-    recorded, now = filled(recorded), filled(settings)
-    others = {k for k in now if OWN_FLAGS.get(k.split("_")[0], now.get("method")) != now.get("method")}
-    differ = [k for k in sorted(set(recorded) & set(now) - RUN_ONLY_ARGS - set(free) - others)
-              if recorded[k] != now[k]]
-    return ", ".join(f"{NOT_FLAGS[k](recorded[k])} there, {NOT_FLAGS[k](now[k])} now" if k in NOT_FLAGS
-                     else f"--{k} {recorded[k]} there, {now[k]} now" for k in differ[:4])
-
-
-def resume_lr(optimizer, scheduler, old_lr, new_lr):
-    """Scale the learning rate of a resumed optimizer and StepLR from old_lr to new_lr, keeping the
-    schedule's position (a run that diverged continues with a lower --lr)."""
-    scale = new_lr / old_lr
-    for g in optimizer.param_groups:
-        g["lr"] *= scale
-        if "initial_lr" in g:
-            g["initial_lr"] *= scale
-    scheduler.base_lrs = [b * scale for b in scheduler.base_lrs]
-    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
-
-
-def fmt_acc(acc):
-    return "  ".join(f"{k} {v:5.1f}" if v is not None else f"{k}   n/a" for k, v in acc.items())
-
-
-def rng_states(train_loader):
-    """Every random state a run draws from: Python, NumPy, torch (CPU and CUDA) and the training
-    loader's generator (its shuffle order and its workers' seeds)."""
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            "loader": train_loader.generator.get_state() if train_loader.generator is not None else None}
-
-
-def set_rng_states(state, train_loader):
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"].cpu())
-    if state["cuda"] is not None and torch.cuda.is_available() and under_torchrun():   # the first process's GPU's
-        torch.cuda.set_rng_state(state["cuda"][0].cpu())                                  # (every process's is alike)
-    elif state["cuda"] is not None and torch.cuda.is_available():    # as many GPUs as both runs have
-        for i, s in enumerate(state["cuda"][:torch.cuda.device_count()]):
-            torch.cuda.set_rng_state(s.cpu(), i)
-    if state["loader"] is not None:
-        train_loader.generator.set_state(state["loader"].cpu())
-
-
-# ======== 5. Speed: the preprocessed A-V cache, batched reads, the GPU input path, torch.compile ====
-
-def default_cache_dir(root):
-    """<data root>/.mla_cache when the data root is writable, else ~/.cache/mla (or $XDG_CACHE_HOME/mla)."""
-    root = Path(root)
-    if os.access(root, os.W_OK):
-        return root / ".mla_cache"
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mla"
-
-
-def short_side_size(h, w, side):
-    """(h, w) scaled so that the short side is `side`."""
-    if w >= h:
-        return side, max(side, round(side * w / h))
-    return max(side, round(side * h / w)), side
-
-
-def frame_cache_size(clips, image_size, train):
-    """Stored frame size: test-time frames exactly as the test transform makes them (S x S); the canvas of
-    training frames: short side = S, the aspect ratio of the data's first frame (see fit_frame)."""
-    if not train:
-        return image_size, image_size
-    paths = list_frames(clips[0].frames)
-    if not paths:
-        raise DataError(f"{clips[0].frames}: no frames (clip at {clips[0].src}); expected .jpg files")
-    w, h = load_image(paths[0], clips[0].src).size
-    return short_side_size(h, w, image_size)
-
-
-def fit_frame(image, canvas, side):
-    """A training frame for the cache: resized with its own aspect ratio to short side `side` (or, when
-    that overflows the canvas, as large as fits), at the top left of a uint8 canvas (3, H, W) whose
-    rest repeats the last row and column (so bilinear sampling at the frame's edge reads the edge).
-    Returns (canvas, (h, w) of the frame in it)."""
-    from torchvision.transforms import v2 as T
-    H, W = canvas
-    h, w = short_side_size(image.height, image.width, side)
-    if h > H or w > W:
-        s = min(H / h, W / w)
-        h, w = max(1, min(H, round(h * s))), max(1, min(W, round(w * s)))
-    x = T.Resize((h, w), antialias=True)(T.ToImage()(image))
-    out = torch.empty((3, H, W), dtype=torch.uint8)
-    out[:, :h, :w] = x
-    out[:, :h, w:] = x[:, :, -1:]
-    out[:, h:, :] = out[:, h - 1:h, :]
-    return out, (h, w)
-
-
-class _CacheBuild(torch.utils.data.Dataset):
-    """One clip decoded once: (fbank float16 (T, F), picked frames uint8 (K, 3, H, W), each frame's
-    (h, w) in its canvas (K, 2)). Test frames are resized to exactly S x S, as the test transform does;
-    training frames keep their aspect ratio (fit_frame)."""
-
-    def __init__(self, clips, size, frames, audio_len, num_mel_bins, train, image_size):
-        from torchvision.transforms import v2 as T
-        self.av = AVDataset(clips, False, size[0], frames, audio_len, num_mel_bins)
-        self.size, self.train, self.image_size = size, train, image_size
-        self.resize = T.Compose([T.ToImage(), T.Resize(size, antialias=True)])
-
-    def __len__(self):
-        return len(self.av)
-
-    def __getitem__(self, i):
-        clip = self.av.clips[i]
-        fb = self.av.load_audio(clip)[0].numpy().astype(np.float16)
-        paths = list_frames(clip.frames)
-        if not paths:
-            raise DataError(f"{clip.frames}: no frames (clip at {clip.src}); expected .jpg files")
-        images = [load_image(paths[k], clip.src) for k in pick_even(len(paths), self.av.frames)]
-        if self.train:
-            fr, hw = zip(*(fit_frame(im, self.size, self.image_size) for im in images))
-        else:
-            fr, hw = [self.resize(im) for im in images], [self.size] * len(images)
-        return fb, torch.stack(fr).numpy(), np.array(hw, dtype=np.int32)
-
-
-CACHE_ELSEWHERE = "give --cache_dir a folder on a larger disk, or pass --no_cache to decode every epoch"
-
-
-def reserve(path, folder):
-    """Allocate every block of a file that a memory map created sparse: a full disk is then an error
-    here, not a SIGBUS at some later write through the map."""
-    if not hasattr(os, "posix_fallocate"):          # macOS, Windows: the free-space check alone
-        return
-    fd = os.open(path, os.O_RDWR)
-    try:
-        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
-    except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise DiskFull(f"{folder}: no room on its disk for the cache's {path.name} "
-                           f"({mb(os.fstat(fd).st_size)}); {CACHE_ELSEWHERE}") from e
-        # a file system without fallocate (EOPNOTSUPP, EINVAL): go on as before
-    finally:
-        os.close(fd)
-
-
-def checksum(data, chunk=1 << 24):
-    """CRC-32 of the CRC-32s of a 1-D uint8 array's 16 MB chunks, as 8 hex digits. Every byte is read, by
-    up to 8 threads (zlib lets go of the GIL), at 1-2 GB/s a core (sha1 runs at about half that, blake2b
-    at a quarter); damage to a chunk goes unseen with probability 2**-32."""
-    import zlib
-    from concurrent.futures import ThreadPoolExecutor
-    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
-        crcs = pool.map(lambda at: zlib.crc32(data[at:at + chunk]).to_bytes(4, "little"), range(0, len(data), chunk))
-        return f"{zlib.crc32(b''.join(crcs)):08x}"
-
-
-def file_checksum(path, chunk=1 << 24):
-    return checksum(np.memmap(path, np.uint8, "r") if os.path.getsize(path) else np.zeros(0, np.uint8), chunk)
-
-
-def tensor_checksum(t):
-    return checksum(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
-
-
-def cache_damaged(path, why, folder, elsewhere):
-    """A cache file that failed its check: one line saying why before it is built again; when `folder`
-    (where it would be rebuilt) is read-only, a one-line error saying what to do instead."""
-    if not os.access(folder, os.W_OK):
-        raise DataError(f"{path}: {why}; the cache cannot be rebuilt in read-only {folder}: {elsewhere}")
-    print(f"warning: {path}: {why}; building it again", file=sys.stderr, flush=True)
-
-
-def discard(folder):
-    """Move a damaged cache folder aside (one rename: a run opening it now finds it gone, not half deleted)
-    and delete it."""
-    aside = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.damaged."))
-    try:
-        os.rename(folder, aside / folder.name)
-    except FileNotFoundError:       # another run moved it first
-        pass
-    shutil.rmtree(aside, ignore_errors=True)
-
-
-class CachedAVDataset(torch.utils.data.Dataset):
-    """The clips of one split preprocessed once into memory-mapped arrays under `cache_dir`:
-    fbank.npy (N, audio_len, mel_bins) float16, frames.npy (N, frames, 3, H, W) uint8 and extents.npy
-    (N, frames, 2) int32: the (h, w) each training frame fills at the top left of its H x W canvas (its own
-    aspect ratio kept; the crops are drawn inside it).
-
-    The folder name is a hash of every preprocessing parameter and of each clip's files (path, size,
-    modification time), so a change rebuilds it instead of reading stale data. A build writes to a
-    temporary folder and renames it, so two runs building at once cannot corrupt it. meta.json records
-    each array's shape, byte size and checksum; every open checks them (`problem`), and a folder that fails
-    is built again (one line says why), never read. Items are
-    (audio float16 (1, T, F), frames uint8 (K, 3, H, W), label, index); `device_transform` turns a
-    batch into float32 audio and normalised float frames on the training device. Training crops and flips are drawn per
-    frame in the loader workers with torchvision (augment_on='workers', best on a CPU), or for the
-    whole batch at once on the device (augment_on='device', for a GPU; bilinear without antialias).
-    """
-    VERSION = 2     # bump when the preprocessing code changes (2: training frames keep their aspect ratio)
-
-    def __init__(self, clips, train, image_size=224, frames=3, audio_len=1024, num_mel_bins=128,
-                 cache_dir=None, num_workers=0, augment_on="workers", crop_scale=0.08, augment=True):
-        from torchvision.transforms import v2 as T
-        train = train and augment               # augment=False: training clips stored and read as test clips
-        self.clips, self.train, self.image_size = list(clips), train, image_size
-        self.augment_on, self.crop_scale = augment_on, crop_scale
-        self.crop = T.Compose([T.RandomResizedCrop(image_size, scale=(crop_scale, 1.0), antialias=True),
-                               T.RandomHorizontalFlip()])
-        size = frame_cache_size(self.clips, image_size, train)
-        params = {"version": self.VERSION, "train": train, "size": size, "frames": frames,
-                  "audio_len": audio_len, "num_mel_bins": num_mel_bins}
-        self.folder = Path(cache_dir) / f"{'train' if train else 'eval'}-{self.key(params)}"
-        bad = self.problem(params) if self.folder.exists() else None
-        if bad is not None:
-            cache_damaged(*bad, self.folder.parent, "pass --no_cache, or give --cache_dir a writable folder")
-        if bad is not None or not self.folder.exists():
-            self.build(params, size, num_workers)
-        self._arrays = None
-        self.extents = torch.from_numpy(np.load(self.folder / "extents.npy"))     # small: kept in memory
-
-    def key(self, params):
-        import hashlib
-        h = hashlib.sha1(json.dumps(params, sort_keys=True).encode())
-        for c in self.clips:
-            a, f = os.stat(c.audio), os.stat(c.frames)
-            h.update(f"{c.id}|{c.label}|{c.audio}|{a.st_size}|{a.st_mtime_ns}|{c.frames}|{f.st_mtime_ns}".encode())
-            # a frame rewritten in place leaves its folder's mtime alone; the names listed by resolve_clips
-            paths = [Path(c.frames) / n for n in c.frame_names] or list_frames(c.frames)
-            for k in pick_even(len(paths), params["frames"]) if paths else []:
-                s = os.stat(paths[k])
-                h.update(f"|{paths[k].name}|{s.st_size}|{s.st_mtime_ns}".encode())
-            h.update(b"\n")
-        return h.hexdigest()[:16]
-
-    def layout(self, params):
-        """Each cached array's (shape, dtype)."""
-        n, k = len(self.clips), params["frames"]
-        return {"fbank.npy": ((n, params["audio_len"], params["num_mel_bins"]), "float16"),
-                "frames.npy": ((n, k, 3, *params["size"]), "uint8"), "extents.npy": ((n, k, 2), "int32")}
-
-    def problem(self, params):
-        """(file, why) when the cache folder must not be read, else None. It must have a meta.json that
-        describes these settings and clips, and arrays of the shapes, types and byte sizes it records,
-        whose every byte gives the checksum taken at build time: a sample of blocks could miss a few KB
-        overwritten in a GB file, and every byte is checked at about 1 GB/s on 2 busy cores: about 5 s for
-        CREMA-D's 6,698 training clips at the paper's sizes (4.6 GB), which the first epoch then finds in
-        the page cache where memory allows."""
-        meta_path, layout = self.folder / "meta.json", self.layout(params)
-        want = json.loads(json.dumps({**params, "clips": [c.id for c in self.clips]}))
-        try:
-            meta = json.loads(meta_path.read_text())
-            files = {name: dict(meta["files"][name]) for name in layout}
-            same = {k: meta[k] for k in want} == want
-        except FileNotFoundError:
-            return meta_path, "missing (deleted, or left out of a copy)"
-        except (KeyError, TypeError):
-            return meta_path, "holds no checksums (a cache built by an earlier version)"
-        except (OSError, ValueError) as e:
-            return meta_path, f"unreadable ({type(e).__name__}: {str(e)[:120]})"
-        if not same:
-            return meta_path, "describes other settings or clips"
-        for name, (shape, dtype) in layout.items():
-            path, rec = self.folder / name, files[name]
-            if [rec.get("shape"), rec.get("dtype")] != [list(shape), dtype]:
-                return meta_path, f"says {name} is {rec.get('dtype')} {rec.get('shape')}; expected {dtype} {list(shape)}"
-            size = path.stat().st_size if path.is_file() else None
-            if size != rec.get("bytes"):
-                return path, f"{'missing' if size is None else f'{size} bytes'}; meta.json says {rec.get('bytes')}"
-        for name in layout:
-            if file_checksum(self.folder / name) != files[name].get("crc32"):
-                return self.folder / name, "its bytes differ from those it was built with (overwritten or damaged)"
-        return None
-
-    def build(self, params, size, num_workers):
-        from tqdm import tqdm
-        self.folder.parent.mkdir(parents=True, exist_ok=True)
-        if self.folder.exists():                # one that failed its check: out of the way of the rename below
-            discard(self.folder)
-        tmp = Path(tempfile.mkdtemp(dir=self.folder.parent, prefix=f".{self.folder.name}.building."))
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)               # mkdtemp's 0700: the folder others may read, as mkdir makes it
-        try:
-            n, layout = len(self.clips), self.layout(params)
-            need = sum(math.prod(shape) * np.dtype(dtype).itemsize for shape, dtype in layout.values())
-            free = free_bytes(tmp)
-            if free is not None and need > free:
-                raise DiskFull(f"{self.folder}: the cache needs {mb(need)} and its disk has {mb(free)} free; "
-                               f"{CACHE_ELSEWHERE}")
-            fb, fr = (np.lib.format.open_memmap(tmp / f, "w+", *layout[f][::-1]) for f in ("fbank.npy", "frames.npy"))
-            for f in ("fbank.npy", "frames.npy"):
-                reserve(tmp / f, self.folder)
-            hw = np.zeros(*layout["extents.npy"])
-            src = _CacheBuild(self.clips, size, params["frames"], params["audio_len"], params["num_mel_bins"],
-                              self.train, self.image_size)
-            # its own generator: building must not draw from the global RNG, or a run that builds the
-            # cache would train differently from one that finds it built
-            loader = torch.utils.data.DataLoader(src, batch_size=None, num_workers=num_workers,
-                                                 generator=torch.Generator().manual_seed(0))
-            for i, (a, v, e) in enumerate(tqdm(loader, total=n, desc=f"caching {self.folder.name}", unit="clip",
-                                               disable=not sys.stderr.isatty() or world()[0] > 0)):
-                fb[i], fr[i], hw[i] = a, v, e
-            fb.flush()
-            fr.flush()
-            del fb, fr
-            np.save(tmp / "extents.npy", hw)
-            files = {f: {"shape": list(shape), "dtype": dtype, "bytes": os.path.getsize(tmp / f),
-                         "crc32": file_checksum(tmp / f)} for f, (shape, dtype) in layout.items()}
-            atomic_json_dump({**params, "clips": [c.id for c in self.clips], "files": files}, tmp / "meta.json")
+def train_runs(runs, folder_of, train):
+    """The records of `runs` (list_runs' (label, args)) in their order, each run once: train(args) while this
+    process holds the lock of its folder folder_of(args) (take_lock), or the record a sweep finds there
+    (finished_record). A single run whose folder another live process holds stops with an error; a sweep goes
+    on with its other runs and comes back to it, waiting at the end for those still held, so that two sweeps
+    started together share the runs. Torchrun: the first process takes the locks, the others follow it."""
+    records, waiting, told = {}, list(enumerate(runs)), set()
+    while waiting:
+        later = []
+        for k, (label, args) in waiting:
+            folder = folder_of(args)
+            lock, holder = take_lock(folder) if world()[0] == 0 else (None, None)
+            holder = from_rank0(holder)
+            if holder is not None and label is None:
+                raise DataError(f"{folder}: another run writes into this folder ({holder} holds its run.lock); "
+                                "wait until it ends, or pass another --out_dir")
+            if holder is not None:
+                if k not in told:
+                    print(f"{label}: {folder} is held by {holder}; this sweep comes back to it", flush=True)
+                told.add(k)
+                later.append((k, (label, args)))
+                continue
             try:
-                os.rename(tmp, self.folder)
-            except OSError:             # another run finished the same cache first: use theirs
-                if not (self.folder / "meta.json").is_file():
-                    raise
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-
-    # the memory maps are opened in each process that reads them, and never pickled (a pickled memmap
-    # would copy the whole array into every loader worker started with 'spawn', as on macOS)
-    def _open(self):
-        if self._arrays is None:
-            self._arrays = (np.load(self.folder / "fbank.npy", mmap_mode="r"),
-                            np.load(self.folder / "frames.npy", mmap_mode="r"))
-        return self._arrays
-
-    @property
-    def fbank(self):
-        return self._open()[0]
-
-    @property
-    def frames(self):
-        return self._open()[1]
-
-    def __getstate__(self):
-        return {**self.__dict__, "_arrays": None}
-
-    def __len__(self):
-        return len(self.clips)
-
-    @property
-    def gatherable(self):
-        """True when an item is only a read (no crop in the loader workers): see `gather`."""
-        return not (self.train and self.augment_on == "workers")
-
-    def gather(self, indices, pin=False):
-        """The batch a DataLoader would collate from these items, read in one go from the memory maps
-        straight into (pinned, with pin=True) tensors; for `gatherable` data sets. numpy's take does
-        not hold the GIL, so several threads can gather batches at once (see GatherLoader)."""
-        idx = np.asarray(indices, dtype=np.int64)
-        fb, fr = self._open()
-        audio = torch.empty((len(idx), 1, *fb.shape[1:]), dtype=torch.float16, pin_memory=pin)
-        video = torch.empty((len(idx), *fr.shape[1:]), dtype=torch.uint8, pin_memory=pin)
-        np.take(fb, idx, axis=0, out=audio.numpy()[:, 0], mode="clip")   # indices come from a sampler
-        np.take(fr, idx, axis=0, out=video.numpy(), mode="clip")
-        labels = torch.tensor([self.clips[i].label for i in idx])
-        index = torch.from_numpy(idx)
-        if pin:
-            labels, index = labels.pin_memory(), index.pin_memory()
-        return audio, video, labels, index
-
-    def __getitem__(self, i):
-        audio = torch.from_numpy(np.array(self.fbank[i])).unsqueeze(0)         # float16 until the device
-        video = torch.from_numpy(np.array(self.frames[i]))
-        if self.train and self.augment_on == "workers":
-            video = torch.stack([self.crop(f[:, :h, :w]) for f, (h, w) in zip(video, self.extents[i].tolist())])
-        return audio, video, self.clips[i].label, i
-
-    def device_transform(self, xs, train, index=None):
-        """On the batch, on its device: uint8 frames -> (training, augment_on='device') random resized
-        crop + flip inside each frame's extent (`index`: the batch's item indices, on the CPU) -> float,
-        ImageNet-normalised (B, K, 3, S, S)."""
-        audio, video = xs
-        audio = audio.float()
-        b, k = video.shape[:2]
-        v = video.flatten(0, 1)
-        if train and self.train and self.augment_on == "device":
-            extents = None if index is None else self.extents[index].flatten(0, 1)
-            v = random_resized_crop_flip(v, self.image_size, (self.crop_scale, 1.0), extents=extents)
-        else:
-            v = v.float()
-        # built on the CPU and sent without waiting (torch.tensor(..., device=cuda) would sync)
-        nb = v.device.type == "cuda"
-        mean = (torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255).to(v.device, non_blocking=nb)
-        std = (torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255).to(v.device, non_blocking=nb)
-        v = ((v - mean) / std).view(b, k, 3, *v.shape[-2:])
-        return [audio, v]
-
-
-def random_resized_crop_flip(images, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), extents=None):
-    """RandomResizedCrop + RandomHorizontalFlip for a whole batch of uint8 images (N, 3, H, W) in one
-    grid_sample (bilinear). Crop boxes are drawn as torchvision draws them (area share in `scale`,
-    log-uniform aspect in `ratio`, ten tries, then a centre crop), inside each image's (h, w) at the top
-    left (`extents`, (N, 2) on the CPU; default the whole image); returns float (N, 3, size, size)."""
-    n, _, H, W = images.shape
-    dev = images.device
-    hw = torch.tensor([[H, W]] * n) if extents is None else extents
-    h, w = hw[:, 0].double(), hw[:, 1].double()
-    area = (h * w)[:, None] * torch.empty(n, 10).uniform_(*scale)
-    logr = torch.empty(n, 10).uniform_(math.log(ratio[0]), math.log(ratio[1]))
-    cw = torch.sqrt(area * torch.exp(logr)).round()
-    ch = torch.sqrt(area / torch.exp(logr)).round()
-    ok = (cw > 0) & (cw <= w[:, None]) & (ch > 0) & (ch <= h[:, None])
-    first = torch.where(ok.any(1), ok.float().argmax(1), torch.full((n,), -1))
-    pick = first.clamp_min(0)
-    cw, ch = cw[torch.arange(n), pick], ch[torch.arange(n), pick]
-    # no try fitted: the whole image, cut to the nearest allowed aspect ratio, centred
-    fw = torch.where(w / h > ratio[1], torch.round(h * ratio[1]), w)
-    fh = torch.where(w / h < ratio[0], torch.round(w / ratio[0]), h)
-    bad = first < 0
-    cw, ch = torch.where(bad, fw, cw), torch.where(bad, fh, ch)
-    x0 = torch.floor(torch.rand(n) * (w - cw + 1))
-    y0 = torch.floor(torch.rand(n) * (h - ch + 1))
-    x0, y0 = torch.where(bad, torch.floor((w - fw) / 2), x0), torch.where(bad, torch.floor((h - fh) / 2), y0)
-    flip = torch.where(torch.rand(n) < 0.5, -1.0, 1.0)
-    theta = torch.zeros(n, 2, 3)
-    theta[:, 0, 0] = cw / W * flip
-    theta[:, 0, 2] = (2 * x0 + cw) / W - 1
-    theta[:, 1, 1] = ch / H
-    theta[:, 1, 2] = (2 * y0 + ch) / H - 1
-    grid = F.affine_grid(theta.to(dev, non_blocking=dev.type == "cuda"), (n, 3, size, size), align_corners=False)
-    return F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
-
-
-class GatherLoader:
-    """Batches of a data set with `gather(indices, pin)`, read by `threads` threads (0: in the caller)
-    straight into pinned memory, a few batches ahead. The order is drawn from `generator` as a shuffled
-    DataLoader draws it. No worker processes: nothing to start each epoch and no second copy into
-    pinned memory, which is what limits a DataLoader fed from memory-mapped arrays."""
-
-    def __init__(self, dataset, batch_size, train, generator, threads=4, drop_last=False, pin=True):
-        self.dataset, self.generator, self.threads, self.pin = dataset, generator, threads, pin
-        sampler = (torch.utils.data.RandomSampler(dataset, generator=generator) if train
-                   else torch.utils.data.SequentialSampler(dataset))
-        self.batch_sampler = torch.utils.data.BatchSampler(sampler, batch_size, drop_last)
-
-    def __len__(self):
-        return len(self.batch_sampler)
-
-    def __iter__(self):
-        from concurrent.futures import ThreadPoolExecutor
-        # a DataLoader first draws its workers' base seed from the generator, then the order: the same
-        # draws here give the same order for the same generator state
-        torch.empty((), dtype=torch.int64).random_(generator=self.generator)
-        batches = iter(list(self.batch_sampler))
-        if self.threads == 0:
-            for b in batches:
-                yield self.dataset.gather(b, self.pin)
-            return
-        pool = ThreadPoolExecutor(self.threads, thread_name_prefix="gather")
-        try:
-            ahead = collections.deque(pool.submit(self.dataset.gather, b, self.pin)
-                                      for b in itertools.islice(batches, self.threads + 2))
-            while ahead:
-                batch = ahead.popleft().result()
-                following = next(batches, None)
-                if following is not None:
-                    ahead.append(pool.submit(self.dataset.gather, following, self.pin))
-                yield batch
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
-
-
-def device_batches(loader, device, train, masked=False):
-    """Each batch of the loader on the device, after the data set's `device_transform` (if it has one),
-    as (xs, y, idx, mask or None). On CUDA the copy and the transform of batch k+1 are queued on a side
-    stream before batch k is handed out, so they run on the GPU while batch k trains."""
-    tf = getattr(loader.dataset, "device_transform", None)
-
-    def move(batch):
-        xs, y, idx, *mask = to_device(batch, device, masked)
-        if tf is not None:
-            xs = tf(xs, train=train, index=batch[-1])      # the item indices, still on the CPU
-        return xs, y, idx, (mask[0] if masked else None)
-
-    device = torch.device(device)
-    if device.type != "cuda":
-        yield from map(move, loader)
-        return
-    main, side = torch.cuda.current_stream(device), torch.cuda.Stream(device)
-
-    def stage(batch):
-        with torch.cuda.stream(side):
-            out = move(batch)
-        return out, side.record_event()
-
-    def ready(staged):
-        out, done = staged
-        main.wait_event(done)
-        xs, y, idx, mask = out
-        for t in [*xs, y, idx] + ([mask] if mask is not None else []):
-            t.record_stream(main)       # made on the side stream, used on the main one
-        return out
-
-    staged = None
-    for batch in loader:
-        following = stage(batch)
-        if staged is not None:
-            yield ready(staged)
-        staged = following
-    if staged is not None:
-        yield ready(staged)
-
-
-def compile_encoders(method):
-    """torch.compile each encoder of `method` in place, so state_dict keys stay those of the eager module.
-    dynamic=False: one static graph per input shape (the full batch, a short last batch, eval mode)
-    instead of one shape-generic graph for every batch after the first short one."""
-    for encoder in method.encoders:
-        encoder.compile(dynamic=False)
-
-
-# ======== 6. Report, plot, command line: python common.py report RUNS_DIR | plot RUNS_DIR | prepare ======
-
-# The paper's Tables 5, 6 and 7 (mean±std of test accuracy over three seeds; std missing where the
-# source is garbled). A line per table and data set: then per method, after " | ", its name and
-# column=mean±std (Table 6: missing rate %).
-PAPER_RESULTS = """
-5 cremad | concat audio=55.65±0.82 video=18.68±0.76 multi=61.56±0.91 | late_fusion audio=52.17±1.12 video=55.48±0.71 multi=66.32±1.08 | film audio=53.89±0.75 video=18.67±1.21 multi=60.07±1.25 | bigated audio=51.49±1.28 video=17.34±1.11 multi=59.21±1.14 | ogm_ge audio=53.76±0.98 video=28.09±1.17 multi=68.14±0.79 | qmf audio=59.41±0.71 video=39.11±1.03 multi=63.71±1.12 | mla audio=59.27±1.23 video=64.91±1.1 multi=79.7±0.87
-5 ks | sum audio=48.77±0.95 video=24.53±1.12 multi=64.72±0.97 | concat audio=49.18±0.76 video=24.67±1.07 multi=64.84±1.05 | late_fusion audio=47.87±1.1 video=46.76±0.85 multi=65.53±0.89 | film audio=48.67±0.83 video=23.15±0.98 multi=63.33±0.76 | bigated audio=49.96±1.21 video=23.77±1.14 multi=63.72±1.13 | ogm_ge audio=48.87±1.05 video=29.73±1.06 multi=65.74±1.08 | qmf audio=51.57±1.03 video=32.19±0.92 multi=65.78±0.97 | mla audio=54.67±0.92 video=51.03±1.09 multi=71.35±1.22
-5 food101 | sum image=4.57±0.88 text=85.63±1.14 multi=86.19±0.86 | concat image=3.51±1.22 text=86.02±1.05 multi=86.32±1.18 | late_fusion image=58.46±1.03 text=85.19±1.21 multi=90.21±1.02 | film image=4.68±0.97 text=85.84±0.92 multi=87.21±1.05 | bigated image=14.2±1.18 text=85.79±1.1 multi=88.87±0.88 | ogm_ge image=22.35±1.27 text=85.17±1.09 multi=87.54±1.03 | qmf image=45.74±1.09 text=84.13±1.27 multi=92.87±1.01 | mla image=69.6±0.89 text=86.47±0.86 multi=93.33±0.92
-5 mvsa | sum text=73.33±1.03 image=28.46±1.12 multi=76.19±1.01 | concat text=75.22±0.92 image=27.32±1.09 multi=76.25±0.95 | late_fusion text=72.15±1.07 image=45.24±0.97 multi=76.88±0.82 | film text=74.85±0.98 image=27.12±1.18 multi=75.34±1.07 | bigated text=73.13±1.08 image=28.15±0.88 multi=75.94±0.88 | ogm_ge text=74.76±0.87 image=31.98±1.03 multi=76.37±0.98 | qmf text=74.87±1.15 image=32.99±1.09 multi=77.96±1.06 | mla text=75.72±0.79 image=54.99±1.12 multi=79.94±0.97
-5 iemocap | sum audio=39.79±1.08 image=29.44±0.97 text=65.16±0.88 multi=74.18±1.03 | concat audio=41.93±0.89 image=30.0±0.88 text=67.84±0.97 multi=75.91±0.92 | late_fusion audio=43.12 image=32.38±0.97 text=68.79±1.07 multi=74.96±0.97 | film audio=41.64±1.06 image=29.85±1.06 text=66.37±0.95 multi=74.32±1.12 | bigated audio=42.23±0.88 image=27.45±1.08 text=65.16±1.08 multi=73.34±1.05 | ogm_ge audio=41.38±1.13 image=30.24±1.02 text=70.79±1.03 multi=76.17±1.01 | qmf audio=42.98±0.95 image=31.22±1.07 text=75.03±0.79 multi=76.17±0.95 | mla audio=46.29±1.02 image=37.63±0.78 text=73.22±1.09 multi=78.92±1.07
-6 iemocap | late_fusion 10=72.95±1.12 20=69.06±0.88 30=64.89±1.25 40=61.09±0.99 50=56.48±1.18 60=52.41±1.01 70=45.07±1.21 | qmf 10=73.49±1.1 20=71.33±1.27 30=65.89±0.78 40=62.27±0.95 50=57.94±1.07 60=55.6±0.84 70=50.25±1.09 | cca 10=65.19±0.95 20=62.6±1.19 30=59.35±0.88 40=55.25±1.23 50=51.38±1.05 60=45.73±1.27 70=30.61±1.1 | dcca 10=57.25±1.28 20=51.74±1.01 30=42.53±1.29 40=36.54±1.18 50=34.82±0.79 60=33.65±1.07 70=41.09±1.24 | dccae 10=61.66±1.13 20=57.67±1.22 30=54.95±1.06 40=51.08±1.01 50=45.71±0.87 60=39.07±0.98 70=41.42±1.28 | ae 10=71.36±0.94 20=67.4±0.79 30=62.02±1.18 40=57.24±0.94 50=50.56±0.77 60=43.04±0.96 70=39.86±0.82 | cra 10=71.28±1.19 20=67.34±1.04 30=62.24±1.03 40=57.04±0.92 50=49.86±1.15 60=43.22±0.99 70=38.56±1.22 | mmin 10=71.84±0.97 20=69.36±1.05 30=66.34±1.11 40=63.3±1.1 50=60.54±1.17 60=57.52±1.13 70=55.44±1.06 | if_mmin 10=71.32±0.78 20=68.29±0.98 30=64.17±1.01 40=60.13±1.19 50=57.45±1.12 60=53.26±1.22 70=52.04±0.91 | cpm_net 10=55.29±0.83 20=53.65±0.96 30=52.52±1.29 40=51.01±0.94 50=49.09±1.04 60=47.38±1.25 70=44.76±0.88 | tate 10=67.84±1.02 20=63.22±1.08 30=62.19±0.98 40=60.36±1.06 50=58.74±1.21 60=57.99±1.03 70=54.35±1.07 | mla 10=75.07±1.04 20=72.33±1.16 30=68.47±1.22 40=67.0±0.98 50=63.48±0.87 60=59.17±0.92 70=55.89±1.03
-7 food101 | clip image=63.07±0.12 text=83.98±0.08 multi=93.07±0.08 | clip_mla image=72.22±0.1 text=85.34±0.06 multi=93.47±0.04
-"""
-# Rows in the paper's order; the data set the toy sets stand in for; Table 7's name for CLIP + MLA.
-TABLE_METHODS = {5: methods_of("av"), 6: methods_of("missing"), 7: methods_of("clip")}
-SCRIPT_TABLE = {"train_av.py": 5, "train_it.py": 5, "train_ait.py": 5, "train_missing.py": 6, "train_clip.py": 7}
-TOY_STANDS_FOR = {"train_av.py": "cremad", "train_it.py": "food101", "train_ait.py": "iemocap",
-                  "train_missing.py": "iemocap", "train_clip.py": "food101"}
-PAPER_DATASET = {"features": "iemocap", "mmin": "iemocap"}
-PAPER_METHOD = {7: {"mla": "clip_mla"}}
-
-
-def paper_results():
-    """{(table, dataset, method): {column: (mean, std or None)}} from PAPER_RESULTS."""
-    out = {}
-    for line in PAPER_RESULTS.strip().splitlines():
-        head, *rows = line.split(" | ")
-        table, dataset = head.split()
-        for row in rows:
-            method, *cells = row.split()
-            out[int(table), dataset, method] = {
-                k: (float(v.split("±")[0]), float(v.split("±")[1]) if "±" in v else None)
-                for k, v in (c.split("=") for c in cells)}
-    return out
-
-
-def load_records(runs_dir):
-    records = []
-    for path in sorted(Path(runs_dir).rglob("record.json")):
-        try:
-            rec = json.loads(path.read_text())
-        except (OSError, ValueError) as e:
-            print(f"warning: {path}: unreadable record ({e}); left out", file=sys.stderr)
-            continue
-        if not all(k in rec for k in RECORD_KEYS if k != "first_epoch"):       # older records lack first_epoch
-            print(f"warning: {path}: not a run record (keys missing); left out", file=sys.stderr)
-            continue
-        rec["_path"] = str(path)
-        records.append(rec)
-    return records
-
-
-def _mean_std(values):
-    n = len(values)
-    mean = sum(values) / n
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else None
-    return mean, std
-
-
-def report_rows(records):
-    """One row per (script, dataset, method, column): mean, std, seeds, paper value and difference."""
-    groups = {}
-    for r in records:
-        groups.setdefault((r["script"], r["dataset"]), []).append(r)
-    papers, rows = paper_results(), []
-    for (script, dataset), recs in sorted(groups.items()):
-        table = SCRIPT_TABLE.get(script, 5)
-        if table == 6:
-            col_of = lambda r: [(f"{round(100 * r['args']['missing_rate'])}", r["test"]["multi"])]
-            columns = sorted({c for r in recs for c, _ in col_of(r)}, key=float)
-        else:
-            col_of = lambda r: list(r["test"].items())
-            columns = list(recs[0]["modalities"]) + ["multi"]
-        all_seeds = sorted({r["seed"] for r in recs})
-        toy = dataset == "toy"
-        paper_ds = TOY_STANDS_FOR.get(script, "cremad") if toy else PAPER_DATASET.get(dataset, dataset)
-        order = TABLE_METHODS[table]
-        methods = sorted({r["method"] for r in recs}, key=lambda m: (order.index(m) if m in order else 99, m))
-        for method in methods:
-            cells, source = {}, {}
-            for r in recs:
-                if r["method"] == method:
-                    for col, v in col_of(r):
-                        first = source.setdefault((col, r["seed"]), r.get("_path", "?"))
-                        if first != r.get("_path", "?"):
-                            raise DataError(f"{r.get('_path')}: a second record of {dataset} {method} seed {r['seed']} "
-                                            f"({col}), besides {first}; expected one per seed: point the report at "
-                                            "a folder that holds one set of runs")
-                        cells.setdefault(col, []).append((r["seed"], v, r["select_on"]))
-            paper = papers.get((table, paper_ds, PAPER_METHOD.get(table, {}).get(method, method)), {})
-            for col in columns:
-                got = cells.get(col, [])
-                known = [v for _, v, _ in got if v is not None]   # None: no test sample had this view
-                row = {"script": script, "dataset": dataset, "table": table, "method": method, "column": col,
-                       "mean": None, "std": None, "n": len(known), "n_expected": len(all_seeds),
-                       "n_na": len(got) - len(known),
-                       "on_test": any(sel == "test" for _, _, sel in got), "paper_dataset": paper_ds,
-                       "paper_is_other_data": toy, "paper_mean": None, "paper_std": None, "diff": None}
-                if known:
-                    mean, std = _mean_std(known)
-                    row["mean"], row["std"] = round(mean, 4), None if std is None else round(std, 4)
-                if col in paper:
-                    row["paper_mean"], row["paper_std"] = paper[col]
-                    if row["mean"] is not None:
-                        row["diff"] = round(row["mean"] - row["paper_mean"], 4)
-                rows.append(row)
-    return rows
-
-
-def _cell(mean, std, n=None, n_expected=None, on_test=False, recorded=False):
-    if mean is None:
-        return "—" if n is None else "n/a (no sample had this view)" if recorded else "missing"
-    s = f"{mean:.2f}" + (f" ± {std:.2f}" if std is not None else "")
-    if n is not None:
-        s += f" (n={n}" + (f" of {n_expected}" if n < n_expected else "") + ")"
-    return s + (" †" if on_test else "")
-
-
-def report(runs_dir, paper=False, fmt="md"):
-    """The tables of every record under runs_dir, in the paper's shape (see the section banner)."""
-    if not Path(runs_dir).is_dir():
-        raise DataError(f"{runs_dir}: folder not found; expected the --out_dir of some runs")
-    records = load_records(runs_dir)
-    rows = report_rows(records)
-    if not rows:
-        return f"no records under {runs_dir}"
-    if fmt == "csv":
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-        return buf.getvalue()
-    out, groups = [], {}
-    for r in rows:
-        groups.setdefault((r["script"], r["dataset"]), []).append(r)
-    for (script, dataset), rr in groups.items():
-        table, cols = rr[0]["table"], list(dict.fromkeys(r["column"] for r in rr))
-        what = "fused test accuracy by missing rate (%)" if table == 6 else "test accuracy (%)"
-        out.append(f"### {script} · {dataset} · Table {table} shape · {what}, mean ± std over seeds (n = seeds)")
-        if paper:
-            pds = rr[0]["paper_dataset"]
-            out.append(f"paper: {pds}, Table {table}" + (
-                f" — DIFFERENT DATA: the toy set only stands in for {pds}; this is not a reproduction"
-                if rr[0]["paper_is_other_data"] else ""))
-        head = ["method"] + [c for col in cols for c in ([col, "paper", "Δ"] if paper else [col])]
-        out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for method in dict.fromkeys(r["method"] for r in rr):
-            cells = [f"`{method}`"]
-            for r in (x for x in rr if x["method"] == method):
-                cells.append(_cell(r["mean"], r["std"], r["n"], r["n_expected"], r["on_test"], r["n_na"] > 0))
-                if paper:
-                    cells += [_cell(r["paper_mean"], r["paper_std"]),
-                              "—" if r["diff"] is None else f"{r['diff']:+.2f}"]
-            out.append("| " + " | ".join(cells) + " |")
-        if any(r["on_test"] for r in rr):
-            out.append("† epoch selected on the test set (--select_on test, the official protocol): optimistic")
-        out += [f"note: `{m}` averages runs of other settings ({shown}): give each setting its own --out_dir"
-                for (s, d, m), shown in mixed_settings(records).items() if (s, d) == (script, dataset)]
-        out.append("")
-    return "\n".join(out)
-
-
-def mixed_settings(records):
-    """{(script, dataset, method): the flags in which two of its records differ (seed, missing rate aside)}."""
-    first, mixed = {}, {}
-    for r in records:
-        key = (r["script"], r["dataset"], r["method"])
-        shown = other_settings(first.setdefault(key, r)["args"], r["args"], free={"seed", "missing_rate"})
-        if shown:
-            mixed.setdefault(key, shown)
-    return mixed
-
-
-def plot_curves(runs_dir, out):
-    """Per method, validation accuracy of each modality and of the fused prediction over epochs
-    (mean over seeds; the test curve for runs without a validation split). Needs matplotlib."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise SystemExit("plot needs matplotlib, an optional dependency: pip install matplotlib") from None
-    records = [r for r in load_records(runs_dir) if r["epochs"]]
-    if not records:
-        raise SystemExit(f"no records with epochs under {runs_dir}")
-    panels = {}
-    for r in records:
-        part = "".join(f" {k} {r['args'][k]}" for k in ("missing_rate", "fold") if k in r["args"]
-                       and (k != "fold" or r["dataset"] == "mmin"))
-        panels.setdefault((r["script"], r["dataset"] + part, r["method"]), []).append(r)
-    ncols = min(3, len(panels))
-    nrows = math.ceil(len(panels) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.2 * nrows), squeeze=False)
-    def paper_order(item):
-        (script, dataset, method), _ = item
-        order = TABLE_METHODS[SCRIPT_TABLE.get(script, 5)]
-        return script, dataset, order.index(method) if method in order else 99, method
-
-    for ax, ((script, dataset, method), recs) in zip(axes.flat, sorted(panels.items(), key=paper_order)):
-        split = "val" if recs[0]["epochs"][0].get("val") else "test"
-        for name in list(recs[0]["modalities"]) + ["multi"]:
-            curves = [[math.nan if e[split][name] is None else e[split][name]     # None: view absent, a gap
-                       for e in r["epochs"] if e.get(split)] for r in recs]
-            n = min(len(c) for c in curves)
-            mean = [sum(c[i] for c in curves) / len(curves) for i in range(n)]
-            ax.plot(range(1, n + 1), mean, label=name, lw=2.2 if name == "multi" else 1.4,
-                    marker="o" if n == 1 else None)           # one epoch: a point, not a line
-        ax.set_title(f"{method} · {dataset} · {Path(script).stem} ({len(recs)} seed{'s' * (len(recs) > 1)})",
-                     fontsize=9)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(f"{split} accuracy (%)")
-        ax.set_ylim(0, 100)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    for ax in list(axes.flat)[len(panels):]:
-        ax.axis("off")
-    fig.tight_layout()
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+                records[k] = finished_record(folder, args, label) or announce(train(args), label)
+            finally:
+                release_lock(lock)
+        if len(later) == len(waiting):                  # every run left is held by another process
+            time.sleep(LOCK_POLL_S)
+        waiting = later
+    return [records[k] for k in sorted(records)]
 
 
 def _default_help(defaults, key, text=""):
     paper, toy = defaults["paper"].get(key), defaults["toy"].get(key)
     return (text + "; " if text else "") + f"paper {paper}; toy {toy}"
+
+
+def add_method_args(p, methods):
+    """The registered flags of `methods` (REGISTRY), a group per method; a flag several of them share is declared
+    once, in the first one's group, and one the script declared itself (e.g. --layers, --condition) is left to it.
+    A flag's default and type are its constructor keyword's default's unless its argparse keywords say otherwise;
+    a bool keyword is a switch: --name when its default is False, --name and --no_name when it is True."""
+    users = collections.defaultdict(list)
+    for name in methods:
+        for f in REGISTRY[name].flags.values():
+            users[f[0]].append(name)
+    for name in methods:
+        r, g = REGISTRY[name], None
+        defaults = {k: v.default for k, v in inspect.signature(r.cls).parameters.items()}
+        for kw, (flag, text, *more) in r.flags.items():
+            if f"--{flag}" in p._option_string_actions or users[flag][0] != name:
+                continue
+            g = g or p.add_argument_group(f"{name} ({r.paper})")
+            extra = dict(more[0]) if more else {}
+            extra.setdefault("default", defaults[kw])
+            text = f"{'/'.join(users[flag])}: {text}"
+            if isinstance(extra["default"], bool):
+                g.add_argument(f"--{flag}", action="store_true", help=text + (" (default)" if extra["default"] else ""),
+                               **extra)
+                if extra["default"]:
+                    g.add_argument(f"--no_{flag}", dest=flag, action="store_false", help=f"--{flag} off")
+                continue
+            if extra["default"] is not None and "type" not in extra:
+                extra["type"] = type(extra["default"])
+            g.add_argument(f"--{flag}", help=text, **extra)
 
 
 def add_common_args(p, methods, defaults, modalities=None, condition=None):
@@ -5824,36 +5638,6 @@ def add_common_args(p, methods, defaults, modalities=None, condition=None):
                    help="under torchrun on CUDA: BatchNorm statistics over the whole batch (SyncBatchNorm; default); "
                         "on the CPU, where SyncBatchNorm does not run, each process keeps its own")
     g.add_argument("--no_sync_bn", dest="sync_bn", action="store_false", help="under torchrun: each process's statistics")
-
-
-def add_method_args(p, methods):
-    """The registered flags of `methods` (REGISTRY), a group per method; a flag several of them share is declared
-    once, in the first one's group, and one the script declared itself (e.g. --layers, --condition) is left to it.
-    A flag's default and type are its constructor keyword's default's unless its argparse keywords say otherwise;
-    a bool keyword is a switch: --name when its default is False, --name and --no_name when it is True."""
-    users = collections.defaultdict(list)
-    for name in methods:
-        for f in REGISTRY[name].flags.values():
-            users[f[0]].append(name)
-    for name in methods:
-        r, g = REGISTRY[name], None
-        defaults = {k: v.default for k, v in inspect.signature(r.cls).parameters.items()}
-        for kw, (flag, text, *more) in r.flags.items():
-            if f"--{flag}" in p._option_string_actions or users[flag][0] != name:
-                continue
-            g = g or p.add_argument_group(f"{name} ({r.paper})")
-            extra = dict(more[0]) if more else {}
-            extra.setdefault("default", defaults[kw])
-            text = f"{'/'.join(users[flag])}: {text}"
-            if isinstance(extra["default"], bool):
-                g.add_argument(f"--{flag}", action="store_true", help=text + (" (default)" if extra["default"] else ""),
-                               **extra)
-                if extra["default"]:
-                    g.add_argument(f"--no_{flag}", dest=flag, action="store_false", help=f"--{flag} off")
-                continue
-            if extra["default"] is not None and "type" not in extra:
-                extra["type"] = type(extra["default"])
-            g.add_argument(f"--{flag}", help=text, **extra)
 
 
 def add_it_encoder_args(p, defaults):
@@ -5984,6 +5768,267 @@ def script_main(main, again="rerun the same command with --resume to continue fr
         if not rank:
             raise
         stop(f"error: {rank}{type(e).__name__}: {e}")
+
+
+# ======== 7. Report, plot, command line: python common.py report RUNS_DIR | plot RUNS_DIR | prepare | convert_m3ae ========
+
+# The paper's Tables 5, 6 and 7 (mean±std of test accuracy over three seeds; std missing where the
+# source is garbled). A line per table and data set: then per method, after " | ", its name and
+# column=mean±std (Table 6: missing rate %).
+PAPER_RESULTS = """
+5 cremad | concat audio=55.65±0.82 video=18.68±0.76 multi=61.56±0.91 | late_fusion audio=52.17±1.12 video=55.48±0.71 multi=66.32±1.08 | film audio=53.89±0.75 video=18.67±1.21 multi=60.07±1.25 | bigated audio=51.49±1.28 video=17.34±1.11 multi=59.21±1.14 | ogm_ge audio=53.76±0.98 video=28.09±1.17 multi=68.14±0.79 | qmf audio=59.41±0.71 video=39.11±1.03 multi=63.71±1.12 | mla audio=59.27±1.23 video=64.91±1.1 multi=79.7±0.87
+5 ks | sum audio=48.77±0.95 video=24.53±1.12 multi=64.72±0.97 | concat audio=49.18±0.76 video=24.67±1.07 multi=64.84±1.05 | late_fusion audio=47.87±1.1 video=46.76±0.85 multi=65.53±0.89 | film audio=48.67±0.83 video=23.15±0.98 multi=63.33±0.76 | bigated audio=49.96±1.21 video=23.77±1.14 multi=63.72±1.13 | ogm_ge audio=48.87±1.05 video=29.73±1.06 multi=65.74±1.08 | qmf audio=51.57±1.03 video=32.19±0.92 multi=65.78±0.97 | mla audio=54.67±0.92 video=51.03±1.09 multi=71.35±1.22
+5 food101 | sum image=4.57±0.88 text=85.63±1.14 multi=86.19±0.86 | concat image=3.51±1.22 text=86.02±1.05 multi=86.32±1.18 | late_fusion image=58.46±1.03 text=85.19±1.21 multi=90.21±1.02 | film image=4.68±0.97 text=85.84±0.92 multi=87.21±1.05 | bigated image=14.2±1.18 text=85.79±1.1 multi=88.87±0.88 | ogm_ge image=22.35±1.27 text=85.17±1.09 multi=87.54±1.03 | qmf image=45.74±1.09 text=84.13±1.27 multi=92.87±1.01 | mla image=69.6±0.89 text=86.47±0.86 multi=93.33±0.92
+5 mvsa | sum text=73.33±1.03 image=28.46±1.12 multi=76.19±1.01 | concat text=75.22±0.92 image=27.32±1.09 multi=76.25±0.95 | late_fusion text=72.15±1.07 image=45.24±0.97 multi=76.88±0.82 | film text=74.85±0.98 image=27.12±1.18 multi=75.34±1.07 | bigated text=73.13±1.08 image=28.15±0.88 multi=75.94±0.88 | ogm_ge text=74.76±0.87 image=31.98±1.03 multi=76.37±0.98 | qmf text=74.87±1.15 image=32.99±1.09 multi=77.96±1.06 | mla text=75.72±0.79 image=54.99±1.12 multi=79.94±0.97
+5 iemocap | sum audio=39.79±1.08 image=29.44±0.97 text=65.16±0.88 multi=74.18±1.03 | concat audio=41.93±0.89 image=30.0±0.88 text=67.84±0.97 multi=75.91±0.92 | late_fusion audio=43.12 image=32.38±0.97 text=68.79±1.07 multi=74.96±0.97 | film audio=41.64±1.06 image=29.85±1.06 text=66.37±0.95 multi=74.32±1.12 | bigated audio=42.23±0.88 image=27.45±1.08 text=65.16±1.08 multi=73.34±1.05 | ogm_ge audio=41.38±1.13 image=30.24±1.02 text=70.79±1.03 multi=76.17±1.01 | qmf audio=42.98±0.95 image=31.22±1.07 text=75.03±0.79 multi=76.17±0.95 | mla audio=46.29±1.02 image=37.63±0.78 text=73.22±1.09 multi=78.92±1.07
+6 iemocap | late_fusion 10=72.95±1.12 20=69.06±0.88 30=64.89±1.25 40=61.09±0.99 50=56.48±1.18 60=52.41±1.01 70=45.07±1.21 | qmf 10=73.49±1.1 20=71.33±1.27 30=65.89±0.78 40=62.27±0.95 50=57.94±1.07 60=55.6±0.84 70=50.25±1.09 | cca 10=65.19±0.95 20=62.6±1.19 30=59.35±0.88 40=55.25±1.23 50=51.38±1.05 60=45.73±1.27 70=30.61±1.1 | dcca 10=57.25±1.28 20=51.74±1.01 30=42.53±1.29 40=36.54±1.18 50=34.82±0.79 60=33.65±1.07 70=41.09±1.24 | dccae 10=61.66±1.13 20=57.67±1.22 30=54.95±1.06 40=51.08±1.01 50=45.71±0.87 60=39.07±0.98 70=41.42±1.28 | ae 10=71.36±0.94 20=67.4±0.79 30=62.02±1.18 40=57.24±0.94 50=50.56±0.77 60=43.04±0.96 70=39.86±0.82 | cra 10=71.28±1.19 20=67.34±1.04 30=62.24±1.03 40=57.04±0.92 50=49.86±1.15 60=43.22±0.99 70=38.56±1.22 | mmin 10=71.84±0.97 20=69.36±1.05 30=66.34±1.11 40=63.3±1.1 50=60.54±1.17 60=57.52±1.13 70=55.44±1.06 | if_mmin 10=71.32±0.78 20=68.29±0.98 30=64.17±1.01 40=60.13±1.19 50=57.45±1.12 60=53.26±1.22 70=52.04±0.91 | cpm_net 10=55.29±0.83 20=53.65±0.96 30=52.52±1.29 40=51.01±0.94 50=49.09±1.04 60=47.38±1.25 70=44.76±0.88 | tate 10=67.84±1.02 20=63.22±1.08 30=62.19±0.98 40=60.36±1.06 50=58.74±1.21 60=57.99±1.03 70=54.35±1.07 | mla 10=75.07±1.04 20=72.33±1.16 30=68.47±1.22 40=67.0±0.98 50=63.48±0.87 60=59.17±0.92 70=55.89±1.03
+7 food101 | clip image=63.07±0.12 text=83.98±0.08 multi=93.07±0.08 | clip_mla image=72.22±0.1 text=85.34±0.06 multi=93.47±0.04
+"""
+# Rows in the paper's order; the data set the toy sets stand in for; Table 7's name for CLIP + MLA.
+TABLE_METHODS = {5: methods_of("av"), 6: methods_of("missing"), 7: methods_of("clip")}
+SCRIPT_TABLE = {"train_av.py": 5, "train_it.py": 5, "train_ait.py": 5, "train_missing.py": 6, "train_clip.py": 7}
+TOY_STANDS_FOR = {"train_av.py": "cremad", "train_it.py": "food101", "train_ait.py": "iemocap",
+                  "train_missing.py": "iemocap", "train_clip.py": "food101"}
+PAPER_DATASET = {"features": "iemocap", "mmin": "iemocap"}
+PAPER_METHOD = {7: {"mla": "clip_mla"}}
+
+
+def paper_results():
+    """{(table, dataset, method): {column: (mean, std or None)}} from PAPER_RESULTS."""
+    out = {}
+    for line in PAPER_RESULTS.strip().splitlines():
+        head, *rows = line.split(" | ")
+        table, dataset = head.split()
+        for row in rows:
+            method, *cells = row.split()
+            out[int(table), dataset, method] = {
+                k: (float(v.split("±")[0]), float(v.split("±")[1]) if "±" in v else None)
+                for k, v in (c.split("=") for c in cells)}
+    return out
+
+
+def load_records(runs_dir):
+    records = []
+    for path in sorted(Path(runs_dir).rglob("record.json")):
+        try:
+            rec = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            print(f"warning: {path}: unreadable record ({e}); left out", file=sys.stderr)
+            continue
+        if not all(k in rec for k in RECORD_KEYS if k != "first_epoch"):       # older records lack first_epoch
+            print(f"warning: {path}: not a run record (keys missing); left out", file=sys.stderr)
+            continue
+        rec["_path"] = str(path)
+        records.append(rec)
+    return records
+
+
+def _mean_std(values):
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else None
+    return mean, std
+
+
+def report_rows(records):
+    """One row per (script, dataset, method, column): mean, std, seeds, paper value and difference."""
+    groups = {}
+    for r in records:
+        groups.setdefault((r["script"], r["dataset"]), []).append(r)
+    papers, rows = paper_results(), []
+    for (script, dataset), recs in sorted(groups.items()):
+        table = SCRIPT_TABLE.get(script, 5)
+        if table == 6:
+            col_of = lambda r: [(f"{round(100 * r['args']['missing_rate'])}", r["test"]["multi"])]
+            columns = sorted({c for r in recs for c, _ in col_of(r)}, key=float)
+        else:
+            col_of = lambda r: list(r["test"].items())
+            columns = list(recs[0]["modalities"]) + ["multi"]
+        all_seeds = sorted({r["seed"] for r in recs})
+        toy = dataset == "toy"
+        paper_ds = TOY_STANDS_FOR.get(script, "cremad") if toy else PAPER_DATASET.get(dataset, dataset)
+        order = TABLE_METHODS[table]
+        methods = sorted({r["method"] for r in recs}, key=lambda m: (order.index(m) if m in order else 99, m))
+        for method in methods:
+            cells, source = {}, {}
+            for r in recs:
+                if r["method"] == method:
+                    for col, v in col_of(r):
+                        first = source.setdefault((col, r["seed"]), r.get("_path", "?"))
+                        if first != r.get("_path", "?"):
+                            raise DataError(f"{r.get('_path')}: a second record of {dataset} {method} seed {r['seed']} "
+                                            f"({col}), besides {first}; expected one per seed: point the report at "
+                                            "a folder that holds one set of runs")
+                        cells.setdefault(col, []).append((r["seed"], v, r["select_on"]))
+            paper = papers.get((table, paper_ds, PAPER_METHOD.get(table, {}).get(method, method)), {})
+            for col in columns:
+                got = cells.get(col, [])
+                known = [v for _, v, _ in got if v is not None]   # None: no test sample had this view
+                row = {"script": script, "dataset": dataset, "table": table, "method": method, "column": col,
+                       "mean": None, "std": None, "n": len(known), "n_expected": len(all_seeds),
+                       "n_na": len(got) - len(known),
+                       "on_test": any(sel == "test" for _, _, sel in got), "paper_dataset": paper_ds,
+                       "paper_is_other_data": toy, "paper_mean": None, "paper_std": None, "diff": None}
+                if known:
+                    mean, std = _mean_std(known)
+                    row["mean"], row["std"] = round(mean, 4), None if std is None else round(std, 4)
+                if col in paper:
+                    row["paper_mean"], row["paper_std"] = paper[col]
+                    if row["mean"] is not None:
+                        row["diff"] = round(row["mean"] - row["paper_mean"], 4)
+                rows.append(row)
+    return rows
+
+
+def _cell(mean, std, n=None, n_expected=None, on_test=False, recorded=False):
+    if mean is None:
+        return "—" if n is None else "n/a (no sample had this view)" if recorded else "missing"
+    s = f"{mean:.2f}" + (f" ± {std:.2f}" if std is not None else "")
+    if n is not None:
+        s += f" (n={n}" + (f" of {n_expected}" if n < n_expected else "") + ")"
+    return s + (" †" if on_test else "")
+
+
+def mixed_settings(records):
+    """{(script, dataset, method): the flags in which two of its records differ (seed, missing rate aside)}."""
+    first, mixed = {}, {}
+    for r in records:
+        key = (r["script"], r["dataset"], r["method"])
+        shown = other_settings(first.setdefault(key, r)["args"], r["args"], free={"seed", "missing_rate"})
+        if shown:
+            mixed.setdefault(key, shown)
+    return mixed
+
+
+def report(runs_dir, paper=False, fmt="md"):
+    """The tables of every record under runs_dir, in the paper's shape (see the section banner)."""
+    if not Path(runs_dir).is_dir():
+        raise DataError(f"{runs_dir}: folder not found; expected the --out_dir of some runs")
+    records = load_records(runs_dir)
+    rows = report_rows(records)
+    if not rows:
+        return f"no records under {runs_dir}"
+    if fmt == "csv":
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+        return buf.getvalue()
+    out, groups = [], {}
+    for r in rows:
+        groups.setdefault((r["script"], r["dataset"]), []).append(r)
+    for (script, dataset), rr in groups.items():
+        table, cols = rr[0]["table"], list(dict.fromkeys(r["column"] for r in rr))
+        what = "fused test accuracy by missing rate (%)" if table == 6 else "test accuracy (%)"
+        out.append(f"### {script} · {dataset} · Table {table} shape · {what}, mean ± std over seeds (n = seeds)")
+        if paper:
+            pds = rr[0]["paper_dataset"]
+            out.append(f"paper: {pds}, Table {table}" + (
+                f" — DIFFERENT DATA: the toy set only stands in for {pds}; this is not a reproduction"
+                if rr[0]["paper_is_other_data"] else ""))
+        head = ["method"] + [c for col in cols for c in ([col, "paper", "Δ"] if paper else [col])]
+        out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for method in dict.fromkeys(r["method"] for r in rr):
+            cells = [f"`{method}`"]
+            for r in (x for x in rr if x["method"] == method):
+                cells.append(_cell(r["mean"], r["std"], r["n"], r["n_expected"], r["on_test"], r["n_na"] > 0))
+                if paper:
+                    cells += [_cell(r["paper_mean"], r["paper_std"]),
+                              "—" if r["diff"] is None else f"{r['diff']:+.2f}"]
+            out.append("| " + " | ".join(cells) + " |")
+        if any(r["on_test"] for r in rr):
+            out.append("† epoch selected on the test set (--select_on test, the official protocol): optimistic")
+        out += [f"note: `{m}` averages runs of other settings ({shown}): give each setting its own --out_dir"
+                for (s, d, m), shown in mixed_settings(records).items() if (s, d) == (script, dataset)]
+        out.append("")
+    return "\n".join(out)
+
+
+def plot_curves(runs_dir, out):
+    """Per method, validation accuracy of each modality and of the fused prediction over epochs
+    (mean over seeds; the test curve for runs without a validation split). Needs matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("plot needs matplotlib, an optional dependency: pip install matplotlib") from None
+    records = [r for r in load_records(runs_dir) if r["epochs"]]
+    if not records:
+        raise SystemExit(f"no records with epochs under {runs_dir}")
+    panels = {}
+    for r in records:
+        part = "".join(f" {k} {r['args'][k]}" for k in ("missing_rate", "fold") if k in r["args"]
+                       and (k != "fold" or r["dataset"] == "mmin"))
+        panels.setdefault((r["script"], r["dataset"] + part, r["method"]), []).append(r)
+    ncols = min(3, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.2 * nrows), squeeze=False)
+    def paper_order(item):
+        (script, dataset, method), _ = item
+        order = TABLE_METHODS[SCRIPT_TABLE.get(script, 5)]
+        return script, dataset, order.index(method) if method in order else 99, method
+
+    for ax, ((script, dataset, method), recs) in zip(axes.flat, sorted(panels.items(), key=paper_order)):
+        split = "val" if recs[0]["epochs"][0].get("val") else "test"
+        for name in list(recs[0]["modalities"]) + ["multi"]:
+            curves = [[math.nan if e[split][name] is None else e[split][name]     # None: view absent, a gap
+                       for e in r["epochs"] if e.get(split)] for r in recs]
+            n = min(len(c) for c in curves)
+            mean = [sum(c[i] for c in curves) / len(curves) for i in range(n)]
+            ax.plot(range(1, n + 1), mean, label=name, lw=2.2 if name == "multi" else 1.4,
+                    marker="o" if n == 1 else None)           # one epoch: a point, not a line
+        ax.set_title(f"{method} · {dataset} · {Path(script).stem} ({len(recs)} seed{'s' * (len(recs) > 1)})",
+                     fontsize=9)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(f"{split} accuracy (%)")
+        ax.set_ylim(0, 100)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.tight_layout()
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def convert_m3ae(src, out):
+    """Write the M3AEEncoder state dict of both modalities (what --m3ae_ckpt loads) converted from the M3AE
+    pickle `src` to `out`; return a line naming the sizes and the flags that build encoders of them."""
+    params, variant = read_m3ae_pickle(src)
+    sd = {}
+    for name, value in params.items():
+        new = m3ae_torch_name(name)
+        if new is not None:
+            t = torch.from_numpy(np.array(value, dtype=np.float32))
+            sd[new] = t.T.contiguous() if name.endswith("/kernel") else t
+    if "cls_token" not in sd or "image_embedding.weight" not in sd or "text_embedding.weight" not in sd:
+        raise DataError(f"{src}: no M3AE encoder parameters (cls_token, image_embedding, text_embedding) in "
+                        f"state.params['params']; it holds {_short(params, 6)}")
+    dim, vocab = sd["cls_token"].shape[-1], sd["text_embedding.weight"].shape[0]
+    depth = len({k.split(".")[2] for k in sd if k.startswith("encoder.blocks.")})
+    patch = round((sd["image_embedding.weight"].shape[1] / 3) ** 0.5)
+    ratio = sd["encoder.blocks.0.transformer_mlp.fc1.weight"].shape[0] // dim if depth else 4
+    kind = variant.get("m3ae.model_type") if isinstance(variant.get("m3ae.model_type"), str) else None
+    heads = M3AE_HEADS.get(kind) or variant.get("m3ae.num_heads")
+    if not isinstance(heads, int) or dim % heads:
+        heads = None
+    own = ["cls_token", "encoder_image_type_embedding", "encoder_text_type_embedding", "image_embedding.weight",
+           "image_embedding.bias", "text_embedding.weight"] + [
+        f"encoder.blocks.{i}.{part}.{leaf}" for i in range(depth) for part in M3AE_BLOCK.values()
+        for leaf in ("weight", "bias")] + ["encoder.layer_norm.weight", "encoder.layer_norm.bias"]
+    missing = [k for k in own if k not in sd]
+    if missing:
+        raise DataError(f"{src}: the M3AE encoder of width {dim}, depth {depth} lacks {_short(missing, 6)}")
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    torch.save({k: sd[k] for k in own}, out)               # every tensor both encoders load, in module order
+    flags = f"--m3ae_dim {dim} --m3ae_depth {depth} --m3ae_heads {heads or '<heads>'} --patch_size {patch} " \
+            f"--vocab_size {vocab}" + (f" --m3ae_mlp_ratio {ratio}" if ratio != 4 else "")
+    return (f"convert_m3ae: {src} -> {out}: {len(sd)} encoder tensors of {len(params)} (the decoder left out), "
+            f"width {dim}, depth {depth}, heads {heads or 'not recorded'}" + (f" ({kind})" if kind else "") +
+            f", MLP ratio {ratio}, patch {patch}, vocabulary {vocab}; train with --m3ae_ckpt {out} {flags}")
 
 
 def _cli(argv=None):

@@ -117,15 +117,16 @@ def train(args, root, device):
     if few:
         print(f"note: {len(few)} clips have fewer than --frames {args.frames} frames (e.g. {few[0].frames}/ has "
               f"{few[0].n_frames}); some of their frames are used twice")
-    sizes = dict(image_size=args.image_size, frames=args.frames, audio_len=args.audio_len,
-                 num_mel_bins=args.num_mel_bins, crop_scale=args.crop_scale, augment=not args.no_augment)
+    shape = dict(image_size=args.image_size, frames=args.frames, audio_len=args.audio_len,
+                 num_mel_bins=args.num_mel_bins)
+    augment = dict(crop_scale=args.crop_scale, augment=not args.no_augment)
     cached = not (args.no_cache or (args.dataset == "toy" and args.data_root is None))  # a temporary toy: no cache
     if not cached:
-        dataset = lambda clips, train: C.AVDataset(clips, train, **sizes)
+        dataset = lambda clips, train: C.AVDataset(clips, train, **shape, **augment)
     else:                                                   # the preprocessed cache (common.py, section 5)
         cache_dir = Path(args.cache_dir) if args.cache_dir else C.default_cache_dir(root)
         dataset = lambda clips, train: C.CachedAVDataset(
-            clips, train, **sizes, cache_dir=cache_dir, num_workers=args.num_workers,
+            clips, train, C.AVSizes(**shape), **augment, cache_dir=cache_dir, num_workers=args.num_workers,
             augment_on="device" if device.type == "cuda" else "workers")
     # on CUDA the cache's batches are read whole by --num_workers threads and cropped on the GPU (gather)
     with C.rank0_first():                   # torchrun: the cache is built once

@@ -128,7 +128,7 @@ def mac_metadata_frames(root):
         (folder / ("._" + f.name)).write_bytes(b"\0\5\26\7 AppleDouble")
     clips = load(root)["train"]
     assert C.list_frames(folder)[0].name == "frame_1.jpg"
-    cached = C.CachedAVDataset(clips, True, 8, 3, 20, 16, cache_dir=root / "cache")
+    cached = C.CachedAVDataset(clips, True, C.AVSizes(8, 3, 20, 16), cache_dir=root / "cache")
     assert cached.frames.shape[1:3] == (3, 3)
     return cached
 
@@ -136,7 +136,7 @@ def mac_metadata_frames(root):
 def unreadable_first_frame_with_cache(root):
     frame = root / "Image-01-FPS" / "1000_DFA_NEU_XX" / "frame_1.jpg"
     frame.write_bytes(b"")
-    return C.CachedAVDataset(load(root)["train"], True, 8, 3, 20, 16, cache_dir=root / "cache")
+    return C.CachedAVDataset(load(root)["train"], True, C.AVSizes(8, 3, 20, 16), cache_dir=root / "cache")
 
 
 def jsonl_text_with_unicode_line_separators(root):

@@ -27,22 +27,22 @@ def test_cache_built_once_reused_and_rebuilt_on_change(clips, tmp_path, monkeypa
     real = C.CachedAVDataset.build
     monkeypatch.setattr(C.CachedAVDataset, "build", lambda self, *a: (builds.append(self.folder), real(self, *a)))
     cache = tmp_path / "cache"
-    a = C.CachedAVDataset(clips["train"], True, **SIZES, cache_dir=cache)
-    b = C.CachedAVDataset(clips["train"], True, **SIZES, cache_dir=cache)
+    a = C.CachedAVDataset(clips["train"], True, C.AVSizes(**SIZES), cache_dir=cache)
+    b = C.CachedAVDataset(clips["train"], True, C.AVSizes(**SIZES), cache_dir=cache)
     assert len(builds) == 1 and a.folder == b.folder
     assert a.fbank.dtype == np.float16 and a.fbank.shape == (6, 40, 16)
     assert a.frames.dtype == np.uint8 and a.frames.shape == (6, 3, 3, 8, 8)      # 12x12 frames: short side 8
-    C.CachedAVDataset(clips["train"], True, **{**SIZES, "audio_len": 50}, cache_dir=cache)     # a flag changed
+    C.CachedAVDataset(clips["train"], True, C.AVSizes(**{**SIZES, "audio_len": 50}), cache_dir=cache)     # a flag changed
     assert len(builds) == 2 and builds[1] != builds[0]
     wav = clips["train"][2].audio                                                   # a file changed
     os.utime(wav, ns=(os.stat(wav).st_atime_ns, os.stat(wav).st_mtime_ns + 10**9))
-    C.CachedAVDataset(clips["train"], True, **SIZES, cache_dir=cache)
+    C.CachedAVDataset(clips["train"], True, C.AVSizes(**SIZES), cache_dir=cache)
     assert len(builds) == 3 and builds[2] not in builds[:2]
     folder = Path(clips["train"][4].frames)                     # a frame rewritten in place, as ffmpeg -y does
     frame, stamp = C.list_frames(folder)[C.pick_even(10, 3)[0]], os.stat(folder).st_mtime_ns   # a frame it uses
     frame.write_bytes(frame.read_bytes() + b"\0")
     os.utime(folder, ns=(stamp, stamp))
-    C.CachedAVDataset(clips["train"], True, **SIZES, cache_dir=cache)
+    C.CachedAVDataset(clips["train"], True, C.AVSizes(**SIZES), cache_dir=cache)
     assert len(builds) == 4 and builds[3] not in builds[:3]
     assert not [p for p in cache.iterdir() if ".building." in p.name]
 
@@ -51,7 +51,7 @@ def test_a_cache_folder_gets_the_umasks_permissions(clips, tmp_path):
     import stat
     old = os.umask(0o022)
     try:
-        ds = C.CachedAVDataset(clips["train"], True, **SIZES, cache_dir=tmp_path / "cache")
+        ds = C.CachedAVDataset(clips["train"], True, C.AVSizes(**SIZES), cache_dir=tmp_path / "cache")
     finally:
         os.umask(old)
     assert stat.filemode(ds.folder.stat().st_mode) == "drwxr-xr-x"        # others may read it, as mkdir makes it
@@ -60,7 +60,7 @@ def test_a_cache_folder_gets_the_umasks_permissions(clips, tmp_path):
 
 def test_cached_and_uncached_give_the_same_test_tensors(clips, tmp_path):
     plain = C.AVDataset(clips["test"], False, **SIZES)
-    cached = C.CachedAVDataset(clips["test"], False, **SIZES, cache_dir=tmp_path / "cache")
+    cached = C.CachedAVDataset(clips["test"], False, C.AVSizes(**SIZES), cache_dir=tmp_path / "cache")
     for i in range(len(plain)):
         a0, v0, y0, _ = plain[i]
         a1, v1, y1, _ = cached[i]
@@ -75,7 +75,7 @@ def test_two_runs_building_at_once(clips, tmp_path):
 
     def build():
         try:
-            out.append(C.CachedAVDataset(clips["train"], True, **SIZES, cache_dir=cache))
+            out.append(C.CachedAVDataset(clips["train"], True, C.AVSizes(**SIZES), cache_dir=cache))
         except Exception as e:          # noqa: BLE001 - the test reports it
             errors.append(e)
 
@@ -91,7 +91,7 @@ def test_a_cache_too_large_for_its_disk_is_refused_before_writing(clips, tmp_pat
     cache = tmp_path / "cache"
     monkeypatch.setattr(C, "free_bytes", lambda folder: 1000)
     with pytest.raises(C.DiskFull) as e:
-        C.CachedAVDataset(clips["train"], True, **SIZES, cache_dir=cache)
+        C.CachedAVDataset(clips["train"], True, C.AVSizes(**SIZES), cache_dir=cache)
     need = 6 * (2 * 40 * 16 + 3 * 3 * 8 * 8)                        # 6 clips of fp16 fbank and uint8 frames
     assert f"the cache needs {C.mb(need)} and its disk has {C.mb(1000)} free" in str(e.value)
     assert "--cache_dir" in str(e.value) and "--no_cache" in str(e.value)
@@ -114,10 +114,10 @@ def test_cache_files_are_allocated_up_front(err, clips, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     if err == "ENOSPC":
         with pytest.raises(C.DiskFull, match="no room on its disk for the cache's fbank.npy"):
-            C.CachedAVDataset(clips["train"], True, **SIZES, cache_dir=cache)
+            C.CachedAVDataset(clips["train"], True, C.AVSizes(**SIZES), cache_dir=cache)
         assert list(cache.iterdir()) == []
     else:
-        ds = C.CachedAVDataset(clips["train"], True, **SIZES, cache_dir=cache)
+        ds = C.CachedAVDataset(clips["train"], True, C.AVSizes(**SIZES), cache_dir=cache)
         assert ds.frames.shape == (6, 3, 3, 8, 8) and len(calls) == 2
 
 
@@ -157,13 +157,13 @@ def test_train_av_uses_the_cache(toy_root, tmp_path, monkeypatch, capsys):
 def test_building_the_cache_does_not_touch_the_global_rng(clips, tmp_path):
     torch.manual_seed(123)
     before = torch.get_rng_state()
-    C.CachedAVDataset(clips["train"], True, **SIZES, cache_dir=tmp_path / "cache")
+    C.CachedAVDataset(clips["train"], True, C.AVSizes(**SIZES), cache_dir=tmp_path / "cache")
     assert torch.equal(torch.get_rng_state(), before)
 
 
 def test_cached_dataset_pickles_without_its_arrays(clips, tmp_path):
     import pickle
-    ds = C.CachedAVDataset(clips["train"], True, **SIZES, cache_dir=tmp_path / "cache")
+    ds = C.CachedAVDataset(clips["train"], True, C.AVSizes(**SIZES), cache_dir=tmp_path / "cache")
     a0 = ds[0][0]
     blob = pickle.dumps(ds)
     assert len(blob) < 20000                       # paths and clip list, not the arrays
@@ -175,8 +175,8 @@ def test_cached_dataset_pickles_without_its_arrays(clips, tmp_path):
 def test_gather_loader_gives_the_dataloaders_batches(clips, tmp_path, train):
     """The threaded whole-batch reader (used on CUDA) yields what a DataLoader collates from the same
     data set, in the same shuffled order for the same generator state, epoch after epoch."""
-    ds = C.CachedAVDataset(clips["train"], train, **SIZES, cache_dir=tmp_path / "cache", augment_on="device")
-    assert ds.gatherable and not C.CachedAVDataset(clips["train"], True, **SIZES, cache_dir=tmp_path / "cache").gatherable
+    ds = C.CachedAVDataset(clips["train"], train, C.AVSizes(**SIZES), cache_dir=tmp_path / "cache", augment_on="device")
+    assert ds.gatherable and not C.CachedAVDataset(clips["train"], True, C.AVSizes(**SIZES), cache_dir=tmp_path / "cache").gatherable
     ref = torch.utils.data.DataLoader(ds, batch_size=4, shuffle=train, generator=torch.Generator().manual_seed(3))
     fast = C.GatherLoader(ds, 4, train, torch.Generator().manual_seed(3), threads=2, pin=False)
     assert len(fast) == len(ref) == 2
@@ -191,7 +191,7 @@ def test_gather_loader_gives_the_dataloaders_batches(clips, tmp_path, train):
 
 
 def test_gather_loader_reports_a_failed_read(clips, tmp_path):
-    ds = C.CachedAVDataset(clips["train"], False, **SIZES, cache_dir=tmp_path / "cache")
+    ds = C.CachedAVDataset(clips["train"], False, C.AVSizes(**SIZES), cache_dir=tmp_path / "cache")
 
     def broken(indices, pin=False):
         raise C.DataError("frames.npy: cannot read")
@@ -201,7 +201,7 @@ def test_gather_loader_reports_a_failed_read(clips, tmp_path):
 
 
 def test_make_loader_uses_the_gather_loader_only_on_cuda(clips, tmp_path):
-    ds = C.CachedAVDataset(clips["train"], False, **SIZES, cache_dir=tmp_path / "cache")
+    ds = C.CachedAVDataset(clips["train"], False, C.AVSizes(**SIZES), cache_dir=tmp_path / "cache")
     assert isinstance(C.make_loader(ds, 4, False, device="cpu"), torch.utils.data.DataLoader)
     assert isinstance(C.make_loader(ds, 4, False, num_workers=2, device="cuda"), C.GatherLoader)
 
@@ -232,7 +232,7 @@ def test_training_frames_keep_their_aspect_ratio(tmp_path, monkeypatch):
     portrait = C.list_frames(root / "Image-01-FPS" / crema_rows(6)[3][0])[C.pick_even(10, 3)[0]]
     Image.fromarray(np.random.RandomState(0).randint(0, 256, (24, 12, 3), dtype=np.uint8)).save(portrait, "PNG")
     clips = C.load_av_splits("cremad", root)["train"]
-    cached = C.CachedAVDataset(clips, True, **SIZES, cache_dir=tmp_path / "cache", augment_on="device")
+    cached = C.CachedAVDataset(clips, True, C.AVSizes(**SIZES), cache_dir=tmp_path / "cache", augment_on="device")
     assert cached.frames.shape[-2:] == (8, 16)                                        # short side 8, 2:1
     assert cached.extents[:, 0].tolist() == [[8, 16], [8, 8], [8, 8], [8, 4], [8, 8], [8, 8]]
     from torchvision.transforms import v2 as T
@@ -248,7 +248,7 @@ def test_training_frames_keep_their_aspect_ratio(tmp_path, monkeypatch):
         assert xs[1].shape[-2:] == (8, 8)
         assert torch.equal(seen[-1], cached.extents[idx].flatten(0, 1))
     assert len(seen) == 2
-    items = C.CachedAVDataset(clips, True, **SIZES, cache_dir=tmp_path / "cache")    # crops in the workers
+    items = C.CachedAVDataset(clips, True, C.AVSizes(**SIZES), cache_dir=tmp_path / "cache")    # crops in the workers
     assert items[3][1].shape == (3, 3, 8, 8)
 
 
@@ -281,8 +281,9 @@ def test_crop_scale_acts_alike_on_the_cpu_cached_and_device_paths(crop_scale, tm
     clips = ramp_clips(tmp_path)
     sizes = {**SIZES, "image_size": 16, "crop_scale": crop_scale}
     plain = C.AVDataset(clips, True, **sizes)
-    workers = C.CachedAVDataset(clips, True, **sizes, cache_dir=tmp_path / "cache")
-    device = C.CachedAVDataset(clips, True, **sizes, cache_dir=tmp_path / "cache", augment_on="device")
+    shape = C.AVSizes(**{**SIZES, "image_size": 16})
+    workers = C.CachedAVDataset(clips, True, shape, crop_scale=crop_scale, cache_dir=tmp_path / "cache")
+    device = C.CachedAVDataset(clips, True, shape, crop_scale=crop_scale, cache_dir=tmp_path / "cache", augment_on="device")
     shares = {"cpu": [], "cached": [], "device": []}
     torch.manual_seed(0)
     for _ in range(4):
@@ -304,8 +305,8 @@ def test_no_augment_trains_on_the_test_time_frames(tmp_path):
     plain, test = C.AVDataset(clips, True, **SIZES, augment=False), C.AVDataset(clips, False, **SIZES)
     assert all(torch.equal(plain[i][1], test[i][1]) for i in range(len(clips)))
     for on in ("workers", "device"):
-        train = C.CachedAVDataset(clips, True, **SIZES, cache_dir=tmp_path / "c", augment_on=on, augment=False)
-        ref = C.CachedAVDataset(clips, False, **SIZES, cache_dir=tmp_path / "c", augment_on=on)
+        train = C.CachedAVDataset(clips, True, C.AVSizes(**SIZES), cache_dir=tmp_path / "c", augment_on=on, augment=False)
+        ref = C.CachedAVDataset(clips, False, C.AVSizes(**SIZES), cache_dir=tmp_path / "c", augment_on=on)
         for i in range(len(clips)):
             a, v = train.device_transform([train[i][0][None], train[i][1][None]], True, torch.tensor([i]))
             _, w = ref.device_transform([ref[i][0][None], ref[i][1][None]], False)
@@ -332,7 +333,7 @@ def test_a_damaged_cache_is_rebuilt_with_one_line(fault, clips, tmp_path, capsys
     folder again in its place and reads what a fresh build decodes; the open after that is silent."""
     sizes = {**SIZES, "image_size": 32}                  # frames.npy 55 KB: room for 5,000 overwritten bytes
     cache = tmp_path / "cache"
-    first = C.CachedAVDataset(clips["train"], True, **sizes, cache_dir=cache)
+    first = C.CachedAVDataset(clips["train"], True, C.AVSizes(**sizes), cache_dir=cache)
     folder, fresh = first.folder, arrays(first)         # copies: the files are damaged below
     frames, size = folder / "frames.npy", 128 + 6 * 3 * 3 * 32 * 32         # npy header + (6, 3, 3, 32, 32) uint8
     assert frames.stat().st_size == size
@@ -346,22 +347,22 @@ def test_a_damaged_cache_is_rebuilt_with_one_line(fault, clips, tmp_path, capsys
     else:
         (folder / "meta.json").unlink()
         why = f"{folder / 'meta.json'}: missing (deleted, or left out of a copy)"
-    again = C.CachedAVDataset(clips["train"], True, **sizes, cache_dir=cache)
+    again = C.CachedAVDataset(clips["train"], True, C.AVSizes(**sizes), cache_dir=cache)
     assert capsys.readouterr().err == f"warning: {why}; building it again\n"
     assert again.folder == folder and [p.name for p in cache.iterdir()] == [folder.name]    # nothing left aside
     for got, decoded in zip(arrays(again), fresh):
         assert np.array_equal(got, decoded)
-    C.CachedAVDataset(clips["train"], True, **sizes, cache_dir=cache)
+    C.CachedAVDataset(clips["train"], True, C.AVSizes(**sizes), cache_dir=cache)
     assert capsys.readouterr().err == ""
 
 
 def test_a_damaged_cache_in_a_read_only_folder_is_an_error(clips, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
-    folder = C.CachedAVDataset(clips["train"], False, **SIZES, cache_dir=cache).folder
+    folder = C.CachedAVDataset(clips["train"], False, C.AVSizes(**SIZES), cache_dir=cache).folder
     overwrite_middle(folder / "fbank.npy", 100)
     monkeypatch.setattr(C.os, "access", lambda path, mode: Path(path) != cache)
     with pytest.raises(C.DataError) as e:
-        C.CachedAVDataset(clips["train"], False, **SIZES, cache_dir=cache)
+        C.CachedAVDataset(clips["train"], False, C.AVSizes(**SIZES), cache_dir=cache)
     assert str(e.value) == (f"{folder / 'fbank.npy'}: its bytes differ from those it was built with (overwritten "
                             f"or damaged); the cache cannot be rebuilt in read-only {cache}: pass --no_cache, or "
                             "give --cache_dir a writable folder")
@@ -370,7 +371,7 @@ def test_a_damaged_cache_in_a_read_only_folder_is_an_error(clips, tmp_path, monk
 def test_a_cache_from_an_earlier_version_or_other_settings_is_rebuilt(clips, tmp_path, capsys):
     import json
     cache = tmp_path / "cache"
-    folder = C.CachedAVDataset(clips["test"], False, **SIZES, cache_dir=cache).folder
+    folder = C.CachedAVDataset(clips["test"], False, C.AVSizes(**SIZES), cache_dir=cache).folder
     meta = json.loads((folder / "meta.json").read_text())
     assert meta["files"]["extents.npy"] == {"shape": [2, 3, 2], "dtype": "int32", "bytes": 128 + 2 * 3 * 2 * 4,
                                             "crc32": C.file_checksum(folder / "extents.npy")}
@@ -379,7 +380,7 @@ def test_a_cache_from_an_earlier_version_or_other_settings_is_rebuilt(clips, tmp
         edit(meta)
         (folder / "meta.json").write_text(json.dumps(meta))
         capsys.readouterr()
-        C.CachedAVDataset(clips["test"], False, **SIZES, cache_dir=cache)
+        C.CachedAVDataset(clips["test"], False, C.AVSizes(**SIZES), cache_dir=cache)
         assert capsys.readouterr().err == f"warning: {folder / 'meta.json'}: {why}; building it again\n"
         meta = json.loads((folder / "meta.json").read_text())
 

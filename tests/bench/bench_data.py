@@ -66,9 +66,9 @@ def main():
         t = time.perf_counter()
         cache = Path(tmp) / "cache"
         sets = {"decode": C.AVDataset(clips, True, **sizes),
-                "cached": C.CachedAVDataset(clips, True, **sizes, cache_dir=cache, num_workers=args.workers,
+                "cached": C.CachedAVDataset(clips, True, C.AVSizes(**sizes), cache_dir=cache, num_workers=args.workers,
                                             augment_on="device"),
-                "cpu_aug": C.CachedAVDataset(clips, True, **sizes, cache_dir=cache, augment_on="workers")}
+                "cpu_aug": C.CachedAVDataset(clips, True, C.AVSizes(**sizes), cache_dir=cache, augment_on="workers")}
         print(f"cache built once in {time.perf_counter() - t:.1f}s", flush=True)
         loaders = {k: C.make_loader(ds, args.batch_size, True, 0, args.workers) for k, ds in sets.items()}
         shapes = {"decode": (3, 224, 224), "cached": (3, 224, 299), "cpu_aug": (3, 224, 224)}   # 480x360 -> 299x224

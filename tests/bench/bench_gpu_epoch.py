@@ -65,7 +65,7 @@ class Bench:
     def __init__(self, args, clips, cache_dir, names):
         self.dev, self.names, self.args = torch.device(args.device), names, args
         self.amp = self.dev.type == "cuda"
-        cached = C.CachedAVDataset(clips, True, **SIZES, cache_dir=cache_dir, num_workers=args.workers,
+        cached = C.CachedAVDataset(clips, True, C.AVSizes(**SIZES), cache_dir=cache_dir, num_workers=args.workers,
                                    augment_on="device" if self.amp else "workers")
         make = {"pipeline": lambda: C.make_loader(cached, args.batch_size, True, 0, args.workers, self.dev,
                                                    gather=True),

@@ -307,8 +307,9 @@ def rank0_first():
 
 def set_epoch(loader, epoch):
     """Under torchrun: the training loader's DistributedSampler draws epoch `epoch`'s order (a resumed run's too);
-    a no-op otherwise. Call it before anything reads the epoch's batches (a method's start_epoch, the epoch)."""
-    if isinstance(loader.sampler, torch.utils.data.DistributedSampler):
+    a no-op otherwise (a GatherLoader has no sampler). Call it before anything reads the epoch's batches (a method's
+    start_epoch, the epoch)."""
+    if isinstance(getattr(loader, "sampler", None), torch.utils.data.DistributedSampler):
         loader.sampler.set_epoch(epoch)
 
 

@@ -1,4 +1,5 @@
 """The preprocessed, memory-mapped A-V cache and the batched augmentation."""
+import math
 import os
 import threading
 from pathlib import Path
@@ -200,10 +201,28 @@ def test_gather_loader_reports_a_failed_read(clips, tmp_path):
         list(C.GatherLoader(ds, 2, False, torch.Generator(), threads=2, pin=False))
 
 
-def test_make_loader_uses_the_gather_loader_only_on_cuda(clips, tmp_path):
+def test_make_loader_gathers_whole_batches_when_the_script_asks(clips, tmp_path):
+    """train_av.py asks for gather=True on CUDA with the cache (batches read whole by threads, cropped on the GPU)."""
     ds = C.CachedAVDataset(clips["train"], False, C.AVSizes(**SIZES), cache_dir=tmp_path / "cache")
     assert isinstance(C.make_loader(ds, 4, False, device="cpu"), torch.utils.data.DataLoader)
-    assert isinstance(C.make_loader(ds, 4, False, num_workers=2, device="cuda"), C.GatherLoader)
+    assert isinstance(C.make_loader(ds, 4, False, num_workers=2, device="cuda", gather=True), C.GatherLoader)
+    crops_in_workers = C.CachedAVDataset(clips["train"], True, C.AVSizes(**SIZES), cache_dir=tmp_path / "cache")
+    with pytest.raises(ValueError, match="reads whole batches"):
+        C.make_loader(crops_in_workers, 4, True, gather=True)
+
+
+def test_an_epoch_trains_through_the_gather_loader(clips, tmp_path):
+    """The CUDA path's loader (GatherLoader, crops by the data set's device transform), here on the CPU: an epoch
+    runs through train_one_epoch (it raised AttributeError: a GatherLoader has no sampler) and the weights move."""
+    ds = C.CachedAVDataset(clips["train"], True, C.AVSizes(**SIZES), cache_dir=tmp_path / "cache",
+                           augment_on="device")
+    loader = C.make_loader(ds, 2, True, seed=0, num_workers=0, gather=True)
+    torch.manual_seed(0)
+    method = C.build_method("concat", [C.AudioResNet(), C.VideoResNet()], 6, ["audio", "video"])   # CREMA-D: 6
+    before = [p.detach().clone() for p in method.parameters()]
+    opt = torch.optim.SGD(method.parameters(), lr=0.1)
+    loss = C.train_one_epoch(method, loader, opt, 0, "cpu")
+    assert math.isfinite(loss) and any(not torch.equal(a, b) for a, b in zip(before, method.parameters()))
 
 
 def test_crop_inside_an_extent_equals_the_crop_of_the_frame_alone():

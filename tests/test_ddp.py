@@ -13,18 +13,26 @@ import ddp_worker
 from conftest import ROOT
 
 
-def torchrun(n, *argv):
+def start(n, *argv):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MLA_NO_FSYNC": "1"}
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
-                           str(ROOT / "tests" / "ddp_worker.py"), *argv], env=env, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
+                             str(ROOT / "tests" / "ddp_worker.py"), *argv], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def torchrun(n, *argv):
+    p = start(n, *argv)
+    out, err = p.communicate(timeout=300)
+    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
 
 
 def test_two_processes_train_as_one_and_a_failed_one_resumes_exactly(tmp_path):
     for n in (1, 2):
         (tmp_path / str(n)).mkdir()
-        done = torchrun(n, "train", str(tmp_path / str(n)))
-        assert done.returncode == 0, done.stderr[-2000:]
+    jobs = [start(n, "train", str(tmp_path / str(n))) for n in (1, 2)]       # side by side
+    for job in jobs:
+        _, err = job.communicate(timeout=300)
+        assert job.returncode == 0, err[-2000:]
     for name in ddp_worker.TABLE5 + ddp_worker.TABLE6_ONLY:
         one = torch.load(tmp_path / "1" / f"{name}_0.pt", weights_only=False)
         r0, r1 = (torch.load(tmp_path / "2" / f"{name}_{r}.pt", weights_only=False) for r in (0, 1))

@@ -23,6 +23,15 @@ def pytest_configure(config):
                             "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_cpu_thread():
+    """Every test on one torch CPU thread, as every toy run: the tests' tensors are tiny, and on the 2-core machines
+    the suite runs on more threads mostly wait for each other. A test of --cpu_threads sets another count first."""
+    import common as C
+    with C.torch_threads(1):
+        yield
+
+
 FAILED = pytest.StashKey[bool]()
 
 

@@ -199,10 +199,11 @@ def test_a_toy_set_made_with_other_settings_is_reused_with_a_warning(tmp_path, c
 def test_cpu_threads_sets_torchs_threads_for_the_run_only(toy_root, tmp_path, monkeypatch):
     seen, real = [], C.train_one_epoch
     monkeypatch.setattr(C, "train_one_epoch", lambda *a, **k: (seen.append(torch.get_num_threads()), real(*a, **k))[1])
-    before = torch.get_num_threads()
-    [rec] = train_av.main(toy_argv(toy_root, tmp_path, "--method", "sum", "--cpu_threads", "1"))
-    assert seen == [1] and rec["args"]["cpu_threads"] == 1
-    assert torch.get_num_threads() == before
+    with C.torch_threads(2):                   # not the run's count, so that both changes show
+        before = torch.get_num_threads()
+        [rec] = train_av.main(toy_argv(toy_root, tmp_path, "--method", "sum", "--cpu_threads", "1"))
+        assert seen == [1] and rec["args"]["cpu_threads"] == 1
+        assert torch.get_num_threads() == before == 2
 
 
 def test_a_run_without_resume_over_an_unfinished_one_says_it_starts_over(toy_root, tmp_path, capsys):

@@ -60,9 +60,9 @@ def test_condition_and_toy_dev_split(it_root, tmp_path, capsys):
     film = C.build_method("film", [C.M3AEEncoder("image", 16, 1, 2, 2, 8, 10), C.M3AEEncoder("text", 16, 1, 2, 2, 8, 10)],
                           6, ["image", "text"], 10, **C.method_options("film", args))
     assert film.condition == 1                                     # the text
-    threads = torch.get_num_threads()
-    rec = run(it_root, tmp_path, "--method", "sum", "--cpu_threads", "1")
-    assert torch.get_num_threads() == threads                      # the toy's single thread is given back
+    with C.torch_threads(2):
+        rec = run(it_root, tmp_path, "--method", "sum", "--cpu_threads", "1")
+        assert torch.get_num_threads() == 2                        # the toy's single thread is given back
     out = capsys.readouterr()
     assert "toy (jsonl): 6 classes, train 36, val 12 (dev split), test 12" in out.out
     assert "no --m3ae_ckpt: the M3AE encoders start from RANDOM weights" in out.err

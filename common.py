@@ -487,12 +487,19 @@ class Fusion(Method):
     def loss(self, fused, unis, y, mask=None, idx=None):
         return F.cross_entropy(fused, y)
 
+    def no_mask(self, mask):
+        if mask is not None:
+            raise ValueError(f"{type(self).__name__} trains on complete views: it has no way to handle a mask of "
+                             "missing ones (override train_step and predict for that, as LateFusion does)")
+
     def train_step(self, xs, y, optimizer, mask=None, idx=None):
+        self.no_mask(mask)
         fused, unis = self.logits(self.encode(xs))
         return optimizer_step(optimizer, self.loss(fused, unis, y))
 
     @torch.no_grad()
     def predict(self, xs, mask=None):
+        self.no_mask(mask)
         return self.logits(self.encode(xs))
 
 
@@ -1662,8 +1669,31 @@ class Registered:
 REGISTRY = {}             # in the order of --method all, the report's columns and README's table
 
 
+SCRIPTS = ("av", "it", "ait", "missing", "clip")
+
+
 def register(name, cls, paper, scripts, flags=None, **fixed):
-    REGISTRY[name] = Registered(cls, paper, tuple(scripts.split()), flags or {}, fixed)
+    """Method `name`: its class, paper, scripts (a space-separated list of SCRIPTS) and flags (constructor keyword ->
+    (flag, help[, argparse keywords])), those of the nearest registered class it derives from first (an MLA with
+    another loss keeps MLA's flags); `fixed`: constructor keywords the name sets."""
+    if name in REGISTRY or not set(scripts.split()) <= set(SCRIPTS):
+        raise ValueError(f"register({name!r}): " + (f"{name} is registered already" if name in REGISTRY else
+                         f"scripts {scripts!r}: expected a space-separated list of {', '.join(SCRIPTS)}"))
+    base = next((r.flags for c in cls.__mro__[1:] for r in REGISTRY.values() if r.cls is c), {})
+    flags = {**base, **(flags or {})}
+    if unknown := [kw for kw in flags if keyword_default(cls, kw) is inspect.Parameter.empty]:
+        raise ValueError(f"register({name!r}): flags for {unknown}, which {cls.__name__}'s constructor does not take")
+    REGISTRY[name] = Registered(cls, paper, tuple(scripts.split()), flags, fixed)
+
+
+def keyword_default(cls, kw):
+    """The default of constructor keyword `kw` of cls, or of the first base class whose constructor names it (a
+    subclass passing **kwargs on); inspect.Parameter.empty when none does."""
+    for c in cls.__mro__:
+        p = inspect.signature(c).parameters.get(kw) if "__init__" in vars(c) else None
+        if p is not None and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
+            return p.default
+    return inspect.Parameter.empty
 
 
 def methods_of(script):
@@ -1717,7 +1747,7 @@ register("mla", MLA, "Zhang et al., CVPR 2024; this paper", T5 + " missing clip"
                          "batch-axis entropy (one weight per batch)", dict(choices=["dynamic", "fixed", "dynamic_batch"])),
     "fusion_weights": ("fusion_weights", "weights for --fusion fixed (default 0.5 0.5; audio, image, text 0.35 0.25 "
                                          "0.4)", dict(type=float, nargs="+")),
-    "hgm": ("hgm", "head-gradient projection (HGM); --no_hgm: off, what the official code effectively runs"),
+    "hgm": ("hgm", "head-gradient projection (HGM) on", dict(off="HGM off (what the official code effectively runs)")),
     "hgm_alpha": ("hgm_alpha", "HGM alpha, a constant; default: 0.1 ** (1 + i/n) for batch i of n. A step absorbs the "
                                "share hbar'P hbar / (alpha + hbar'P hbar) of its direction: an alpha comparable to "
                                "hbar'P hbar absorbs it partly, so P fills up more slowly", dict(type=float)),
@@ -4936,12 +4966,15 @@ def seed_worker(_worker_id):
 
 def make_loader(dataset, batch_size, train, seed=0, num_workers=0, device="cpu", gather=False):
     """A DataLoader (shuffled from a generator seeded with `seed` when training), or with `gather` (a data set that
-    reads whole batches, e.g. the cache with crops on the GPU) a GatherLoader with `num_workers` threads. Under torchrun: a DistributedSampler (seeded, set_epoch by train_one_epoch)
+    reads whole batches, e.g. the cache with crops on the GPU; one process) a GatherLoader with `num_workers` threads.
+    Under torchrun: a DistributedSampler (seeded, set_epoch by train_one_epoch)
     gives each process batch_size / processes items of each batch (a split that does not divide by the number
     of processes is padded with repeated items, as DistributedSampler does); evaluation shards take every item
     once. The processes draw the same random numbers (augmentations, dropout): seeded alike, they stay in step."""
     g = torch.Generator()
     g.manual_seed(seed)
+    if gather and not dataset.gatherable:
+        raise ValueError("gather=True needs a data set that reads whole batches (the cache with augment_on='device')")
     if under_torchrun():                  # each process its share of every batch: together, one process's batch
         rank, n = world()
         if batch_size % n:
@@ -4955,8 +4988,6 @@ def make_loader(dataset, batch_size, train, seed=0, num_workers=0, device="cpu",
             drop_last=train and len(sampler) % batch_size == 1, persistent_workers=num_workers > 0 and not train)
     drop_last = train and len(dataset) % batch_size == 1      # BatchNorm cannot train on 1 sample
     if gather:
-        if not dataset.gatherable:
-            raise ValueError("gather=True needs a data set that reads whole batches (the cache with augment_on='device')")
         return GatherLoader(dataset, batch_size, train, g, num_workers, drop_last, pin=str(device).startswith("cuda"))
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=train, generator=g, num_workers=num_workers,
@@ -5227,7 +5258,8 @@ EARLIER_BEHAVIOUR = {"feature_norm": "none", "hgm_alpha_scale": False, "hgm_forg
 # cap 7 for 3+ modalities and the order of its passes
 METHOD_REVISION = {"if_mmin": 2, "agm": 2}
 
-# a balancing method's own flags, by their prefix: another method's run compares none of them
+# a method's own flags, by their prefix (the balancing methods'; a new method adds its own): another method's finished
+# run or last.pt compares none of them
 OWN_FLAGS = {"mmcosine": "mmcosine", "mmpareto": "mmpareto", "agm": "agm", "gb": "gblending", "pmr": "pmr",
              "reconboost": "reconboost"}
 
@@ -5585,19 +5617,20 @@ def add_method_args(p, methods):
             users[f[0]].append(name)
     for name in methods:
         r, g = REGISTRY[name], None
-        defaults = {k: v.default for k, v in inspect.signature(r.cls).parameters.items()}
         for kw, (flag, text, *more) in r.flags.items():
             if f"--{flag}" in p._option_string_actions or users[flag][0] != name:
                 continue
             g = g or p.add_argument_group(f"{name} ({r.paper})")
             extra = dict(more[0]) if more else {}
-            extra.setdefault("default", defaults[kw])
+            extra.setdefault("default", keyword_default(r.cls, kw))
+            off = extra.pop("off", f"--{flag} off")          # a True switch's --no_ flag's help
             text = f"{'/'.join(users[flag])}: {text}"
             if isinstance(extra["default"], bool):
                 g.add_argument(f"--{flag}", action="store_true", help=text + (" (default)" if extra["default"] else ""),
                                **extra)
                 if extra["default"]:
-                    g.add_argument(f"--no_{flag}", dest=flag, action="store_false", help=f"--{flag} off")
+                    g.add_argument(f"--no_{flag}", dest=flag, action="store_false",
+                                   help=f"{'/'.join(users[flag])}: {off}")
                 continue
             if extra["default"] is not None and "type" not in extra:
                 extra["type"] = type(extra["default"])
@@ -5728,7 +5761,11 @@ def finish_args(p, args, methods, defaults):
     if hasattr(args, "amp"):                    # scripts with --amp: on by default on CUDA, never on the CPU
         cuda = str(args.device).startswith("cuda")
         if args.amp is None:                    # bf16 in hardware (Ampere and later); emulated, it is slower
-            args.amp = cuda and torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+            gpu = contextlib.nullcontext()       # torchrun: asked of this process's GPU, LOCAL_RANK (joined later)
+            if cuda and torch.cuda.is_available() and torchrun_processes():
+                gpu = torch.cuda.device(int(os.environ.get("LOCAL_RANK", 0)))
+            with gpu:
+                args.amp = cuda and torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
         if args.amp and not cuda:
             p.error("--amp needs a CUDA device (CPU runs stay in float32)")
     return args
@@ -5786,7 +5823,7 @@ PAPER_RESULTS = """
 7 food101 | clip image=63.07±0.12 text=83.98±0.08 multi=93.07±0.08 | clip_mla image=72.22±0.1 text=85.34±0.06 multi=93.47±0.04
 """
 # Rows in the paper's order; the data set the toy sets stand in for; Table 7's name for CLIP + MLA.
-TABLE_METHODS = {5: methods_of("av"), 6: methods_of("missing"), 7: methods_of("clip")}
+TABLE_SCRIPT = {5: "av", 6: "missing", 7: "clip"}          # the report's columns: methods_of(that script)
 SCRIPT_TABLE = {"train_av.py": 5, "train_it.py": 5, "train_ait.py": 5, "train_missing.py": 6, "train_clip.py": 7}
 TOY_STANDS_FOR = {"train_av.py": "cremad", "train_it.py": "food101", "train_ait.py": "iemocap",
                   "train_missing.py": "iemocap", "train_clip.py": "food101"}
@@ -5848,7 +5885,7 @@ def report_rows(records):
         all_seeds = sorted({r["seed"] for r in recs})
         toy = dataset == "toy"
         paper_ds = TOY_STANDS_FOR.get(script, "cremad") if toy else PAPER_DATASET.get(dataset, dataset)
-        order = TABLE_METHODS[table]
+        order = methods_of(TABLE_SCRIPT[table])
         methods = sorted({r["method"] for r in recs}, key=lambda m: (order.index(m) if m in order else 99, m))
         for method in methods:
             cells, source = {}, {}
@@ -5967,7 +6004,7 @@ def plot_curves(runs_dir, out):
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.2 * nrows), squeeze=False)
     def paper_order(item):
         (script, dataset, method), _ = item
-        order = TABLE_METHODS[SCRIPT_TABLE.get(script, 5)]
+        order = methods_of(TABLE_SCRIPT[SCRIPT_TABLE.get(script, 5)])
         return script, dataset, order.index(method) if method in order else 99, method
 
     for ax, ((script, dataset, method), recs) in zip(axes.flat, sorted(panels.items(), key=paper_order)):

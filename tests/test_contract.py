@@ -6,6 +6,7 @@ import json
 import re
 
 import pytest
+import torch
 import torch.nn.functional as F
 
 import common as C
@@ -76,16 +77,18 @@ def smooth_mla_registered():
 def test_a_method_added_with_one_registry_line_trains_through_a_script(smooth_mla_registered, tmp_path):
     assert train_missing.METHODS[-1] == "smooth_mla"
     small = ["--epochs", "2", "--toy_train", "200", "--toy_val", "50", "--toy_test", "100", "--seed", "3"]
-    [rec] = train_missing.main(["--method", "smooth_mla", "--smoothing", "0.3", "--out_dir", str(tmp_path)] + small)
+    [rec] = train_missing.main(["--method", "smooth_mla", "--smoothing", "0.3", "--hgm_alpha", "0.05",
+                                "--out_dir", str(tmp_path)] + small)
     path = tmp_path / "toy_missing" / "smooth_mla" / "seed3" / "missing0.5" / "record.json"
     assert json.loads(path.read_text()) == json.loads(json.dumps(rec))
     [made] = SmoothMLA.made
     assert rec["method"] == "smooth_mla" and rec["args"]["smoothing"] == 0.3 and made.smoothing == 0.3
+    assert made.hgm_alpha == 0.05 and made.hgm                      # MLA's flags reach its subclass
     assert made.calls == [("start", 0, 2, ["test", "train", "val"]), ("end", 0),
                           ("start", 1, 2, ["test", "train", "val"]), ("end", 1)]
     assert [(e["smoothing"], e["hooks"]) for e in rec["epochs"]] == [(0.3, 2), (0.3, 4)]
     assert all(e["hgm_p_trace"] < 1 for e in rec["epochs"])          # MLA's own entry: HGM at work
-    [plain] = train_missing.main(["--method", "mla", "--out_dir", str(tmp_path)] + small)
+    [plain] = train_missing.main(["--method", "mla", "--hgm_alpha", "0.05", "--out_dir", str(tmp_path)] + small)
     assert rec["epochs"][0]["train_loss"] > plain["epochs"][0]["train_loss"]   # the smoothed loss is what trained
 
 
@@ -98,3 +101,31 @@ def test_readmes_method_table_follows_the_registry():
     for r in rows:
         for n in re.findall(r"`(\w+)`", r[0]):
             assert r[-1].rstrip(" |").split(", ") == list(C.REGISTRY[n].scripts), n
+
+
+def test_register_refuses_a_duplicate_an_unknown_script_and_a_flag_the_constructor_lacks():
+    with pytest.raises(ValueError, match="mla is registered already"):
+        C.register("mla", C.MLA, "again", "av")
+    with pytest.raises(ValueError, match="scripts 'missng': expected a space-separated list of av, it, ait"):
+        C.register("typo", C.Concat, "a typo", "missng")
+    with pytest.raises(ValueError, match=r"flags for \['gamma'\], which Concat's constructor does not take"):
+        C.register("typo", C.Concat, "a typo", "av", {"gamma": ("typo_gamma", "none")})
+    assert "typo" not in C.REGISTRY
+
+
+def test_a_fusion_method_refuses_missing_views_it_cannot_handle(tiny_encoders):
+    m = C.Concat(tiny_encoders(5, 7), 4, ["audio", "video"])
+    xs, y = [torch.randn(6, 5), torch.randn(6, 7)], torch.arange(6) % 4
+    mask = torch.ones(6, 2, dtype=torch.bool)
+    with pytest.raises(ValueError, match="Concat trains on complete views"):
+        m.train_step(xs, y, torch.optim.SGD(m.parameters(), lr=0.1), mask=mask)
+    with pytest.raises(ValueError, match="Concat trains on complete views"):
+        m.predict(xs, mask)
+
+
+def test_mlas_switch_reads_on_by_default_and_its_off_flag_names_the_official_code(capsys):
+    with pytest.raises(SystemExit):
+        train_missing.get_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--hgm mla: head-gradient projection (HGM) on (default)" in text
+    assert "--no_hgm mla: HGM off (what the official code effectively runs)" in text

@@ -68,7 +68,7 @@ class Bench:
         cached = C.CachedAVDataset(clips, True, C.AVSizes(**SIZES), cache_dir=cache_dir, num_workers=args.workers,
                                    augment_on="device" if self.amp else "workers")
         make = {"pipeline": lambda: C.make_loader(cached, args.batch_size, True, 0, args.workers, self.dev,
-                                                   gather=True),
+                                                   gather=self.amp),          # as train_av.py: gathered on CUDA
                 "cache_workers": lambda: torch.utils.data.DataLoader(
                     cached, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
                     worker_init_fn=C.seed_worker, pin_memory=self.amp),
@@ -80,7 +80,7 @@ class Bench:
             torch.backends.cudnn.benchmark = True
         torch.manual_seed(0)
         self.method = C.build_method(args.method, [C.AudioResNet(), C.VideoResNet()], 6, ["audio", "video"],
-                                     len(clips), ogm=(0.1, 0, 50))
+                                     len(clips), **({"alpha": 0.1} if args.method in ("ogm", "ogm_ge") else {}))
         self.method.apply(C.init_weights)
         self.method.to(self.dev, memory_format=torch.channels_last if self.amp else torch.contiguous_format)
         if args.compile:
@@ -101,11 +101,9 @@ class Bench:
             self.method.train()
             for step in range(self.n_batches):
                 xs, y, idx = self.ready[step % len(self.ready)]
-                if hasattr(self.method, "schedule"):
-                    self.method.schedule(0, step, self.n_batches)
-                extra = {"idx": idx} if getattr(self.method, "uses_index", False) else {}
+                self.method.schedule(0, step, self.n_batches)
                 with torch.autocast(self.dev.type, dtype=torch.bfloat16, enabled=self.amp):
-                    self.method.train_step(xs, y, self.opt, **extra)
+                    self.method.train_step(xs, y, self.opt, idx=idx)
         else:
             C.train_one_epoch(self.method, self.loaders[name], self.opt, 0, self.dev, amp=self.amp)
         self.sync()

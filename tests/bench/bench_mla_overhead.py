@@ -53,9 +53,8 @@ def main():
         if dev.type == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
-        if hasattr(m, "schedule"):
-            m.schedule(0, i, len(data))
-        m.train_step(xs, y, opt)
+        m.schedule(0, i, len(data))
+        m.train_step(xs, y, opt, idx=idx)
         if dev.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - t

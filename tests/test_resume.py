@@ -11,10 +11,19 @@ import torch
 
 import common as C
 import train_av
+import train_it
 import train_missing
 from conftest import ROOT, TINY
+from test_train_it import TINY_IT, it_root  # noqa: F401  (a fixture)
 
 SAME = ("script", "dataset", "method", "seed", "modalities", "epochs", "select_on", "best_epoch", "test")
+
+
+def it_argv(root, method, *extra):
+    """train_it.py on the image-text toy (36 training pairs, dev 12, test 12): the run's machinery (checkpoint,
+    resume, the non-finite guard) is every script's; these tests take the toy whose checkpoints are small (the A-V
+    toy's two full ResNet-18s write 270 MB an epoch; the A-V runs above kill and resume train_av.py itself)."""
+    return ["--data_root", str(root), "--method", method, *TINY_IT, *extra]
 
 
 def kill_after_first_epoch(script, argv, run_dir, cwd):
@@ -55,15 +64,14 @@ def test_train_av_killed_and_resumed_equals_uninterrupted(method, toy_root, tmp_
 
 @pytest.mark.parametrize("method, extra, stop_after", [
     ("gblending", ["--epochs", "2", "--gb_super_epoch", "1"], 1),      # re-estimates its weights at epoch 2
-    ("pmr", ["--epochs", "3", "--pmr_momentum", "0.5", "--batch_size", "18"], 2),   # blends its saved prototypes
-    # at epoch 3; one batch of the toy set's 18 training clips an epoch (16 and 2 diverge to a NaN at epoch 2)
-    ("reconboost", ["--epochs", "3"], 2)])                             # starts video's stage at epoch 3
-def test_stateful_balancing_methods_stopped_between_epochs_resume_exactly(method, extra, stop_after, toy_root,
+    ("pmr", ["--epochs", "3", "--pmr_momentum", "0.5"], 2),            # blends its saved prototypes at epoch 3
+    ("reconboost", ["--epochs", "3"], 2)])                             # starts text's stage at epoch 3
+def test_stateful_balancing_methods_stopped_between_epochs_resume_exactly(method, extra, stop_after, it_root,
                                                                            tmp_path, monkeypatch):
     """Stopped once epoch `stop_after` is saved, the run resumes from last.pt into a step that uses the saved
     state (G-Blending's estimate, PMR's prototypes, ReconBoost's fresh optimizer state) as the uninterrupted one."""
-    argv = ["--dataset", "toy", "--data_root", str(toy_root), "--method", method, *TINY, *extra]
-    [whole] = train_av.main(argv + ["--out_dir", str(tmp_path / "whole")])
+    argv = it_argv(it_root, method, *extra)
+    [whole] = train_it.main(argv + ["--out_dir", str(tmp_path / "whole")])
     real, saved = C.save_checkpoint, []
 
     def stop(*a, **k):                           # the process stops once that epoch is saved (as a pre-emption)
@@ -74,10 +82,10 @@ def test_stateful_balancing_methods_stopped_between_epochs_resume_exactly(method
     monkeypatch.setattr(C, "save_checkpoint", stop)
     out = tmp_path / "stopped"
     with pytest.raises(KeyboardInterrupt):
-        train_av.main(argv + ["--out_dir", str(out)])
+        train_it.main(argv + ["--out_dir", str(out)])
     monkeypatch.undo()
-    assert torch.load(out / "toy_av" / method / "seed0" / "last.pt", weights_only=False)["epoch"] == stop_after - 1
-    [resumed] = train_av.main(argv + ["--out_dir", str(out), "--resume"])
+    assert torch.load(out / "toy_it" / method / "seed0" / "last.pt", weights_only=False)["epoch"] == stop_after - 1
+    [resumed] = train_it.main(argv + ["--out_dir", str(out), "--resume"])
     assert {k: resumed[k] for k in SAME} == {k: whole[k] for k in SAME}
 
 
@@ -147,10 +155,10 @@ def test_other_write_errors_are_not_called_a_full_disk(tmp_path, monkeypatch):
     assert not isinstance(e.value, C.DiskFull) and list(tmp_path.iterdir()) == []
 
 
-def test_crash_in_a_checkpoint_write_then_resume(toy_root, tmp_path, monkeypatch):
+def test_crash_in_a_checkpoint_write_then_resume(it_root, tmp_path, monkeypatch):
     """The write of epoch 2's checkpoint dies; epoch 1's loads, and --resume ends as an uninterrupted run."""
-    argv = ["--dataset", "toy", "--data_root", str(toy_root), "--method", "sum", *TINY, "--epochs", "2"]
-    [whole] = train_av.main(argv + ["--out_dir", str(tmp_path / "whole")])
+    argv = it_argv(it_root, "sum", "--epochs", "2")
+    [whole] = train_it.main(argv + ["--out_dir", str(tmp_path / "whole")])
     real, calls = os.replace, []
 
     def replace(src, dst):
@@ -162,16 +170,16 @@ def test_crash_in_a_checkpoint_write_then_resume(toy_root, tmp_path, monkeypatch
     monkeypatch.setattr(C.os, "replace", replace)
     out = tmp_path / "crashed"
     with pytest.raises(OSError, match="simulated crash"):
-        train_av.main(argv + ["--out_dir", str(out)])
+        train_it.main(argv + ["--out_dir", str(out)])
     monkeypatch.undo()
-    run_dir = out / "toy_av" / "sum" / "seed0"
+    run_dir = out / "toy_it" / "sum" / "seed0"
     assert torch.load(run_dir / "last.pt", weights_only=False)["epoch"] == 0
     assert not [p for p in run_dir.iterdir() if p.suffix == ".tmp"]
-    [resumed] = train_av.main(argv + ["--out_dir", str(out), "--resume"])
+    [resumed] = train_it.main(argv + ["--out_dir", str(out), "--resume"])
     assert {k: resumed[k] for k in SAME} == {k: whole[k] for k in SAME}
 
 
-def test_non_finite_loss_stops_with_epoch_step_and_keeps_checkpoint(toy_root, tmp_path, monkeypatch):
+def test_non_finite_loss_stops_with_epoch_step_and_keeps_checkpoint(it_root, tmp_path, monkeypatch):
     real = C.Concat.train_step
 
     def poisoned(self, xs, y, optimizer, mask=None, idx=None):
@@ -180,20 +188,19 @@ def test_non_finite_loss_stops_with_epoch_step_and_keeps_checkpoint(toy_root, tm
 
     monkeypatch.setattr(C.Concat, "schedule", lambda self, *at: setattr(self, "at", at))
     monkeypatch.setattr(C.Concat, "train_step", poisoned)
-    # --batch_size 8: three steps an epoch on the toy set's 18 training clips
-    argv = ["--dataset", "toy", "--data_root", str(toy_root), "--method", "concat", *TINY, "--epochs", "3",
-            "--batch_size", "8", "--out_dir", str(tmp_path)]
+    # --batch_size 12: three steps an epoch on the toy set's 36 training pairs
+    argv = it_argv(it_root, "concat", "--epochs", "3", "--batch_size", "12", "--out_dir", str(tmp_path))
     with pytest.raises(FloatingPointError, match=r"non-finite loss \(nan\) at epoch 2, step 2 of 3; the last good "
                                                  r"checkpoint, .*last\.pt \(after epoch 1\), is kept"):
-        train_av.main(argv)
-    run_dir = tmp_path / "toy_av" / "concat" / "seed0"
+        train_it.main(argv)
+    run_dir = tmp_path / "toy_it" / "concat" / "seed0"
     assert torch.load(run_dir / "last.pt", weights_only=False)["epoch"] == 0
     assert not (run_dir / "record.json").exists()
     with pytest.raises(SystemExit, match="error: non-finite loss"):
-        C.script_main(lambda: train_av.main(argv))
+        C.script_main(lambda: train_it.main(argv))
 
 
-def test_resume_after_divergence_takes_a_lower_lr_and_refuses_other_changes(toy_root, tmp_path, monkeypatch):
+def test_resume_after_divergence_takes_a_lower_lr_and_refuses_other_changes(it_root, tmp_path, monkeypatch):
     """The README's advice for a diverged run: lower --lr and --resume. The new lr applies from the next
     epoch at the same point of the schedule (lr x0.1 every epoch here); any other changed setting stops."""
     real = C.Concat.train_step
@@ -204,17 +211,16 @@ def test_resume_after_divergence_takes_a_lower_lr_and_refuses_other_changes(toy_
 
     monkeypatch.setattr(C.Concat, "schedule", lambda self, *at: setattr(self, "at", at))
     monkeypatch.setattr(C.Concat, "train_step", poisoned)
-    argv = ["--dataset", "toy", "--data_root", str(toy_root), "--method", "concat", *TINY, "--epochs", "3",
-            "--lr_decay_step", "1", "--out_dir", str(tmp_path)]
+    argv = it_argv(it_root, "concat", "--epochs", "3", "--lr_decay_step", "1", "--out_dir", str(tmp_path))
     with pytest.raises(FloatingPointError, match="at epoch 2"):
-        train_av.main(argv + ["--lr", "0.05"])
+        train_it.main(argv + ["--lr", "0.05"])
     monkeypatch.undo()
     with pytest.raises(C.DataError, match=r"last\.pt: a checkpoint of a run with other settings \(--batch_size 16 "
                                           r"there, 8 now\); --resume .*only --lr and --epochs may change"):
-        train_av.main(argv + ["--lr", "0.01", "--resume", "--batch_size", "8"])
-    [rec] = train_av.main(argv + ["--lr", "0.01", "--resume"])
+        train_it.main(argv + ["--lr", "0.01", "--resume", "--batch_size", "8"])
+    [rec] = train_it.main(argv + ["--lr", "0.01", "--resume"])
     assert [e["lr"] for e in rec["epochs"]] == [0.05, 0.001, 0.0001]
-    assert rec["args"]["lr"] == 0.01 and not (tmp_path / "toy_av" / "concat" / "seed0" / "last.pt").exists()
+    assert rec["args"]["lr"] == 0.01 and not (tmp_path / "toy_it" / "concat" / "seed0" / "last.pt").exists()
 
 
 def test_a_record_from_before_a_flag_existed_compares_as_what_it_ran():

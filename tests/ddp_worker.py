@@ -1,7 +1,7 @@
 """Started under torchrun by tests/test_ddp.py (not collected by pytest). `train OUT`: each method trains two
 epochs of two batches of 32 on a fixed feature set through train_av.py's helpers (build_method, make_loader,
 distribute, set_epoch, start_epoch, train_one_epoch, end_epoch, evaluate); every process saves what it ends with, then train_missing.py runs
-(its record: OUT/missing); then Table 6's own methods the same way, on a three-view set with missing views. `fail OUT`: train_missing.py, with process 1 failing in its second evaluation;
+(its record: OUT/missing); then Table 6's own methods the same way, on a three-view set with missing views. `train OUT FAIL_OUT`: then train_missing.py into FAIL_OUT, with process 1 failing in its second evaluation;
 `resume OUT`: the same run with --resume (from scratch where there is no last.pt)."""
 import sys
 from pathlib import Path
@@ -34,7 +34,7 @@ class Pairs(torch.utils.data.Dataset):
         return self.a[i], self.v[i], self.y[i], i
 
 
-def train(out):
+def train(out, fail_out=None):
     C.init_distributed("cpu")
     rank = C.world()[0]
     data = Pairs()
@@ -73,6 +73,8 @@ def train(out):
         acc = C.evaluate(method, loaders["val"], "cpu")
         torch.save({"losses": losses, "acc": acc, "state": method.state_dict()}, Path(out) / f"{name}_{rank}.pt")
     train_missing.main(MISSING + ["--out_dir", str(Path(out) / "missing")])
+    if fail_out:                               # then, in the same job (one start of torchrun less), `fail`
+        fail(fail_out)
 
 
 def fail(out):
@@ -92,4 +94,4 @@ def resume(out):
 
 
 if __name__ == "__main__":
-    {"train": train, "fail": fail, "resume": resume}[sys.argv[1]](sys.argv[2])
+    {"train": train, "resume": resume}[sys.argv[1]](*sys.argv[2:])

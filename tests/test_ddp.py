@@ -29,10 +29,13 @@ def torchrun(n, *argv):
 def test_two_processes_train_as_one_and_a_failed_one_resumes_exactly(tmp_path):
     for n in (1, 2):
         (tmp_path / str(n)).mkdir()
-    jobs = [start(n, "train", str(tmp_path / str(n))) for n in (1, 2)]       # side by side
-    for job in jobs:
-        _, err = job.communicate(timeout=300)
-        assert job.returncode == 0, err[-2000:]
+    # side by side; the job of two processes then starts a run in which process 1 fails in epoch 2's evaluation
+    one, two = start(1, "train", str(tmp_path / "1")), start(2, "train", str(tmp_path / "2"), str(tmp_path / "killed"))
+    _, err = one.communicate(timeout=300)
+    assert one.returncode == 0, err[-2000:]
+    _, err = two.communicate(timeout=300)
+    assert two.returncode != 0 and "error: rank 1: RuntimeError: simulated failure" in err, err[-2000:]
+    assert all((tmp_path / "2" / f"{name}_{r}.pt").is_file() for name in ddp_worker.TABLE5 for r in (0, 1))
     for name in ddp_worker.TABLE5 + ddp_worker.TABLE6_ONLY:
         one = torch.load(tmp_path / "1" / f"{name}_0.pt", weights_only=False)
         r0, r1 = (torch.load(tmp_path / "2" / f"{name}_{r}.pt", weights_only=False) for r in (0, 1))
@@ -48,9 +51,6 @@ def test_two_processes_train_as_one_and_a_failed_one_resumes_exactly(tmp_path):
     rec = [json.loads(next((tmp_path / str(n) / "missing").rglob("record.json")).read_text()) for n in (1, 2)]
     assert all(abs(rec[0]["test"][k] - rec[1]["test"][k]) < 0.01 for k in rec[0]["test"])
     assert all(abs(a["train_loss"] - b["train_loss"]) < 1e-5 for a, b in zip(rec[0]["epochs"], rec[1]["epochs"]))
-    done = torchrun(2, "fail", str(tmp_path / "killed"))          # process 1 fails in epoch 2's evaluation
-    assert done.returncode != 0
-    assert "error: rank 1: RuntimeError: simulated failure" in done.stderr
     assert not list((tmp_path / "killed").rglob("record.json")) and list((tmp_path / "killed").rglob("last.pt"))
     assert torchrun(2, "resume", str(tmp_path / "killed")).returncode == 0
     resumed = json.loads(next((tmp_path / "killed").rglob("record.json")).read_text())   # = the uninterrupted run

@@ -1,5 +1,8 @@
 import argparse
+import contextlib
+import io
 import os
+import runpy
 import shutil
 import sys
 from pathlib import Path
@@ -17,7 +20,28 @@ collect_ignore = ["bench"]       # benchmark scripts are run by hand, never coll
 os.environ["MLA_NO_FSYNC"] = "1"
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config):
+    """Two test processes (pytest-xdist, in requirements.txt) unless -n says how many: every test runs on one torch
+    thread (below), so one process would leave the second core of a 2-core machine idle (the suite: 233 s in one
+    process, about half in two). Without pytest-xdist, or with -n 0 or --pdb, the tests run in this process."""
+    if getattr(config.option, "numprocesses", 0) is None and "PYTEST_XDIST_WORKER" not in os.environ \
+            and not config.option.usepdb and (os.cpu_count() or 1) > 1:
+        config.option.numprocesses, config.option.dist = 2, "loadgroup"     # the A-V runs as one group (below)
+
+
+def pytest_collection_modifyitems(config, items):
+    """The tests that train on the A-V toy (fixture toy_root, or marked av_runs) go to one test process as a group:
+    a toy A-V run writes up to 0.5 GB of checkpoints (two full-size ResNet-18s, their optimizer state, the file
+    replaced), so with two processes the suite still needs about 0.5 GB of disk, not twice that."""
+    for item in items:
+        if "toy_root" in item.fixturenames or item.get_closest_marker("av_runs"):
+            item.add_marker(pytest.mark.xdist_group("av"))
+
+
 def pytest_configure(config):
+    config.addinivalue_line("markers", "av_runs: trains on an A-V set (one test process runs them all, see above)")
+    config.addinivalue_line("markers", "xdist_group(name): pytest-xdist's group, given by conftest")
     # torch 2.11's own torch.utils.mkldnn, imported on the compile path, uses a deprecated decorator
     config.addinivalue_line("filterwarnings",
                             "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
@@ -52,6 +76,25 @@ def _delete_tmp_path_of_a_passing_test(request):
     yield
     if path is not None and not request.node.stash.get(FAILED, False):
         shutil.rmtree(path, ignore_errors=True)
+
+
+def command_line(script, *argv, cwd):
+    """`python <script> argv` run from folder cwd as its command line runs it (as __main__, through script_main), in
+    this process: (exit status, what it wrote to stderr). A fresh interpreter costs 2 s a test; train_av.py's test
+    of a bad data root starts one (test_train_av.py), the other scripts' use this."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.chdir(cwd), \
+            pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sys, "argv", [str(ROOT / script), *argv])
+        try:
+            runpy.run_path(str(ROOT / script), run_name="__main__")
+            code = 0
+        except SystemExit as e:
+            code = e.code
+    if isinstance(code, str):                  # sys.exit(text): the interpreter writes the text, exit status 1
+        err.write(code + "\n")
+        code = 1
+    return code or 0, err.getvalue()
 
 
 def written(root):

@@ -252,6 +252,7 @@ def test_a_data_error_in_a_loader_worker_is_one_line(capsys):
     assert e.value.code == "error: /data/x/frame_0.jpg: unreadable image (listed at /data/x/train.csv:1)"
 
 
+@pytest.mark.av_runs
 def test_a_label_typo_stops_the_script_with_one_line_and_trains_nothing(av, tmp_path, capsys):
     (av / "stat.csv").unlink()
     set_line(av / "train.csv", 4, "1003_DFA_FEA_XX,DISGUST")
@@ -264,6 +265,7 @@ def test_a_label_typo_stops_the_script_with_one_line_and_trains_nothing(av, tmp_
     assert "epoch" not in capsys.readouterr().out
 
 
+@pytest.mark.av_runs
 def test_skip_bad_run_says_how_many(av, tmp_path, capsys):
     (av / "AudioWAV" / "1002_DFA_SAD_XX.wav").unlink()
     argv = ["--dataset", "cremad", "--data_root", str(av), "--out_dir", str(tmp_path / "runs"), "--no_cache",
@@ -277,6 +279,7 @@ def test_skip_bad_run_says_how_many(av, tmp_path, capsys):
     assert rec["test"]["multi"] >= 0
 
 
+@pytest.mark.av_runs
 def test_clips_with_too_few_frames_are_counted(av, tmp_path, capsys):
     folder = av / "Image-01-FPS" / "1003_DFA_FEA_XX"
     for f in C.list_frames(folder)[1:]:

@@ -2,7 +2,6 @@
 train_missing.py through its own entry point."""
 import importlib.util
 import json
-import subprocess
 import sys
 import types
 
@@ -14,7 +13,7 @@ import torch.nn.functional as F
 
 import common as C
 import train_missing
-from conftest import options, step, ROOT
+from conftest import command_line, options, step
 
 MODS = ["audio", "visual", "text"]
 TINY = ["--toy_train", "64", "--toy_val", "32", "--toy_test", "32", "--toy_dims", "6,7,8", "--hidden", "16",
@@ -545,10 +544,10 @@ def test_rate_sweep_writes_one_record_per_rate_and_report_reads_them(tmp_path, c
 
 
 def test_bad_data_is_one_clear_line(tmp_path):
-    r = subprocess.run([sys.executable, str(ROOT / "train_missing.py"), "--dataset", "features", "--data_root",
-                        str(tmp_path / "absent")], capture_output=True, text=True)
-    assert r.returncode != 0 and "Traceback" not in r.stderr
-    assert r.stderr.startswith(f"error: {tmp_path / 'absent' / 'features.npz'}: file not found")
+    code, err = command_line("train_missing.py", "--dataset", "features", "--data_root", str(tmp_path / "absent"),
+                             cwd=tmp_path)
+    assert code != 0 and "Traceback" not in err
+    assert err.startswith(f"error: {tmp_path / 'absent' / 'features.npz'}: file not found")
     with pytest.raises(SystemExit):
         train_missing.get_args(["--missing_rates", "0.1,x"])
     with pytest.raises(SystemExit):

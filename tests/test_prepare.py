@@ -55,6 +55,7 @@ def summary(capsys, *argv):
     return capsys.readouterr().out.strip().splitlines()[-1]
 
 
+@pytest.mark.av_runs
 def test_prepare_writes_the_layout_lists_failures_resumes_and_trains(videos, tmp_path, capsys):
     out = tmp_path / "data"
     argv = ["--videos", str(videos), "--out", str(out), "--frame_size", "16"]

@@ -1,14 +1,12 @@
 """train_ait.py through its own entry point: every method with three modalities, the record, the encoders, errors."""
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import common as C
 import train_ait
-from conftest import ROOT
+from conftest import command_line
 from test_data_ait import cavmae_checkpoint
 from test_encoders_it import hf_models  # noqa: F401  (a fixture)
 
@@ -110,7 +108,6 @@ def test_cavmae_checkpoint_through_the_script(ait_root, tmp_path, capsys):
 def test_missing_data_root_is_a_clear_error(tmp_path):
     with pytest.raises(C.DataError, match="(?s)data root not found.*accepted layout"):
         train_ait.main(["--dataset", "iemocap", "--data_root", str(tmp_path / "absent")])
-    r = subprocess.run([sys.executable, str(ROOT / "train_ait.py"), "--dataset", "iemocap"], cwd=tmp_path,
-                       capture_output=True, text=True)
-    assert r.returncode != 0
-    assert r.stderr.startswith("error: data/iemocap: data root not found") and "Traceback" not in r.stderr
+    code, err = command_line("train_ait.py", "--dataset", "iemocap", cwd=tmp_path)
+    assert code != 0
+    assert err.startswith("error: data/iemocap: data root not found") and "Traceback" not in err

@@ -1,14 +1,12 @@
 """train_it.py through its own entry point: every method, the record, the encoders' flags, errors."""
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import common as C
 import train_it
-from conftest import ROOT
+from conftest import command_line
 from test_encoders_it import hf_models  # noqa: F401  (a fixture)
 
 TINY_IT = ["--image_size", "16", "--patch_size", "8", "--max_len", "10", "--m3ae_dim", "16", "--m3ae_depth", "1",
@@ -116,10 +114,9 @@ def test_same_seed_gives_identical_records(it_root, tmp_path):
 def test_missing_data_root_is_a_clear_error(tmp_path):
     with pytest.raises(C.DataError, match="(?s)data root not found.*accepted layouts"):
         train_it.main(["--dataset", "food101", "--data_root", str(tmp_path / "absent")])
-    r = subprocess.run([sys.executable, str(ROOT / "train_it.py"), "--dataset", "mvsa"], cwd=tmp_path,
-                       capture_output=True, text=True)
-    assert r.returncode != 0
-    assert r.stderr.startswith("error: data/mvsa: data root not found") and "Traceback" not in r.stderr
+    code, err = command_line("train_it.py", "--dataset", "mvsa", cwd=tmp_path)
+    assert code != 0
+    assert err.startswith("error: data/mvsa: data root not found") and "Traceback" not in err
     with pytest.raises(SystemExit):
         train_it.get_args(["--image_size", "20", "--patch_size", "8"])
 

@@ -2303,22 +2303,24 @@ class HFEncoder(nn.Module):
         return self.proj((h * w).sum(1) / w.sum(1).clamp_min(1))
 
 
-def build_it_encoders(kind, modalities=("image", "text"), vocab_size=30522, m3ae=(768, 12, 12, 4, 16), m3ae_ckpt=None,
-                      models=None, pool="mean", image_size=224, proj_dim=None, partial=False):
-    """The image and/or text encoders, one per modality, of one width. kind "m3ae": M3AE-shaped transformers
-    of m3ae = (width, depth, heads, MLP ratio, patch side), from the m3ae_ckpt state dict (default: random,
-    with a warning; tensors missing from it are an error unless `partial`); kind "hf": transformers models
-    (models: {modality: local folder or hub name}) pooled by `pool` (mean | pooler), the narrower projected to
-    proj_dim (default: the widest's width)."""
-    if kind == "m3ae":
-        encoders = [M3AEEncoder(m, *m3ae, vocab_size) for m in modalities]
-        if m3ae_ckpt:
-            for e in encoders:
-                load_m3ae_checkpoint(e, m3ae_ckpt, partial)
-        else:
-            warn_once("WARNING: no --m3ae_ckpt: the M3AE encoders start from RANDOM weights (the paper fine-tunes "
-                      "pretrained M3AE-base; see README for the weights)")
-        return encoders
+def m3ae_encoders(modalities=("image", "text"), vocab_size=30522, m3ae=(768, 12, 12, 4, 16), ckpt=None, partial=False):
+    """The image and/or text encoders, one per modality: M3AE-shaped transformers of m3ae = (width, depth, heads,
+    MLP ratio, patch side), from the ckpt state dict (default: random, with a warning; tensors missing from it are
+    an error unless `partial`)."""
+    encoders = [M3AEEncoder(m, *m3ae, vocab_size) for m in modalities]
+    if ckpt:
+        for e in encoders:
+            load_m3ae_checkpoint(e, ckpt, partial)
+    else:
+        warn_once("WARNING: no --m3ae_ckpt: the M3AE encoders start from RANDOM weights (the paper fine-tunes "
+                  "pretrained M3AE-base; see README for the weights)")
+    return encoders
+
+
+def hf_encoders(modalities=("image", "text"), models=None, pool="mean", image_size=224, proj_dim=None):
+    """The image and/or text encoders, one per modality, of one width: transformers models (models: {modality: local
+    folder or hub name}) pooled by `pool` (mean | pooler), the narrower projected to proj_dim (default: the widest's
+    width)."""
     names = models or {}
     absent = [f"--{m}_model" for m in modalities if not names.get(m)]
     if absent:
@@ -2331,7 +2333,7 @@ def build_it_encoders(kind, modalities=("image", "text"), vocab_size=30522, m3ae
 
 
 def image_text_encoders(kind, raw_text, tokenizer=None, vocab_size=None, image_size=224, max_len=256, **encoder):
-    """The image and text encoders (build_it_encoders(kind, ..., **encoder)) and ITDataset's text settings:
+    """The image and text encoders (m3ae_encoders or hf_encoders by `kind`, with **encoder) and ITDataset's text settings:
     the tokenizer when some text is raw (`tokenizer`, a folder or hub name; default bert-base-uncased for
     m3ae, the text model's for hf), whether to add special tokens (hf only) and the vocabulary size."""
     tok = None
@@ -2339,7 +2341,8 @@ def image_text_encoders(kind, raw_text, tokenizer=None, vocab_size=None, image_s
         tok = load_tokenizer(tokenizer or {"m3ae": "bert-base-uncased",
                                            "hf": (encoder.get("models") or {}).get("text")}[kind])
     vocab_size = vocab_size or (len(tok) if tok is not None else 30522)
-    encoders = build_it_encoders(kind, ("image", "text"), vocab_size, image_size=image_size, **encoder)
+    encoders = m3ae_encoders(("image", "text"), vocab_size, **encoder) if kind == "m3ae" else \
+        hf_encoders(("image", "text"), image_size=image_size, **encoder)
     if kind == "hf":
         vocab_size = getattr(encoders[1].model.config, "vocab_size", None)
     return encoders, dict(image_size=image_size, max_len=max_len, tokenizer=tok, special_tokens=kind == "hf",
@@ -2599,18 +2602,19 @@ def load_clip(name_or_path, tokenizer=None, max_len=None, image_size=None, featu
                       image_size, feature)
 
 
-def toy_clip(tokenizer, image_size=32, patch_size=8, width=32, layers=2, heads=2, max_len=16, seed=0,
-             feature="embeds"):
-    """A tiny randomly initialised CLIP built in memory from a CLIPConfig (no download), for the toy set:
+def toy_clip(tokenizer, image_size=32, patch_size=8, sizes=(32, 2, 2), max_len=16, seed=0, feature="embeds"):
+    """A tiny randomly initialised CLIP of sizes = (width, layers, heads) built in memory from a CLIPConfig (no
+    download), for the toy set:
     the text tower's vocabulary and special tokens are `tokenizer`'s (the toy's BERT vocabulary, [CLS]
     first, pooled at [SEP]); the image processor is CLIP's at `image_size`. Its weights depend only on
     `seed`."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
-    sizes = dict(hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers, num_attention_heads=heads)
+    width, layers, heads = sizes
+    tower = dict(hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers, num_attention_heads=heads)
     config = CLIPConfig(
         text_config=dict(vocab_size=len(tokenizer), max_position_embeddings=max_len, pad_token_id=tokenizer.pad_token_id,
-                         bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id, **sizes),
-        vision_config=dict(image_size=image_size, patch_size=patch_size, **sizes), projection_dim=width)
+                         bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id, **tower),
+        vision_config=dict(image_size=image_size, patch_size=patch_size, **tower), projection_dim=width)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = CLIPModel(config)
@@ -3098,16 +3102,24 @@ def check_audio(path, num_mel_bins=None):
         wav_info(path)
 
 
-def resolve_clips(root, split, entries, audio_format="auto", audio_dir=None, frames_dir=None,
-                  skip_bad=False, stats=None, num_mel_bins=None):
+@dataclass(frozen=True)
+class AVFiles:
+    """Where an A-V set's files are when its layout does not say (--audio_format, --audio_dir, --frames_dir):
+    audio as .npy fbanks, .wav or either (auto); the audio and frame folders (default: searched for)."""
+    audio_format: str = "auto"
+    audio_dir: str | None = None
+    frames_dir: str | None = None
+
+
+def resolve_clips(root, split, entries, files=AVFiles(), skip_bad=False, stats=None, num_mel_bins=None):
     """entries: [(clip_id, label_index, 'file:line')] -> [Clip] with audio and frame paths checked
     (every audio file's header is read, so an empty or broken file stops the run before training)."""
     root = Path(root)
-    exts = {"auto": (".npy", ".wav"), "npy": (".npy",), "wav": (".wav",)}[audio_format]
+    exts = {"auto": (".npy", ".wav"), "npy": (".npy",), "wav": (".wav",)}[files.audio_format]
     has_audio = lambda d, c: any((d / (c + e)).is_file() for e in exts)
     has_frames = lambda d, c: (d / c).is_dir()
-    adir = _find_dir(root, audio_dir, AUDIO_DIRS, split, entries, has_audio, "audio (" + "/".join(exts) + ")")
-    fdir = _find_dir(root, frames_dir, FRAME_DIRS, split, entries, has_frames, "frame folder")
+    adir = _find_dir(root, files.audio_dir, AUDIO_DIRS, split, entries, has_audio, "audio (" + "/".join(exts) + ")")
+    fdir = _find_dir(root, files.frames_dir, FRAME_DIRS, split, entries, has_frames, "frame folder")
     clips, seen, bad = [], {}, []
     for clip_id, label, src in entries:
         try:
@@ -3546,8 +3558,7 @@ def detect_av_layout(dataset, root):
     raise DataError(f"{root}: no known {dataset} layout found\n{LAYOUT_HELP}")
 
 
-def load_av_splits(dataset, root, split_seed=0, actor_split=False, audio_format="auto",
-                   audio_dir=None, frames_dir=None, skip_bad=False, num_mel_bins=None):
+def load_av_splits(dataset, root, split_seed=0, actor_split=False, files=AVFiles(), skip_bad=False, num_mel_bins=None):
     """Detect the layout and return dict(layout, classes, train=[Clip], test=[Clip], skipped=int), and
     dev=[Clip] where the data has a validation split (AVE's valSet.txt)."""
     root = Path(root)
@@ -3563,24 +3574,36 @@ def load_av_splits(dataset, root, split_seed=0, actor_split=False, audio_format=
     stats, out = {}, {"layout": layout, "classes": classes}
     for split in lists:                                 # train, test and (AVE) dev
         out[split], out[split + "_audio_dir"], out[split + "_frames_dir"] = resolve_clips(
-            root, split, lists[split], audio_format, audio_dir, frames_dir, skip_bad, stats, num_mel_bins)
+            root, split, lists[split], files, skip_bad, stats, num_mel_bins)
     class_warnings({split: [c.label for c in out[split]] for split in lists}, classes)
     out["skipped"] = stats.get("skipped", 0)
     return out
 
 
-def make_toy_av(root, seed=0, n_train=600, n_test=240, rate=8000, seconds=0.7, frames=3, px=40,
-                class_blobs=4, clutter_blobs=4, cue=0.85):
+@dataclass(frozen=True)
+class ToyAV:
+    """How the toy A-V set is made (what its script does not set): audio at `rate` Hz for `seconds`, with an in-pair
+    cue that agrees with the label with probability `cue`; px x px frames showing `class_blobs` blobs in the class's
+    colour among `clutter_blobs` random ones."""
+    rate: int = 8000
+    seconds: float = 0.7
+    px: int = 40
+    class_blobs: int = 4
+    clutter_blobs: int = 4
+    cue: float = 0.85
+
+
+def make_toy_av(root, seed=0, n_train=600, n_test=240, frames=3, recipe=ToyAV()):
     """Write a small CREMA-D-like A-V data set in the OGM-GE layout (train.csv, test.csv, stat.csv,
     AudioWAV/*.wav, Image-01-FPS/<clip>/*.jpg), generated deterministically from `seed`.
 
     Six classes in three pairs. Audio carries a loud tone that names the pair (learned in a few
     steps) and, for the class inside the pair, only a cue that agrees with the label with
-    probability `cue`; video names the class by the colour of `class_blobs` small blobs among
-    `clutter_blobs` random ones: slower to learn, but it holds what audio lacks. Joint training
+    probability `recipe.cue`; video names the class by the colour of a few small blobs among
+    random ones: slower to learn, but it holds what audio lacks. Joint training
     leans on audio and leaves video under-trained, as on CREMA-D.
     """
-    root = Path(root)
+    root, (rate, seconds, cue) = Path(root), (recipe.rate, recipe.seconds, recipe.cue)
     rng = np.random.RandomState(seed)
     (root / "AudioWAV").mkdir(parents=True, exist_ok=True)
     (root / "Image-01-FPS").mkdir(parents=True, exist_ok=True)
@@ -3605,7 +3628,8 @@ def make_toy_av(root, seed=0, n_train=600, n_test=240, rate=8000, seconds=0.7, f
             d = root / "Image-01-FPS" / clip
             d.mkdir(exist_ok=True)
             for k in range(frames):
-                blob_image(rng, px, palette[y], clutter_blobs, class_blobs).save(d / f"frame_{k + 1:05d}.jpg", quality=90)
+                blob_image(rng, recipe.px, palette[y], recipe.clutter_blobs, recipe.class_blobs).save(
+                    d / f"frame_{k + 1:05d}.jpg", quality=90)
             rows[split].append(f"{clip},{classes[y]}")
     for split in rows:
         (root / f"{split}.csv").write_text("\n".join(rows[split]) + "\n")
@@ -4275,16 +4299,27 @@ class ITDataset(torch.utils.data.Dataset):
 TOY_IT_CLASSES = ["apple_pie", "baklava", "caesar_salad", "greek_salad", "miso_soup", "ramen"]
 
 
-def make_toy_it(root, seed=0, n_train=600, n_dev=120, n_test=240, px=32, cue=0.8, class_blobs=4,
-                clutter_blobs=4, fillers=3):
+@dataclass(frozen=True)
+class ToyIT:
+    """How the toy image-text set is made (what its scripts do not set): px x px images showing `class_blobs` blobs in
+    the class's colour among `clutter_blobs` random ones; captions with a cue word that agrees with the label with
+    probability `cue`, among `fillers` random filler words."""
+    px: int = 32
+    cue: float = 0.8
+    class_blobs: int = 4
+    clutter_blobs: int = 4
+    fillers: int = 3
+
+
+def make_toy_it(root, seed=0, n_train=600, n_dev=120, n_test=240, recipe=ToyIT()):
     """Write a small Food-101-like image-text set in the MMBT jsonl layout (train/dev/test.jsonl,
     images/<split>/<id>.jpg) and its tokenizer (tokenizer/vocab.txt, a BERT vocabulary of the
     caption words), generated deterministically from `seed`.
 
     Six classes in three pairs. The caption names the pair with one word (learned in a few steps)
     and, for the class inside the pair, has only a cue word that agrees with the label with
-    probability `cue`, among random filler words; the image names the class by the colour of
-    `class_blobs` small blobs among `clutter_blobs` random ones: slower to learn, but it holds what
+    probability `recipe.cue`, among random filler words; the image names the class by the colour of
+    a few small blobs among random ones: slower to learn, but it holds what
     the text lacks. Joint training leans on the text and leaves the image under-trained, as on Food-101.
     """
     root = Path(root)
@@ -4306,14 +4341,14 @@ def make_toy_it(root, seed=0, n_train=600, n_dev=120, n_test=240, px=32, cue=0.8
         for i in range(n):
             y = i % 6
             pid = f"{split}{i:04d}"
-            keep = rng.rand() < cue
+            keep = rng.rand() < recipe.cue
             cue_word = cue_words[y // 2][y % 2 if keep else 1 - y % 2]
             caption = [openers[rng.randint(len(openers))], pair_words[y // 2], cue_word]
-            caption += [filler[j] for j in rng.randint(0, len(filler), fillers)]
+            caption += [filler[j] for j in rng.randint(0, len(filler), recipe.fillers)]
             order = [0] + (1 + rng.permutation(len(caption) - 1)).tolist()        # opener first, rest shuffled
             text = " ".join(caption[j] for j in order)
-            blob_image(rng, px, palette[y], clutter_blobs, class_blobs).save(root / "images" / split / f"{pid}.jpg",
-                                                                             quality=90)
+            blob_image(rng, recipe.px, palette[y], recipe.clutter_blobs, recipe.class_blobs).save(
+                root / "images" / split / f"{pid}.jpg", quality=90)
             lines.append(json.dumps({"id": pid, "label": TOY_IT_CLASSES[y], "text": text,
                                      "img": f"images/{split}/{pid}.jpg"}))
         (root / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
@@ -4418,18 +4453,24 @@ def _has_face(d, utt):
     return (d / utt).is_dir() or any((d / (utt + e)).is_file() for e in IMAGE_EXTS)
 
 
-def iemocap_split(root, split, rows, classes, class_src, audio_dir=None, image_dir=None, num_mel_bins=None,
-                  skip_bad=False, seen=None, stats=None):
-    """[Utterance] of one split's rows, every audio header or fbank shape checked. An utterance listed twice
-    (`seen` holds those of the splits read before) or an unknown label is an error; with skip_bad an
-    utterance whose audio, image or token file is missing is skipped and counted in stats['skipped']."""
-    seen = {} if seen is None else seen
+def iemocap_dirs(root, split, rows, audio_dir=None, image_dir=None):
+    """The folders of one split's audio, face images and (when pre-tokenised) text: (audio, image, tokens or None)."""
     entries = [(utt, label, src) for utt, label, src, _ in rows]
     has_audio = lambda d, u: (d / f"{u}.npy").is_file() or (d / f"{u}.wav").is_file()
     adir = _find_dir(root, audio_dir, IEMO_AUDIO_DIRS, split, entries, has_audio, "audio (.npy/.wav)", IEMO_LAYOUT_HELP)
     idir = _find_dir(root, image_dir, IEMO_IMAGE_DIRS, split, entries, _has_face, "face image", IEMO_LAYOUT_HELP)
     tdir = best_dir([root / t.format(split=split) for t in IT_TOKEN_DIRS], [r[0] for r in rows],
                     lambda d, u: (d / f"{u}_token.npy").is_file())
+    return adir, idir, tdir
+
+
+def iemocap_split(split, rows, dirs, classes, class_src, num_mel_bins=None, skip_bad=False, stats=None):
+    """[Utterance] of one split's rows in dirs (iemocap_dirs), every audio header or fbank shape checked. An
+    utterance listed twice (stats['seen'] holds those of the splits read before) or an unknown label is an error;
+    with skip_bad an utterance whose audio, image or token file is missing is skipped and counted in
+    stats['skipped']."""
+    stats = {} if stats is None else stats
+    seen, (adir, idir, tdir) = stats.setdefault("seen", {}), dirs
     out = []
     for utt, label, src, text in rows:
         y = _label_index(label, classes, src, class_src)
@@ -4456,8 +4497,7 @@ def iemocap_split(root, split, rows, classes, class_src, audio_dir=None, image_d
         except DataError:
             if not skip_bad:
                 raise
-            if stats is not None:
-                stats["skipped"] = stats.get("skipped", 0) + 1
+            stats["skipped"] = stats.get("skipped", 0) + 1
     if not out:
         raise DataError(f"{rows[0][2].rsplit(':', 1)[0]}: no usable utterances in the {split} split")
     return out
@@ -4472,11 +4512,12 @@ def load_iemocap_splits(root, split_seed=0, audio_dir=None, image_dir=None, num_
     classes, class_src = it_classes(root, "iemo", [r[1] for r in lists["train"]], class_list, "IEMOCAP",
                                     [r[2] for r in lists["train"]])
     one = layout.startswith("one list")
-    out, stats, seen = {"layout": layout, "classes": classes, "dev": None}, {}, {}
+    out, stats = {"layout": layout, "classes": classes, "dev": None}, {}
     for split, rows in lists.items():
         if rows is not None:
-            out[split] = iemocap_split(root, "all" if one else split, rows, classes, class_src, audio_dir,
-                                       image_dir, num_mel_bins, skip_bad, seen, stats)
+            name = "all" if one else split                # of the error messages
+            out[split] = iemocap_split(name, rows, iemocap_dirs(root, name, rows, audio_dir, image_dir), classes,
+                                       class_src, num_mel_bins, skip_bad, stats)
     class_warnings({split: [u.label for u in out[split]] for split in lists if out.get(split)}, classes)
     out["skipped"] = stats.get("skipped", 0)
     return out
@@ -4506,8 +4547,21 @@ TOY_AIT_CLASSES = ["Neutral", "Angry", "Sad", "Happy"]
 CAVMAE_FBANK_MEAN, CAVMAE_FBANK_STD = -5.081, 4.4849      # the fbank statistics CAV-MAE normalises with
 
 
-def make_toy_ait(root, seed=0, n_train=1000, n_dev=200, n_test=400, frames=64, mel_bins=32, px=32, faces=3,
-                 text_cue=0.55, audio_cue=0.55, image_cue=0.5, class_blobs=4, clutter_blobs=3):
+@dataclass(frozen=True)
+class ToyAIT:
+    """How the toy A-I-T set is made (what its script does not set): `faces` px x px face images an utterance; the
+    probabilities that each modality shows its class (text_cue, audio_cue, image_cue: see make_toy_ait); blobs as
+    in ToyIT."""
+    px: int = 32
+    faces: int = 3
+    text_cue: float = 0.55
+    audio_cue: float = 0.55
+    image_cue: float = 0.5
+    class_blobs: int = 4
+    clutter_blobs: int = 3
+
+
+def make_toy_ait(root, seed=0, n_train=1000, n_dev=200, n_test=400, frames=64, mel_bins=32, recipe=ToyAIT()):
     """Write a small IEMOCAP-like set in the MLA layout (my_{train,dev,test}_iemo.txt, stat_iemo.txt,
     audio/{split}_fbank/<utt>.npy, visual/{split}_imgs/<utt>/frame_0000k.jpg) and its tokenizer
     (tokenizer/vocab.txt, a BERT vocabulary of the transcript words), generated deterministically from
@@ -4523,7 +4577,7 @@ def make_toy_ait(root, seed=0, n_train=1000, n_dev=200, n_test=400, frames=64, m
     image_cue + (1 - image_cue) / 4 (defaults: 77.5, 66, 62.5 %), and together they hold more than any one.
     Text dominates, audio is middling and the image is weakest, as on IEMOCAP.
     """
-    root = Path(root)
+    root, (text_cue, audio_cue, image_cue) = Path(root), (recipe.text_cue, recipe.audio_cue, recipe.image_cue)
     rng = np.random.RandomState(seed)
     arousal_words = [["calm", "quiet", "slowly"], ["wow", "loud", "hey"]]      # low (y even), high (y odd)
     emotion_words = [["okay", "fine", "sure"], ["furious", "hate", "stop"], ["miss", "lonely", "sorry"],
@@ -4564,8 +4618,8 @@ def make_toy_ait(root, seed=0, n_train=1000, n_dev=200, n_test=400, frames=64, m
             d = root / "visual" / f"{split}_imgs" / utt
             d.mkdir(parents=True, exist_ok=True)
             shows = rng.rand() < image_cue
-            for k in range(faces):
-                blob_image(rng, px, palette[y] if shows else None, clutter_blobs, class_blobs,
+            for k in range(recipe.faces):
+                blob_image(rng, recipe.px, palette[y] if shows else None, recipe.clutter_blobs, recipe.class_blobs,
                            radius=(3, 6)).save(d / f"frame_{k + 1:05d}.jpg", quality=90)
             lines.append(f"{utt}.mp4 {IEMO_SEP} {text} {IEMO_SEP} {TOY_AIT_CLASSES[y]}")
         (root / f"my_{split}_iemo.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -4784,8 +4838,18 @@ class FeatureNorm(nn.Module):
                  / getattr(self, f"std{m}").cpu()).numpy() for m, x in enumerate(xs)]
 
 
-def make_toy_features(path, seed=0, n_train=1000, n_val=200, n_test=400, dims=(32, 48, 64), num_classes=4,
-                      latent=8, gains=(0.8, 0.3, 1.0), separation=0.8, noise=0.5):
+@dataclass(frozen=True)
+class ToyFeatures:
+    """How the toy features are made (what train_missing.py does not set; see make_toy_features): the classes, the
+    latent's dimensions, each view's gain, the class centres' spread and each view's noise."""
+    num_classes: int = 4
+    latent: int = 8
+    gains: tuple = (0.8, 0.3, 1.0)
+    separation: float = 0.8
+    noise: float = 0.5
+
+
+def make_toy_features(path, seed=0, n_train=1000, n_val=200, n_test=400, dims=(32, 48, 64), recipe=ToyFeatures()):
     """Write a small three-view features.npz from `seed` (the Table 6 toy set).
 
     A sample's latent u = class centre + N(0, I) in `latent` dimensions is shared by the views (so a
@@ -4793,15 +4857,15 @@ def make_toy_features(path, seed=0, n_train=1000, n_val=200, n_test=400, dims=(3
     the dimensions, visual the last 5/8, text all of them), scaled by its gain (audio 0.8, visual 0.3,
     text 1.0: text is the best view, visual the worst), through a random tanh layer, plus its own
     noise and a private nuisance factor. No view alone is as good as the fusion of all three."""
-    rng = np.random.RandomState(seed)
+    rng, (num_classes, latent, noise) = np.random.RandomState(seed), (recipe.num_classes, recipe.latent, recipe.noise)
     n = n_train + n_val + n_test
-    centres = rng.randn(num_classes, latent) * separation
+    centres = rng.randn(num_classes, latent) * recipe.separation
     y = rng.permutation(np.arange(n) % num_classes)
     u = centres[y] + rng.randn(n, latent)
     k = max(1, round(latent * 5 / 8))
     parts = [slice(0, k), slice(latent - k, latent), slice(0, latent)]
     arrays = {}
-    for name, d, gain, part in zip(FEATURE_MODALITIES, dims, gains, parts):
+    for name, d, gain, part in zip(FEATURE_MODALITIES, dims, recipe.gains, parts):
         seen = gain * u[:, part]
         nuisance = rng.randn(n, 2)
         proj = rng.randn(seen.shape[1] + 2, d) / np.sqrt(seen.shape[1] + 2)
@@ -5721,10 +5785,12 @@ def add_toy_args(p, what, train, test, dev=None, dev_flag="dev", seed_help="the 
 
 
 def it_encoder_options(args):
-    """build_it_encoders' keywords from the image and text encoder flags (add_it_encoder_args)."""
-    return dict(m3ae=(args.m3ae_dim, args.m3ae_depth, args.m3ae_heads, args.m3ae_mlp_ratio, args.patch_size),
-                m3ae_ckpt=args.m3ae_ckpt, models={"image": args.image_model, "text": args.text_model},
-                pool=args.hf_pool, proj_dim=args.proj_dim, partial=args.partial_ckpt)
+    """The keywords of m3ae_encoders or hf_encoders (--encoder) from the image and text encoder flags
+    (add_it_encoder_args)."""
+    if args.encoder == "m3ae":
+        return dict(m3ae=(args.m3ae_dim, args.m3ae_depth, args.m3ae_heads, args.m3ae_mlp_ratio, args.patch_size),
+                    ckpt=args.m3ae_ckpt, partial=args.partial_ckpt)
+    return dict(models={"image": args.image_model, "text": args.text_model}, pool=args.hf_pool, proj_dim=args.proj_dim)
 
 
 def finish_args(p, args, methods, defaults):

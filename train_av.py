@@ -109,9 +109,9 @@ def train(args, root, device):
                      n_test=args.toy_test, frames=max(3, args.frames))
         data = C.load_av_splits("cremad", root, num_mel_bins=args.num_mel_bins)
     else:
-        data = C.load_av_splits(args.dataset, root, split_seed=args.split_seed, actor_split=args.actor_split,
-                                audio_format=args.audio_format, audio_dir=args.audio_dir,
-                                frames_dir=args.frames_dir, skip_bad=args.skip_bad, num_mel_bins=args.num_mel_bins)
+        data = C.load_av_splits(args.dataset, root, args.split_seed, args.actor_split,
+                                C.AVFiles(args.audio_format, args.audio_dir, args.frames_dir), args.skip_bad,
+                                args.num_mel_bins)
     splits = C.train_val_test(data, args.val_ratio, args.seed, args.dataset, "clips")
     few = [c for c in data["train"] + data["test"] if 0 < c.n_frames < args.frames]
     if few:

@@ -155,7 +155,7 @@ def data_and_encoders(args, root, device):
 
     if args.clip_model is None:
         clip = C.toy_clip(C.load_tokenizer(args.tokenizer or root / "tokenizer"), args.image_size or TOY_IMAGE_SIZE,
-                          args.toy_patch, args.toy_width, args.toy_layers, args.toy_heads, args.max_len or TOY_MAX_LEN,
+                          args.toy_patch, (args.toy_width, args.toy_layers, args.toy_heads), args.max_len or TOY_MAX_LEN,
                           args.toy_seed, args.clip_feature)
         C.pretrain_toy_clip(clip, data["train"], args.toy_pretrain_epochs, args.toy_pretrain_batch,
                             args.toy_pretrain_lr, args.toy_seed)

@@ -128,7 +128,7 @@ def toy_root(tmp_path_factory):
     clips through two full ResNet-18s, so the set is as small as the tests allow (48 and 24 clips before)."""
     import common as C
     root = tmp_path_factory.mktemp("toy_av")
-    C.make_toy_av(root, seed=0, n_train=24, n_test=12, frames=2, px=24)
+    C.make_toy_av(root, seed=0, n_train=24, n_test=12, frames=2, recipe=C.ToyAV(px=24))
     return root
 
 

@@ -188,14 +188,14 @@ def test_loader_errors_name_file_line_and_expectation(tmp_path):
 
 
 def test_toy_set_reads_back_through_the_loader(tmp_path):
-    C.make_toy_ait(tmp_path, seed=3, n_train=8, n_dev=4, n_test=4, frames=16, mel_bins=8, px=16, faces=2)
+    C.make_toy_ait(tmp_path, seed=3, n_train=8, n_dev=4, n_test=4, frames=16, mel_bins=8, recipe=C.ToyAIT(px=16, faces=2))
     data = C.load_iemocap_splits(tmp_path, num_mel_bins=8)
     assert data["classes"] == ["Angry", "Happy", "Neutral", "Sad"] and data["layout"] == "split lists"
     assert [len(data[s]) for s in ("train", "dev", "test")] == [8, 4, 4]
     assert [data["classes"][u.label] for u in data["train"][:4]] == C.TOY_AIT_CLASSES
     assert all(u.image.endswith("frame_00002.jpg") and not u.tokens for u in data["test"])
     again = tmp_path / "again"
-    C.make_toy_ait(again, seed=3, n_train=8, n_dev=4, n_test=4, frames=16, mel_bins=8, px=16, faces=2)
+    C.make_toy_ait(again, seed=3, n_train=8, n_dev=4, n_test=4, frames=16, mel_bins=8, recipe=C.ToyAIT(px=16, faces=2))
     assert (again / "my_train_iemo.txt").read_bytes() == (tmp_path / "my_train_iemo.txt").read_bytes()
     u = data["train"][5]
     assert np.array_equal(np.load(u.audio), np.load(again / "audio" / "train_fbank" / f"{u.id}.npy"))

@@ -250,8 +250,8 @@ def test_a_hub_tokenizer_not_cached_fails_at_once_offline(monkeypatch):
 
 
 def test_toy_it_is_deterministic_and_text_names_the_pair(tmp_path):
-    a, b = C.make_toy_it(tmp_path / "a", seed=3, n_train=12, n_dev=6, n_test=6, px=16), \
-        C.make_toy_it(tmp_path / "b", seed=3, n_train=12, n_dev=6, n_test=6, px=16)
+    a, b = C.make_toy_it(tmp_path / "a", seed=3, n_train=12, n_dev=6, n_test=6, recipe=C.ToyIT(px=16)), \
+        C.make_toy_it(tmp_path / "b", seed=3, n_train=12, n_dev=6, n_test=6, recipe=C.ToyIT(px=16))
     assert (a / "train.jsonl").read_text() == (b / "train.jsonl").read_text()
     assert (a / "images/test/test0001.jpg").read_bytes() == (b / "images/test/test0001.jpg").read_bytes()
     data = C.load_it_splits("toy", a)

@@ -159,7 +159,7 @@ def hf_models(tmp_path_factory):
 
 def test_hf_encoders_by_path_projected_to_one_width(hf_models):
     models = {"image": str(hf_models / "vit"), "text": str(hf_models / "bert")}
-    image, text = C.build_it_encoders("hf", models=models, pool="mean", image_size=16)
+    image, text = C.hf_encoders(models=models, pool="mean", image_size=16)
     assert image.dim == text.dim == 32 and isinstance(image.proj, torch.nn.Identity)
     assert isinstance(text.proj, torch.nn.Linear) and text.proj.in_features == 24
     image.eval(), text.eval()
@@ -170,6 +170,6 @@ def test_hf_encoders_by_path_projected_to_one_width(hf_models):
         junk[1, 0, 3:] = 40
         assert torch.allclose(text(x), text(junk), atol=1e-5)      # padding is left out of the mean
     with pytest.raises(C.DataError, match=r"vit: the model takes 16 x 16 images; pass --image_size 16"):
-        C.build_it_encoders("hf", models=models, image_size=32)
+        C.hf_encoders(models=models, image_size=32)
     with pytest.raises(C.DataError, match="--encoder hf needs --text_model"):
-        C.build_it_encoders("hf", models={"image": models["image"]}, image_size=16)
+        C.hf_encoders(models={"image": models["image"]}, image_size=16)

@@ -52,7 +52,7 @@ def test_plain_lines_wait_for_the_interval(monkeypatch, capsys):
 
 
 def test_a_sweep_warns_of_random_m3ae_weights_once(tmp_path, capsys):
-    C.make_toy_it(tmp_path / "data", seed=0, n_train=12, n_dev=6, n_test=6, px=16)
+    C.make_toy_it(tmp_path / "data", seed=0, n_train=12, n_dev=6, n_test=6, recipe=C.ToyIT(px=16))
     tiny = ["--image_size", "16", "--patch_size", "8", "--max_len", "10", "--m3ae_dim", "16", "--m3ae_depth", "1",
             "--m3ae_heads", "2", "--batch_size", "16", "--epochs", "1"]
     argv = ["--data_root", str(tmp_path / "data"), "--out_dir", str(tmp_path / "runs"), *tiny, "--method", "sum"]

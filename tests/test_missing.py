@@ -232,7 +232,7 @@ def test_dcca_loss_is_minus_sum_of_canonical_correlations():
 @pytest.fixture(scope="module")
 def toy_features(tmp_path_factory):
     path = C.make_toy_features(tmp_path_factory.mktemp("feat") / "features.npz", n_train=800, n_val=0, n_test=300,
-                               dims=(12, 14, 16), noise=0.2)
+                               dims=(12, 14, 16), recipe=C.ToyFeatures(noise=0.2))
     d = C.load_features_npz(path)
     return [torch.tensor(x) for x in d["train"][0]], torch.tensor(d["train"][1]), \
         [torch.tensor(x) for x in d["test"][0]]

@@ -18,7 +18,7 @@ TINY_AIT = ["--image_size", "16", "--patch_size", "8", "--max_len", "10", "--m3a
 @pytest.fixture(scope="module")
 def ait_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("toy_ait")
-    C.make_toy_ait(root, seed=0, n_train=36, n_dev=12, n_test=12, frames=16, mel_bins=8, px=16, faces=2)
+    C.make_toy_ait(root, seed=0, n_train=36, n_dev=12, n_test=12, frames=16, mel_bins=8, recipe=C.ToyAIT(px=16, faces=2))
     return root
 
 

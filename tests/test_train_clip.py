@@ -20,9 +20,9 @@ def saved(tmp_path_factory):
     """A tiny toy image-text set and a tiny CLIP (model, image processor, the toy's tokenizer) written by
     save_pretrained; returns (data root, CLIP folder, the in-memory bundle)."""
     root = tmp_path_factory.mktemp("clip")
-    C.make_toy_it(root / "data", seed=0, n_train=36, n_dev=12, n_test=12, px=16)
-    clip = C.toy_clip(C.load_tokenizer(root / "data" / "tokenizer"), image_size=16, patch_size=8, width=16,
-                      layers=1, heads=2, max_len=12, seed=3)
+    C.make_toy_it(root / "data", seed=0, n_train=36, n_dev=12, n_test=12, recipe=C.ToyIT(px=16))
+    clip = C.toy_clip(C.load_tokenizer(root / "data" / "tokenizer"), image_size=16, patch_size=8, sizes=(16, 1, 2),
+                      max_len=12, seed=3)
     for part in (clip.model, clip.processor, clip.tokenizer):
         part.save_pretrained(root / "clip")
     return root / "data", root / "clip", clip
@@ -219,7 +219,7 @@ def test_toy_default_builds_and_pretrains_its_clip_in_memory(tmp_path, capsys):
 def test_toy_clip_pretraining_aligns_the_pairs(saved):
     root, _, _ = saved
     pairs = C.load_it_splits("toy", root)["train"]
-    clip = C.toy_clip(C.load_tokenizer(root / "tokenizer"), image_size=16, patch_size=8, width=16, layers=1, heads=2,
+    clip = C.toy_clip(C.load_tokenizer(root / "tokenizer"), image_size=16, patch_size=8, sizes=(16, 1, 2),
                       max_len=12, seed=3)
     batch = next(iter(torch.utils.data.DataLoader(C.CLIPInputs(pairs, clip), batch_size=36)))
 

@@ -16,7 +16,7 @@ TINY_IT = ["--image_size", "16", "--patch_size", "8", "--max_len", "10", "--m3ae
 @pytest.fixture(scope="module")
 def it_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("toy_it")
-    C.make_toy_it(root, seed=0, n_train=36, n_dev=12, n_test=12, px=16)
+    C.make_toy_it(root, seed=0, n_train=36, n_dev=12, n_test=12, recipe=C.ToyIT(px=16))
     return root
 
 

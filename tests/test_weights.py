@@ -35,7 +35,7 @@ def test_convert_m3ae_reproduces_the_jax_encoder(converted, capsys):
     assert torch.load(converted, weights_only=True)["image_embedding.weight"].shape == (32, 16 * 16 * 3)
 
     expected = np.load(FIXTURES / "m3ae_tiny_expected.npz")
-    image, text = C.build_it_encoders("m3ae", vocab_size=100, m3ae=SIZES, m3ae_ckpt=converted)
+    image, text = C.m3ae_encoders(vocab_size=100, m3ae=SIZES, ckpt=converted)
     states = {}
     for e in (image, text):
         e.eval().encoder.register_forward_hook(lambda m, i, o, k=e.modality: states.__setitem__(k, o.numpy()))
@@ -103,12 +103,12 @@ def test_wrongly_keyed_m3ae_checkpoints_are_one_line_errors_unless_partial(tmp_p
         C.convert_m3ae(FIXTURES / "m3ae_tiny.pkl", converted)
     for path, text in wrong_checkpoints(tmp_path, converted).items():
         with pytest.raises(C.DataError) as e:
-            C.build_it_encoders("m3ae", vocab_size=100, m3ae=SIZES, m3ae_ckpt=path)
+            C.m3ae_encoders(vocab_size=100, m3ae=SIZES, ckpt=path)
         msg = str(e.value)
         assert msg.startswith(f"{path}: {text}") and "\n" not in msg
         assert msg.endswith("or pass --partial_ckpt to leave the missing ones at their random init")
         capsys.readouterr()
-        image, text_encoder = C.build_it_encoders("m3ae", vocab_size=100, m3ae=SIZES, m3ae_ckpt=path, partial=True)
+        image, text_encoder = C.m3ae_encoders(vocab_size=100, m3ae=SIZES, ckpt=path, partial=True)
         n = 18 if path.name == "shallow.pt" else 0                 # the shallow model's 18 image tensors load
         assert f"M3AE image encoder <- {path}: {n} tensors loaded; missing keys: " in capsys.readouterr().out
 

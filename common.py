@@ -3582,15 +3582,13 @@ def load_av_splits(dataset, root, split_seed=0, actor_split=False, files=AVFiles
 
 @dataclass(frozen=True)
 class ToyAV:
-    """How the toy A-V set is made (what its script does not set): audio at `rate` Hz for `seconds`, with an in-pair
-    cue that agrees with the label with probability `cue`; px x px frames showing `class_blobs` blobs in the class's
-    colour among `clutter_blobs` random ones."""
-    rate: int = 8000
-    seconds: float = 0.7
-    px: int = 40
+    """How the toy A-V set is made (what its script does not set)."""
+    rate: int = 8000             # audio: samples a second,
+    seconds: float = 0.7         # a clip's length,
+    cue: float = 0.85            # the probability that its in-pair cue agrees with the label
+    px: int = 40                 # frames: px x px, showing class_blobs blobs in the class's colour
     class_blobs: int = 4
-    clutter_blobs: int = 4
-    cue: float = 0.85
+    clutter_blobs: int = 4       # among clutter_blobs random ones
 
 
 def make_toy_av(root, seed=0, n_train=600, n_test=240, frames=3, recipe=ToyAV()):
@@ -4301,14 +4299,12 @@ TOY_IT_CLASSES = ["apple_pie", "baklava", "caesar_salad", "greek_salad", "miso_s
 
 @dataclass(frozen=True)
 class ToyIT:
-    """How the toy image-text set is made (what its scripts do not set): px x px images showing `class_blobs` blobs in
-    the class's colour among `clutter_blobs` random ones; captions with a cue word that agrees with the label with
-    probability `cue`, among `fillers` random filler words."""
-    px: int = 32
-    cue: float = 0.8
+    """How the toy image-text set is made (what its scripts do not set)."""
+    px: int = 32                 # images: px x px, showing class_blobs blobs in the class's colour
     class_blobs: int = 4
-    clutter_blobs: int = 4
-    fillers: int = 3
+    clutter_blobs: int = 4       # among clutter_blobs random ones
+    cue: float = 0.8             # captions: the probability that the cue word agrees with the label,
+    fillers: int = 3             # among fillers random filler words
 
 
 def make_toy_it(root, seed=0, n_train=600, n_dev=120, n_test=240, recipe=ToyIT()):
@@ -4549,16 +4545,14 @@ CAVMAE_FBANK_MEAN, CAVMAE_FBANK_STD = -5.081, 4.4849      # the fbank statistics
 
 @dataclass(frozen=True)
 class ToyAIT:
-    """How the toy A-I-T set is made (what its script does not set): `faces` px x px face images an utterance; the
-    probabilities that each modality shows its class (text_cue, audio_cue, image_cue: see make_toy_ait); blobs as
-    in ToyIT."""
-    px: int = 32
-    faces: int = 3
-    text_cue: float = 0.55
+    """How the toy A-I-T set is made (what its script does not set)."""
+    text_cue: float = 0.55       # the probability that each modality shows its class (see make_toy_ait)
     audio_cue: float = 0.55
     image_cue: float = 0.5
+    faces: int = 3               # face images an utterance, px x px, with class_blobs blobs in the class's colour
+    px: int = 32
     class_blobs: int = 4
-    clutter_blobs: int = 3
+    clutter_blobs: int = 3       # among clutter_blobs random ones
 
 
 def make_toy_ait(root, seed=0, n_train=1000, n_dev=200, n_test=400, frames=64, mel_bins=32, recipe=ToyAIT()):
@@ -4840,13 +4834,12 @@ class FeatureNorm(nn.Module):
 
 @dataclass(frozen=True)
 class ToyFeatures:
-    """How the toy features are made (what train_missing.py does not set; see make_toy_features): the classes, the
-    latent's dimensions, each view's gain, the class centres' spread and each view's noise."""
+    """How the toy features are made (what train_missing.py does not set; see make_toy_features)."""
     num_classes: int = 4
-    latent: int = 8
-    gains: tuple = (0.8, 0.3, 1.0)
-    separation: float = 0.8
-    noise: float = 0.5
+    latent: int = 8                   # the dimensions of the latent the views share
+    gains: tuple = (0.8, 0.3, 1.0)    # each view's share of it (audio, visual, text)
+    separation: float = 0.8           # the spread of the class centres
+    noise: float = 0.5                # each view's own noise
 
 
 def make_toy_features(path, seed=0, n_train=1000, n_val=200, n_test=400, dims=(32, 48, 64), recipe=ToyFeatures()):

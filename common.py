@@ -5114,7 +5114,8 @@ class GradNorms:
     An optimizer step pre-hook adds the norms on the device (torch._foreach_norm); read() gives {"grad_norm":
     {modality: mean}} once per epoch and starts over. Register it after distribute (start_run does): hooks run in
     their order, so under torchrun the norms are those of the job's averaged gradients. cca, ae, cra and cpm_net
-    have no encoder per modality (one network over every view, or none): read() gives {}."""
+    have no encoder per modality (one network over every view, or none), train_clip's heads on cached features
+    no encoder weights: read() gives {}."""
 
     def __init__(self, method, optimizer):
         encoders = dict(method.named_children()).get("encoders", [])      # the child init_heads leaves alone
@@ -5129,7 +5130,7 @@ class GradNorms:
                 self.means.add("grad_norm", torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))), m)
 
     def read(self):
-        return self.means.read() if self.params else {}
+        return self.means.read() if any(self.params) else {}
 
 
 def train_one_epoch(method, loader, optimizer, epoch, device, amp=False, run=None, check_every=None):
@@ -6162,9 +6163,32 @@ def report(runs_dir, paper=False, fmt="md"):
     return "\n".join(out)
 
 
+PLAIN_KEYS = ("epoch", "lr", "train_loss", "val", "test")        # an epoch entry's keys that are no diagnostic
+
+
+def diagnostic_lines(recs, key):
+    """{line label: per epoch the mean over the records (seeds), NaN where none has a value} of one diagnostic of
+    the epoch entries: a line per modality of {modality: value}, per item of a list (G-Blending's weights: the
+    modalities, then fused), or one line of a number."""
+    names = list(recs[0]["modalities"])
+    lines = {}
+    for r in recs:
+        for i, e in enumerate(r["epochs"]):
+            v = e.get(key)
+            if isinstance(v, list):
+                v = dict(zip(names + ["fused"] if len(v) == len(names) + 1 else map(str, range(len(v))), v))
+            for label, x in (v if isinstance(v, dict) else {key: v}).items():
+                if isinstance(x, (int, float)):
+                    lines.setdefault(label, {}).setdefault(i, []).append(x)
+    n = min(len(r["epochs"]) for r in recs)
+    return {label: [sum(by[i]) / len(by[i]) if by.get(i) else math.nan for i in range(n)]
+            for label, by in lines.items()}
+
+
 def plot_curves(runs_dir, out):
     """Per method, validation accuracy of each modality and of the fused prediction over epochs
-    (mean over seeds; the test curve for runs without a validation split). Needs matplotlib."""
+    (mean over seeds; the test curve for runs without a validation split) and, beside it on the method's row, a
+    panel per diagnostic of its epochs (diagnostic_lines: a line per modality). Needs matplotlib."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -6179,15 +6203,34 @@ def plot_curves(runs_dir, out):
         part = "".join(f" {k} {r['args'][k]}" for k in ("missing_rate", "fold") if k in r["args"]
                        and (k != "fold" or r["dataset"] == "mmin"))
         panels.setdefault((r["script"], r["dataset"] + part, r["method"]), []).append(r)
-    ncols = min(3, len(panels))
-    nrows = math.ceil(len(panels) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.2 * nrows), squeeze=False)
     def paper_order(item):
         (script, dataset, method), _ = item
         order = methods_of(TABLE_SCRIPT[SCRIPT_TABLE.get(script, 5)])
         return script, dataset, order.index(method) if method in order else 99, method
 
-    for ax, ((script, dataset, method), recs) in zip(axes.flat, sorted(panels.items(), key=paper_order)):
+    groups = sorted(panels.items(), key=paper_order)
+    keys = [[None] + list(dict.fromkeys(k for r in recs for e in r["epochs"] for k in e if k not in PLAIN_KEYS))
+            for _, recs in groups]                  # None: the accuracy panel, then the diagnostics
+    wide = max(map(len, keys))
+    if wide == 1:                                   # accuracies alone: three methods a row
+        ncols, size = min(3, len(groups)), (4.2, 3.2)
+        slots = [(i, g, None) for i, g in enumerate(groups)]
+    else:                                           # a row per method: its accuracies, then its diagnostics
+        ncols, size = wide, (3.6, 2.7)
+        slots = [(i * wide + j, g, k) for i, (g, ks) in enumerate(zip(groups, keys)) for j, k in enumerate(ks)]
+    nrows = math.ceil(len(groups) / ncols) if wide == 1 else len(groups)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size[0] * ncols, size[1] * nrows), squeeze=False)
+    for pos, ((script, dataset, method), recs), key in slots:
+        ax = axes.flat[pos]
+        if key is not None:
+            for label, mean in diagnostic_lines(recs, key).items():
+                ax.plot(range(1, len(mean) + 1), mean, label=label, lw=1.4, marker="o" if len(mean) == 1 else None)
+            ax.set_title(f"{key} · {method}", fontsize=9)
+            ax.set_xlabel("epoch")
+            ax.grid(alpha=0.3)
+            if ax.lines:                            # none: no epoch had a value (e.g. outside the active epochs)
+                ax.legend(fontsize=7)
+            continue
         split = "val" if recs[0]["epochs"][0].get("val") else "test"
         for name in list(recs[0]["modalities"]) + ["multi"]:
             curves = [[math.nan if e[split][name] is None else e[split][name]     # None: view absent, a gap
@@ -6203,8 +6246,9 @@ def plot_curves(runs_dir, out):
         ax.set_ylim(0, 100)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    for ax in list(axes.flat)[len(panels):]:
-        ax.axis("off")
+    for pos, ax in enumerate(axes.flat):
+        if pos not in {slot[0] for slot in slots}:
+            ax.axis("off")
     fig.tight_layout()
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
@@ -6257,7 +6301,8 @@ def _cli(argv=None):
     r.add_argument("runs_dir")
     r.add_argument("--paper", action="store_true", help="add the paper's value and our difference per cell")
     r.add_argument("--format", default="md", choices=["md", "csv"])
-    q = sub.add_parser("plot", help="per-modality and fused accuracy over epochs, one panel per method")
+    q = sub.add_parser("plot", help="per-modality and fused accuracy over epochs, one panel per method, and a "
+                                    "panel per diagnostic (one line per modality) beside it")
     q.add_argument("runs_dir")
     q.add_argument("--out", default="curves.png")
     v = sub.add_parser("prepare", help="videos -> <out>/AudioWAV/<clip>.wav and <out>/Image-01-FPS/<clip>/ "

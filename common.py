@@ -1032,8 +1032,7 @@ class PMR(Concat):
     + alpha sum_m weak_m PCE_m - mu sum_m dominant_m H_m, H_m the prototype softmax's entropy summed over the batch
     (as GeWu-Lab/BalanceBenchmark 01458a1's PMR_PER), for the epochs up to `entropy_ends`; both terms for the epochs
     up to `ends` (plain concat after, as the authors' --modulation_ends). val_prototypes: the class means of the
-    whole validation split instead (the authors' AVE runs). Diagnostics: the mean ratio rho_m, the coefficient of
-    the prototype CE (weak) and that of the entropy (dominant) of the steps that applied them."""
+    whole validation split instead (the authors' AVE runs). Diagnostics: the mean rho_m, weak_m and dominant_m."""
 
     def __init__(self, encoders, num_classes, modalities, alpha=1.0, mu=0.01, entropy_ends=10, momentum=0.0,
                  binary=False, ends=70, val_prototypes=False):
@@ -6224,7 +6223,7 @@ def plot_curves(runs_dir, out):
         ax = axes.flat[pos]
         if key is not None:
             for label, mean in diagnostic_lines(recs, key).items():
-                ax.plot(range(1, len(mean) + 1), mean, label=label, lw=1.4, marker="o" if len(mean) == 1 else None)
+                ax.plot(range(1, len(mean) + 1), mean, label=label, lw=1.4, marker="o", ms=3)   # a lone value shows
             ax.set_title(f"{key} · {method}", fontsize=9)
             ax.set_xlabel("epoch")
             ax.grid(alpha=0.3)
@@ -6247,6 +6246,7 @@ def plot_curves(runs_dir, out):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     for pos, ax in enumerate(axes.flat):
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))       # whole epochs
         if pos not in {slot[0] for slot in slots}:
             ax.axis("off")
     fig.tight_layout()

@@ -73,7 +73,7 @@ def script_run(name, out, request, *extra):
     """The record of a toy run of one script into `out`, with a method whose diagnostics it shows."""
     if name == "it":
         root = request.getfixturevalue("it_root")
-        main, argv = train_it.main, ["--data_root", str(root), *TINY_IT, "--method", "pmr", "--epochs", "2"]
+        main, argv = train_it.main, ["--data_root", str(root), *TINY_IT, "--method", "pmr"]
     elif name == "ait":
         root = request.getfixturevalue("ait_root")
         main, argv = train_ait.main, ["--data_root", str(root), *TINY_AIT, "--method", "qmf"]

@@ -201,7 +201,7 @@ class Method(nn.Module):
         """DCCA's projections and classifier fitted on the training split."""
 
     def epoch_log(self):
-        """G-Blending's weights (MLA: its P's trace)."""
+        """G-Blending's weights (MLA: its P's trace); the balancing methods' diagnostics (EpochMeans.read)."""
         return {}
 
     def predict(self, xs, mask=None):
@@ -222,6 +222,39 @@ def optimizer_step(optimizer, loss):
     loss.backward()
     optimizer.step()
     return loss.detach()
+
+
+class EpochMeans:
+    """Diagnostics of an epoch: per quantity and modality, the mean over the training steps of what each step adds
+    (add: summed where the values are, on the device, nothing read back); read() gives {quantity: {modality: mean,
+    None where no step added one (e.g. outside a method's active epochs)}} once per epoch and starts over. A plain
+    attribute, not a buffer: checkpoints keep their keys; only train_step adds (evaluation adds nothing)."""
+
+    def __init__(self, modalities, names):
+        self.modalities, self.names, self.sums = list(modalities), list(names), {}
+
+    def add(self, name, values, m=None):
+        """A step's values of every modality (a tensor or floats, one each), or with m, modality m's alone."""
+        v = torch.as_tensor(values, dtype=torch.float64).detach()
+        if name not in self.sums:
+            self.sums[name] = (torch.zeros(len(self.modalities), dtype=torch.float64, device=v.device),
+                               [0] * len(self.modalities))
+        total, counts = self.sums[name]
+        if m is None:
+            total += v
+            counts[:] = [c + 1 for c in counts]
+        else:
+            total[m] += v
+            counts[m] += 1
+
+    def read(self):
+        out = {}
+        for name in self.names:
+            total, counts = self.sums.get(name, (None, [0] * len(self.modalities)))
+            means = [t / c if c else None for t, c in zip(counts if total is None else total.tolist(), counts)]
+            out[name] = {mod: None if v is None else round(v, 6) for mod, v in zip(self.modalities, means)}
+        self.sums = {}
+        return out
 
 
 # torchrun: one process per GPU (or CPU process), the global batch split evenly over them
@@ -597,13 +630,18 @@ class BiGated(Fusion):
         return self.head(torch.cat([g * v for m, v in enumerate(u) if m != self.condition], 1))
 
 
+def ogm_ratio(scores):
+    """OGM's score ratio rho_m = s_m / (sum of the other modalities' scores), float64 on the CPU."""
+    s = torch.as_tensor(scores, dtype=torch.float64)
+    return s / (s.sum() - s).clamp_min(1e-12)
+
+
 def ogm_coefficients(scores, alpha):
-    """OGM-GE modulation coefficients. rho_m = s_m / (sum of the other modalities' scores); the
+    """OGM-GE modulation coefficients. rho_m = ogm_ratio(scores); the
     modality with rho_m > 1 (the dominant one) gets 1 - tanh(alpha * rho_m), the others 1.
     With two modalities this is rho_a = s_a / s_v as in the OGM-GE paper."""
-    s = torch.as_tensor(scores, dtype=torch.float64)
-    rho = s / (s.sum() - s).clamp_min(1e-12)
-    coeff = torch.ones_like(s)
+    rho = ogm_ratio(scores)
+    coeff = torch.ones_like(rho)
     dom = rho > 1
     coeff[dom] = 1 - torch.tanh(alpha * rho[dom])
     return coeff.tolist()
@@ -612,13 +650,14 @@ def ogm_coefficients(scores, alpha):
 class OGM(Concat):
     """Concat fusion with on-the-fly gradient modulation (OGM); with ge=True, OGM-GE adds Gaussian
     noise N(0, std(grad)) to every encoder gradient. Active for epochs starts..ends inclusive
-    (schedule() tells it the epoch)."""
+    (schedule() tells it the epoch). Diagnostics: the mean coefficient and score ratio of its modulated steps."""
 
     def __init__(self, encoders, num_classes, modalities, alpha=0.3, starts=0, ends=50, ge=False):
         super().__init__(encoders, num_classes, modalities)
         self.alpha, self.starts, self.ends, self.ge = alpha, starts, ends, ge
         self.active = starts <= 0 <= ends
         self.last_coeffs = None
+        self.diagnostics = EpochMeans(modalities, ["ogm_coeff", "ogm_ratio"])
 
     def schedule(self, epoch, step, steps):
         self.active = self.starts <= epoch <= self.ends
@@ -635,8 +674,13 @@ class OGM(Concat):
                 scores = all_sum(torch.stack([u.softmax(1).gather(1, y[:, None]).sum() for u in unis])).tolist()
             mean_grads(self.parameters())       # torchrun: the job's gradients (the GE noise's std is theirs)
             self.modulate(ogm_coefficients(scores, self.alpha))
+            self.diagnostics.add("ogm_coeff", self.last_coeffs)        # host floats already: no read-back
+            self.diagnostics.add("ogm_ratio", ogm_ratio(scores))
         optimizer.step()
         return loss.detach()
+
+    def epoch_log(self):
+        return self.diagnostics.read()
 
     @torch.no_grad()
     def modulate(self, coeffs):
@@ -656,12 +700,13 @@ class QMF(LateFusion):
     """Quality-aware multimodal fusion on late-fusion heads. Confidence c_m = logsumexp(logits_m)/T,
     detached in the fusion; loss = CE(fused) + sum CE(logits_m) + lambda * sum rank_m, where rank_m
     asks a sample whose cumulative training loss (its history, by sample index) is higher to have lower
-    confidence."""
+    confidence. Diagnostics: each modality's mean confidence over the training batches."""
 
     def __init__(self, encoders, num_classes, modalities, num_train, temperature=10.0, lam=0.1, rank="paper"):
         super().__init__(encoders, num_classes, modalities)
         self.temperature, self.lam, self.margin_sign = temperature, lam, {"paper": 1.0, "code": -1.0}[rank]
         self.register_buffer("history", torch.zeros(len(encoders), num_train, dtype=torch.float64))
+        self.diagnostics = EpochMeans(modalities, ["qmf_conf"])
 
     def confidence(self, logits):
         return torch.logsumexp(logits, dim=1) / self.temperature
@@ -697,11 +742,15 @@ class QMF(LateFusion):
             if mask is not None and not rows.any():
                 continue
             u, ym, im = u[rows], y[rows], idx[rows]
-            per_sample = F.cross_entropy(u, ym, reduction="none")
-            loss = loss + per_sample.mean() + self.lam * self.rank_loss(self.confidence(u), im, m)
+            per_sample, conf = F.cross_entropy(u, ym, reduction="none"), self.confidence(u)
+            loss = loss + per_sample.mean() + self.lam * self.rank_loss(conf, im, m)
             if self.training:
                 self.history[m].index_add_(0, im, per_sample.detach().to(self.history.dtype))
+                self.diagnostics.add("qmf_conf", conf.detach().mean(), m)
         return loss
+
+    def epoch_log(self):
+        return self.diagnostics.read()
 
 
 def agm_coefficients(scores, running, alpha, cap=10.0):
@@ -734,7 +783,8 @@ class AGM(Concat):
     over the run; the gap capped at 10 with two modalities, 7 with more, as the authors' CREMA-D and
     three-modality URFunny scripts), then clipped to norm 1 when a head gradient exceeds 1 (5 and 5 with three
     or more modalities). The coefficients change in the first `epochs` epochs; after, as the authors' hooks,
-    the last ones stay applied (and the clip); unimodal predictions are the phi_m."""
+    the last ones stay applied (and the clip); unimodal predictions are the phi_m. Diagnostics: the mean coefficient
+    applied and the mean score s_m of the steps that computed one."""
 
     def __init__(self, encoders, num_classes, modalities, alpha=1.0, epochs=20, cap=None):
         super().__init__(encoders, num_classes, modalities)
@@ -743,6 +793,7 @@ class AGM(Concat):
         self.register_buffer("running", torch.zeros(len(encoders), dtype=torch.float64))
         self.register_buffer("steps", torch.zeros((), dtype=torch.float64))
         self.register_buffer("coeffs", torch.ones(len(encoders), dtype=torch.float64))    # the last ones, held
+        self.diagnostics = EpochMeans(modalities, ["agm_coeff", "agm_score"])
 
     def schedule(self, epoch, step, steps):
         self.active = epoch < self.epochs
@@ -767,6 +818,8 @@ class AGM(Concat):
                 self.coeffs.copy_(agm_coefficients(s, self.running, self.alpha, self.cap))
                 self.steps += 1
                 self.running.mul_((self.steps - 1) / self.steps).add_(s / self.steps)
+            self.diagnostics.add("agm_score", s)
+        self.diagnostics.add("agm_coeff", self.coeffs)
         loss = F.cross_entropy(sum(ScaleGrad.apply(p, self.coeffs[m].to(p.dtype)) for m, p in enumerate(phis)), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -777,6 +830,9 @@ class AGM(Concat):
         nn.utils.clip_grads_with_norm_(self.parameters(), limit, norm)
         optimizer.step()
         return loss.detach()
+
+    def epoch_log(self):
+        return self.diagnostics.read()
 
     @torch.no_grad()
     def predict(self, xs, mask=None):
@@ -800,18 +856,25 @@ class MMCosine(Sum):
 
 def pareto_weight(g, u):
     """MMPareto's weight c of the multimodal gradient g (1 - c goes to the unimodal u; flat tensors): 1/2 when
-    they agree (cosine > 0), else the min-norm point of the two (MinNormSolver._min_norm_element_from2)."""
+    they agree (cosine > 0), else the min-norm point of the two (MinNormSolver._min_norm_element_from2).
+    Returns (c, the cosine)."""
     v11, v12, v22 = g @ g, g @ u, u @ u
     c = ((v22 - v12) / (v11 + v22 - 2 * v12).clamp_min(1e-20)).clamp(0, 1)
     c = torch.where(v12 >= v11, 0.999, torch.where(v12 >= v22, 0.001, c))
-    return torch.where(F.cosine_similarity(g, u, dim=0) > 0, 0.5, c)
+    cos = F.cosine_similarity(g, u, dim=0)
+    return torch.where(cos > 0, 0.5, c), cos
 
 
-def pareto_grads(gs, us, gamma=1.5):
+def flat_cat(tensors):
+    """The tensors flattened into one."""
+    return torch.cat([t.flatten() for t in tensors])
+
+
+def pareto_grads(gs, us, gamma=1.5, c=None):
     """One encoder's gradients from its per-tensor multimodal (gs) and unimodal (us) ones, as MMPareto's code:
-    c from the whole encoder, then per tensor n = 2c g + 2(1 - c) u, scaled up to the norm of g + u when that
-    is larger, times gamma."""
-    c = pareto_weight(torch.cat([g.flatten() for g in gs]), torch.cat([u.flatten() for u in us]))
+    c from the whole encoder (pareto_weight, unless given), then per tensor n = 2c g + 2(1 - c) u, scaled up to
+    the norm of g + u when that is larger, times gamma."""
+    c = pareto_weight(flat_cat(gs), flat_cat(us))[0] if c is None else c
     out = []
     for g, u in zip(gs, us):
         n = 2 * c * g + 2 * (1 - c) * u
@@ -833,11 +896,13 @@ class ConcatHeads(Concat):
 class MMPareto(ConcatHeads):
     """MMPareto (Wei and Hu, ICML 2024; GeWu-Lab/MMPareto_ICML2024): loss = CE(fused) + sum_m CE(unimodal_m) on
     ConcatHeads. Encoder m's gradient is pareto_grads of its gradients from the fused loss and from its own
-    (gamma 1.5, the authors'); the heads keep theirs."""
+    (gamma 1.5, the authors'); the heads keep theirs. Diagnostics: per encoder the mean weight c of its fused
+    gradient and the mean cosine of its fused and unimodal gradients."""
 
     def __init__(self, encoders, num_classes, modalities, gamma=1.5):
         super().__init__(encoders, num_classes, modalities)
         self.gamma = gamma
+        self.diagnostics = EpochMeans(modalities, ["mmpareto_weight", "mmpareto_cos"])
 
     def train_step(self, xs, y, optimizer, mask=None, idx=None):
         fused, unis = self.logits(self.encode(xs))
@@ -849,14 +914,20 @@ class MMPareto(ConcatHeads):
         optimizer.zero_grad(set_to_none=True)
         start = 0
         for m, ps in enumerate(params):
-            own = all_mean(grad(losses[1 + m], ps))
-            for p, g in zip(ps, pareto_grads(fused_grads[start:start + len(ps)], own, self.gamma)):
+            own, fused = all_mean(grad(losses[1 + m], ps)), fused_grads[start:start + len(ps)]
+            c, cos = pareto_weight(flat_cat(fused), flat_cat(own))
+            self.diagnostics.add("mmpareto_weight", c, m)
+            self.diagnostics.add("mmpareto_cos", cos, m)
+            for p, g in zip(ps, pareto_grads(fused, own, self.gamma, c)):
                 p.grad = g
             start += len(ps)
         total = sum(losses)
         total.backward(inputs=[*self.head.parameters(), *self.heads.parameters()])
         optimizer.step()
         return total.detach()
+
+    def epoch_log(self):
+        return self.diagnostics.read()
 
 
 def gb_weights(start, end, abs_gain=False, eps=1e-8):
@@ -961,7 +1032,7 @@ class PMR(Concat):
     + alpha sum_m weak_m PCE_m - mu sum_m dominant_m H_m, H_m the prototype softmax's entropy summed over the batch
     (as GeWu-Lab/BalanceBenchmark 01458a1's PMR_PER), for the epochs up to `entropy_ends`; both terms for the epochs
     up to `ends` (plain concat after, as the authors' --modulation_ends). val_prototypes: the class means of the
-    whole validation split instead (the authors' AVE runs)."""
+    whole validation split instead (the authors' AVE runs). Diagnostics: the mean rho_m, weak_m and dominant_m."""
 
     def __init__(self, encoders, num_classes, modalities, alpha=1.0, mu=0.01, entropy_ends=10, momentum=0.0,
                  binary=False, ends=70, val_prototypes=False):
@@ -969,6 +1040,7 @@ class PMR(Concat):
         self.alpha, self.mu, self.entropy_ends, self.momentum, self.epoch = alpha, mu, entropy_ends, momentum, 0
         self.binary, self.ends, self.val_prototypes = binary, ends, val_prototypes
         self.register_buffer("prototypes", torch.zeros(len(encoders), num_classes, self.dim))
+        self.diagnostics = EpochMeans(modalities, ["pmr_ratio", "pmr_coeff", "pmr_entropy_coeff"])
 
     def schedule(self, epoch, step, steps):
         self.epoch = epoch
@@ -1002,12 +1074,19 @@ class PMR(Concat):
         logits = [proto_logits(z, c) for z, c in zip(zs, self.prototypes)]
         with torch.no_grad():
             scores = all_sum(torch.stack([u.softmax(1).gather(1, y[:, None]).sum() for u in logits]))   # the job's
-            _, weak, dominant = pmr_coefficients(scores, self.binary)
+            rho, weak, dominant = pmr_coefficients(scores, self.binary)
+        self.diagnostics.add("pmr_ratio", rho)
+        self.diagnostics.add("pmr_coeff", weak)
+        if self.epoch <= self.entropy_ends:
+            self.diagnostics.add("pmr_entropy_coeff", dominant)
         for m, u in enumerate(logits):
             loss = loss + self.alpha * weak[m] * F.cross_entropy(u, y)
             if self.epoch <= self.entropy_ends:           # summed over the batch (the job's, under torchrun)
                 loss = loss - self.mu * world()[1] * dominant[m] * -(u.softmax(1) * u.log_softmax(1)).sum()
         return optimizer_step(optimizer, loss)
+
+    def epoch_log(self):
+        return self.diagnostics.read()
 
     @torch.no_grad()
     def predict(self, xs, mask=None):
@@ -5084,13 +5163,41 @@ def evaluate(method, loader, device, amp=False):
             for name, c, n in zip(method.modalities + ["multi"], correct, count)}
 
 
-def train_one_epoch(method, loader, optimizer, epoch, device, amp=False, checkpoint=None, check_every=None):
+class GradNorms:
+    """The loop's diagnostic of every method with an encoder per modality: per encoder, the mean over an epoch's
+    optimizer steps of the L2 norm of the gradient reaching it, as the step applies it (after a method's
+    modulation, clip or noise); a step where an encoder has none (MLA's step of another modality) does not count.
+    An optimizer step pre-hook adds the norms on the device (torch._foreach_norm); read() gives {"grad_norm":
+    {modality: mean}} once per epoch and starts over. Register it after distribute (start_run does): hooks run in
+    their order, so under torchrun the norms are those of the job's averaged gradients. cca, ae, cra and cpm_net
+    have no encoder per modality (one network over every view, or none), train_clip's heads on cached features
+    no encoder weights: read() gives {}."""
+
+    def __init__(self, method, optimizer):
+        encoders = dict(method.named_children()).get("encoders", [])      # the child init_heads leaves alone
+        self.params = [[p for p in f.parameters() if p.requires_grad] for f in encoders]
+        self.means = EpochMeans(method.modalities, ["grad_norm"])
+        self.hook = optimizer.register_step_pre_hook(self.add)
+
+    @torch.no_grad()
+    def add(self, optimizer, args, kwargs):
+        for m, params in enumerate(self.params):
+            if grads := [p.grad for p in params if p.grad is not None]:
+                self.means.add("grad_norm", torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))), m)
+
+    def read(self):
+        return self.means.read() if any(self.params) else {}
+
+
+def train_one_epoch(method, loader, optimizer, epoch, device, amp=False, run=None, check_every=None):
     """One pass over the loader; returns the mean batch loss. Each step: the method's schedule(epoch, step, steps),
     then its train_step with the batch's mask (masked data sets; else None) and sample indices. With amp, forward
-    passes run under bf16 autocast (bf16 needs no loss scaling). A
-    non-finite batch loss raises FloatingPointError naming its epoch and step and whether `checkpoint`
-    (the last.pt a --resume continues from) is there. Losses are read back every `check_every` steps
-    (default: every step on the CPU, every 25 on a GPU, where each read waits for the GPU)."""
+    passes run under bf16 autocast (bf16 needs no loss scaling). `run`: the script's run (start_run). A
+    non-finite batch loss raises FloatingPointError naming its epoch and step and whether the run's last.pt
+    (run.last, what a --resume continues from) is there. Losses are read back every `check_every` steps
+    (default: every step on the CPU, every 25 on a GPU, where each read waits for the GPU); with --tensorboard
+    the run's board gets them there (Board.step_loss)."""
+    checkpoint, board = (None, None) if run is None else (run.last, run.board)
     method.train()
     masked = getattr(loader.dataset, "masked", False)
     steps = len(loader)
@@ -5112,6 +5219,8 @@ def train_one_epoch(method, loader, optimizer, epoch, device, amp=False, checkpo
                 raise FloatingPointError(f"non-finite loss ({loss}) at epoch {epoch + 1}, step {step + 1} of "
                                          f"{steps}{kept}")
             total += loss
+            if board is not None:
+                board.step_loss(epoch, step, steps, loss)
         if unread:
             bar.set_loss(loss)
         unread.clear()
@@ -5301,7 +5410,7 @@ def resume_lr(optimizer, scheduler, old_lr, new_lr):
 
 # flags that change how a run executes, not what it computes (or which runs a sweep lists)
 RUN_ONLY_ARGS = {"resume", "device", "num_workers", "cpu_threads", "amp", "compile", "cache_dir", "out_dir",
-                 "seeds", "missing_rates"}
+                 "seeds", "missing_rates", "tensorboard", "tb_every"}
 
 
 EARLIER_BEHAVIOUR = {"feature_norm": "none", "hgm_alpha_scale": False, "hgm_forget": 1.0, "qmf_rank": "paper",
@@ -5347,7 +5456,8 @@ def other_settings(recorded, settings, free=()):
 @dataclass
 class Run:
     """A run writing into `folder`: its settings (vars(args)), the epoch log, the selected epoch so far (counted from
-    0, as the log) and its score, the next epoch to train, the clock; last.pt saves it after every epoch."""
+    0, as the log) and its score, the next epoch to train, the clock; last.pt saves it after every epoch. Its
+    gradient norms and --tensorboard board are start_run's."""
     folder: Path
     script: str
     settings: dict
@@ -5358,6 +5468,8 @@ class Run:
     elapsed: float = 0.0                        # seconds of the earlier sessions of a resumed run
     start: float = field(default_factory=time.time)
     tick: float = field(default_factory=time.time)
+    grad_norms: GradNorms | None = None         # the loop's diagnostic (start_run)
+    board: Board | None = None                  # --tensorboard's event files (start_run)
 
     @property
     def last(self):
@@ -5397,7 +5509,8 @@ def resume_run(run, method, optimizer, scheduler, train_loader):
 def start_run(folder, script, settings, method, optimizer, scheduler, loaders):
     """The state of a run writing into `folder` (made here): its settings (vars(args)), the epoch log, the
     selection so far, the clock; saved in last.pt after every epoch. With settings["resume"] the run
-    continues from folder/last.pt when there is one (resume_run)."""
+    continues from folder/last.pt when there is one (resume_run). Call it after distribute: it registers the
+    gradient norms' hook (GradNorms) and, with --tensorboard, opens the run's Board."""
     if settings["select_on"] == "val" and not loaders.get("val"):
         raise ValueError("--select_on val needs a validation split (--val_ratio > 0)")
     if settings["select_on"] == "test":
@@ -5410,17 +5523,21 @@ def start_run(folder, script, settings, method, optimizer, scheduler, loaders):
     elif run.last.is_file():
         print(f"note: {run.last} holds an unfinished run; it is started over (rerun with --resume to continue "
               "it instead)", flush=True)
+    run.grad_norms = GradNorms(method, optimizer)    # after distribute's hook: under torchrun the job's gradients
+    if settings.get("tensorboard") and world()[0] == 0:     # torchrun: the first process writes
+        run.board = Board(run.folder / "tb", run.next_epoch, len(loaders["train"]), settings["tb_every"])
     return run
 
 
 def log_epoch(run, epoch, loss, optimizer, val, test, method):
-    """Log the epoch (loss, lr, accuracies and what the method's epoch_log adds, e.g. MLA's hgm_p_trace = trace(P) /
-    dim, None without HGM) and print it; True when it is the selected epoch so far (call it before the scheduler
-    steps)."""
+    """Log the epoch (loss, lr, accuracies, what the method's epoch_log adds, e.g. MLA's hgm_p_trace = trace(P) /
+    dim, None without HGM, and the encoders' gradient norms) and print it; True when it is the selected epoch so
+    far (call it before the scheduler steps)."""
     select_on = run.settings["select_on"]
     entry = {"epoch": epoch, "lr": float(f"{optimizer.param_groups[0]['lr']:.6g}"), "train_loss": round(loss, 6)}
     entry["val"] = val
     entry.update(method.epoch_log())
+    entry.update(run.grad_norms.read() if run.grad_norms is not None else {})
     trace = f"  P trace {entry['hgm_p_trace']:.3f}" if entry.get("hgm_p_trace") is not None else ""
     if select_on == "test":
         entry["test"] = test
@@ -5434,6 +5551,60 @@ def log_epoch(run, epoch, loss, optimizer, val, test, method):
         run.best_score, run.best_epoch = score, epoch
         return True
     return False
+
+
+def summary_writer():
+    """torch's SummaryWriter: tensorboard is an optional dependency, imported only for --tensorboard; without it,
+    a one-line DataError says how to install it."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise DataError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+    return SummaryWriter
+
+
+def numbers(entry, prefix=""):
+    """(tag, value) of every number of an epoch entry, nested keys joined by '/' (val/audio, grad_norm/video,
+    gb_weights/2); None (no value) and the epoch itself (the step) left out."""
+    for k, v in entry.items():
+        if isinstance(v, (dict, list)):
+            yield from numbers(v if isinstance(v, dict) else dict(enumerate(v)), f"{prefix}{k}/")
+        elif isinstance(v, (int, float)) and not isinstance(v, bool) and f"{prefix}{k}" != "epoch":
+            yield f"{prefix}{k}", v
+
+
+class Board:
+    """--tensorboard: a run's event files under <run folder>/tb/ (torchrun: the first process's). epochs/: every
+    number of each epoch entry (numbers(): lr, train_loss, val/<modality>, test/<modality> when selected on test,
+    each diagnostic per modality) at step = the epoch as the console counts it; steps/: every `every`-th step's
+    loss at step epoch x steps + step (from 0). A run resumed at epoch k purges what a killed run wrote from k on
+    (purge_step), so each series goes on with no step twice."""
+
+    def __init__(self, folder, first_epoch, steps, every):
+        writer = summary_writer()
+        self.epochs = writer(Path(folder) / "epochs", purge_step=first_epoch + 1)
+        self.steps = writer(Path(folder) / "steps", purge_step=first_epoch * steps)
+        self.every = every
+
+    def step_loss(self, epoch, step, steps, loss):
+        if (epoch * steps + step) % self.every == 0:
+            self.steps.add_scalar("step_loss", loss, epoch * steps + step)
+
+    def epoch(self, entry):
+        for tag, value in numbers(entry):
+            self.epochs.add_scalar(tag, value, entry["epoch"] + 1)
+        self.epochs.flush()
+        self.steps.flush()                      # on disk with the epoch: a killed run keeps what it wrote
+
+    def close(self):
+        self.epochs.close()
+        self.steps.close()
+
+
+def board_epoch(run):
+    """--tensorboard: the run's last epoch entry into its event files; nothing without the flag."""
+    if run.board is not None:
+        run.board.epoch(run.log[-1])
 
 
 def save_best(run, method, epoch):
@@ -5491,6 +5662,8 @@ def write_record(run, method, test):
               "wall_time_s": round(run.elapsed + time.time() - run.start, 2), "version": code_version(),
               "first_epoch": 1}
     assert tuple(record) == RECORD_KEYS
+    if run.board is not None:
+        run.board.close()
     if world()[0] == 0:                         # torchrun: the first process writes
         atomic_json_dump(record, path)
         run.last.unlink(missing_ok=True)
@@ -5724,6 +5897,9 @@ def add_common_args(p, methods, defaults, modalities=None, condition=None):
     g.add_argument("--out_dir", default="runs")
     g.add_argument("--resume", action="store_true",
                    help="continue an interrupted run from <run folder>/last.pt (saved after every epoch)")
+    g.add_argument("--tensorboard", action="store_true", help="also write TensorBoard event files into <run "
+                   "folder>/tb/ (each epoch's numbers, every --tb_every-th step's loss; pip install tensorboard)")
+    g.add_argument("--tb_every", type=int, default=50, help="--tensorboard: the training loss of every N-th step")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g.add_argument("--sync_bn", dest="sync_bn", action="store_true", default=True,
                    help="under torchrun on CUDA: BatchNorm statistics over the whole batch (SyncBatchNorm; default); "
@@ -5796,6 +5972,10 @@ def finish_args(p, args, methods, defaults):
         p.error("--hgm_forget must be in (0, 1]")
     if not 0 <= args.val_ratio < 1:
         p.error("--val_ratio must be in [0, 1)")
+    if args.tb_every < 1:
+        p.error("--tb_every must be at least 1")
+    if args.tensorboard:
+        summary_writer()                        # without tensorboard: its one-line error before any training
     if hasattr(args, "gb_super_epoch"):               # the balancing methods' flags (train_av, train_it, train_ait)
         if min(args.gb_super_epoch, args.reconboost_stage_epochs or 1, 1 + (args.reconboost_correct_epochs or 0)) < 1:
             p.error("--gb_super_epoch and --reconboost_stage_epochs must be at least 1, --reconboost_correct_epochs 0")
@@ -6041,9 +6221,32 @@ def report(runs_dir, paper=False, fmt="md"):
     return "\n".join(out)
 
 
+PLAIN_KEYS = ("epoch", "lr", "train_loss", "val", "test")        # an epoch entry's keys that are no diagnostic
+
+
+def diagnostic_lines(recs, key):
+    """{line label: per epoch the mean over the records (seeds), NaN where none has a value} of one diagnostic of
+    the epoch entries: a line per modality of {modality: value}, per item of a list (G-Blending's weights: the
+    modalities, then fused), or one line of a number."""
+    names = list(recs[0]["modalities"])
+    lines = {}
+    for r in recs:
+        for i, e in enumerate(r["epochs"]):
+            v = e.get(key)
+            if isinstance(v, list):
+                v = dict(zip(names + ["fused"] if len(v) == len(names) + 1 else map(str, range(len(v))), v))
+            for label, x in (v if isinstance(v, dict) else {key: v}).items():
+                if isinstance(x, (int, float)):
+                    lines.setdefault(label, {}).setdefault(i, []).append(x)
+    n = min(len(r["epochs"]) for r in recs)
+    return {label: [sum(by[i]) / len(by[i]) if by.get(i) else math.nan for i in range(n)]
+            for label, by in lines.items()}
+
+
 def plot_curves(runs_dir, out):
     """Per method, validation accuracy of each modality and of the fused prediction over epochs
-    (mean over seeds; the test curve for runs without a validation split). Needs matplotlib."""
+    (mean over seeds; the test curve for runs without a validation split) and, beside it on the method's row, a
+    panel per diagnostic of its epochs (diagnostic_lines: a line per modality). Needs matplotlib."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -6058,15 +6261,34 @@ def plot_curves(runs_dir, out):
         part = "".join(f" {k} {r['args'][k]}" for k in ("missing_rate", "fold") if k in r["args"]
                        and (k != "fold" or r["dataset"] == "mmin"))
         panels.setdefault((r["script"], r["dataset"] + part, r["method"]), []).append(r)
-    ncols = min(3, len(panels))
-    nrows = math.ceil(len(panels) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.2 * nrows), squeeze=False)
     def paper_order(item):
         (script, dataset, method), _ = item
         order = methods_of(TABLE_SCRIPT[SCRIPT_TABLE.get(script, 5)])
         return script, dataset, order.index(method) if method in order else 99, method
 
-    for ax, ((script, dataset, method), recs) in zip(axes.flat, sorted(panels.items(), key=paper_order)):
+    groups = sorted(panels.items(), key=paper_order)
+    keys = [[None] + list(dict.fromkeys(k for r in recs for e in r["epochs"] for k in e if k not in PLAIN_KEYS))
+            for _, recs in groups]                  # None: the accuracy panel, then the diagnostics
+    wide = max(map(len, keys))
+    if wide == 1:                                   # accuracies alone: three methods a row
+        ncols, size = min(3, len(groups)), (4.2, 3.2)
+        slots = [(i, g, None) for i, g in enumerate(groups)]
+    else:                                           # a row per method: its accuracies, then its diagnostics
+        ncols, size = wide, (3.6, 2.7)
+        slots = [(i * wide + j, g, k) for i, (g, ks) in enumerate(zip(groups, keys)) for j, k in enumerate(ks)]
+    nrows = math.ceil(len(groups) / ncols) if wide == 1 else len(groups)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size[0] * ncols, size[1] * nrows), squeeze=False)
+    for pos, ((script, dataset, method), recs), key in slots:
+        ax = axes.flat[pos]
+        if key is not None:
+            for label, mean in diagnostic_lines(recs, key).items():
+                ax.plot(range(1, len(mean) + 1), mean, label=label, lw=1.4, marker="o", ms=3)   # a lone value shows
+            ax.set_title(f"{key} · {method}", fontsize=9)
+            ax.set_xlabel("epoch")
+            ax.grid(alpha=0.3)
+            if ax.lines:                            # none: no epoch had a value (e.g. outside the active epochs)
+                ax.legend(fontsize=7)
+            continue
         split = "val" if recs[0]["epochs"][0].get("val") else "test"
         for name in list(recs[0]["modalities"]) + ["multi"]:
             curves = [[math.nan if e[split][name] is None else e[split][name]     # None: view absent, a gap
@@ -6082,8 +6304,10 @@ def plot_curves(runs_dir, out):
         ax.set_ylim(0, 100)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    for ax in list(axes.flat)[len(panels):]:
-        ax.axis("off")
+    for pos, ax in enumerate(axes.flat):
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))       # whole epochs
+        if pos not in {slot[0] for slot in slots}:
+            ax.axis("off")
     fig.tight_layout()
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
@@ -6136,7 +6360,8 @@ def _cli(argv=None):
     r.add_argument("runs_dir")
     r.add_argument("--paper", action="store_true", help="add the paper's value and our difference per cell")
     r.add_argument("--format", default="md", choices=["md", "csv"])
-    q = sub.add_parser("plot", help="per-modality and fused accuracy over epochs, one panel per method")
+    q = sub.add_parser("plot", help="per-modality and fused accuracy over epochs, one panel per method, and a "
+                                    "panel per diagnostic (one line per modality) beside it")
     q.add_argument("runs_dir")
     q.add_argument("--out", default="curves.png")
     v = sub.add_parser("prepare", help="videos -> <out>/AudioWAV/<clip>.wav and <out>/Image-01-FPS/<clip>/ "

@@ -152,11 +152,12 @@ def train(args, root, device):
     for epoch in range(state.next_epoch, args.epochs):
         C.set_epoch(loaders["train"], epoch)          # torchrun: this epoch's order, before anything reads it
         method.start_epoch(epoch, args.epochs, loaders, optimizer, device, args.amp)   # G-Blending, PMR: their pass
-        loss = C.train_one_epoch(method, loaders["train"], optimizer, epoch, device, args.amp, state.last)
+        loss = C.train_one_epoch(method, loaders["train"], optimizer, epoch, device, args.amp, state)
         method.end_epoch(epoch, loaders, device, args.amp)
         val, test = C.evaluate_epoch(method, loaders, args.select_on, device, args.amp)
         if C.log_epoch(state, epoch, loss, optimizer, val, test, method):     # prints it; True: best so far
             C.save_best(state, method, epoch)
+        C.board_epoch(state)                          # --tensorboard: the epoch's numbers into <run>/tb/
         scheduler.step()
         C.save_checkpoint(state, method, optimizer, scheduler, loaders["train"])
 

@@ -160,11 +160,12 @@ def run(args):
     for epoch in range(state.next_epoch, args.epochs):
         C.set_epoch(loaders["train"], epoch)          # torchrun: this epoch's order, before anything reads it
         method.start_epoch(epoch, args.epochs, loaders, optimizer, device)
-        loss = C.train_one_epoch(method, loaders["train"], optimizer, epoch, device, checkpoint=state.last)
+        loss = C.train_one_epoch(method, loaders["train"], optimizer, epoch, device, run=state)
         method.end_epoch(epoch, loaders, device)
         val, test = C.evaluate_epoch(method, loaders, args.select_on, device)
         if C.log_epoch(state, epoch, loss, optimizer, val, test, method):     # prints it; True: best so far
             C.save_best(state, method, epoch)
+        C.board_epoch(state)                          # --tensorboard: the epoch's numbers into <run>/tb/
         scheduler.step()
         C.save_checkpoint(state, method, optimizer, scheduler, loaders["train"])
 

@@ -139,6 +139,58 @@ TINY = ["--image_size", "16", "--frames", "2", "--audio_len", "32", "--num_mel_b
         "--batch_size", "16", "--epochs", "1", "--cpu_threads", "1"]
 
 
+# the keys a method adds to each epoch entry besides epoch, lr, train_loss and val (its epoch_log, then the loop's
+# gradient norm per encoder, which the Table 6 methods with one network over every view lack)
+OWN_LOG = {"ogm": {"ogm_coeff", "ogm_ratio"}, "ogm_ge": {"ogm_coeff", "ogm_ratio"}, "qmf": {"qmf_conf"},
+           "mla": {"hgm_p_trace"}, "mmpareto": {"mmpareto_weight", "mmpareto_cos"}, "agm": {"agm_coeff", "agm_score"},
+           "gblending": {"gb_weights"}, "pmr": {"pmr_ratio", "pmr_coeff", "pmr_entropy_coeff"}}
+
+
+def own_log(method):
+    return OWN_LOG.get(method, set()) | (set() if method in ("cca", "ae", "cra", "cpm_net") else {"grad_norm"})
+
+
+def board_scalars(folder):
+    """{tag: [(step, value)]} of the TensorBoard event files in folder, read back with tensorboard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    return {t: [(e.step, e.value) for e in events.Scalars(t)] for t in events.Tags()["scalars"]}
+
+
+def entry_numbers(entry, prefix=""):
+    """{tag: number} of an epoch entry, nested keys joined by '/', lists by index; None and the epoch left out."""
+    out = {}
+    for k, v in entry.items():
+        if isinstance(v, (dict, list)):
+            out.update(entry_numbers(v if isinstance(v, dict) else dict(enumerate(v)), f"{prefix}{k}/"))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool) and f"{prefix}{k}" != "epoch":
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_board(rec, run_dir):
+    """A finished --tensorboard --tb_every 1 run's event files against its record: tb/epochs holds every number of
+    every epoch entry at its epoch (as the record counts, from 1), each epoch once; tb/steps every step's loss, each
+    step once, whose mean over an epoch is the epoch's train_loss."""
+    import pytest
+    want = {}
+    for e in rec["epochs"]:
+        for tag, v in entry_numbers(e).items():
+            want.setdefault(tag, []).append((e["epoch"], v))
+    got = board_scalars(run_dir / "tb" / "epochs")
+    assert set(got) == set(want)
+    for tag, points in want.items():
+        assert [s for s, _ in got[tag]] == [s for s, _ in points], tag
+        assert [v for _, v in got[tag]] == pytest.approx([v for _, v in points], rel=1e-6), tag
+    [losses] = board_scalars(run_dir / "tb" / "steps").values()
+    n = len(losses) // len(rec["epochs"])
+    assert [s for s, _ in losses] == list(range(len(rec["epochs"]) * n)) and n > 0
+    for i, e in enumerate(rec["epochs"]):
+        assert sum(v for _, v in losses[i * n:(i + 1) * n]) / n == pytest.approx(e["train_loss"], rel=1e-5)
+    return got
+
+
 def step(method, xs, y, idx, optimizer, epoch=0, batch=0, steps=1, mask=None):
     """One training step as common.train_one_epoch takes it: the method's schedule(epoch, batch, steps), then
     train_step with the mask (or None) and the batch's sample indices."""

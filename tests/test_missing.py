@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import common as C
 import train_missing
-from conftest import command_line, options, step
+from conftest import command_line, options, own_log, step
 
 MODS = ["audio", "visual", "text"]
 TINY = ["--toy_train", "64", "--toy_val", "32", "--toy_test", "32", "--toy_dims", "6,7,8", "--hidden", "16",
@@ -525,8 +525,7 @@ def test_every_method_trains_one_toy_epoch_and_writes_record(method, tmp_path):
     assert set(on_disk["args"]) == set(vars(train_missing.get_args([]))) | {"revision"}     # + the method's revision
     assert set(on_disk["test"]) == set(MODS) | {"multi"}
     assert all(0 <= v <= 100 for v in on_disk["test"].values())
-    mla_only = {"hgm_p_trace"} if method == "mla" else set()
-    assert [set(e) for e in on_disk["epochs"]] == [{"epoch", "lr", "train_loss", "val"} | mla_only]
+    assert [set(e) for e in on_disk["epochs"]] == [{"epoch", "lr", "train_loss", "val"} | own_log(method)]
     assert np.isfinite(on_disk["epochs"][0]["train_loss"])
     assert (run_dir / "best.pt").is_file() and (run_dir / "missing_mask.npz").is_file()
 

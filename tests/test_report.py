@@ -76,10 +76,28 @@ def test_report_csv(runs):
     assert {r["table"] for r in rows} == {"5", "6"}
 
 
-def test_plot_writes_png(runs, tmp_path):
-    pytest.importorskip("matplotlib")
+def test_plot_writes_png(runs, tmp_path, monkeypatch):
+    plt = pytest.importorskip("matplotlib.pyplot")
     out = C.plot_curves(runs, tmp_path / "fig" / "curves.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 5000
+    # records with diagnostics: a row per method, its accuracies, then a panel per diagnostic, a line per modality
+    for seed in (0, 1):
+        record(tmp_path / "diag", "train_av.py", "toy", "ogm", seed, {"audio": 1.0, "video": 2.0, "multi": 3.0})
+        path = tmp_path / "diag" / "toy" / "ogm" / f"seed{seed}" / "record.json"
+        rec = json.loads(path.read_text())
+        for e in rec["epochs"]:
+            e |= {"ogm_coeff": {"audio": 0.5 + seed, "video": 1.0}, "grad_norm": {"audio": 2.0, "video": None}}
+        path.write_text(json.dumps(rec))
+    record(tmp_path / "diag", "train_av.py", "toy", "mla", 0, {"audio": 1.0, "video": 2.0, "multi": 3.0})
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    C.plot_curves(tmp_path / "diag", tmp_path / "diag.png")
+    axes = [ax for ax in figures[0].axes if ax.axison]
+    assert [ax.get_title() for ax in axes] == ["ogm · toy · train_av (2 seeds)", "ogm_coeff · ogm", "grad_norm · ogm",
+                                               "mla · toy · train_av (1 seed)"]
+    lines = {line.get_label(): list(line.get_ydata()) for line in axes[1].lines}
+    assert lines == {"audio": [1.0, 1.0], "video": [1.0, 1.0]}           # the mean over the seeds, per epoch
+    assert [line.get_label() for line in axes[2].lines] == ["audio"]     # no value of video: no line
 
 
 def test_plot_without_matplotlib_fails_clearly(runs, tmp_path, monkeypatch):

@@ -6,7 +6,7 @@ import torch
 
 import common as C
 import train_ait
-from conftest import command_line
+from conftest import command_line, own_log
 from test_data_ait import cavmae_checkpoint
 from test_encoders_it import hf_models  # noqa: F401  (a fixture)
 
@@ -38,7 +38,7 @@ def test_every_method_trains_one_toy_epoch_and_writes_record(method, ait_root, t
     assert on_disk["modalities"] == ["audio", "image", "text"] and on_disk["select_on"] == "val"
     assert set(on_disk["args"]) == set(vars(train_ait.get_args([]))) | {"revision"}     # + the method's revision
     assert on_disk["args"]["condition"] == "audio" and on_disk["args"]["audio_encoder"] == "cavmae"
-    own = {"mla": {"hgm_p_trace"}, "gblending": {"gb_weights"}}.get(method, set())     # a method's own log
+    own = own_log(method)                          # a method's own log and the encoders' gradient norms
     assert [set(e) for e in on_disk["epochs"]] == [{"epoch", "lr", "train_loss", "val"} | own]
     assert set(on_disk["epochs"][0]["val"]) == set(on_disk["test"]) == {"audio", "image", "text", "multi"}
     assert all(0 <= v <= 100 for v in on_disk["test"].values())

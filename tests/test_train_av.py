@@ -9,7 +9,7 @@ import torch
 
 import common as C
 import train_av
-from conftest import ROOT, TINY
+from conftest import ROOT, TINY, check_board, own_log
 
 
 def toy_argv(toy_root, out, *extra):
@@ -31,8 +31,13 @@ def test_every_method_trains_one_toy_epoch_and_writes_record(method, toy_root, t
     assert on_disk["script"] == "train_av.py" and on_disk["dataset"] == "toy" and on_disk["method"] == method
     assert on_disk["modalities"] == ["audio", "video"] and on_disk["select_on"] == "val"
     assert set(on_disk["args"]) == set(vars(train_av.get_args([]))) | {"revision"}     # + the method's revision
-    own = {"mla": {"hgm_p_trace"}, "gblending": {"gb_weights"}}.get(method, set())     # a method's own log
+    own = own_log(method)                          # a method's own log and the encoders' gradient norms
     assert [set(e) for e in on_disk["epochs"]] == [{"epoch", "lr", "train_loss", "val"} | own]
+    for key in own - {"hgm_p_trace", "gb_weights"}:     # per modality, a number (reconboost's first epoch: audio's
+        values = on_disk["epochs"][0][key]             # stage, video has no gradient to measure)
+        assert set(values) == {"audio", "video"}, key
+        assert all(isinstance(v, float) and math.isfinite(v) for v in values.values() if v is not None), key
+        assert [m for m, v in values.items() if v is None] == (["video"] if method == "reconboost" else []), key
     assert set(on_disk["epochs"][0]["val"]) == {"audio", "video", "multi"}
     assert set(on_disk["test"]) == {"audio", "video", "multi"}
     assert all(0 <= v <= 100 for v in on_disk["test"].values())
@@ -49,10 +54,11 @@ def test_every_method_trains_one_toy_epoch_and_writes_record(method, toy_root, t
 def test_same_seed_gives_identical_records(toy_root, tmp_path):
     strip = lambda r: {k: v for k, v in r.items() if k not in ("wall_time_s", "args")}
     a = run(toy_root, tmp_path / "a", "--method", "ogm_ge")
-    b = run(toy_root, tmp_path / "b", "--method", "ogm_ge")
+    b = run(toy_root, tmp_path / "b", "--method", "ogm_ge", "--tensorboard", "--tb_every", "1")    # changes nothing
     c = run(toy_root, tmp_path / "c", "--method", "ogm_ge", "--seed", "1")
-    assert strip(a) == strip(b)
+    assert strip(a) == strip(b) and C.other_settings(a["args"], b["args"]) == ""
     assert strip(a)["epochs"] != strip(c)["epochs"]
+    assert "ogm_coeff/audio" in check_board(b, tmp_path / "b" / "toy_av" / "ogm_ge" / "seed0")
 
 
 def test_select_on_last_and_test(toy_root, tmp_path, capsys):

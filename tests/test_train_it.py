@@ -6,7 +6,7 @@ import torch
 
 import common as C
 import train_it
-from conftest import command_line
+from conftest import command_line, own_log
 from test_encoders_it import hf_models  # noqa: F401  (a fixture)
 
 TINY_IT = ["--image_size", "16", "--patch_size", "8", "--max_len", "10", "--m3ae_dim", "16", "--m3ae_depth", "1",
@@ -36,7 +36,7 @@ def test_every_method_trains_one_toy_epoch_and_writes_record(method, it_root, tm
     assert on_disk["modalities"] == ["image", "text"] and on_disk["select_on"] == "val"
     assert set(on_disk["args"]) == set(vars(train_it.get_args([]))) | {"revision"}     # + the method's revision
     assert on_disk["args"]["condition"] == "text" and on_disk["args"]["encoder"] == "m3ae"
-    own = {"mla": {"hgm_p_trace"}, "gblending": {"gb_weights"}}.get(method, set())     # a method's own log
+    own = own_log(method)                          # a method's own log and the encoders' gradient norms
     assert [set(e) for e in on_disk["epochs"]] == [{"epoch", "lr", "train_loss", "val"} | own]
     assert set(on_disk["epochs"][0]["val"]) == {"image", "text", "multi"}
     assert set(on_disk["test"]) == {"image", "text", "multi"}

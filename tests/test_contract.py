@@ -13,7 +13,7 @@ import common as C
 import train_missing
 from conftest import ROOT
 
-CONTRACT = ["train_step", "predict", "schedule", "start_epoch", "end_epoch", "epoch_log"]
+CONTRACT = ["train_step", "predict", "schedule", "start_epoch", "end_epoch", "epoch_log", "unimodal_features"]
 
 
 def signature(f):

@@ -5518,7 +5518,7 @@ def load_selected(folder, method):
 
 
 # ---- the linear probe (--probe, python common.py probe): every method's unimodal features on one footing
-PROBE_DECAYS = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)   # the L2 penalties tried, one chosen on the validation split
+PROBE_DECAYS = (1e-4, 1e-3, 1e-2, 1e-1)         # the L2 penalties tried, one chosen on the validation split
 PROBE_DECAY = 1e-3                               # the penalty without a validation split
 
 
@@ -5559,7 +5559,7 @@ def fit_probe(train, val, test, num_classes, decays=PROBE_DECAYS):
     best, best_acc = None, -1.0
     with torch.autocast(z.device.type, enabled=False):
         for decay in sorted(decays, reverse=True) if val is not None and len(val[1]) else [PROBE_DECAY]:
-            linear = nn.Linear(z.shape[1], num_classes, device=z.device)
+            linear = nn.utils.skip_init(nn.Linear, z.shape[1], num_classes, device=z.device)     # no random init
             nn.init.zeros_(linear.weight), nn.init.zeros_(linear.bias)
             fit_softmax_classifier(linear, norm(z), y, decay, reset=False)
             score = acc(linear, *val) if val is not None and len(val[1]) else 0.0
@@ -5575,7 +5575,7 @@ def linear_probe(method, loaders, device, amp=False):
     a linear classifier per modality fitted on train (fit_probe), its test accuracy: {modality: percent}; printed."""
     feats = {s: probe_features(method, loaders[s], device, amp) for s in ("train", "val", "test") if loaders.get(s)}
     out = {name: fit_probe(feats["train"][m], feats["val"][m] if "val" in feats else None, feats["test"][m],
-                           method.num_classes) for m, name in enumerate(method.modalities)}
+                           method.num_classes, PROBE_DECAYS) for m, name in enumerate(method.modalities)}
     print(f"linear probe (test): {fmt_acc(out)}", flush=True)
     return out
 
@@ -6240,7 +6240,9 @@ def probe_runs(runs_dir, device):
             continue
         script = importlib.import_module(Path(record["script"]).stem)     # train_av, ... (beside this file)
         args = argparse.Namespace(**{**vars(script.get_args([])), **filled_settings(record["args"])})
-        args.device, args.amp = device, bool(args.amp) and str(device).startswith("cuda")
+        args.device = device
+        if hasattr(args, "amp"):                # bf16 only on CUDA (a run of the GPU probed on the CPU: float32)
+            args.amp = bool(args.amp) and str(device).startswith("cuda")
         print(f"probing {path.parent} ({record['script']}, {record['method']} seed {record['seed']})", flush=True)
         record["probe"] = script.run(args, probe_of=path.parent)
         atomic_json_dump(record, path)

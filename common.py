@@ -5537,7 +5537,7 @@ def probe_features(method, loader, device, amp=False):
         rows = [torch.zeros(len(y), z.shape[1], device=z.device) for z in zs]        # a missing view's rows: 0
         for m, (r, z) in enumerate(zip(rows, zs)):
             r[mask[:, m]] = z.float()
-        feats, masks, ys = feats + [rows], masks + [mask], ys + [y]
+        feats.append(rows), masks.append(mask), ys.append(y)
     feats, mask, y = [torch.cat(f) for f in zip(*feats)], torch.cat(masks), torch.cat(ys)
     if under_torchrun():
         n = len(loader.dataset)
@@ -5557,7 +5557,7 @@ def fit_probe(train, val, test, num_classes, decays=PROBE_DECAYS):
     norm = lambda f: (f - mean) / std
     acc = lambda lin, f, t: 100.0 * (lin(norm(f)).argmax(1) == t).sum().item() / len(t)
     best, best_acc = None, -1.0
-    with torch.autocast(z.device.type, enabled=False):
+    with torch.no_grad(), torch.autocast(z.device.type, enabled=False):      # the fit turns gradients on for itself
         for decay in sorted(decays, reverse=True) if val is not None and len(val[1]) else [PROBE_DECAY]:
             linear = nn.utils.skip_init(nn.Linear, z.shape[1], num_classes, device=z.device)     # no random init
             nn.init.zeros_(linear.weight), nn.init.zeros_(linear.bias)
@@ -5565,8 +5565,7 @@ def fit_probe(train, val, test, num_classes, decays=PROBE_DECAYS):
             score = acc(linear, *val) if val is not None and len(val[1]) else 0.0
             if score > best_acc:
                 best, best_acc = linear, score
-        with torch.no_grad():
-            return round(acc(best, zt, yt), 4)
+        return round(acc(best, zt, yt), 4)
 
 
 def linear_probe(method, loaders, device, amp=False):

@@ -20,7 +20,7 @@ line, whose title is repeated here):
   4. The loop: seeding, the loader, evaluation, one epoch, train/val/test, torch.compile
   5. Torchrun helpers the scripts call: the process group, the processes, the model, rank 0's values
   6. The run: checkpoints, other settings, Run, resume, the record, sweeps and their locks, the shared flags
-  7. Report, plot, command line: python common.py report RUNS_DIR | plot RUNS_DIR | prepare | convert_m3ae
+  7. Report, plot, command line: python common.py report RUNS_DIR | plot RUNS_DIR | probe RUN_DIR | prepare | convert_m3ae
 
 A batch is (xs, y, idx[, mask]): xs one tensor per modality, in the order of `modalities`; mask (B, M)
 bool, True = view present, for the Table 6 data sets (their `masked = True`).
@@ -113,8 +113,9 @@ class MLA(nn.Module):
         self.alpha = 0.1 ** (1 + step / max(1, steps)) if self.hgm_alpha is None else self.hgm_alpha
 
     def start_epoch(self, epoch, epochs, loaders, optimizer, device, amp=False): pass        # hooks MLA needs not
-
     def end_epoch(self, epoch, loaders, device, amp=False): pass
+    def unimodal_features(self, xs, mask=None):     # the linear probe's: each encoder's output (its present rows)
+        return [f(x if mask is None else x[mask[:, m]]) for m, (f, x) in enumerate(zip(self.encoders, xs))]
 
     def epoch_log(self):                # the share of the head-input space P leaves open, trace(P) / dim
         return {"hgm_p_trace": round(float(torch.trace(self.P)) / self.dim, 6) if self.hgm else None}
@@ -138,8 +139,7 @@ class MLA(nn.Module):
         """A step per modality (a mask (B, M), True = present: on m's present rows); their mean loss, on the device"""
         total, steps = 0.0, 0
         for m, f in enumerate(self.encoders):
-            rows = slice(None) if mask is None else mask[:, m]
-            here = mask is None or bool(rows.any())
+            rows, here = (slice(None), True) if mask is None else (mask[:, m], bool(mask[:, m].any()))
             z = f(xs[m][rows]) if here else self.P.new_zeros(0, self.dim)
             job = torch.cat([z.detach().to(self.P.dtype).sum(0), self.P.new_tensor([len(z), 1.0])])  # [sum h, rows,
             if torch.distributed.is_available() and torch.distributed.is_initialized():    # processes]; torchrun:
@@ -180,6 +180,7 @@ class Method(nn.Module):
       end_epoch(epoch, loaders, device, amp)                        after the epoch's steps, before its evaluation
       epoch_log() -> {name: value}                                  added to the epoch's entry of the record
       predict(xs, mask=None) -> (fused logits, [unimodal logits])  evaluation
+      unimodal_features(xs, mask=None) -> [features]               the linear probe's input (linear_probe)
     xs: one tensor per modality, in the order of `modalities`; mask (B, M) bool, True = view present (the Table 6
     data; None elsewhere); idx: the batch's sample indices (QMF's and CPM-Net's per-sample state). The hooks
     here do nothing: a method overrides those it needs. epoch, step: from 0."""
@@ -206,6 +207,17 @@ class Method(nn.Module):
 
     def predict(self, xs, mask=None):
         raise NotImplementedError
+
+    def unimodal_features(self, xs, mask=None):
+        """Each modality's representation from its view alone, what the linear probe reads: one (n, d_m) tensor per
+        modality, with a mask of the rows where its view is present, in order. Here encoder m's output; a method
+        whose unimodal representation is another (no encoder per view, an output layer) overrides it."""
+        return [f(x) for f, x in zip(self.encoders, present_rows(xs, mask))]
+
+
+def present_rows(xs, mask=None):
+    """Each view's rows where it is present (mask (B, M), True = present); all of them without a mask."""
+    return list(xs) if mask is None else [x[mask[:, m]] for m, x in enumerate(xs)]
 
 
 def one_width(encoders):
@@ -1191,6 +1203,16 @@ def zero_missing(xs, mask):
     return [x * mask[:, m:m + 1] for m, x in enumerate(xs)]
 
 
+def views_alone(xs, mask=None):
+    """Per view m, the input of a model that reads view m alone: (every view's rows where m is present, a mask of
+    those rows with m alone present); the unimodal features of the methods without an encoder per view."""
+    mask = full_mask(xs) if mask is None else mask
+    for m in range(len(xs)):
+        alone = torch.zeros_like(mask[mask[:, m]])
+        alone[:, m] = True
+        yield [x[mask[:, m]] for x in xs], alone
+
+
 def view_mse(preds, targets, mask):
     """Mean over views of the mean squared error on the rows where the view is present in `mask` (under torchrun,
     the mean of the processes' values is the job's)."""
@@ -1282,10 +1304,11 @@ def cmd(a, b, order=5):
     return total
 
 
-def fit_softmax_classifier(linear, z, y, weight_decay=1e-4, steps=100):
+def fit_softmax_classifier(linear, z, y, weight_decay=1e-4, steps=100, reset=True):
     """Refit a linear classifier from scratch on fixed features: multinomial logistic regression by
-    full-batch L-BFGS with an L2 penalty."""
-    linear.reset_parameters()
+    full-batch L-BFGS with an L2 penalty (reset=False: from the classifier's weights as they are)."""
+    if reset:
+        linear.reset_parameters()
     opt = torch.optim.LBFGS(linear.parameters(), max_iter=steps, line_search_fn="strong_wolfe")
 
     def closure():
@@ -1402,6 +1425,9 @@ class CCA(MissingMethod):
     def classify(self, xs, mask):
         return self.classifier(mean_projection(self, xs, mask))
 
+    def unimodal_features(self, xs, mask=None):     # each view's canonical projection (x_m - mu_m) W_m
+        return [(x - getattr(self, f"mu{m}")) @ getattr(self, f"W{m}") for m, x in enumerate(present_rows(xs, mask))]
+
     def objective(self, xs, y, mask):
         return F.cross_entropy(self.classify(xs, mask), y)
 
@@ -1428,6 +1454,9 @@ class DCCA(MissingMethod):
 
     def features(self, xs):
         return [g(f(x)) for f, g, x in zip(self.encoders, self.outputs, xs)]
+
+    def unimodal_features(self, xs, mask=None):     # each view's network with its output layer (what CCA aligns)
+        return self.features(present_rows(xs, mask))
 
     def correlation_loss(self, hs, mask):
         hs, mask = [job_batch(h) for h in hs], job_batch(mask)     # torchrun: the job's batch (job_grad below)
@@ -1497,6 +1526,9 @@ class AE(MissingMethod):
     def classify(self, xs, mask):
         return self.classifier(self.bottleneck(xs, mask))
 
+    def unimodal_features(self, xs, mask=None):     # the bottleneck of each view alone
+        return [self.bottleneck(v, alone) for v, alone in views_alone(xs, mask)]
+
     def objective(self, xs, y, mask):
         b = self.bottleneck(xs, hide_views(mask, self.hide_prob))
         recon = view_mse(split_views(self.decoder(b), self.dims), xs, mask)
@@ -1525,6 +1557,10 @@ class CRA(MissingMethod):
 
     def classify(self, xs, mask):
         return self.classifier(self.completed(self.impute(xs, mask), xs, mask))
+
+    def unimodal_features(self, xs, mask=None):     # the classifier's hidden layer on each view alone, imputed
+        return [self.classifier[0](self.completed(self.impute(v, alone), v, alone))
+                for v, alone in views_alone(xs, mask)]
 
     def objective(self, xs, y, mask):
         seen = hide_views(mask, self.hide_prob)
@@ -1688,6 +1724,9 @@ class CPMNet(MissingMethod):
 
     def classify(self, xs, mask):
         return self.scores(self.infer_codes(xs, mask))
+
+    def unimodal_features(self, xs, mask=None):     # the code inferred from each view alone
+        return [self.infer_codes(v, alone) for v, alone in views_alone(xs, mask)]
 
 
 class TATE(MissingMethod):
@@ -5410,7 +5449,7 @@ def resume_lr(optimizer, scheduler, old_lr, new_lr):
 
 # flags that change how a run executes, not what it computes (or which runs a sweep lists)
 RUN_ONLY_ARGS = {"resume", "device", "num_workers", "cpu_threads", "amp", "compile", "cache_dir", "out_dir",
-                 "seeds", "missing_rates", "tensorboard", "tb_every"}
+                 "seeds", "missing_rates", "tensorboard", "tb_every", "probe"}     # probe: read after training
 
 
 EARLIER_BEHAVIOUR = {"feature_norm": "none", "hgm_alpha_scale": False, "hgm_forget": 1.0, "qmf_rank": "paper",
@@ -5435,17 +5474,21 @@ NOT_FLAGS = {"processes": lambda n: "no torchrun" if n is None else f"torchrun -
              "revision": lambda n: f"the method's revision {n}"}
 
 
+def filled_settings(settings):
+    """A run's settings (vars(args), or a record's args) as today's flags name them, with what a record from before
+    a flag existed ran with."""
+    settings = json.loads(json.dumps(settings, default=str))
+    if "no_hgm" in settings:                # written before --hgm/--no_hgm became one setting
+        settings.setdefault("hgm", not settings.pop("no_hgm"))
+    if "agm_ends" in settings:              # before --agm_epochs: AGM modulated epochs 0..agm_ends
+        settings.setdefault("agm_epochs", settings.pop("agm_ends") + 1)
+    return {**EARLIER_BEHAVIOUR, **settings}
+
+
 def other_settings(recorded, settings, free=()):
     """The flags (known to both; execution-only ones, `free` and another method's OWN_FLAGS aside) whose recorded
     value differs from the settings now, as '--k A there, B now', or '' when there are none."""
-    def filled(settings):                       # what a record from before a flag existed ran with
-        settings = json.loads(json.dumps(settings, default=str))
-        if "no_hgm" in settings:                # written before --hgm/--no_hgm became one setting
-            settings.setdefault("hgm", not settings.pop("no_hgm"))
-        if "agm_ends" in settings:              # before --agm_epochs: AGM modulated epochs 0..agm_ends
-            settings.setdefault("agm_epochs", settings.pop("agm_ends") + 1)
-        return {**EARLIER_BEHAVIOUR, **settings}
-    recorded, now = filled(recorded), filled(settings)
+    recorded, now = filled_settings(recorded), filled_settings(settings)
     others = {k for k in now if OWN_FLAGS.get(k.split("_")[0], now.get("method")) != now.get("method")}
     differ = [k for k in sorted(set(recorded) & set(now) - RUN_ONLY_ARGS - set(free) - others)
               if recorded[k] != now[k]]
@@ -5632,18 +5675,86 @@ def save_checkpoint(run, method, optimizer, scheduler, train_loader):
 
 
 def load_best(run, method):
-    """Load the run's best.pt (the selected epoch) into the method (under torchrun once the first process wrote it)."""
+    """Load the run's best.pt (the selected epoch) into the method (load_selected)."""
+    load_selected(run.folder, method)
+
+
+def load_selected(folder, method):
+    """Load a run's selected epoch, folder/best.pt, into the method (under torchrun once the first process wrote it)."""
     if under_torchrun():
         torch.distributed.barrier()
-    state = load_checkpoint(run.folder / "best.pt", "the selected epoch's weights are lost: rerun without "
+    state = load_checkpoint(Path(folder) / "best.pt", "the selected epoch's weights are lost: rerun without "
                             "--resume to train the run again")
     method.load_state_dict(state["state_dict"])                # copied onto the method's device
 
 
+# ---- the linear probe (--probe, python common.py probe): every method's unimodal features on one footing
+PROBE_DECAYS = (1e-4, 1e-3, 1e-2, 1e-1)         # the L2 penalties tried, one chosen on the validation split
+PROBE_DECAY = 1e-3                               # the penalty without a validation split
+
+
+@torch.no_grad()
+def probe_features(method, loader, device, amp=False):
+    """Every modality's unimodal features (method.unimodal_features, in eval mode, as float32) over the loader's whole
+    split in its order, with their labels: [(features (n_m, d_m), labels (n_m,))], n_m the samples where view m is
+    present. Under torchrun every process's shard of the split, gathered into its order (the same in every process)."""
+    method.eval()
+    masked = getattr(loader.dataset, "masked", False)
+    feats, masks, ys = [], [], []
+    for xs, y, _, mask in device_batches(loader, device, False, masked):
+        with autocast(device, amp):
+            zs = method.unimodal_features(xs, mask)
+        mask = full_mask(xs) if mask is None else mask
+        rows = [torch.zeros(len(y), z.shape[1], device=z.device) for z in zs]        # a missing view's rows: 0
+        for m, (r, z) in enumerate(zip(rows, zs)):
+            r[mask[:, m]] = z.float()
+        feats.append(rows), masks.append(mask), ys.append(y)
+    feats, mask, y = [torch.cat(f) for f in zip(*feats)], torch.cat(masks), torch.cat(ys)
+    if under_torchrun():
+        n = len(loader.dataset)
+        feats, mask, y = [split_rows(f, n) for f in feats], split_rows(mask, n), split_rows(y, n)
+    return [(f[mask[:, m]], y[mask[:, m]]) for m, f in enumerate(feats)]
+
+
+def fit_probe(train, val, test, num_classes, decays=PROBE_DECAYS):
+    """A linear probe's test accuracy in percent (None when train or test has no sample): multinomial logistic
+    regression on the features standardised with train's mean and std, fitted on train ((features, labels)) by
+    full-batch L-BFGS from zero weights (no random draw: the same features give the same classifier), with each L2
+    penalty of `decays` and kept the most accurate on val (ties: the larger penalty), or PROBE_DECAY without val."""
+    (z, y), (zt, yt) = train, test
+    if not len(y) or not len(yt):
+        return None
+    mean, std = z.mean(0), z.std(0, correction=0).clamp_min(1e-6)
+    norm = lambda f: (f - mean) / std
+    acc = lambda lin, f, t: 100.0 * (lin(norm(f)).argmax(1) == t).sum().item() / len(t)
+    best, best_acc = None, -1.0
+    with torch.no_grad(), torch.autocast(z.device.type, enabled=False):      # the fit turns gradients on for itself
+        for decay in sorted(decays, reverse=True) if val is not None and len(val[1]) else [PROBE_DECAY]:
+            linear = nn.utils.skip_init(nn.Linear, z.shape[1], num_classes, device=z.device)     # no random init
+            nn.init.zeros_(linear.weight), nn.init.zeros_(linear.bias)
+            fit_softmax_classifier(linear, norm(z), y, decay, reset=False)
+            score = acc(linear, *val) if val is not None and len(val[1]) else 0.0
+            if score > best_acc:
+                best, best_acc = linear, score
+        return round(acc(best, zt, yt), 4)
+
+
+def linear_probe(method, loaders, device, amp=False):
+    """The linear probe of the method's encoders as loaded (frozen; the selected epoch's, load_selected): the
+    unimodal features of the train, val and test loaders (read as evaluation reads them: in order, no augmentation),
+    a linear classifier per modality fitted on train (fit_probe), its test accuracy: {modality: percent}; printed."""
+    feats = {s: probe_features(method, loaders[s], device, amp) for s in ("train", "val", "test") if loaders.get(s)}
+    out = {name: fit_probe(feats["train"][m], feats["val"][m] if "val" in feats else None, feats["test"][m],
+                           method.num_classes, PROBE_DECAYS) for m, name in enumerate(method.modalities)}
+    print(f"linear probe (test): {fmt_acc(out)}", flush=True)
+    return out
+
+
 # first_epoch: 1, epochs counted from 1 as on the console (the run's log and last.pt count from 0); a record
-# without it is older and counts from 0 (record_epoch reads both)
+# without it is older and counts from 0 (record_epoch reads both). probe: the linear probe's test accuracies
+# ({modality: percent}; None when not probed, absent from older records)
 RECORD_KEYS = ("script", "dataset", "method", "seed", "args", "modalities", "epochs", "select_on",
-               "best_epoch", "test", "wall_time_s", "version", "first_epoch")
+               "best_epoch", "test", "wall_time_s", "version", "first_epoch", "probe")
 
 
 def record_epoch(record, epoch):
@@ -5651,16 +5762,16 @@ def record_epoch(record, epoch):
     return epoch + 1 - record.get("first_epoch", 0)
 
 
-def write_record(run, method, test):
-    """record.json: the settings, the epoch log, the selected epoch and its test accuracies `test`; the run
-    is then finished (last.pt is removed). Returns the record."""
+def write_record(run, method, test, probe=None):
+    """record.json: the settings, the epoch log, the selected epoch and its test accuracies `test` (and the linear
+    probe's, `probe`: None when not probed); the run is then finished (last.pt is removed). Returns the record."""
     s, path = run.settings, run.folder / "record.json"
     record = {"script": run.script, "dataset": s["dataset"], "method": s["method"], "seed": s["seed"],
               "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in s.items()},
               "modalities": method.modalities, "epochs": [e | {"epoch": e["epoch"] + 1} for e in run.log],
               "select_on": s["select_on"], "best_epoch": run.best_epoch + 1, "test": test,
               "wall_time_s": round(run.elapsed + time.time() - run.start, 2), "version": code_version(),
-              "first_epoch": 1}
+              "first_epoch": 1, "probe": probe}
     assert tuple(record) == RECORD_KEYS
     if run.board is not None:
         run.board.close()
@@ -5900,6 +6011,10 @@ def add_common_args(p, methods, defaults, modalities=None, condition=None):
     g.add_argument("--tensorboard", action="store_true", help="also write TensorBoard event files into <run "
                    "folder>/tb/ (each epoch's numbers, every --tb_every-th step's loss; pip install tensorboard)")
     g.add_argument("--tb_every", type=int, default=50, help="--tensorboard: the training loss of every N-th step")
+    g.add_argument("--probe", action="store_true",
+                   help="after the test: the linear probe of the selected epoch's encoders (a linear classifier per "
+                        "modality on their frozen features of train, chosen on val; its test accuracy in the "
+                        "record's probe); a finished run: python common.py probe RUN_DIR")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g.add_argument("--sync_bn", dest="sync_bn", action="store_true", default=True,
                    help="under torchrun on CUDA: BatchNorm statistics over the whole batch (SyncBatchNorm; default); "
@@ -6047,7 +6162,7 @@ def script_main(main, again="rerun the same command with --resume to continue fr
         stop(f"error: {rank}{type(e).__name__}: {e}")
 
 
-# ======== 7. Report, plot, command line: python common.py report RUNS_DIR | plot RUNS_DIR | prepare | convert_m3ae ========
+# ======== 7. Report, plot, command line: python common.py report RUNS_DIR | plot RUNS_DIR | probe RUN_DIR | prepare | convert_m3ae ========
 
 # The paper's Tables 5, 6 and 7 (mean±std of test accuracy over three seeds; std missing where the
 # source is garbled). A line per table and data set: then per method, after " | ", its name and
@@ -6092,7 +6207,7 @@ def load_records(runs_dir):
         except (OSError, ValueError) as e:
             print(f"warning: {path}: unreadable record ({e}); left out", file=sys.stderr)
             continue
-        if not all(k in rec for k in RECORD_KEYS if k != "first_epoch"):       # older records lack first_epoch
+        if not all(k in rec for k in RECORD_KEYS if k not in ("first_epoch", "probe")):    # older records lack them
             print(f"warning: {path}: not a run record (keys missing); left out", file=sys.stderr)
             continue
         rec["_path"] = str(path)
@@ -6107,8 +6222,22 @@ def _mean_std(values):
     return mean, std
 
 
+def probe_cells(records, table):
+    """The linear probe's rows of one method's records (those with a probe): {row: col_of}, col_of(record) ->
+    [(column, value)]; Table 5 and 7: a row 'probe' of the modalities' columns; Table 6: a row per modality, its
+    columns the missing rates. {} when none of them was probed."""
+    if not any(r.get("probe") for r in records):
+        return {}
+    if table != 6:
+        return {"probe": lambda r: list((r.get("probe") or {}).items())}
+    rate = lambda r: f"{round(100 * r['args']['missing_rate'])}"
+    return {f"probe {m}": (lambda r, m=m: [(rate(r), r["probe"][m])] if r.get("probe") else [])
+            for m in dict.fromkeys(m for r in records for m in r["modalities"])}
+
+
 def report_rows(records):
-    """One row per (script, dataset, method, column): mean, std, seeds, paper value and difference."""
+    """One row per (script, dataset, method, row, column): mean, std, seeds, paper value and difference; row "test"
+    (the test accuracies), or the linear probe's (probe_cells) in the records that have one."""
     groups = {}
     for r in records:
         groups.setdefault((r["script"], r["dataset"]), []).append(r)
@@ -6127,33 +6256,34 @@ def report_rows(records):
         order = methods_of(TABLE_SCRIPT[table])
         methods = sorted({r["method"] for r in recs}, key=lambda m: (order.index(m) if m in order else 99, m))
         for method in methods:
-            cells, source = {}, {}
-            for r in recs:
-                if r["method"] == method:
-                    for col, v in col_of(r):
+            mine = [r for r in recs if r["method"] == method]
+            for kind, cols_of in {"test": col_of, **probe_cells(mine, table)}.items():
+                cells, source = {}, {}
+                for r in mine:
+                    for col, v in cols_of(r):
                         first = source.setdefault((col, r["seed"]), r.get("_path", "?"))
                         if first != r.get("_path", "?"):
                             raise DataError(f"{r.get('_path')}: a second record of {dataset} {method} seed {r['seed']} "
                                             f"({col}), besides {first}; expected one per seed: point the report at "
                                             "a folder that holds one set of runs")
                         cells.setdefault(col, []).append((r["seed"], v, r["select_on"]))
-            paper = papers.get((table, paper_ds, PAPER_METHOD.get(table, {}).get(method, method)), {})
-            for col in columns:
-                got = cells.get(col, [])
-                known = [v for _, v, _ in got if v is not None]   # None: no test sample had this view
-                row = {"script": script, "dataset": dataset, "table": table, "method": method, "column": col,
-                       "mean": None, "std": None, "n": len(known), "n_expected": len(all_seeds),
-                       "n_na": len(got) - len(known),
-                       "on_test": any(sel == "test" for _, _, sel in got), "paper_dataset": paper_ds,
-                       "paper_is_other_data": toy, "paper_mean": None, "paper_std": None, "diff": None}
-                if known:
-                    mean, std = _mean_std(known)
-                    row["mean"], row["std"] = round(mean, 4), None if std is None else round(std, 4)
-                if col in paper:
-                    row["paper_mean"], row["paper_std"] = paper[col]
-                    if row["mean"] is not None:
-                        row["diff"] = round(row["mean"] - row["paper_mean"], 4)
-                rows.append(row)
+                paper = papers.get((table, paper_ds, PAPER_METHOD.get(table, {}).get(method, method)), {})
+                for col in columns if kind == "test" or table == 6 else columns[:-1]:     # a probe has no multi
+                    got = cells.get(col, [])
+                    known = [v for _, v, _ in got if v is not None]   # None: no test sample had this view
+                    row = {"script": script, "dataset": dataset, "table": table, "method": method, "row": kind,
+                           "column": col, "mean": None, "std": None, "n": len(known), "n_expected": len(all_seeds),
+                           "n_na": len(got) - len(known),
+                           "on_test": any(sel == "test" for _, _, sel in got), "paper_dataset": paper_ds,
+                           "paper_is_other_data": toy, "paper_mean": None, "paper_std": None, "diff": None}
+                    if known:
+                        mean, std = _mean_std(known)
+                        row["mean"], row["std"] = round(mean, 4), None if std is None else round(std, 4)
+                    if col in paper and kind == "test":
+                        row["paper_mean"], row["paper_std"] = paper[col]
+                        if row["mean"] is not None:
+                            row["diff"] = round(row["mean"] - row["paper_mean"], 4)
+                    rows.append(row)
     return rows
 
 
@@ -6205,13 +6335,15 @@ def report(runs_dir, paper=False, fmt="md"):
                 if rr[0]["paper_is_other_data"] else ""))
         head = ["method"] + [c for col in cols for c in ([col, "paper", "Δ"] if paper else [col])]
         out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for method in dict.fromkeys(r["method"] for r in rr):
-            cells = [f"`{method}`"]
-            for r in (x for x in rr if x["method"] == method):
-                cells.append(_cell(r["mean"], r["std"], r["n"], r["n_expected"], r["on_test"], r["n_na"] > 0))
+        for method, kind in dict.fromkeys((r["method"], r["row"]) for r in rr):    # a probe's row below its test's
+            cells = [f"`{method}`" + ("" if kind == "test" else f" {kind}")]
+            got = {r["column"]: r for r in rr if (r["method"], r["row"]) == (method, kind)}
+            for r in (got.get(col) for col in cols):
+                cells.append("—" if r is None else _cell(r["mean"], r["std"], r["n"], r["n_expected"], r["on_test"],
+                                                         r["n_na"] > 0))
                 if paper:
-                    cells += [_cell(r["paper_mean"], r["paper_std"]),
-                              "—" if r["diff"] is None else f"{r['diff']:+.2f}"]
+                    cells += ["—", "—"] if r is None else [_cell(r["paper_mean"], r["paper_std"]),
+                                                           "—" if r["diff"] is None else f"{r['diff']:+.2f}"]
             out.append("| " + " | ".join(cells) + " |")
         if any(r["on_test"] for r in rr):
             out.append("† epoch selected on the test set (--select_on test, the official protocol): optimistic")
@@ -6315,6 +6447,34 @@ def plot_curves(runs_dir, out):
     return out
 
 
+def probe_runs(runs_dir, device):
+    """The linear probe (linear_probe) of every finished run under runs_dir (a run folder or a folder of runs: each
+    record.json beside its best.pt), on `device`: its script rebuilds the run's data and model from the recorded
+    settings (the script's run(args, probe_of=folder)), the accuracies go into the record's "probe" (rewritten
+    atomically). Returns [(record path, accuracies)]."""
+    paths = sorted(Path(runs_dir).rglob("record.json")) if Path(runs_dir).is_dir() else []
+    if not paths:
+        raise DataError(f"{runs_dir}: no record.json under it; expected the folder of a finished run (or of runs)")
+    out = []
+    for path in paths:
+        record = json.loads(path.read_text())
+        if not (path.parent / "best.pt").is_file():
+            print(f"warning: {path.parent}: no best.pt (the selected epoch's weights); not probed", file=sys.stderr)
+            continue
+        script = importlib.import_module(Path(record["script"]).stem)     # train_av, ... (beside this file)
+        args = argparse.Namespace(**{**vars(script.get_args([])), **filled_settings(record["args"])})
+        args.device = device
+        if hasattr(args, "amp"):                # bf16 only on CUDA (a run of the GPU probed on the CPU: float32)
+            args.amp = bool(args.amp) and str(device).startswith("cuda")
+        print(f"probing {path.parent} ({record['script']}, {record['method']} seed {record['seed']})", flush=True)
+        record["probe"] = script.run(args, probe_of=path.parent)
+        atomic_json_dump(record, path)
+        out.append((path, record["probe"]))
+    if not out:
+        raise DataError(f"{runs_dir}: no run with its best.pt; nothing probed")
+    return out
+
+
 def convert_m3ae(src, out):
     """Write the M3AEEncoder state dict of both modalities (what --m3ae_ckpt loads) converted from the M3AE
     pickle `src` to `out`; return a line naming the sizes and the flags that build encoders of them."""
@@ -6373,6 +6533,9 @@ def _cli(argv=None):
     v.add_argument("--sample_rate", type=int, default=16000, help="WAV sample rate (mono, 16-bit)")
     v.add_argument("--frame_size", type=int, default=256, help="short side of the saved frames in pixels")
     v.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="decoding processes")
+    b = sub.add_parser("probe", help="the linear probe of finished runs' selected epochs, into their records")
+    b.add_argument("runs_dir", help="a run's folder (record.json, best.pt) or a folder of runs")
+    b.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     m = sub.add_parser("convert_m3ae", help="young-geng/m3ae_public's released JAX pickle -> the encoder state dict "
                                             "--m3ae_ckpt loads (no JAX needed; the pickled code is not run)")
     m.add_argument("pickle", help="the released M3AE pickle (m3ae_main.py's model.pkl)")
@@ -6382,6 +6545,9 @@ def _cli(argv=None):
         print(report(args.runs_dir, args.paper, args.format))
     elif args.cmd == "plot":
         print(f"wrote {plot_curves(args.runs_dir, args.out)}")
+    elif args.cmd == "probe":
+        for path, acc in probe_runs(args.runs_dir, args.device):
+            print(f"{path}: probe {fmt_acc(acc)}")
     elif args.cmd == "convert_m3ae":
         print(convert_m3ae(args.pickle, args.out))
     else:
@@ -6394,6 +6560,7 @@ def _cli(argv=None):
 
 
 if __name__ == "__main__":
+    sys.modules.setdefault("common", sys.modules[__name__])    # the scripts `probe` imports share this module
     try:
         script_main(_cli, again="rerun the same command (prepare skips the clips it finished)")
     except BrokenPipeError:             # `report ... | head` closed the pipe: not an error

@@ -99,14 +99,18 @@ def main(argv=None):
     return C.train_runs(C.list_runs(args, METHODS), run_folder, run)
 
 
-def run(args):
-    """One training run of args.method with args.seed; returns its record."""
+def run(args, probe_of=None):
+    """One training run of args.method with args.seed; returns its record. probe_of: a finished run's folder, whose
+    selected epoch is probed instead (python common.py probe); returns the probe's accuracies."""
     C.seed_everything(args.seed)
     with C.data_root(args.dataset, args.data_root, "mla_toy_ait_") as root, C.torch_threads(args.cpu_threads):
-        return train(args, root, torch.device(args.device))
+        device = torch.device(args.device)
+        return train(args, root, device) if probe_of is None else probe(args, root, device, probe_of)
 
 
-def train(args, root, device):
+def build(args, root, device, evaluation=False):
+    """The run's loaders (train, val, test) and method, on the device; evaluation: the training split read as the
+    others (in order, no augmentation), as the linear probe reads it."""
     # ---- data: the utterances of each split; validation: the dev split, else a stratified share of train
     if args.dataset == "toy":
         C.ensure_toy(root, "my_train_iemo.txt", C.make_toy_ait, seed=args.toy_seed, n_train=args.toy_train,
@@ -123,15 +127,20 @@ def train(args, root, device):
                                       args.num_mel_bins, args.cavmae_ckpt, args.partial_ckpt)
     sizes = dict(audio_len=args.audio_len, num_mel_bins=args.num_mel_bins, fbank_mean=args.fbank_mean,
                  fbank_std=args.fbank_std, **text)
-    loaders = {split: items and C.make_loader(C.AITDataset(items, split == "train", **sizes), args.batch_size,
-                                              split == "train", args.seed, args.num_workers, device)
+    augmented = lambda split: split == "train" and not evaluation        # and shuffled
+    loaders = {split: items and C.make_loader(C.AITDataset(items, augmented(split), **sizes), args.batch_size,
+                                              augmented(split), args.seed, args.num_workers, device)
                for split, items in splits.items()}
 
     # ---- method: the heads over CAV-MAE (or ResNet-18) audio and M3AE-shaped image and text encoders
     method = C.build_method(args.method, [audio, *image_text], len(data["classes"]), MODALITIES, len(splits["train"]),
                             **C.method_options(args.method, args))
     C.init_heads(method)                            # encoders keep their own weights
-    method.to(device, memory_format=torch.channels_last if args.amp else torch.contiguous_format)
+    return method.to(device, memory_format=torch.channels_last if args.amp else torch.contiguous_format), loaders
+
+
+def train(args, root, device):
+    method, loaders = build(args, root, device)     # the data, the model and the method (above)
     optimizer = torch.optim.SGD(method.parameters(), args.lr, args.momentum, weight_decay=args.weight_decay)
     method = C.distribute(method, optimizer, args.sync_bn)    # torchrun: the batch over processes
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_decay_step, args.lr_decay_ratio)
@@ -150,9 +159,17 @@ def train(args, root, device):
         scheduler.step()
         C.save_checkpoint(state, method, optimizer, scheduler, loaders["train"])
 
-    # ---- test the selected epoch, write the record
+    # ---- test the selected epoch (--probe: and probe its encoders), write the record
     C.load_best(state, method)
-    return C.write_record(state, method, C.evaluate(method, loaders["test"], device, args.amp))
+    test = C.evaluate(method, loaders["test"], device, args.amp)
+    return C.write_record(state, method, test, probe(args, root, device, state.folder) if args.probe else None)
+
+
+def probe(args, root, device, folder):
+    """The linear probe of the run in `folder`: its selected epoch's encoders (best.pt), frozen, on every split."""
+    method, loaders = build(args, root, device, evaluation=True)
+    C.load_selected(folder, method)
+    return C.linear_probe(method, loaders, device, args.amp)
 
 
 if __name__ == "__main__":

@@ -92,17 +92,20 @@ def main(argv=None):
     return C.train_runs(C.list_runs(args, METHODS), run_folder, run)
 
 
-def run(args):
-    """One training run of args.method with args.seed; returns its record."""
+def run(args, probe_of=None):
+    """One training run of args.method with args.seed; returns its record. probe_of: a finished run's folder, whose
+    selected epoch is probed instead (python common.py probe); returns the probe's accuracies."""
     C.seed_everything(args.seed)
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     with C.data_root(args.dataset, args.data_root, "mla_toy_av_") as root, C.torch_threads(args.cpu_threads):
-        return train(args, root, device)
+        return train(args, root, device) if probe_of is None else probe(args, root, device, probe_of)
 
 
-def train(args, root, device):
+def build(args, root, device, evaluation=False):
+    """The run's loaders (train, val, test) and method, on the device; evaluation: the training split read as the
+    others (in order, no augmentation), as the linear probe reads it."""
     # ---- data: the clips of each split; the validation split a seeded stratified share of train
     if args.dataset == "toy":
         C.ensure_toy(root, "train.csv", C.make_toy_av, seed=args.toy_seed, n_train=args.toy_train,
@@ -130,7 +133,8 @@ def train(args, root, device):
             augment_on="device" if device.type == "cuda" else "workers")
     # on CUDA the cache's batches are read whole by --num_workers threads and cropped on the GPU (gather)
     with C.rank0_first():                   # torchrun: the cache is built once
-        loaders = {split: clips and C.make_loader(dataset(clips, split == "train"), args.batch_size, split == "train",
+        augmented = lambda split: split == "train" and not evaluation    # and shuffled
+        loaders = {split: clips and C.make_loader(dataset(clips, augmented(split)), args.batch_size, augmented(split),
                                                   args.seed, args.num_workers, device,
                                                   gather=cached and device.type == "cuda")
                    for split, clips in splits.items()}
@@ -140,7 +144,11 @@ def train(args, root, device):
     method = C.build_method(args.method, encoders, len(data["classes"]), MODALITIES, len(splits["train"]),
                             **C.method_options(args.method, args))
     method.apply(C.init_weights)
-    method.to(device, memory_format=torch.channels_last if args.amp else torch.contiguous_format)
+    return method.to(device, memory_format=torch.channels_last if args.amp else torch.contiguous_format), loaders
+
+
+def train(args, root, device):
+    method, loaders = build(args, root, device)     # the data, the model and the method (above)
     if args.compile:
         C.compile_encoders(method)
     optimizer = torch.optim.SGD(method.parameters(), args.lr, args.momentum, weight_decay=args.weight_decay)
@@ -161,9 +169,17 @@ def train(args, root, device):
         scheduler.step()
         C.save_checkpoint(state, method, optimizer, scheduler, loaders["train"])
 
-    # ---- test the selected epoch, write the record
+    # ---- test the selected epoch (--probe: and probe its encoders), write the record
     C.load_best(state, method)
-    return C.write_record(state, method, C.evaluate(method, loaders["test"], device, args.amp))
+    test = C.evaluate(method, loaders["test"], device, args.amp)
+    return C.write_record(state, method, test, probe(args, root, device, state.folder) if args.probe else None)
+
+
+def probe(args, root, device, folder):
+    """The linear probe of the run in `folder`: its selected epoch's encoders (best.pt), frozen, on every split."""
+    method, loaders = build(args, root, device, evaluation=True)
+    C.load_selected(folder, method)
+    return C.linear_probe(method, loaders, device, args.amp)
 
 
 if __name__ == "__main__":

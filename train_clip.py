@@ -99,19 +99,15 @@ def main(argv=None):
     return C.train_runs(C.list_runs(args, METHODS), run_folder, run)
 
 
-def run(args):
-    """One training run of args.method with args.seed; returns its record."""
+def run(args, probe_of=None):
+    """One training run of args.method with args.seed; returns its record. probe_of: a finished run's folder, whose
+    selected epoch is probed instead (python common.py probe); returns the probe's accuracies."""
     with C.data_root(args.dataset, args.data_root, "mla_toy_clip_") as root, C.torch_threads(args.cpu_threads):
         C.seed_everything(args.seed)
         device = torch.device(args.device)
-        with C.rank0_first():                       # torchrun: the feature cache is written once
-            loaders, encoders, classes, num_train = data_and_encoders(args, root, device)
-
-        # ---- method: "clip" is joint training of one concat head; mla the alternating heads
-        method = C.build_method(args.method, encoders, len(classes), MODALITIES, num_train,
-                                **C.method_options(args.method, args))
-        C.init_heads(method)                            # encoders keep their own weights
-        method.to(device)
+        if probe_of is not None:
+            return probe(args, root, device, probe_of)
+        method, loaders = build(args, root, device)     # the data, the encoders and the method (below)
         optimizer = torch.optim.SGD(method.parameters(), args.lr, args.momentum, weight_decay=args.weight_decay)
         method = C.distribute(method, optimizer, args.sync_bn)
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_decay_step, args.lr_decay_ratio)
@@ -130,13 +126,35 @@ def run(args):
             scheduler.step()
             C.save_checkpoint(state, method, optimizer, scheduler, loaders["train"])
 
-        # ---- test the selected epoch, write the record
+        # ---- test the selected epoch (--probe: and probe its encoders), write the record
         C.load_best(state, method)
-        return C.write_record(state, method, C.evaluate(method, loaders["test"], device, args.amp))
+        test = C.evaluate(method, loaders["test"], device, args.amp)
+        return C.write_record(state, method, test, probe(args, root, device, state.folder) if args.probe else None)
 
 
-def data_and_encoders(args, root, device):
-    """The loaders (train, val, test), the two encoders, the class names and the training-set size."""
+def build(args, root, device, evaluation=False):
+    """The run's loaders (train, val, test) and method, on the device; evaluation: the training split read in order,
+    as the linear probe reads it."""
+    with C.rank0_first():                       # torchrun: the feature cache is written once
+        loaders, encoders, classes, num_train = data_and_encoders(args, root, device, evaluation)
+
+    # ---- method: "clip" is joint training of one concat head; mla the alternating heads
+    method = C.build_method(args.method, encoders, len(classes), MODALITIES, num_train,
+                            **C.method_options(args.method, args))
+    C.init_heads(method)                            # encoders keep their own weights
+    return method.to(device), loaders
+
+
+def probe(args, root, device, folder):
+    """The linear probe of the run in `folder`: its selected epoch's encoders (best.pt), frozen, on every split."""
+    method, loaders = build(args, root, device, evaluation=True)
+    C.load_selected(folder, method)
+    return C.linear_probe(method, loaders, device, args.amp)
+
+
+def data_and_encoders(args, root, device, evaluation=False):
+    """The loaders (train, val, test; evaluation: the training split's in order), the two encoders, the class names
+    and the training-set size."""
     if args.dataset == "toy":
         C.ensure_toy(root, "train.jsonl", C.make_toy_it, seed=args.toy_seed, n_train=args.toy_train,
                      n_dev=args.toy_dev, n_test=args.toy_test)
@@ -180,8 +198,8 @@ def data_and_encoders(args, root, device):
         num_workers = 0                                 # features in memory: nothing to load in parallel
     dim = args.proj_dim or max(widths)
     encoders = [C.CLIPModalityEncoder(w, dim, args.normalize, t) for w, t in zip(widths, towers)]
-    loaders = {k: s and C.make_loader(s, args.batch_size, k == "train", args.seed, num_workers, device)
-               for k, s in sets.items()}
+    loaders = {k: s and C.make_loader(s, args.batch_size, k == "train" and not evaluation, args.seed, num_workers,
+                                      device) for k, s in sets.items()}
     return loaders, encoders, data["classes"], sizes["train"]
 
 

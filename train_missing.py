@@ -109,11 +109,9 @@ def load_data(args):
         return C.load_mmin(root, args.fold, args.mmin_files.split(",") if args.mmin_files else None)
 
 
-def run(args):
-    """One training run of args.method with args.seed at args.missing_rate; returns its record."""
-    C.seed_everything(args.seed)
-    device = torch.device(args.device)
-
+def build(args, device, evaluation=False):
+    """The run's loaders (train, val, test), method (on the device) and missing-view masks; evaluation: the training
+    split read in order, as the linear probe reads it."""
     # ---- data and the missing views (drawn once per run from the seed; the same for every method)
     data = load_data(args)
     classes, modalities = data["classes"], data["modalities"]
@@ -134,13 +132,9 @@ def run(args):
           f"{', '.join(f'{m} {x.shape[1]}' for m, x in zip(modalities, data['train'][0]))}; "
           + ", ".join(f"{s} {len(data[s][1])} ({removed[s]}% of views missing)" for s in masks)
           + ("; standardised with the training split's statistics" if norm is not None else ""))
-    loaders = {s: C.make_loader(C.FeatureDataset(data[s][0], masks[s], data[s][1]), args.batch_size, s == "train",
-                                args.seed, 0, device) if s in masks else None
+    loaders = {s: C.make_loader(C.FeatureDataset(data[s][0], masks[s], data[s][1]), args.batch_size,
+                                s == "train" and not evaluation, args.seed, 0, device) if s in masks else None
                for s in ("train", "val", "test")}
-    out = run_folder(args)
-    out.mkdir(parents=True, exist_ok=True)
-    if C.world()[0] == 0:                      # torchrun: the first process writes
-        np.savez(out / "missing_mask.npz", **masks)
 
     # ---- model and method: an MLP encoder per view, the method's heads; the paper's SGD and StepLR
     encoders = [C.MLPEncoder(x.shape[1], args.hidden, args.layers) for x in data["train"][0]]
@@ -149,7 +143,21 @@ def run(args):
     method.apply(C.init_weights)
     if norm is not None:
         method.feature_norm = norm             # its statistics go into best.pt and last.pt with the weights
-    method.to(device)
+    return method.to(device), loaders, masks
+
+
+def run(args, probe_of=None):
+    """One training run of args.method with args.seed at args.missing_rate; returns its record. probe_of: a finished
+    run's folder, whose selected epoch is probed instead (python common.py probe); returns the probe's accuracies."""
+    C.seed_everything(args.seed)
+    device = torch.device(args.device)
+    if probe_of is not None:
+        return probe(args, device, probe_of)
+    method, loaders, masks = build(args, device)     # the data, the missing views, the model and the method (above)
+    out = run_folder(args)
+    out.mkdir(parents=True, exist_ok=True)
+    if C.world()[0] == 0:                      # torchrun: the first process writes
+        np.savez(out / "missing_mask.npz", **masks)
     optimizer = torch.optim.SGD(method.parameters(), args.lr, args.momentum, weight_decay=args.weight_decay)
     method = C.distribute(method, optimizer, args.sync_bn)    # torchrun: the batch over processes
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_decay_step, args.lr_decay_ratio)
@@ -169,9 +177,18 @@ def run(args):
         scheduler.step()
         C.save_checkpoint(state, method, optimizer, scheduler, loaders["train"])
 
-    # ---- test the selected epoch, write the record
+    # ---- test the selected epoch (--probe: and probe its encoders), write the record
     C.load_best(state, method)
-    return C.write_record(state, method, C.evaluate(method, loaders["test"], device))
+    test = C.evaluate(method, loaders["test"], device)
+    return C.write_record(state, method, test, probe(args, device, state.folder) if args.probe else None)
+
+
+def probe(args, device, folder):
+    """The linear probe of the run in `folder`: its selected epoch's encoders (best.pt), frozen, on every split (each
+    view on the samples where it is present)."""
+    method, loaders, _ = build(args, device, evaluation=True)
+    C.load_selected(folder, method)
+    return C.linear_probe(method, loaders, device)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Started under torchrun by tests/test_ddp.py (not collected by pytest). `train OUT`: each method trains two
 epochs of two batches of 32 on a fixed feature set through train_av.py's helpers (build_method, make_loader,
 distribute, set_epoch, start_epoch, train_one_epoch, end_epoch, evaluate); every process saves what it ends with, then train_missing.py runs
-(its record: OUT/missing); then Table 6's own methods the same way, on a three-view set with missing views. `train OUT FAIL_OUT`: then train_missing.py into FAIL_OUT, with process 1 failing in its second evaluation;
+with --probe (its record: OUT/missing); then Table 6's own methods the same way, on a three-view set with missing views. `train OUT FAIL_OUT`: then train_missing.py into FAIL_OUT, with process 1 failing in its second evaluation;
 `resume OUT`: the same run with --resume (from scratch where there is no last.pt)."""
 import sys
 from pathlib import Path
@@ -72,7 +72,7 @@ def train(out, fail_out=None):
             method.end_epoch(epoch, loaders, "cpu")                          # DCCA's
         acc = C.evaluate(method, loaders["val"], "cpu")
         torch.save({"losses": losses, "acc": acc, "state": method.state_dict()}, Path(out) / f"{name}_{rank}.pt")
-    train_missing.main(MISSING + ["--out_dir", str(Path(out) / "missing")])
+    train_missing.main(MISSING + ["--probe", "--out_dir", str(Path(out) / "missing")])    # the first process probes
     if fail_out:                               # then, in the same job (one start of torchrun less), `fail`
         fail(fail_out)
 

@@ -13,7 +13,7 @@ import common as C
 import train_missing
 from conftest import ROOT
 
-CONTRACT = ["train_step", "predict", "schedule", "start_epoch", "end_epoch", "epoch_log"]
+CONTRACT = ["train_step", "predict", "schedule", "start_epoch", "end_epoch", "epoch_log", "unimodal_features"]
 
 
 def signature(f):
@@ -26,6 +26,27 @@ def test_every_registered_method_has_the_contract_names_and_signatures(name):
     for hook in CONTRACT:
         assert signature(getattr(cls, hook)) == signature(getattr(C.Method, hook)), (name, hook)
     assert issubclass(cls, C.Method) or cls is C.MLA                  # MLA meets it on its own
+
+
+@pytest.mark.parametrize("name", list(C.REGISTRY))
+def test_every_registered_method_gives_each_modalitys_features_on_its_present_rows(name):
+    torch.manual_seed(0)
+    table6 = "missing" in C.REGISTRY[name].scripts and name not in C.methods_of("av")
+    d_ins = [6, 7, 8] if table6 else [5, 7]
+    method = C.build_method(name, [C.MLPEncoder(d, 8, 2) for d in d_ins], 3, ["a", "b", "c"][:len(d_ins)], 10,
+                            **({"code_steps": 2} if name == "cpm_net" else {}))
+    xs = [torch.randn(10, d) for d in d_ins]
+    mask = torch.rand(10, len(d_ins)) > 0.4
+    mask[~mask.any(1), 0] = True
+    method.eval()
+    with torch.no_grad():
+        full = method.unimodal_features(xs)
+        present = method.unimodal_features(xs, mask)
+    assert [f.shape[0] for f in full] == [10] * len(d_ins) and all(f.ndim == 2 for f in full)
+    assert [f.shape[0] for f in present] == mask.sum(0).tolist()         # the rows where each view is present
+    if name in C.methods_of("av") or name in ("mla", "late_fusion", "qmf", "mmin", "if_mmin", "tate"):
+        for f, x, m, p in zip(method.encoders, xs, range(len(xs)), present):     # an encoder per view: its output
+            assert torch.allclose(p, f(x[mask[:, m]]))
 
 
 def test_the_registry_gives_every_scripts_methods_in_the_papers_order():

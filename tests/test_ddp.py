@@ -53,6 +53,8 @@ def test_two_processes_train_as_one_and_a_failed_one_resumes_exactly(tmp_path):
     assert all(abs(a["train_loss"] - b["train_loss"]) < 1e-5 for a, b in zip(rec[0]["epochs"], rec[1]["epochs"]))
     assert all(a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)         # the job's averaged gradients
                for a, b in zip(rec[0]["epochs"], rec[1]["epochs"]))
+    assert set(rec[1]["probe"]) == {"audio", "visual", "text"}         # the probe of every shard's features, gathered:
+    assert all(abs(rec[0]["probe"][m] - rec[1]["probe"][m]) <= 0.5 for m in rec[1]["probe"])   # as one process's
     assert not list((tmp_path / "killed").rglob("record.json")) and list((tmp_path / "killed").rglob("last.pt"))
     assert torchrun(2, "resume", str(tmp_path / "killed")).returncode == 0
     resumed = json.loads(next((tmp_path / "killed").rglob("record.json")).read_text())   # = the uninterrupted run

@@ -51,14 +51,17 @@ def test_every_method_trains_one_toy_epoch_and_writes_record(method, toy_root, t
         assert ckpt["state_dict"]["history"].abs().sum() > 0
 
 
-def test_same_seed_gives_identical_records(toy_root, tmp_path):
-    strip = lambda r: {k: v for k, v in r.items() if k not in ("wall_time_s", "args")}
+def test_same_seed_gives_identical_records(toy_root, tmp_path, monkeypatch):
+    monkeypatch.setattr(C, "PROBE_DECAYS", (1e-3,))             # the probe's grid: one fit a modality (test_probe.py)
+    strip = lambda r: {k: v for k, v in r.items() if k not in ("wall_time_s", "args", "probe")}
     a = run(toy_root, tmp_path / "a", "--method", "ogm_ge")
-    b = run(toy_root, tmp_path / "b", "--method", "ogm_ge", "--tensorboard", "--tb_every", "1")    # changes nothing
+    b = run(toy_root, tmp_path / "b", "--method", "ogm_ge", "--tensorboard", "--tb_every", "1", "--probe")
     c = run(toy_root, tmp_path / "c", "--method", "ogm_ge", "--seed", "1")
-    assert strip(a) == strip(b) and C.other_settings(a["args"], b["args"]) == ""
+    assert strip(a) == strip(b) and C.other_settings(a["args"], b["args"]) == ""   # neither changes the training
     assert strip(a)["epochs"] != strip(c)["epochs"]
     assert "ogm_coeff/audio" in check_board(b, tmp_path / "b" / "toy_av" / "ogm_ge" / "seed0")
+    assert a["probe"] is None and list(b["probe"]) == ["audio", "video"]           # the linear probe after the test
+    assert all(0 <= v <= 100 for v in b["probe"].values())
 
 
 def test_select_on_last_and_test(toy_root, tmp_path, capsys):

@@ -5024,8 +5024,10 @@ class CLIPInputs(torch.utils.data.Dataset):
 @torch.no_grad()
 def extract_features(tower, dataset, batch_size=256, device="cpu", num_workers=0, desc="features"):
     """One tower over a data set of (input, label, index) items, in batches, showing its progress:
-    (N, tower.dim) float32 on the CPU."""
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
+    (N, tower.dim) float32 on the CPU. Draws nothing from torch's global RNG (the loader's worker seed comes from
+    its own generator), so a run that extracts the features trains as one that reads them from the cache."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
+                                         generator=torch.Generator())
     tower.eval().to(device)
     out = [tower(x.to(device)).float().cpu() for x, _, _ in with_progress(loader, len(loader), desc)]
     return torch.cat(out)

@@ -68,9 +68,10 @@ def test_clip_loaded_by_path_is_the_saved_one(saved):
 def test_features_cached_once_reused_and_rebuilt_when_inputs_change(saved, tmp_path, tower_calls):
     root, folder, clip = saved
     pairs = C.load_it_splits("toy", root)["train"]
-    cache = tmp_path / "cache"
+    cache, rng = tmp_path / "cache", torch.get_rng_state()
     image, text = C.clip_features(C.load_clip(folder), pairs, "train", cache, batch_size=8)
     assert tower_calls == {"image": 36, "text": 36} and image.shape == (36, 16) and text.shape == (36, 16)
+    assert torch.equal(torch.get_rng_state(), rng)      # extracting draws nothing: a run then trains as one that reads
     files = sorted(p.name for p in (cache / "clip").iterdir())
     assert len(files) == 2 and [f.split("-")[:2] for f in files] == [["train", "image"], ["train", "text"]]
 

@@ -89,9 +89,8 @@ def fusion_weights(unis, mode="dynamic", fixed=None, mask=None):
 
 
 class MLA(nn.Module):
-    """Multimodal Learning with Alternating unimodal adaptation: encoders of one width, one linear head. Per modality
-    in turn: its encoder alone forward, loss(head(z), y), backward, the head's weight gradient projected with P (HGM;
-    P keeps earlier steps' head-input directions), a step. Test: entropy-weighted fusion. common.Method's contract."""
+    """Multimodal Learning with Alternating unimodal adaptation: per modality in turn its encoder forward, loss(head(z),
+    y), backward, the head's gradient projected with P (HGM), a step; test: entropy-weighted fusion. Method's contract"""
 
     def __init__(self, encoders, num_classes, modalities=None, hgm=True, hgm_alpha=None, fusion="dynamic",
                  fusion_weights=None, hgm_alpha_scale=False, hgm_forget=1.0):
@@ -114,6 +113,8 @@ class MLA(nn.Module):
 
     def start_epoch(self, epoch, epochs, loaders, optimizer, device, amp=False): pass        # hooks MLA needs not
     def end_epoch(self, epoch, loaders, device, amp=False): pass
+    def encoder_params(self): return [list(f.parameters()) for f in self.encoders]         # the loop's grad_norm
+
     def unimodal_features(self, xs, mask=None):     # the linear probe's: each encoder's output (its present rows)
         return [f(x if mask is None else x[mask[:, m]]) for m, (f, x) in enumerate(zip(self.encoders, xs))]
 
@@ -144,8 +145,7 @@ class MLA(nn.Module):
             job = torch.cat([z.detach().to(self.P.dtype).sum(0), self.P.new_tensor([len(z), 1.0])])  # [sum h, rows,
             if torch.distributed.is_available() and torch.distributed.is_initialized():    # processes]; torchrun:
                 torch.distributed.all_reduce(job)         # the job's; a process without rows steps gradient-less
-            if mask is not None and job[-2] == 0:
-                continue
+            if mask is not None and job[-2] == 0: continue      # no row of this view in the job's batch
             optimizer.zero_grad(set_to_none=True)
             if here:                            # x rows x processes / job's rows: the processes' mean is the job's
                 loss = self.loss(self.head(z), y[rows]) * (len(z) * job[-1] / job[-2])
@@ -214,6 +214,11 @@ class Method(nn.Module):
         whose unimodal representation is another (no encoder per view, an output layer) overrides it."""
         return [f(x) for f, x in zip(self.encoders, present_rows(xs, mask))]
 
+    def encoder_params(self):
+        """Each modality's encoder parameters, one list per modality (the loop's grad_norm diagnostic reads those that
+        train); a method without an encoder per modality (one network over every view) returns []."""
+        return [list(f.parameters()) for f in self.encoders]
+
 
 def present_rows(xs, mask=None):
     """Each view's rows where it is present (mask (B, M), True = present); all of them without a mask."""
@@ -234,39 +239,6 @@ def optimizer_step(optimizer, loss):
     loss.backward()
     optimizer.step()
     return loss.detach()
-
-
-class EpochMeans:
-    """Diagnostics of an epoch: per quantity and modality, the mean over the training steps of what each step adds
-    (add: summed where the values are, on the device, nothing read back); read() gives {quantity: {modality: mean,
-    None where no step added one (e.g. outside a method's active epochs)}} once per epoch and starts over. A plain
-    attribute, not a buffer: checkpoints keep their keys; only train_step adds (evaluation adds nothing)."""
-
-    def __init__(self, modalities, names):
-        self.modalities, self.names, self.sums = list(modalities), list(names), {}
-
-    def add(self, name, values, m=None):
-        """A step's values of every modality (a tensor or floats, one each), or with m, modality m's alone."""
-        v = torch.as_tensor(values, dtype=torch.float64).detach()
-        if name not in self.sums:
-            self.sums[name] = (torch.zeros(len(self.modalities), dtype=torch.float64, device=v.device),
-                               [0] * len(self.modalities))
-        total, counts = self.sums[name]
-        if m is None:
-            total += v
-            counts[:] = [c + 1 for c in counts]
-        else:
-            total[m] += v
-            counts[m] += 1
-
-    def read(self):
-        out = {}
-        for name in self.names:
-            total, counts = self.sums.get(name, (None, [0] * len(self.modalities)))
-            means = [t / c if c else None for t, c in zip(counts if total is None else total.tolist(), counts)]
-            out[name] = {mod: None if v is None else round(v, 6) for mod, v in zip(self.modalities, means)}
-        self.sums = {}
-        return out
 
 
 # torchrun: one process per GPU (or CPU process), the global batch split evenly over them
@@ -294,6 +266,43 @@ def all_mean(tensors):
         for t, v in zip(tensors, flat.split([t.numel() for t in tensors])):
             t.copy_(v.view_as(t))
     return tensors
+
+
+class EpochMeans:
+    """Diagnostics of an epoch: per quantity and modality, the mean over the training steps of what each step adds
+    (add: summed where the values are, on the device, nothing read back); read() gives {quantity: {modality: mean,
+    None where no step added one (e.g. outside a method's active epochs)}} once per epoch and starts over. A plain
+    attribute, not a buffer: checkpoints keep their keys; only train_step adds (evaluation adds nothing). Under
+    torchrun the job's means: every process's sums over every process's counts."""
+
+    def __init__(self, modalities, names):
+        self.modalities, self.names, self.sums = list(modalities), list(names), {}
+
+    def add(self, name, values, m=None):
+        """A step's values of every modality (a tensor or floats, one each), or with m, modality m's alone."""
+        v = torch.as_tensor(values, dtype=torch.float64).detach()
+        if name not in self.sums:
+            self.sums[name] = (torch.zeros(len(self.modalities), dtype=torch.float64, device=v.device),
+                               [0] * len(self.modalities))
+        total, counts = self.sums[name]
+        if m is None:
+            total += v
+            counts[:] = [c + 1 for c in counts]
+        else:
+            total[m] += v
+            counts[m] += 1
+
+    def read(self):
+        M, zeros = len(self.modalities), torch.zeros(2 * len(self.modalities), dtype=torch.float64)
+        sums = torch.stack([zeros if t is None else torch.cat([t.cpu(), torch.tensor(c, dtype=torch.float64)])
+                            for t, c in (self.sums.get(name, (None, None)) for name in self.names)])   # (names, 2M)
+        if under_torchrun():                    # the job's means: every process's sums over all their counts
+            nccl = torch.distributed.get_backend() == "nccl"
+            sums = all_sum(sums.cuda() if nccl else sums).cpu()
+        self.sums = {}
+        return {name: {mod: round(t / c, 6) if c else None for mod, t, c in zip(self.modalities, row[:M].tolist(),
+                                                                              row[M:].tolist())}
+                for name, row in zip(self.names, sums)}
 
 
 def mean_grads(params):
@@ -1428,6 +1437,9 @@ class CCA(MissingMethod):
     def unimodal_features(self, xs, mask=None):     # each view's canonical projection (x_m - mu_m) W_m
         return [(x - getattr(self, f"mu{m}")) @ getattr(self, f"W{m}") for m, x in enumerate(present_rows(xs, mask))]
 
+    def encoder_params(self):                       # one network over every view: no encoder per modality
+        return []
+
     def objective(self, xs, y, mask):
         return F.cross_entropy(self.classify(xs, mask), y)
 
@@ -1529,6 +1541,9 @@ class AE(MissingMethod):
     def unimodal_features(self, xs, mask=None):     # the bottleneck of each view alone
         return [self.bottleneck(v, alone) for v, alone in views_alone(xs, mask)]
 
+    def encoder_params(self):                       # one network over every view: no encoder per modality
+        return []
+
     def objective(self, xs, y, mask):
         b = self.bottleneck(xs, hide_views(mask, self.hide_prob))
         recon = view_mse(split_views(self.decoder(b), self.dims), xs, mask)
@@ -1561,6 +1576,9 @@ class CRA(MissingMethod):
     def unimodal_features(self, xs, mask=None):     # the classifier's hidden layer on each view alone, imputed
         return [self.classifier[0](self.completed(self.impute(v, alone), v, alone))
                 for v, alone in views_alone(xs, mask)]
+
+    def encoder_params(self):                       # one network over every view: no encoder per modality
+        return []
 
     def objective(self, xs, y, mask):
         seen = hide_views(mask, self.hide_prob)
@@ -1727,6 +1745,9 @@ class CPMNet(MissingMethod):
 
     def unimodal_features(self, xs, mask=None):     # the code inferred from each view alone
         return [self.infer_codes(v, alone) for v, alone in views_alone(xs, mask)]
+
+    def encoder_params(self):                       # no encoder: the codes are learned per sample
+        return []
 
 
 class TATE(MissingMethod):
@@ -5210,13 +5231,12 @@ class GradNorms:
     modulation, clip or noise); a step where an encoder has none (MLA's step of another modality) does not count.
     An optimizer step pre-hook adds the norms on the device (torch._foreach_norm); read() gives {"grad_norm":
     {modality: mean}} once per epoch and starts over. Register it after distribute (start_run does): hooks run in
-    their order, so under torchrun the norms are those of the job's averaged gradients. cca, ae, cra and cpm_net
-    have no encoder per modality (one network over every view, or none), train_clip's heads on cached features
-    no encoder weights: read() gives {}."""
+    their order, so under torchrun the norms are those of the job's averaged gradients. The encoders' parameters are
+    the method's encoder_params(): cca, ae, cra and cpm_net have no encoder per modality (one network over every
+    view, or none), train_clip's heads on cached features no encoder weights: read() gives {}."""
 
     def __init__(self, method, optimizer):
-        encoders = dict(method.named_children()).get("encoders", [])      # the child init_heads leaves alone
-        self.params = [[p for p in f.parameters() if p.requires_grad] for f in encoders]
+        self.params = [[p for p in ps if p.requires_grad] for ps in method.encoder_params()]
         self.means = EpochMeans(method.modalities, ["grad_norm"])
         self.hook = optimizer.register_step_pre_hook(self.add)
 
@@ -5764,16 +5784,17 @@ def record_epoch(record, epoch):
     return epoch + 1 - record.get("first_epoch", 0)
 
 
-def write_record(run, method, test, probe=None):
-    """record.json: the settings, the epoch log, the selected epoch and its test accuracies `test` (and the linear
-    probe's, `probe`: None when not probed); the run is then finished (last.pt is removed). Returns the record."""
+def write_record(run, method, test):
+    """record.json: the settings, the epoch log, the selected epoch and its test accuracies `test` (probe: None, the
+    linear probe's accuracies once write_probe adds them); the run is then finished (last.pt is removed). Returns
+    the record."""
     s, path = run.settings, run.folder / "record.json"
     record = {"script": run.script, "dataset": s["dataset"], "method": s["method"], "seed": s["seed"],
               "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in s.items()},
               "modalities": method.modalities, "epochs": [e | {"epoch": e["epoch"] + 1} for e in run.log],
               "select_on": s["select_on"], "best_epoch": run.best_epoch + 1, "test": test,
               "wall_time_s": round(run.elapsed + time.time() - run.start, 2), "version": code_version(),
-              "first_epoch": 1, "probe": probe}
+              "first_epoch": 1, "probe": None}
     assert tuple(record) == RECORD_KEYS
     if run.board is not None:
         run.board.close()
@@ -5784,6 +5805,15 @@ def write_record(run, method, test, probe=None):
     chosen = "selected on TEST" if s["select_on"] == "test" else f"epoch {record['best_epoch']} by {s['select_on']}"
     print(f"test ({chosen}): {fmt_acc(test)}\nrecord: {path}", flush=True)
     return record
+
+
+def write_probe(folder, probe):
+    """The linear probe's accuracies `probe` into the record.json of the finished run in `folder` (rewritten
+    atomically; torchrun: by the first process). Returns them."""
+    if world()[0] == 0:
+        path = Path(folder) / "record.json"
+        atomic_json_dump({**json.loads(path.read_text()), "probe": probe}, path)
+    return probe
 
 
 def run_dir(out_dir, dataset, script, method, seed, *extra):
@@ -6469,9 +6499,7 @@ def probe_runs(runs_dir, device):
         if hasattr(args, "amp"):                # bf16 only on CUDA (a run of the GPU probed on the CPU: float32)
             args.amp = bool(args.amp) and str(device).startswith("cuda")
         print(f"probing {path.parent} ({record['script']}, {record['method']} seed {record['seed']})", flush=True)
-        record["probe"] = script.run(args, probe_of=path.parent)
-        atomic_json_dump(record, path)
-        out.append((path, record["probe"]))
+        out.append((path, write_probe(path.parent, script.run(args, probe_of=path.parent))))
     if not out:
         raise DataError(f"{runs_dir}: no run with its best.pt; nothing probed")
     return out

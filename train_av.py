@@ -169,10 +169,13 @@ def train(args, root, device):
         scheduler.step()
         C.save_checkpoint(state, method, optimizer, scheduler, loaders["train"])
 
-    # ---- test the selected epoch (--probe: and probe its encoders), write the record
+    # ---- test the selected epoch, write the record (--probe: then the probe of its encoders into it)
     C.load_best(state, method)
     test = C.evaluate(method, loaders["test"], device, args.amp)
-    return C.write_record(state, method, test, probe(args, root, device, state.folder) if args.probe else None)
+    record = C.write_record(state, method, test)
+    if args.probe:                                # after the record: a probe that fails loses no run
+        record["probe"] = C.write_probe(state.folder, probe(args, root, device, state.folder))
+    return record
 
 
 def probe(args, root, device, folder):

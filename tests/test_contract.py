@@ -13,7 +13,8 @@ import common as C
 import train_missing
 from conftest import ROOT
 
-CONTRACT = ["train_step", "predict", "schedule", "start_epoch", "end_epoch", "epoch_log", "unimodal_features"]
+CONTRACT = ["train_step", "predict", "schedule", "start_epoch", "end_epoch", "epoch_log", "unimodal_features",
+            "encoder_params"]
 
 
 def signature(f):

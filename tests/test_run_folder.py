@@ -33,7 +33,7 @@ def unfinished(tmp_path_factory):
     last.pt.sha256 (the tests damage copies of it), and the test accuracies it would have recorded."""
     out, tested = tmp_path_factory.mktemp("unfinished"), []
 
-    def stop(run, method, test, probe=None):       # write_record's arguments
+    def stop(run, method, test):                   # write_record's arguments
         tested.append(test)
         raise KeyboardInterrupt
 

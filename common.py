@@ -6499,6 +6499,8 @@ def probe_runs(runs_dir, device):
         if hasattr(args, "amp"):                # bf16 only on CUDA (a run of the GPU probed on the CPU: float32)
             args.amp = bool(args.amp) and str(device).startswith("cuda")
         print(f"probing {path.parent} ({record['script']}, {record['method']} seed {record['seed']})", flush=True)
+        if record["version"] != (now := code_version()):
+            print(f"note: {path.parent} was trained by code {record['version']}, probed by {now}", file=sys.stderr)
         out.append((path, write_probe(path.parent, script.run(args, probe_of=path.parent))))
     if not out:
         raise DataError(f"{runs_dir}: no run with its best.pt; nothing probed")
@@ -6564,7 +6566,8 @@ def _cli(argv=None):
     v.add_argument("--frame_size", type=int, default=256, help="short side of the saved frames in pixels")
     v.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="decoding processes")
     b = sub.add_parser("probe", help="the linear probe of finished runs' selected epochs, into their records")
-    b.add_argument("runs_dir", help="a run's folder (record.json, best.pt) or a folder of runs")
+    b.add_argument("runs_dir", help="a run's folder (record.json, best.pt) or a folder of runs; run it from the folder "
+                   "the runs were trained from (the recorded --data_root, --cache_dir, checkpoints may be relative)")
     b.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     m = sub.add_parser("convert_m3ae", help="young-geng/m3ae_public's released JAX pickle -> the encoder state dict "
                                             "--m3ae_ckpt loads (no JAX needed; the pickled code is not run)")

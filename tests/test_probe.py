@@ -11,6 +11,7 @@ import train_ait
 import train_clip
 import train_it
 import train_missing
+from conftest import check_board
 from test_missing import argv as missing_argv
 from test_train_ait import TINY_AIT, ait_root  # noqa: F401  (a fixture)
 from test_train_it import TINY_IT, it_root  # noqa: F401  (a fixture)
@@ -52,7 +53,9 @@ def test_the_probe_of_a_trained_encoder_beats_the_one_at_initialisation_and_draw
 def test_the_probe_reads_the_selected_epoch_and_the_command_gives_the_same(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(C, "PROBE_DECAYS", (1e-3,))          # one fit a modality: the grid is not what is tested here
     [plain] = train_missing.main(missing_argv(tmp_path / "plain", "--epochs", "2"))
-    [probed] = train_missing.main(missing_argv(tmp_path / "runs", "--epochs", "2", "--probe"))
+    [probed] = train_missing.main(missing_argv(tmp_path / "runs", "--epochs", "2", "--probe", "--tensorboard",
+                                               "--tb_every", "1"))
+    check_board(probed, next((tmp_path / "runs").rglob("record.json")).parent)
     same = ("epochs", "best_epoch", "test")
     assert [probed[k] for k in same] == [plain[k] for k in same]          # --probe changes nothing of the training
     assert plain["probe"] is None and set(probed["probe"]) == {"audio", "visual", "text"}
@@ -91,8 +94,9 @@ def test_each_script_writes_the_probe_that_the_command_repeats_and_report_shows(
                                                        "--toy_pretrain_epochs", "0", "--toy_width", "16",
                                                        "--toy_layers", "1", "--image_size", "16", "--batch_size", "16",
                                                        "--epochs", "1"])}[script]
-    [rec] = main(["--out_dir", str(tmp_path), "--probe", *extra])
+    [rec] = main(["--out_dir", str(tmp_path), "--probe", "--tensorboard", "--tb_every", "1", *extra])   # both at once
     assert list(rec["probe"]) == rec["modalities"] and all(0 <= v <= 100 for v in rec["probe"].values())
+    check_board(rec, next(tmp_path.rglob("record.json")).parent)      # every number of the epochs in tb/
     [(path, again)] = C.probe_runs(tmp_path, "cpu")
     assert again == rec["probe"] and json.loads(path.read_text())["probe"] == rec["probe"]
     row = next(line for line in C.report(tmp_path).splitlines() if line.startswith("| `mla` probe |"))

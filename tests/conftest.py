@@ -27,21 +27,22 @@ def pytest_cmdline_main(config):
     process, about half in two). Without pytest-xdist, or with -n 0 or --pdb, the tests run in this process."""
     if getattr(config.option, "numprocesses", 0) is None and "PYTEST_XDIST_WORKER" not in os.environ \
             and not config.option.usepdb and (os.cpu_count() or 1) > 1:
-        config.option.numprocesses, config.option.dist = 2, "loadgroup"     # the A-V runs as one group (below)
+        config.option.numprocesses, config.option.dist = 2, "worksteal"    # worksteal: no process idles at the end
+
+
+def pytest_itemcollected(item):
+    if "toy_root" in item.fixturenames:         # the A-V toy's tests train on it: one at a time (_one_av_test_at_a_time)
+        item.add_marker(pytest.mark.av_runs)
 
 
 def pytest_collection_modifyitems(config, items):
-    """The tests that train on the A-V toy (fixture toy_root, or marked av_runs) go to one test process as a group:
-    a toy A-V run writes up to 0.5 GB of checkpoints (two full-size ResNet-18s, their optimizer state, the file
-    replaced), so with two processes the suite still needs about 0.5 GB of disk, not twice that."""
-    for item in items:
-        if "toy_root" in item.fixturenames or item.get_closest_marker("av_runs"):
-            item.add_marker(pytest.mark.xdist_group("av"))
+    """The A-V runs first: in two processes the first one's share then starts with all of them (the longest tests,
+    one at a time), and the other takes its later tests as it runs out of its own."""
+    items.sort(key=lambda item: item.get_closest_marker("av_runs") is None)
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "av_runs: trains on an A-V set (one test process runs them all, see above)")
-    config.addinivalue_line("markers", "xdist_group(name): pytest-xdist's group, given by conftest")
+    config.addinivalue_line("markers", "av_runs: trains on an A-V set (one such test at a time, see conftest)")
     # torch 2.11's own torch.utils.mkldnn, imported on the compile path, uses a deprecated decorator
     config.addinivalue_line("filterwarnings",
                             "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
@@ -67,8 +68,23 @@ def pytest_runtest_makereport(item, call):
     return report
 
 
+@pytest.fixture
+def _one_av_test_at_a_time(request, tmp_path_factory):
+    """A test that trains on an A-V set (marked av_runs; every user of toy_root) waits for the one another test process
+    runs: a toy A-V run writes up to 0.5 GB of checkpoints (two full-size ResNet-18s, their optimizer state, the file
+    replaced), so in two processes the suite still needs about 0.5 GB of disk, not twice that. The lock is a file
+    beside the processes' temporary folders; its turn ends once the test's folder is deleted (below)."""
+    if request.node.get_closest_marker("av_runs") is None:
+        yield
+        return
+    import fcntl
+    with open(tmp_path_factory.getbasetemp().parent / "av_runs.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 @pytest.fixture(autouse=True)
-def _delete_tmp_path_of_a_passing_test(request):
+def _delete_tmp_path_of_a_passing_test(request, _one_av_test_at_a_time):
     """A toy A-V run writes about 260 MB of checkpoints (two full-size ResNet-18s and their optimizer
     state). The folder of a test that passed is deleted when it ends, so the suite needs a few hundred
     MB of free disk, not several GB; a failed test's folder is kept to look into."""

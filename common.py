@@ -293,6 +293,8 @@ class EpochMeans:
             counts[m] += 1
 
     def read(self):
+        if not self.names:                      # a method that modulates nothing
+            return {}
         M, zeros = len(self.modalities), torch.zeros(2 * len(self.modalities), dtype=torch.float64)
         sums = torch.stack([zeros if t is None else torch.cat([t.cpu(), torch.tensor(c, dtype=torch.float64)])
                             for t, c in (self.sums.get(name, (None, None)) for name in self.names)])   # (names, 2M)
@@ -508,11 +510,16 @@ def with_progress(items, total, desc):
 
 class Fusion(Method):
     """Base of the Table 5 baselines and the balancing methods: encoders of one width (`dim`); a subclass defines
-    fuse(zs) (one head on fused features) or logits(zs) (a head per modality)."""
+    fuse(zs) (one head on fused features) or logits(zs) (a head per modality). What a balancing method modulates goes
+    into self.diagnostics (an EpochMeans of the quantities it names), read by epoch_log."""
 
     def __init__(self, encoders, num_classes, modalities):
         super().__init__(num_classes, modalities)
         self.encoders, self.dim = nn.ModuleList(encoders), one_width(encoders)
+        self.diagnostics = EpochMeans(modalities, [])        # none here; OGM, QMF, AGM, MMPareto, PMR name theirs
+
+    def epoch_log(self):
+        return self.diagnostics.read()
 
     def encode(self, xs):
         return [f(x) for f, x in zip(self.encoders, xs)]
@@ -700,9 +707,6 @@ class OGM(Concat):
         optimizer.step()
         return loss.detach()
 
-    def epoch_log(self):
-        return self.diagnostics.read()
-
     @torch.no_grad()
     def modulate(self, coeffs):
         self.last_coeffs = coeffs
@@ -769,9 +773,6 @@ class QMF(LateFusion):
                 self.history[m].index_add_(0, im, per_sample.detach().to(self.history.dtype))
                 self.diagnostics.add("qmf_conf", conf.detach().mean(), m)
         return loss
-
-    def epoch_log(self):
-        return self.diagnostics.read()
 
 
 def agm_coefficients(scores, running, alpha, cap=10.0):
@@ -851,9 +852,6 @@ class AGM(Concat):
         nn.utils.clip_grads_with_norm_(self.parameters(), limit, norm)
         optimizer.step()
         return loss.detach()
-
-    def epoch_log(self):
-        return self.diagnostics.read()
 
     @torch.no_grad()
     def predict(self, xs, mask=None):
@@ -946,9 +944,6 @@ class MMPareto(ConcatHeads):
         total.backward(inputs=[*self.head.parameters(), *self.heads.parameters()])
         optimizer.step()
         return total.detach()
-
-    def epoch_log(self):
-        return self.diagnostics.read()
 
 
 def gb_weights(start, end, abs_gain=False, eps=1e-8):
@@ -1105,9 +1100,6 @@ class PMR(Concat):
             if self.epoch <= self.entropy_ends:           # summed over the batch (the job's, under torchrun)
                 loss = loss - self.mu * world()[1] * dominant[m] * -(u.softmax(1) * u.log_softmax(1)).sum()
         return optimizer_step(optimizer, loss)
-
-    def epoch_log(self):
-        return self.diagnostics.read()
 
     @torch.no_grad()
     def predict(self, xs, mask=None):
